@@ -1,6 +1,10 @@
 """Checkpoint loading: safetensors only (pickles are never opened), streamed tensor by tensor into a model built
 on the meta device, so peak memory stays close to the final model size.
 
+Files are memory-mapped; each tensor is copied (and converted) straight out of the map, and its pages are handed
+back to the kernel at once (madvise DONTNEED). The safetensors package's own reader keeps every page it touched
+resident until the file is closed, which doubles the peak while a shard is read.
+
 FP8 is decided per tensor by its dtype, not its name: a float8_e4m3fn weight comes with `<name>_scale_inv`, and is
 either dequantized here (fp8="dequant") or kept in FP8 with its scales (fp8="keep", about one byte per parameter).
 """
@@ -8,12 +12,15 @@ either dequantized here (fp8="dequant") or kept in FP8 with its scales (fp8="kee
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
+import struct
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelArgs
@@ -54,23 +61,69 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         raise CheckpointError(f"no safetensors weights in {folder}")
     files = {}
     for path in singles:
-        for name in _open(path).keys():
+        for name in SafetensorsFile(path).keys():
             files[name] = path
     return files
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is truncated or corrupt ({e}): delete it and re-run `r1 pull`") from None
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
-def _read(handle, name: str, path: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"tensor {name} in {path.name} cannot be read ({e}): the file is corrupt") from None
+class SafetensorsFile:
+    """A memory-mapped .safetensors file (8-byte header length, JSON header, raw little-endian data)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError("header runs past the end of the file")
+                header = json.loads(f.read(n))
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path.name} is truncated or corrupt ({e}): delete it and re-run `r1 pull`") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            try:
+                begin, end = e["data_offsets"]
+                want = torch.Size(e["shape"]).numel() * SAFETENSORS_DTYPES[e["dtype"]].itemsize
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path.name} has a corrupt entry for {name}: delete it and re-run `r1 pull`") from None
+            if end - begin != want or self.data_start + end > size:
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} runs past the end of the file: it is truncated, re-run `r1 pull`"
+                )
+
+    def keys(self):
+        return self.entries.keys()
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor (converted to `dtype` on the way out of the map); the mapped pages are released."""
+        e = self.entries[name]
+        begin, end = (self.data_start + o for o in e["data_offsets"])
+        src_dtype = SAFETENSORS_DTYPES[e["dtype"]]
+        if end == begin:
+            return torch.empty(e["shape"], dtype=dtype or src_dtype)
+        with warnings.catch_warnings():  # the map is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(self.map, dtype=torch.uint8, count=end - begin, offset=begin)
+        view = raw.view(src_dtype).view(e["shape"])
+        out = view.clone() if dtype in (None, src_dtype) else view.to(dtype)
+        page = mmap.PAGESIZE
+        start = begin // page * page
+        self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return out
 
 
 def _is_mtp_or_beyond(name: str, n_layers: int) -> bool:
@@ -100,14 +153,17 @@ def load_weights(
     # Plan: which checkpoint tensor feeds which parameter (experts go into a slice of a stacked parameter).
     plan: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (parameter name, expert index)
     for name in files:
-        if m := EXPERT_RE.match(name):
+        if _is_mtp_or_beyond(name, args.n_layers):
+            continue  # the multi-token-prediction layer: skipped, costs no memory
+        m = EXPERT_RE.match(name)
+        if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < targets[f"{m.group(1)}.{m.group(3)}"].shape[0]:
             plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)))
         elif name in targets:
             plan[name] = (name, None)
         elif name.endswith("_scale_inv") and name[: -len("_scale_inv")] in files:
             continue  # read together with its weight
-        elif _is_mtp_or_beyond(name, args.n_layers) or HARMLESS_RE.search(name):
-            continue  # the multi-token-prediction layer: skipped, costs no memory
+        elif HARMLESS_RE.search(name):
+            continue
         else:
             raise CheckpointError(f"unexpected tensor {name} in {files[name].name}: this checkpoint does not match its config.json")
     fed = {param for param, _ in plan.values()}
@@ -121,23 +177,25 @@ def load_weights(
         by_file[files[name]].append(name)
     experts_seen: dict[str, set[int]] = defaultdict(set)
     for path, names in by_file.items():
-        handle = _open(path)
+        handle = SafetensorsFile(path)
         for name in names:
             param, expert = plan[name]
             target = targets[param]
             want = tuple(target.shape[1:] if expert is not None else target.shape)
-            tensor = _read(handle, name, path)
-            if tuple(tensor.shape) != want:
+            if name not in handle.entries:
+                raise CheckpointError(f"tensor {name} is listed in the index but missing from {path.name}")
+            if tuple(handle.entries[name]["shape"]) != want:
                 raise CheckpointError(
-                    f"tensor {name} in {path.name} has shape {list(tensor.shape)}, expected {list(want)} from config.json"
+                    f"tensor {name} in {path.name} has shape {handle.entries[name]['shape']}, expected {list(want)} from config.json"
                 )
             scale = None
-            if tensor.dtype == torch.float8_e4m3fn:
+            if handle.dtype(name) == torch.float8_e4m3fn:
+                tensor = handle.read(name)
                 scale_name = name + "_scale_inv"
                 if scale_name not in files:
                     raise CheckpointError(f"FP8 tensor {name} in {path.name} has no {scale_name}")
                 scale_path = files[scale_name]
-                scale = _read(handle if scale_path == path else _open(scale_path), scale_name, scale_path)
+                scale = (handle if scale_path == path else SafetensorsFile(scale_path)).read(scale_name)
                 block = args.fp8_block or (128, 128)
                 rows, cols = tensor.shape
                 expect = (-(-rows // block[0]), -(-cols // block[1]))
@@ -145,10 +203,8 @@ def load_weights(
                     raise CheckpointError(f"{scale_name} in {scale_path.name} has shape {list(scale.shape)}, expected {list(expect)}")
                 if fp8 == "dequant":
                     tensor, scale = dequantize_fp8(tensor, scale, dtype, block), None
-            elif param in float32_names:
-                tensor = tensor.float()
             else:
-                tensor = tensor.to(dtype)
+                tensor = handle.read(name, torch.float32 if param in float32_names else dtype)
             if expert is None:
                 _assign(model, param, tensor.to(device), scale)
             else:

@@ -30,7 +30,8 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs, layers: list[Block]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # _weight skips the random init (on the meta device it would pull in ~75 MB of decomposition tables).
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
