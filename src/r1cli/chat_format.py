@@ -191,7 +191,11 @@ def _r1_messages(messages: list[dict], system: str | None, notices: list[str]) -
 
 
 def build_prompt(tokenizer: Tokenizer, messages: list[dict], system: str | None = None, family: str = "r1") -> PromptBuild:
-    """The prompt for the next assistant turn: rendered text, token ids, and whether the reply starts in thinking."""
+    """The prompt for the next assistant turn: rendered text, token ids, and whether the reply starts in thinking.
+
+    family "r1": DeepSeek's rules (see the module docstring); `system` joins the messages' system texts.
+    Otherwise the template as is; `system` replaces the messages' system messages.
+    """
     notices: list[str] = []
     if tokenizer.chat_template is None:
         notices.append("the model has no chat template: using a plain 'User:/Assistant:' prompt format")
