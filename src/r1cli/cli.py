@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -25,6 +26,33 @@ _DEBUG_ENV = "R1_DEBUG"
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     if debug:
         os.environ[_DEBUG_ENV] = "1"
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(None, help="Alias, repo id or folder (omit with --config)."),
+    config: str = typer.Option(None, "--config", help="A config.json: random weights in its real shapes."),
+    layers: int = typer.Option(None, "--layers", help="Keep only the first N layers."),
+    dense_layers: int = typer.Option(None, "--dense-layers", help="DeepSeek: make the first N layers dense."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32"),
+    prompt_lengths: str = typer.Option("128,1024,4096", "--prompt-lengths", help="Prefill lengths to time."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Greedy tokens to decode (no early stop)."),
+    compare: str = typer.Option(None, "--compare", help="'hf': race transformers on the same weights."),
+    decode_mode: str = typer.Option("auto", "--decode-mode", help="auto|eager|static|compile|graph"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
+    from .bench import format_report, run_bench
+    from .errors import UsageError
+
+    if not model and not config:
+        raise UsageError("give a model (alias, repo id or folder) or --config path/to/config.json")
+    if compare not in (None, "hf"):
+        raise UsageError("--compare takes 'hf' (transformers)")
+    lengths = tuple(int(n) for n in prompt_lengths.split(",") if n.strip())
+    report = run_bench(model, config, layers, dense_layers, device, dtype, lengths, new_tokens, compare == "hf", decode_mode)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,7 +138,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         for name in ("gate_proj", "up_proj", "down_proj"):  # stacked block scales, when the weights stay FP8
             self.register_buffer(f"{name}_scale_inv", None)
-        self.gather_limit = 64  # (token, expert) pairs up to which decode gathers the chosen experts' weights
+        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (no host sync, so the decode
+        # step can be graph-captured). A CPU is synchronous anyway: it always takes the sorted path, which reads
+        # the weights in place instead of copying them (14x faster measured on a V2-Lite layer).
+        self.gather_limit = 64
 
     def weights(self, name: str, index, dtype: torch.dtype) -> torch.Tensor:
         w = getattr(self, name)[index]
@@ -146,7 +149,7 @@ class Experts(nn.Module):
         return w.to(dtype) if scale is None else dequantize_fp8(w, scale[index], dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        if indices.numel() <= self.gather_limit:
+        if x.device.type != "cpu" and indices.numel() <= self.gather_limit:
             return self._gathered(x, weights, indices)
         return self._sorted(x, weights, indices)
 
