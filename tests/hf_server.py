@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,7 +68,7 @@ class FakeHub:
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> "FakeHub":
         for role in ("hub", "cdn"):
-            server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, role))
+            server = _QuietServer(("127.0.0.1", 0), _make_handler(self, role))
             server.daemon_threads = True
             threading.Thread(target=server.serve_forever, daemon=True).start()
             self._servers.append(server)
@@ -100,6 +101,12 @@ class FakeHub:
                 if hashlib.sha256(data).hexdigest() == sha256:
                     return path, data
         return None
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # clients hanging up are expected
+            super().handle_error(request, client_address)
 
 
 def _make_handler(hub: FakeHub, role: str):

@@ -195,6 +195,29 @@ def test_above_the_threshold_yes_skips_the_question(fake, env):
     assert "3.0 GB" in p.stderr
 
 
+def test_a_terminal_is_asked_before_a_big_pull_and_before_rm(fake, env):
+    pexpect = pytest.importorskip("pexpect")
+
+    def run(*args, answer):
+        child = pexpect.spawn(sys.executable, ["-m", "r1cli", *args], env=env, encoding="utf-8", timeout=60)
+        child.expect(r"\? \[y/N\]: ")
+        question = child.before.splitlines()[-1] + child.after
+        child.sendline(answer)
+        child.expect(pexpect.EOF)
+        child.close()
+        return question, child.exitstatus, child.before
+
+    question, code, out = run("pull", "test/big", answer="n")
+    assert question == "Download 3.0 GB of test/big? [y/N]: "
+    assert code == 1 and "r1: download cancelled" in out
+    assert not [r for r in fake.requests if "/resolve/" in r["path"]]
+
+    assert r1(env, "pull", "test/tiny").returncode == 0
+    question, code, out = run("rm", "test/tiny", answer="y")
+    assert question == "Remove test/tiny (1 revision(s), 220.0 KB)? [y/N]: " and code == 0
+    assert not (cache(env) / "models--test--tiny").exists()
+
+
 @pytest.mark.parametrize(
     "args, extra_env, code, needles",
     [
@@ -225,10 +248,31 @@ def test_errors_are_one_line_with_their_exit_code(fake, env, args, extra_env, co
     assert not list(cache(env).glob("models--*/blobs/*"))  # refused before downloading anything
 
 
-def test_errors_with_a_cached_model_and_no_network(fake, env):
+def test_offline_mode_serves_what_is_cached(fake, env):
     assert r1(env, "pull", "test/tiny").returncode == 0
-    p = r1({**env, "HF_HUB_OFFLINE": "1"}, "show", "test/tiny")  # reading the cache needs no network
-    assert p.returncode == 0, p.stderr
+    fake.requests.clear()
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    assert r1(offline, "show", "test/tiny").returncode == 0
+    p = r1(offline, "pull", "test/tiny")  # complete already: nothing to do
+    assert p.returncode == 0 and Path(p.stdout.strip()) == snapshot(env, "test/tiny")
+    assert fake.requests == []
+
+
+def test_disk_full_on_a_real_small_filesystem(fake, env, tmp_path):
+    """The Hub's sizes say 1 KB, the file is 24 MB, the disk 8 MB: ENOSPC mid-download (needs root for tmpfs)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        fake.add("test/liar", Repo({"config.json": TINY["config.json"], "model.safetensors": os.urandom(24 * 2**20)},
+                                   claimed_sizes={"model.safetensors": 1000}))
+        p = r1({**env, "HF_HOME": str(mount)}, "pull", "test/liar")
+        assert_one_line_error(p, 1, f"disk full while downloading test/liar into {mount}", "`r1 pull test/liar`")
+        assert "UserWarning" not in p.stderr
+        assert not list(mount.glob("hub/models--test--liar/blobs/*.incomplete"))  # the partial file is gone
+    finally:
+        subprocess.run(["umount", str(mount)])
 
 
 # -- list, show, rm ----------------------------------------------------------------------------------------------

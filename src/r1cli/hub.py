@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -147,7 +148,10 @@ def pull(
     if ref.path is not None:
         raise UsageError(f"{ref.name} is a local folder: there is nothing to pull")
     if constants.is_offline_mode():
-        raise R1Error("offline mode is on (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download models")
+        try:
+            return local_path(ref, token)  # already complete: nothing to download
+        except ModelNotFoundError:
+            raise R1Error("offline mode is on (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download models") from None
     cache = cache_dir()
     with hub_errors(ref, token):
         info = HfApi().model_info(ref.repo, revision=ref.revision, files_metadata=True, token=token)
@@ -175,7 +179,12 @@ def pull(
             if not confirm(f"Download {format_size(todo)} of {ref.repo}?"):
                 raise R1Error("download cancelled")
         # Exact names, not globs: what we sized is what we fetch. Progress bars go to stderr (tqdm).
-        with _exit_on_interrupt(blobs, f"interrupted: finished files are kept, `r1 pull {ref.name}` continues"):
+        with (
+            _exit_on_interrupt(blobs, f"interrupted: finished files are kept, `r1 pull {ref.name}` continues"),
+            warnings.catch_warnings(),
+        ):
+            # We checked free space for the whole download above; its per-file warning would only add noise.
+            warnings.filterwarnings("ignore", message="Not enough free disk space")
             folder = snapshot_download(
                 ref.repo, revision=ref.revision, allow_patterns=names, cache_dir=cache, token=token,
             )
