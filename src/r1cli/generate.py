@@ -1,0 +1,148 @@
+"""The prefill/decode loop: where a token is sampled. It yields token ids; `events.py` turns them into the stream
+of reasoning and answer deltas that `run`, `chat` and `serve` consume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .models import Cache, CausalLM
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.6  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    max_tokens: int = 32768
+    seed: int | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous turn
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = "length"  # stop | length | interrupted
+
+    @property
+    def ttft_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first token comes from the prefill; the decode rate counts the tokens after it.
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B], on the device (no host sync)."""
+    if params.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / params.temperature).softmax(dim=-1)
+    if params.top_k > 0:
+        kth = probs.topk(min(params.top_k, probs.shape[-1]), dim=-1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already cover top_p (the best token always stays).
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > params.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    # Gumbel-style draw: argmax(p / Exp(1)) samples from p without torch.multinomial's host sync.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Generator:
+    """One model, one cache, reused across turns: a new prompt re-uses the cached prefix it shares with the
+    previous prompt and its reply, up to the first differing token."""
+
+    def __init__(self, model: CausalLM, max_len: int | None = None, sync_every: int | None = None):
+        self.model = model
+        device = model.model.embed_tokens.weight.device
+        self.device = device
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python.
+        self.sync_every = sync_every or (1 if device.type == "cpu" else 8)
+        self.cache: Cache | None = None
+        self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        self.stats = GenerationStats()
+
+    def _ensure_cache(self) -> Cache:
+        if self.cache is None:
+            self.cache = self.model.new_cache(1, self.max_len)
+            self.model.ensure_rope(self.max_len)
+        return self.cache
+
+    def reset(self) -> None:
+        self.cached_ids = []
+
+    @torch.inference_mode()
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset = frozenset()
+    ) -> Iterator[int]:
+        """Yield sampled token ids until a stop id (not yielded), max_tokens, or the context is full.
+        `self.stats` describes the run when the iterator ends (finish_reason 'interrupted' if closed early)."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            from .errors import R1Error
+
+            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        cache = self._ensure_cache()
+        reuse = 0
+        for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # at least one prompt token must run to get logits
+            if a != b:
+                break
+            reuse += 1
+        self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_tokens=reuse)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        t0 = time.perf_counter()
+        feed = torch.tensor([prompt_ids[reuse:]], device=self.device)
+        pos = reuse
+        sampled: list[int] = []  # host copies of every sampled token, in order
+        on_device: list[torch.Tensor] = []  # sampled but not yet copied to the host
+        stats.finish_reason = "length"
+        try:
+            while len(sampled) + len(on_device) < budget:
+                logits = self.model(feed, start_pos=pos, cache=cache, last_only=True)
+                pos += feed.shape[1]
+                token = sample(logits[:, -1], params, generator)
+                on_device.append(token)
+                feed = token.view(1, 1)
+                n = len(sampled) + len(on_device)
+                if n > 1 and len(on_device) < self.sync_every and n < budget:
+                    continue  # the first token syncs at once (time to first token); later ones in batches
+                new = torch.cat(on_device).tolist()
+                on_device = []
+                first = len(sampled)
+                sampled.extend(new)
+                if first == 0:
+                    stats.prefill_s = time.perf_counter() - t0
+                for tok in new:
+                    if tok in stop_ids:
+                        stats.finish_reason = "stop"
+                        return
+                    stats.generated_tokens += 1
+                    yield tok
+        except GeneratorExit:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            if on_device:
+                sampled.extend(torch.cat(on_device).tolist())
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            # The cache now holds every token fed: the prompt, then each sampled token but the last.
+            self.cached_ids = list(prompt_ids) + sampled[: pos - len(prompt_ids)]

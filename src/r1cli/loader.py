@@ -1,0 +1,69 @@
+"""`load(name)`: a model name, repo id or folder -> (model, tokenizer) ready on a device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ModelArgs, load_config
+from .models import CausalLM, build_model
+from .weights import load_weights
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """auto: CUDA, then MPS, then CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype, args: ModelArgs, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's own dtype (bf16 for every R1 model); float16 on MPS where bf16 is slow."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        want = args.torch_dtype if args.torch_dtype in DTYPES else "bfloat16"
+        if device.type == "mps" and want == "bfloat16":
+            want = "float16"
+        return DTYPES[want]
+    if dtype not in DTYPES:
+        from .errors import UsageError
+
+        raise UsageError(f"unknown dtype '{dtype}': use auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+def model_folder(name: str | Path) -> Path:
+    """A local folder as is; an alias or repo id -> its snapshot in the Hugging Face cache."""
+    from .hub import local_path
+    from .registry import resolve_name
+
+    return local_path(resolve_name(str(name)))
+
+
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant"
+) -> CausalLM:
+    folder = Path(folder)
+    args = load_config(folder)
+    device = pick_device(device) if isinstance(device, str) else device
+    torch_dtype = pick_dtype(dtype, args, device)
+    with torch.device("meta"):
+        model = build_model(args)
+    return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8)
+
+
+def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant"):
+    """Load a model and its tokenizer. `name`: a folder, an alias such as deepseek-r1:7b, or a repo id."""
+    from .tokenizer import Tokenizer
+
+    folder = model_folder(name)
+    model = load_model(folder, device=device, dtype=dtype, fp8=fp8)
+    return model, Tokenizer.from_folder(folder)

@@ -1,0 +1,96 @@
+"""The decoder skeleton every architecture shares: embedding, pre-norm blocks, final norm, output head.
+
+Module names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`...), so a tensor in the
+safetensors files lands on the parameter of the same name; only routed experts are stacked (see deepseek.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelArgs
+from .cache import Cache
+from .layers import RMSNorm, attention_mask, rope_table
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos, freqs, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, freqs, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs, layers: list[Block]):
+        super().__init__()
+        # _weight skips the random init (on the meta device it would pull in ~75 MB of decomposition tables).
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class CausalLM(nn.Module):
+    """`model(tokens)` -> float32 logits [B, T, vocab], a full forward from position 0.
+
+    Incremental use (the generator): `cache = model.new_cache(B, max_len)`, then
+    `model(tokens, start_pos=p, cache=cache)` for the prompt and each new token. `padding_mask` [B, T] (True = real
+    token) supports left-padded batches; rotary positions then count real tokens only, as transformers does."""
+
+    def __init__(self, args: ModelArgs, layers: list[Block]):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args, layers)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Rotary table, grown on demand; not a checkpoint tensor.
+        self.register_buffer("freqs", torch.empty(0, dtype=torch.complex64), persistent=False)
+
+    # The generator may pre-size the table before compiling the decode step.
+    def ensure_rope(self, length: int) -> None:
+        if self.freqs.shape[0] >= length:
+            return
+        size = max(length, 2 * self.freqs.shape[0], 4096)
+        device = self.model.embed_tokens.weight.device
+        self.freqs = rope_table(self.args, size).to(device)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: Cache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        end = start_pos + seqlen
+        if cache is not None:
+            key_valid = cache.mark_valid(start_pos, padding_mask)
+        elif start_pos == 0:
+            key_valid = padding_mask
+        else:
+            raise ValueError("a forward from start_pos > 0 needs the cache that holds the earlier tokens")
+        self.ensure_rope(end)
+        if key_valid is None:
+            freqs = self.freqs[start_pos:end].unsqueeze(0)
+        else:
+            positions = (key_valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:end]
+            freqs = self.freqs[positions]
+        masks = {}
+        h = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            window = self.args.sliding_window if self.args.uses_sliding_window(i) else None
+            if window not in masks:
+                masks[window] = attention_mask(start_pos, seqlen, key_valid, tokens.device, window)
+            h = layer(h, start_pos, freqs, masks[window], cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h)).float()

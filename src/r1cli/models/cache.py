@@ -1,0 +1,49 @@
+"""The static KV cache: preallocated per-layer tensors, written in place at the slots a forward covers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Cache:
+    """Per layer, a tuple of tensors indexed by slot along `slot_dim`: (k, v) [B, Hkv, S, D] for dense models
+    (slot_dim 2, the layout attention reads), (latent, k_rope) [B, S, r] / [B, S, d_rope] for MLA (slot_dim 1). `key_valid` [B, S] marks which slots hold real tokens
+    (None: all of them, the common unpadded case, which then needs no mask in decode)."""
+
+    layers: list[tuple[torch.Tensor, ...]]
+    max_len: int
+    slot_dim: int = 1
+    key_valid: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def write(self, layer: int, start_pos: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store values at slots start_pos..start_pos+T-1; return every slot up to there."""
+        d = self.slot_dim
+        end = start_pos + values[0].shape[d]
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; this step needs {end}")
+        out = []
+        for buf, val in zip(self.layers[layer], values):
+            buf.narrow(d, start_pos, end - start_pos).copy_(val)
+            out.append(buf.narrow(d, 0, end))
+        return tuple(out)
+
+    def mark_valid(self, start_pos: int, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Record which new slots are real tokens; returns the key mask [B, end] or None when nothing is padded."""
+        end = start_pos + (padding_mask.shape[1] if padding_mask is not None else 0)
+        if padding_mask is not None and self.key_valid is None:
+            self.key_valid = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=padding_mask.device)
+        if self.key_valid is None:
+            return None
+        if padding_mask is not None:
+            self.key_valid[:, start_pos:end] = padding_mask
+        return self.key_valid
+
+    def reset(self) -> None:
+        self.key_valid = None

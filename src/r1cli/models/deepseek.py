@@ -1,0 +1,224 @@
+"""DeepSeek-V3/R1 and V2: Multi-head Latent Attention over a compressed cache, and a mixture of experts with
+group-limited routing and shared experts.
+
+Einsum indices: b batch, t query tokens, s key slots, h heads, d head dims, c latent (kv_lora_rank),
+r rope dims, e experts, f expert hidden dims, p (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelArgs
+from .base import Block, CausalLM
+from .cache import Cache
+from .layers import MLP, Linear, RMSNorm, apply_rope, dequantize_fp8, sdpa
+
+# q_a_layernorm and kv_a_layernorm use transformers' default eps whatever rms_norm_eps says.
+LORA_NORM_EPS = 1e-6
+
+
+class MLA(nn.Module):
+    """Queries through a low-rank bottleneck (or q_proj when q_lora_rank is null); keys and values from one
+    normalised latent per token plus one rope key shared by every head. The cache stores only those two."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.n_heads
+        self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.rank = args.kv_lora_rank
+        self.scale = args.softmax_scale
+        self.mode = "auto"  # auto | naive | absorbed (tests pin one form)
+        qk = args.qk_head_dim
+        if args.q_lora_rank:
+            self.q_a_proj = Linear(args.dim, args.q_lora_rank, args.attention_bias)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, LORA_NORM_EPS)
+            self.q_b_proj = Linear(args.q_lora_rank, args.n_heads * qk)
+        else:
+            self.q_proj = Linear(args.dim, args.n_heads * qk)
+        self.kv_a_proj_with_mqa = Linear(args.dim, self.rank + self.rope, args.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, LORA_NORM_EPS)
+        self.kv_b_proj = Linear(self.rank, args.n_heads * (self.nope + self.v_dim))
+        self.o_proj = Linear(args.n_heads * self.v_dim, args.dim, args.attention_bias)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(bsz, seqlen, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
+        q_rope = apply_rope(q_rope, freqs, interleaved=True)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_rope = apply_rope(k_rope.unsqueeze(2), freqs, interleaved=True).squeeze(2)
+        if cache is not None:
+            latent, k_rope = cache.write(self.layer_id, start_pos, latent, k_rope)
+        absorbed = self.mode == "absorbed" or (self.mode == "auto" and cache is not None and seqlen <= 16)
+        attend = self._absorbed if absorbed else self._naive
+        out = attend(q_nope, q_rope, latent, k_rope, mask)
+        return self.o_proj(out.flatten(2))
+
+    def _naive(self, q_nope, q_rope, latent, k_rope, mask):
+        """Expand the latent into per-head keys and values, then fused attention (best for prefill)."""
+        bsz, slots = latent.shape[:2]
+        kv = self.kv_b_proj(latent).view(bsz, slots, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
+        """Attend in latent space: W_UK folded into the query, W_UV applied after (best for decode: reads the
+        compressed cache only, never expands it per head)."""
+        w = self.kv_b_proj.dense_weight(latent.dtype).view(self.n_heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = scores.float() * self.scale
+        if mask is None and scores.shape[2] > 1:  # None means causal here too (queries are the last T slots)
+            t, s = scores.shape[2:]
+            mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        out_latent = torch.einsum("bhts,bsc->bthc", probs, latent)
+        return torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
+
+
+class Gate(nn.Module):
+    """The router, in float32. V3 (noaux_tc): sigmoid scores; the correction bias only chooses; groups ranked by
+    the sum of their two best biased scores. V2: softmax scores; greedy, or groups ranked by their best score."""
+
+    keep_float32 = True  # the loader keeps the router's weight and bias in float32
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = args.n_activated_experts, args.n_group, args.topk_group
+        self.method, self.scoring = args.topk_method, args.scoring_func
+        self.norm_topk_prob, self.scaling = args.norm_topk_prob, args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] -> (weights [N, k] float32, expert indices [N, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
+        if self.method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices
+
+
+class Experts(nn.Module):
+    """Routed experts stacked per layer: gate_proj/up_proj [E, f, dim], down_proj [E, dim, f]. The loader fills
+    them from the per-expert checkpoint tensors; FP8 scales, when kept, are stacked the same way."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        e, f, d = args.n_routed_experts, args.moe_inter_dim, args.dim
+        self.gate_proj = nn.Parameter(torch.empty(e, f, d))
+        self.up_proj = nn.Parameter(torch.empty(e, f, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        for name in ("gate_proj", "up_proj", "down_proj"):  # stacked block scales, when the weights stay FP8
+            self.register_buffer(f"{name}_scale_inv", None)
+        self.gather_limit = 64  # (token, expert) pairs up to which decode gathers the chosen experts' weights
+
+    def weights(self, name: str, index, dtype: torch.dtype) -> torch.Tensor:
+        w = getattr(self, name)[index]
+        scale = getattr(self, f"{name}_scale_inv")
+        return w.to(dtype) if scale is None else dequantize_fp8(w, scale[index], dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if indices.numel() <= self.gather_limit:
+            return self._gathered(x, weights, indices)
+        return self._sorted(x, weights, indices)
+
+    def _gathered(self, x, weights, indices):
+        """Decode: read only the chosen experts' weights, no per-expert loop and no host sync."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        xp = x.repeat_interleave(k, dim=0)  # [p, dim]
+        h = F.silu(torch.einsum("pd,pfd->pf", xp, self.weights("gate_proj", flat, x.dtype)))
+        h = h * torch.einsum("pd,pfd->pf", xp, self.weights("up_proj", flat, x.dtype))
+        y = torch.einsum("pf,pdf->pd", h, self.weights("down_proj", flat, x.dtype))
+        return (y.view(n, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _sorted(self, x, weights, indices):
+        """Prefill: group the (token, expert) pairs by expert and run each expert once on its tokens."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()  # one sync per layer
+        token_of_pair = order // k
+        xs = x[token_of_pair]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            h = F.silu(xs[rows] @ self.weights("gate_proj", e, x.dtype).T) * (xs[rows] @ self.weights("up_proj", e, x.dtype).T)
+            out[rows] = h @ self.weights("down_proj", e, x.dtype).T
+            start += count
+        pair_weights = weights.reshape(-1)[order].unsqueeze(-1)
+        y = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
+        y.index_add_(0, token_of_pair, out.float() * pair_weights)
+        return y.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = Experts(args)
+        self.shared_experts = (
+            MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(flat)
+        y = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)  # shared experts are not weighted
+        return y.view(shape)
+
+
+class DeepSeekLM(CausalLM):
+    def __init__(self, args: ModelArgs):
+        layers = [
+            Block(args, MLA(args, i), MoE(args) if args.is_moe_layer(i) else MLP(args.dim, args.inter_dim))
+            for i in range(args.n_layers)
+        ]
+        super().__init__(args, layers)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
+        a = self.args
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = device or self.model.embed_tokens.weight.device
+        layers = [
+            (
+                torch.zeros(batch_size, max_len, a.kv_lora_rank, dtype=dtype, device=device),
+                torch.zeros(batch_size, max_len, a.qk_rope_head_dim, dtype=dtype, device=device),
+            )
+            for _ in range(a.n_layers)
+        ]
+        return Cache(layers, max_len, slot_dim=1)

@@ -1,0 +1,55 @@
+"""Llama and Qwen2 (the R1-Distill models): grouped-query attention with half-split RoPE and a SwiGLU MLP.
+Qwen2 differs only in its q/k/v biases (and an optional sliding window, handled by the mask)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelArgs
+from .base import Block, CausalLM
+from .cache import Cache
+from .layers import MLP, Linear, apply_rope, sdpa
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.softmax_scale
+        qkv_bias = args.qkv_bias or args.attention_bias
+        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim, qkv_bias)
+        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, qkv_bias)
+        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, qkv_bias)
+        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, args.attention_bias)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim), freqs, interleaved=False)
+        k = apply_rope(self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), freqs, interleaved=False)
+        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(self.layer_id, start_pos, k, v)
+        out = sdpa(q, k, v, mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class DenseLM(CausalLM):
+    def __init__(self, args: ModelArgs):
+        layers = [
+            Block(args, Attention(args, i), MLP(args.dim, args.inter_dim, args.mlp_bias)) for i in range(args.n_layers)
+        ]
+        super().__init__(args, layers)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
+        a = self.args
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = device or self.model.embed_tokens.weight.device
+        shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
+        layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(a.n_layers)
+        ]
+        return Cache(layers, max_len, slot_dim=2)

@@ -1,0 +1,178 @@
+"""Building blocks shared by every architecture: RMSNorm, RoPE, linear layers with FP8 weights, the SwiGLU MLP,
+and the attention call with its masks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelArgs, RopeArgs, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype, as the reference models do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+# --- FP8 block-quantized weights ---------------------------------------------------------------------------
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block=(128, 128)) -> torch.Tensor:
+    """w = fp8 * scale_inv[i // 128, j // 128] (a multiply, despite the name). Edge blocks may be ragged.
+
+    Works on [out, in] and on stacked experts [E, out, in] with scales [E, ceil(out/128), ceil(in/128)]."""
+    rows, cols = weight.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return (weight.float() * s).to(dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). The weight may be kept in FP8 with its block scales and dequantized per matmul,
+    so a 671B FP8 checkpoint needs about one byte per parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        # Block scales, set by the loader when the checkpoint's weight is FP8 and stays FP8 in memory.
+        self.register_buffer("weight_scale_inv", None)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.weight
+        if self.weight_scale_inv is not None:
+            return dequantize_fp8(w, self.weight_scale_inv, dtype or torch.bfloat16)
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, inter_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter_dim, bias)
+        self.up_proj = Linear(dim, inter_dim, bias)
+        self.down_proj = Linear(inter_dim, dim, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --- Rotary position embeddings ---------------------------------------------------------------------------
+
+
+def rope_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
+    """Inverse frequencies for `dim` rotary dims, with llama3 or YaRN scaling."""
+    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / base
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band in between blended.
+        orig = rope.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (orig / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+        out = torch.where(wavelen > orig / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
+        medium = (wavelen >= orig / rope.high_freq_factor) & (wavelen <= orig / rope.low_freq_factor)
+        return torch.where(medium, blended, out)
+    if rope.kind == "yarn":
+        orig = rope.original_max_position_embeddings
+
+        def corr_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq
+
+
+def rope_attention_factor(rope: RopeArgs) -> float:
+    """YaRN's magnitude on cos/sin (1.0 for the DeepSeek configs, whose mscale equals mscale_all_dim)."""
+    if rope.kind != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        return yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return yarn_mscale(rope.factor)
+
+
+def rope_table(args: ModelArgs, max_len: int) -> torch.Tensor:
+    """Complex rotations [max_len, rope_dim/2] (float32): position p, frequency f -> a * exp(i * p * f)."""
+    inv_freq = rope_inv_freq(args.rope, args.rope_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return torch.polar(torch.full_like(angles, rope_attention_factor(args.rope)), angles)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by freqs [B, T, D/2] (complex), as a complex multiplication.
+
+    interleaved: pairs are (x0, x1), (x2, x3)... (DeepSeek); otherwise (x_i, x_{i+D/2}) (Llama, Qwen)."""
+    xf = x.float()
+    if interleaved:
+        xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+    else:
+        half = x.shape[-1] // 2
+        xc = torch.complex(xf[..., :half], xf[..., half:])
+    y = xc * freqs.unsqueeze(2)
+    if interleaved:
+        return torch.view_as_real(y).flatten(-2).to(x.dtype)
+    return torch.cat((y.real, y.imag), dim=-1).to(x.dtype)
+
+
+# --- Attention --------------------------------------------------------------------------------------------
+
+
+def attention_mask(
+    start_pos: int,
+    seqlen: int,
+    key_valid: torch.Tensor | None,
+    device: torch.device,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, T, S] (True = attend) for queries at cache slots start_pos..start_pos+T-1 over
+    keys at slots 0..start_pos+T-1. None when no mask is needed: a single query over a full cache, or a prompt
+    from slot 0 (then `sdpa` runs plain causal attention)."""
+    end = start_pos + seqlen
+    if key_valid is None and sliding_window is None and (seqlen == 1 or start_pos == 0):
+        return None
+    q_slot = torch.arange(start_pos, end, device=device)[:, None]
+    k_slot = torch.arange(end, device=device)[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window is not None:
+        allowed = allowed & (q_slot - k_slot < sliding_window)
+    mask = allowed[None, None]
+    if key_valid is not None:
+        # A query that is itself padding would see nothing; let it see itself so softmax stays finite.
+        mask = (mask & key_valid[:, None, None, :end]) | (k_slot == q_slot)
+    return mask
+
+
+def sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, Dv] with PyTorch's fused kernels (flash on GPU).
+    mask None means causal when T == S (a prompt from slot 0) and full attention when T == 1."""
+    causal = mask is None and q.shape[2] > 1
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)

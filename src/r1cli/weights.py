@@ -1,0 +1,253 @@
+"""Checkpoint loading: safetensors only (pickles are never opened), streamed tensor by tensor into a model built
+on the meta device, so peak memory stays close to the final model size.
+
+Files are memory-mapped; each tensor is copied (and converted) straight out of the map, and its pages are handed
+back to the kernel at once (madvise DONTNEED). The safetensors package's own reader keeps every page it touched
+resident until the file is closed, which doubles the peak while a shard is read.
+
+FP8 is decided per tensor by its dtype, not its name: a float8_e4m3fn weight comes with `<name>_scale_inv`, and is
+either dequantized here (fp8="dequant") or kept in FP8 with its scales (fp8="keep", about one byte per parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelArgs
+from .errors import CheckpointError
+from .models.layers import dequantize_fp8
+
+INDEX_FILE = "model.safetensors.index.json"
+EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Tensors some checkpoints carry that no forward needs.
+HARMLESS_RE = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|^model\.embed_tokens\.bias$)")
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (from the index when there is one)."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = {}
+        for name, file in weight_map.items():
+            path = folder / file
+            if not path.exists():
+                raise CheckpointError(
+                    f"shard {file} (holding {name}) is missing from {folder}: re-run `r1 pull` to complete the download"
+                )
+            files[name] = path
+        return files
+    singles = sorted(folder.glob("*.safetensors"))
+    if not singles:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt")] if folder.is_dir() else []
+        if pickles:
+            raise CheckpointError(
+                f"{folder} has only pickle weights ({pickles[0]}); r1 loads safetensors only, since pickles can run code"
+            )
+        raise CheckpointError(f"no safetensors weights in {folder}")
+    files = {}
+    for path in singles:
+        for name in SafetensorsFile(path).keys():
+            files[name] = path
+    return files
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file (8-byte header length, JSON header, raw little-endian data)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError("header runs past the end of the file")
+                header = json.loads(f.read(n))
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path.name} is truncated or corrupt ({e}): delete it and re-run `r1 pull`") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            try:
+                begin, end = e["data_offsets"]
+                want = torch.Size(e["shape"]).numel() * SAFETENSORS_DTYPES[e["dtype"]].itemsize
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path.name} has a corrupt entry for {name}: delete it and re-run `r1 pull`") from None
+            if end - begin != want or self.data_start + end > size:
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} runs past the end of the file: it is truncated, re-run `r1 pull`"
+                )
+
+    def keys(self):
+        return self.entries.keys()
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor (converted to `dtype` on the way out of the map); the mapped pages are released."""
+        e = self.entries[name]
+        begin, end = (self.data_start + o for o in e["data_offsets"])
+        src_dtype = SAFETENSORS_DTYPES[e["dtype"]]
+        if end == begin:
+            return torch.empty(e["shape"], dtype=dtype or src_dtype)
+        with warnings.catch_warnings():  # the map is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(self.map, dtype=torch.uint8, count=end - begin, offset=begin)
+        view = raw.view(src_dtype).view(e["shape"])
+        out = view.clone() if dtype in (None, src_dtype) else view.to(dtype)
+        page = mmap.PAGESIZE
+        start = begin // page * page
+        self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return out
+
+
+def _is_mtp_or_beyond(name: str, n_layers: int) -> bool:
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return m is not None and int(m.group(1)) >= n_layers
+
+
+def load_weights(
+    model: nn.Module,
+    folder: Path,
+    args: ModelArgs,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: str = "dequant",
+) -> nn.Module:
+    """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time."""
+    if fp8 not in ("dequant", "keep"):
+        raise ValueError("fp8 must be 'dequant' or 'keep'")
+    device = torch.device(device)
+    files = checkpoint_files(folder)
+    targets = dict(model.named_parameters())
+    float32_names = {
+        f"{mod_name}.{p}" for mod_name, mod in model.named_modules() if getattr(mod, "keep_float32", False)
+        for p, _ in mod.named_parameters(recurse=False)
+    }
+
+    # Plan: which checkpoint tensor feeds which parameter (experts go into a slice of a stacked parameter).
+    plan: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (parameter name, expert index)
+    for name in files:
+        if _is_mtp_or_beyond(name, args.n_layers):
+            continue  # the multi-token-prediction layer: skipped, costs no memory
+        m = EXPERT_RE.match(name)
+        if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < targets[f"{m.group(1)}.{m.group(3)}"].shape[0]:
+            plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)))
+        elif name in targets:
+            plan[name] = (name, None)
+        elif name.endswith("_scale_inv") and name[: -len("_scale_inv")] in files:
+            continue  # read together with its weight
+        elif HARMLESS_RE.search(name):
+            continue
+        else:
+            raise CheckpointError(f"unexpected tensor {name} in {files[name].name}: this checkpoint does not match its config.json")
+    fed = {param for param, _ in plan.values()}
+    tied = args.tie_embeddings and "lm_head.weight" not in fed
+    for param in targets:
+        if param not in fed and not (tied and param == "lm_head.weight"):
+            raise CheckpointError(f"tensor {_checkpoint_name(param)} is missing from the checkpoint in {folder}")
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in plan:
+        by_file[files[name]].append(name)
+    experts_seen: dict[str, set[int]] = defaultdict(set)
+    for path, names in by_file.items():
+        handle = SafetensorsFile(path)
+        for name in names:
+            param, expert = plan[name]
+            target = targets[param]
+            want = tuple(target.shape[1:] if expert is not None else target.shape)
+            if name not in handle.entries:
+                raise CheckpointError(f"tensor {name} is listed in the index but missing from {path.name}")
+            if tuple(handle.entries[name]["shape"]) != want:
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} has shape {handle.entries[name]['shape']}, expected {list(want)} from config.json"
+                )
+            scale = None
+            if handle.dtype(name) == torch.float8_e4m3fn:
+                tensor = handle.read(name)
+                scale_name = name + "_scale_inv"
+                if scale_name not in files:
+                    raise CheckpointError(f"FP8 tensor {name} in {path.name} has no {scale_name}")
+                scale_path = files[scale_name]
+                scale = (handle if scale_path == path else SafetensorsFile(scale_path)).read(scale_name)
+                block = args.fp8_block or (128, 128)
+                rows, cols = tensor.shape
+                expect = (-(-rows // block[0]), -(-cols // block[1]))
+                if tuple(scale.shape) != expect:
+                    raise CheckpointError(f"{scale_name} in {scale_path.name} has shape {list(scale.shape)}, expected {list(expect)}")
+                if fp8 == "dequant":
+                    tensor, scale = dequantize_fp8(tensor, scale, dtype, block), None
+            else:
+                tensor = handle.read(name, torch.float32 if param in float32_names else dtype)
+            if expert is None:
+                _assign(model, param, tensor.to(device), scale)
+            else:
+                _assign_expert(model, param, expert, tensor.to(device), scale, targets[param].shape[0])
+                experts_seen[param].add(expert)
+            del tensor
+    for param, seen in experts_seen.items():
+        n = targets[param].shape[0]
+        if len(seen) != n:
+            missing = min(set(range(n)) - seen)
+            raise CheckpointError(f"tensor {param}.{missing}.weight is missing from the checkpoint in {folder}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.freqs = torch.empty(0, dtype=torch.complex64, device=device)
+    return model.eval()
+
+
+def _checkpoint_name(param: str) -> str:
+    m = re.match(r"^(.*\.experts)\.(gate_proj|up_proj|down_proj)$", param)
+    return f"{m.group(1)}.0.{m.group(2)}.weight" if m else param
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return model.get_submodule(path), attr
+
+
+def _assign(model, name, tensor, scale):
+    module, attr = _owner(model, name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    if scale is not None:
+        module.weight_scale_inv = scale.to(tensor.device)
+
+
+def _assign_expert(model, name, expert, tensor, scale, n_experts):
+    """Copy one expert's weight into its slot of the stacked parameter, allocated on the first expert seen."""
+    module, attr = _owner(model, name)
+    stacked = module._parameters[attr]
+    if stacked.is_meta:
+        stacked = nn.Parameter(torch.empty((n_experts, *tensor.shape), dtype=tensor.dtype, device=tensor.device), requires_grad=False)
+        module._parameters[attr] = stacked
+        if scale is not None:
+            setattr(module, f"{attr}_scale_inv", torch.empty((n_experts, *scale.shape), dtype=scale.dtype, device=tensor.device))
+    stacked.data[expert].copy_(tensor)
+    if scale is not None:
+        getattr(module, f"{attr}_scale_inv")[expert].copy_(scale)
