@@ -310,6 +310,8 @@ def test_list_show_rm_on_pulled_repos(fake, env):
     local = r1(env, "show", str(snapshot(env, "test/tiny")), "--json")
     assert local.returncode == 0 and json.loads(local.stdout)["architecture"] == "Qwen2ForCausalLM"
 
+    assert_one_line_error(r1(env, "show", "test/unsupported"), 1, "unsupported architecture GPT2LMHeadModel")
+
     assert_one_line_error(r1(env, "rm", "test/tiny"), 2, "--yes")  # no terminal, no --yes
     blobs = list((cache(env) / "models--test--tiny" / "blobs").iterdir())
     p = r1(env, "rm", "test/tiny", "--yes")
@@ -321,15 +323,8 @@ def test_list_show_rm_on_pulled_repos(fake, env):
 
 def assert_parameter_counts(info: dict) -> None:
     expected = sum(t.numel() for t in tiny_qwen2_tensors().values())
-    try:
-        from r1cli.config import load_config  # noqa: F401
-        from r1cli.models import count_parameters  # noqa: F401
-    except ImportError:
-        # TODO(model core): remove this branch once r1cli.config / models.count_parameters are merged from main.
-        assert info["parameters"] == {"total": None, "activated": None}
-        return
     assert info["parameters"] == {"total": expected, "activated": expected}
-    assert info["memory"]["weights"] == 2 * expected
+    assert info["memory"]["weights"] == 2 * expected  # bf16
 
 
 # -- in process: confirmation, disk full, revisions ---------------------------------------------------------------
@@ -399,15 +394,16 @@ def test_revisions_and_short_commits(in_process):
 
 
 @pytest.mark.parametrize(
-    "name, dtype, kv_per_token, context",
+    "name, dtype, kv_per_token, context, total, activated",
     [
-        ("DeepSeek-R1", "fp8", 61 * (512 + 64) * 2, 163840),  # MLA: latent + shared rope key
-        ("DeepSeek-V2-Lite", "bfloat16", 27 * (512 + 64) * 2, 163840),
-        ("DeepSeek-R1-Distill-Qwen-7B", "bfloat16", 2 * 28 * 4 * 128 * 2, 131072),
-        ("DeepSeek-R1-Distill-Llama-8B", "bfloat16", 2 * 32 * 8 * 128 * 2, 131072),
+        # MLA caches the latent and the shared rope key; counts from shared/fixtures/README.md (no MTP layer).
+        ("DeepSeek-R1", "fp8", 61 * (512 + 64) * 2, 163840, 671_026_419_200, 37_552_282_624),
+        ("DeepSeek-V2-Lite", "bfloat16", 27 * (512 + 64) * 2, 163840, 15_706_484_224, 2_661_150_208),
+        ("DeepSeek-R1-Distill-Qwen-7B", "bfloat16", 2 * 28 * 4 * 128 * 2, 131072, 7_615_616_512, 7_615_616_512),
+        ("DeepSeek-R1-Distill-Llama-8B", "bfloat16", 2 * 32 * 8 * 128 * 2, 131072, 8_030_261_248, 8_030_261_248),
     ],
 )
-def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_token, context):
+def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_token, context, total, activated):
     config = SHARED_CONFIGS / name / "config.json"
     if not config.is_file():
         pytest.skip(f"{config} not available")
@@ -416,9 +412,11 @@ def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_to
     shutil.copy(config, folder / "config.json")
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
     info = r1hub.show(resolve_name(str(folder)), ctx=1000)
-    assert info["dtype"] == dtype and info["context_length"] == context and info["supported"]
+    assert info["dtype"] == dtype and info["context_length"] == context
     assert info["memory"]["kv_cache_per_token"] == kv_per_token
     assert info["memory"]["kv_cache"] == 1000 * kv_per_token
+    assert info["parameters"] == {"total": total, "activated": activated}
+    assert info["memory"]["weights"] == total * (1 if dtype == "fp8" else 2)
     assert info["chat_template"] is False and info["revision"] is None
     r1_family = "R1" in name
     assert (info["sampling"].get("temperature") == 0.6) is r1_family

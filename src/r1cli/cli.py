@@ -128,7 +128,7 @@ def show(
     params, mem, sampling = info["parameters"], info["memory"], info["sampling"]
     sampling_text = ", ".join(f"{k} {v}" for k, v in sampling.items() if k != "source")
     lines = [
-        ("architecture", info["architecture"] + ("" if info["supported"] else " (not supported by r1)")),
+        ("architecture", info["architecture"]),
         ("parameters", f"{hub.human_count(params['total'])} total, {hub.human_count(params['activated'])} activated"),
         ("context length", f"{info['context_length']} tokens"),
         ("dtype", info["dtype"]),

@@ -380,11 +380,9 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
     quant = cfg.get("quantization_config") or {}
     # transformers 5 writes "dtype" where older configs say "torch_dtype".
     dtype = "fp8" if quant.get("quant_method") == "fp8" else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-    total, activated = count_parameters(folder)
-    weight_files = sorted(folder.glob("*.safetensors"))
-    weights_on_disk = sum(p.stat().st_size for p in weight_files)
-    # Weights at the checkpoint's dtype; without a parameter count, the safetensors size stands in.
-    weight_bytes = total * _DTYPE_BYTES.get(dtype, 2) if total else weights_on_disk
+    total, activated = count_parameters(folder)  # also refuses an architecture r1 cannot run
+    # Weights at the checkpoint's dtype (FP8: one byte each; the block scales are negligible).
+    weight_bytes = total * _DTYPE_BYTES.get(dtype, 2)
     kv_per_token = kv_cache_bytes_per_token(cfg, 4 if dtype == "float32" else 2)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     return {
@@ -393,7 +391,6 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         "path": str(folder),
         "revision": folder.name[:7] if ref.path is None else None,
         "architecture": (cfg.get("architectures") or [None])[0],
-        "supported": (cfg.get("architectures") or [None])[0] in SUPPORTED_ARCHITECTURES,
         "parameters": {"total": total, "activated": activated},
         "context_length": cfg.get("max_position_embeddings"),
         "dtype": dtype,
@@ -410,13 +407,11 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
     }
 
 
-def count_parameters(folder: Path) -> tuple[int | None, int | None]:
-    """(total, activated) from the model core; (None, None) until r1cli.config and r1cli.models provide them."""
-    try:
-        from .config import load_config
-        from .models import count_parameters as count
-    except ImportError:  # TODO(model core): drop once config.py / models.count_parameters are on main
-        return None, None
+def count_parameters(folder: Path) -> tuple[int, int]:
+    """(total, activated per token), counted by the model core from config.json alone (meta device, no weights)."""
+    from .config import load_config
+    from .models import count_parameters as count
+
     return count(load_config(folder))
 
 
@@ -448,9 +443,7 @@ def _read_json(path: Path) -> dict:
         raise R1Error(f"{path} is not valid JSON: {e}") from e
 
 
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "unknown"
+def human_count(n: int) -> str:
     for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
             return f"{n / div:.2f}{unit}"
