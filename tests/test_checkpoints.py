@@ -110,7 +110,7 @@ def test_truncated_file(good):
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
     msg = _error(good)
-    assert file.name in msg and "corrupt" in msg
+    assert file.name in msg and "truncated" in msg
 
 
 def test_corrupt_header(good):

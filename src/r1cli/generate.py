@@ -66,13 +66,27 @@ class Generator:
     """One model, one cache, reused across turns: a new prompt re-uses the cached prefix it shares with the
     previous prompt and its reply, up to the first differing token."""
 
-    def __init__(self, model: CausalLM, max_len: int | None = None, sync_every: int | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        max_len: int | None = None,
+        sync_every: int | None = None,
+        decode_mode: str = "auto",
+    ):
         self.model = model
         device = model.model.embed_tokens.weight.device
         self.device = device
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python.
         self.sync_every = sync_every or (1 if device.type == "cpu" else 8)
+        if decode_mode == "auto":
+            decode_mode = "graph" if device.type == "cuda" else "eager"
+        if decode_mode not in ("eager", "static", "compile", "graph"):
+            raise ValueError(f"unknown decode mode {decode_mode}")
+        # eager: attends over the filled slots only (best on CPU); static: fixed shapes over the whole cache;
+        # compile: static + torch.compile; graph: static captured once as a CUDA graph and replayed per token.
+        self.decode_mode = decode_mode
+        self._step = None  # the static decode step, built on first use
         self.cache: Cache | None = None
         self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.stats = GenerationStats()
@@ -85,6 +99,49 @@ class Generator:
 
     def reset(self) -> None:
         self.cached_ids = []
+
+    def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [1, vocab] for one token at slot `pos`."""
+        if self.decode_mode == "eager":
+            return self.model(token, start_pos=pos, cache=self.cache, last_only=True)[:, -1]
+        if self._step is None:
+            self._step = self._build_static_step()
+        return self._step(token, pos)
+
+    def _build_static_step(self):
+        model, cache = self.model, self.cache
+        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        if self.decode_mode == "static":
+            def step(token, pos):
+                slot.fill_(pos)
+                return model(token, start_pos=slot, cache=cache)[:, -1]
+            return step
+        if self.decode_mode == "compile":
+            fwd = torch.compile(model, dynamic=False, fullgraph=False)
+
+            def step(token, pos):
+                slot.fill_(pos)
+                return fwd(token, start_pos=slot, cache=cache)[:, -1]
+            return step
+        # CUDA graph: record one decode step, then replay it with new inputs copied into its static buffers.
+        # Captured before any prefill writes the cache, so the warm-up's writes at slot 0 are overwritten later.
+        static_token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(static_token, start_pos=slot, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(static_token, start_pos=slot, cache=cache)[:, -1]
+
+        def step(token, pos):
+            static_token.copy_(token)
+            slot.fill_(pos)
+            graph.replay()
+            return static_logits
+        return step
 
     @torch.inference_mode()
     def generate(
@@ -99,6 +156,8 @@ class Generator:
 
             raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
         cache = self._ensure_cache()
+        if self.decode_mode == "graph" and self._step is None:
+            self._step = self._build_static_step()  # capture while the cache holds nothing yet
         reuse = 0
         for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # at least one prompt token must run to get logits
             if a != b:
@@ -117,9 +176,12 @@ class Generator:
         stats.finish_reason = "length"
         try:
             while len(sampled) + len(on_device) < budget:
-                logits = self.model(feed, start_pos=pos, cache=cache, last_only=True)
+                if pos == reuse:  # the prompt (or its uncached tail): a prefill
+                    logits = self.model(feed, start_pos=pos, cache=cache, last_only=True)[:, -1]
+                else:
+                    logits = self._decode(feed, pos)
                 pos += feed.shape[1]
-                token = sample(logits[:, -1], params, generator)
+                token = sample(logits, params, generator)
                 on_device.append(token)
                 feed = token.view(1, 1)
                 n = len(sampled) + len(on_device)

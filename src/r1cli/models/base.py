@@ -65,11 +65,13 @@ class CausalLM(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: Cache | None = None,
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
+        if isinstance(start_pos, torch.Tensor):
+            return self._static_decode(tokens, start_pos, cache)
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         if cache is not None:
@@ -84,13 +86,37 @@ class CausalLM(nn.Module):
         else:
             positions = (key_valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:end]
             freqs = self.freqs[positions]
-        masks = {}
+        masks = {
+            window: attention_mask(start_pos, seqlen, key_valid, tokens.device, window)
+            for window in {self._window(i) for i in range(self.args.n_layers)}
+        }
+        return self._layers(tokens, start_pos, freqs, masks, cache, last_only)
+
+    def _window(self, layer: int) -> int | None:
+        return self.args.sliding_window if self.args.uses_sliding_window(layer) else None
+
+    def _layers(self, tokens, start_pos, freqs, masks, cache, last_only) -> torch.Tensor:
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            window = self.args.sliding_window if self.args.uses_sliding_window(i) else None
-            if window not in masks:
-                masks[window] = attention_mask(start_pos, seqlen, key_valid, tokens.device, window)
-            h = layer(h, start_pos, freqs, masks[window], cache)
+            h = layer(h, start_pos, freqs, masks[self._window(i)], cache)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h)).float()
+
+    def _static_decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One token per row at slot `pos` (a 1-element tensor on the device), attending over the whole
+        preallocated cache with a mask: fixed shapes and no host sync, so it compiles and graph-captures.
+        The caller sizes the rotary table first (`ensure_rope`)."""
+        freqs = self.freqs[pos].view(1, 1, -1)
+        slots = torch.arange(cache.max_len, device=tokens.device)
+        valid = (slots <= pos)[None, :]
+        if cache.key_valid is not None:
+            cache.key_valid.index_fill_(1, pos, True)
+            valid = valid & cache.key_valid
+            # rotary positions count real tokens only, as in the padded prefill
+            freqs = self.freqs[(valid.long().sum(-1) - 1)].view(-1, 1, freqs.shape[-1])
+        masks = {}
+        for window in {self._window(i) for i in range(self.args.n_layers)}:
+            m = valid if window is None else valid & (pos - slots < window)[None, :]
+            masks[window] = m[:, None, None, :]
+        return self._layers(tokens, pos, freqs, masks, cache, last_only=False)

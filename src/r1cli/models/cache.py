@@ -22,9 +22,15 @@ class Cache:
     def batch_size(self) -> int:
         return self.layers[0][0].shape[0]
 
-    def write(self, layer: int, start_pos: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store values at slots start_pos..start_pos+T-1; return every slot up to there."""
+    def write(self, layer: int, start_pos, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store values at slots start_pos..start_pos+T-1; return every slot up to there.
+        A tensor start_pos (static decode, one token) writes with index_copy_ and returns the whole buffers, so
+        shapes never change and the step can be compiled or captured as a CUDA graph."""
         d = self.slot_dim
+        if isinstance(start_pos, torch.Tensor):
+            for buf, val in zip(self.layers[layer], values):
+                buf.index_copy_(d, start_pos, val)
+            return self.layers[layer]
         end = start_pos + values[0].shape[d]
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens; this step needs {end}")
