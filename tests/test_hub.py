@@ -434,6 +434,12 @@ def test_missing_weights_follows_the_index(tmp_path):
     assert r1hub.missing_weights(folder) == ["config.json"]
 
 
+def test_an_alias_takes_a_revision_too():
+    ref = resolve_name(f"{ALIAS}@v2")
+    assert (ref.repo, ref.revision, ref.alias.name) == (ALIAS_REPO, "v2", ALIAS)
+    assert ref.identity == f"{ALIAS}@v2 -> {ALIAS_REPO}@v2 (Qwen2.5-Math-1.5B distilled from R1)"
+
+
 def test_run_files_and_sizes():
     assert RUN_FILES == {
         "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
