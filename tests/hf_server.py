@@ -259,8 +259,8 @@ def _make_handler(hub: FakeHub, role: str):
                     )
                 if auth != f"Bearer {GOOD_TOKEN}":
                     return self._error(
-                        403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list.",
-                        head,
+                        403, "GatedRepo",
+                        f"Access to model {repo_id} is restricted and you are not in the authorized list.", head,
                     )
             data = repo.files.get(filename)
             if data is None:

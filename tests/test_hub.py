@@ -96,10 +96,6 @@ def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *needles: s
     return errors[0]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # -- pull ----------------------------------------------------------------------------------------------------------
 
 
@@ -171,7 +167,8 @@ def test_interrupted_pull_keeps_finished_files_and_a_rerun_completes_it(fake, en
     p = r1(env, "pull", "test/tiny")
     assert p.returncode == 0, p.stderr
     assert "left to download" in p.stderr
-    downloaded = [r for r in fake.requests if r["method"] == "GET" and (r["server"] == "cdn" or "/resolve/" in r["path"])]
+    downloaded = [r for r in fake.requests
+                  if r["method"] == "GET" and (r["server"] == "cdn" or "/resolve/" in r["path"])]
     assert len(downloaded) == 1 and _serves(fake, downloaded[0], SHARD2)  # only the unfinished file
     assert (snapshot(env, "test/tiny") / SHARD2).read_bytes() == TINY[SHARD2]
 

@@ -49,7 +49,9 @@ def _terminal_confirm():
 @app.command()
 def pull(
     name: str = typer.Argument(..., help="Alias (deepseek-r1:7b), Hub repo id org/name[@revision]."),
-    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hugging Face token for gated or private repos."),
+    token: str = typer.Option(
+        None, "--token", envvar="HF_TOKEN", help="Hugging Face token for gated or private repos."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download without asking, whatever the size."),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit (same as NAME@revision)."),
 ) -> None:
@@ -97,7 +99,9 @@ def list_(json_out: bool = typer.Option(False, "--json", help="Print a JSON arra
 
 @app.command()
 def rm(
-    name: str = typer.Argument(..., help="Alias or Hub repo id org/name[@revision] (a revision removes only that one)."),
+    name: str = typer.Argument(
+        ..., help="Alias or Hub repo id org/name[@revision] (a revision removes only that one)."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
 ) -> None:
     """Remove a model from the Hugging Face cache and free its blobs."""

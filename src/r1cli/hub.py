@@ -158,7 +158,9 @@ def pull(
         files = [s for s in info.siblings or [] if is_run_file(s.rfilename)]
         names = sorted(s.rfilename for s in files)
         if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-            raise R1Error(f"{ref.repo} has no config.json with safetensors weights: r1 runs safetensors checkpoints only")
+            raise R1Error(
+                f"{ref.repo} has no config.json with safetensors weights: r1 runs safetensors checkpoints only"
+            )
         total = sum(s.size or 0 for s in files)
         blobs = _storage_folder(ref.repo) / "blobs"
         # Blobs are named by their ETag: the LFS sha256, or the git blob id for small files.
@@ -171,7 +173,8 @@ def pull(
         )
         if todo > free:
             raise R1Error(
-                f"not enough disk space for {ref.repo}: it needs {format_size(todo)}, {cache} has {format_size(free)} free"
+                f"not enough disk space for {ref.repo}: it needs {format_size(todo)}, "
+                f"{cache} has {format_size(free)} free"
             )
         if todo > confirm_above and not yes:
             if confirm is None:
@@ -239,8 +242,9 @@ def hub_errors(ref: ModelRef, token: str | None = None) -> Iterator[None]:
 
 def _explain(error: BaseException, ref: ModelRef, token: str | None) -> R1Error | None:
     """The first cause we can name, walking down the chain (huggingface_hub wraps e.g. a ConnectError in a
-    LocalEntryNotFoundError). HTTP status errors are named before transport errors: anything left from the HTTP stack
-    (httpx2, httpx or requests, depending on the huggingface_hub version) is a failed connection, timeout or transfer."""
+    LocalEntryNotFoundError). HTTP status errors are named before transport errors: anything left from the HTTP
+    stack (httpx2, httpx or requests, depending on the huggingface_hub version) is a failed connection, timeout or
+    transfer."""
     from huggingface_hub import constants, get_token
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -263,7 +267,9 @@ def _explain(error: BaseException, ref: ModelRef, token: str | None) -> R1Error 
         if isinstance(e, RevisionNotFoundError):
             return ModelNotFoundError(f"{ref.repo} has no revision '{ref.revision}' on the Hub")
         if isinstance(e, RepositoryNotFoundError):
-            return ModelNotFoundError(f"no model {ref.repo} on the Hub (for a private repo, set HF_TOKEN or pass --token)")
+            return ModelNotFoundError(
+                f"no model {ref.repo} on the Hub (for a private repo, set HF_TOKEN or pass --token)"
+            )
         if isinstance(e, OfflineModeIsEnabled):
             return R1Error("offline mode is on (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download models")
         if isinstance(e, HfHubHTTPError):
