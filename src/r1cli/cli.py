@@ -28,6 +28,128 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ[_DEBUG_ENV] = "1"
 
 
+# -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
+
+
+def _resolve_and_announce(name: str):
+    """Parse NAME and print its real identity on stderr (`deepseek-r1:7b -> deepseek-ai/... (...)`)."""
+    from .registry import resolve_name
+
+    ref = resolve_name(name)
+    print(ref.identity, file=sys.stderr, flush=True)
+    return ref
+
+
+def _terminal_confirm():
+    """A yes/no prompt on stderr when we talk to a terminal; None otherwise (then hub.py refuses and names --yes)."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return None
+    return lambda question: typer.confirm(question, default=False, err=True)
+
+
+@app.command()
+def pull(
+    name: str = typer.Argument(..., help="Alias (deepseek-r1:7b), Hub repo id org/name[@revision]."),
+    token: str = typer.Option(
+        None, "--token", envvar="HF_TOKEN", help="Hugging Face token for gated or private repos."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Download without asking, whatever the size."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit (same as NAME@revision)."),
+) -> None:
+    """Download a model's config, tokenizer and safetensors weights into the Hugging Face cache."""
+    from dataclasses import replace
+
+    from . import hub
+
+    ref = _resolve_and_announce(name)
+    if revision:
+        ref = replace(ref, revision=revision)
+    folder = hub.pull(ref, token=token or None, yes=yes, confirm=_terminal_confirm())
+    print(f"pulled {ref.repo}@{folder.name[:7]}", file=sys.stderr)
+    print(folder)
+
+
+@app.command("list")
+def list_(json_out: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
+    """List the cached models r1 can run."""
+    import json
+
+    from . import hub
+
+    rows = hub.list_models()
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(f"no models in {hub.cache_dir()}: get one with `r1 pull deepseek-r1:1.5b`", file=sys.stderr)
+        return
+    table = [("NAME", "REPO", "REVISION", "SIZE", "ARCHITECTURE")] + [
+        (
+            r["alias"] or "-",
+            r["repo"],
+            r["revision"],
+            hub.format_size(r["size"]) + ("" if r["complete"] else " (partial)"),
+            r["architecture"],
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@app.command()
+def rm(
+    name: str = typer.Argument(
+        ..., help="Alias or Hub repo id org/name[@revision] (a revision removes only that one)."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+) -> None:
+    """Remove a model from the Hugging Face cache and free its blobs."""
+    from . import hub
+
+    ref = _resolve_and_announce(name)
+    done = hub.remove(ref, yes=yes, confirm=_terminal_confirm())
+    print(f"removed {done['repo']} ({len(done['revisions'])} revision(s)), freed {hub.format_size(done['freed'])}",
+          file=sys.stderr)
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="Alias, Hub repo id org/name[@revision], or a local folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
+    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length for the memory estimate."),
+) -> None:
+    """Architecture, parameters, context length, dtype, sizes and memory estimate of a downloaded model."""
+    import json
+
+    from . import hub
+
+    ref = _resolve_and_announce(name)
+    info = hub.show(ref, ctx=ctx)
+    if json_out:
+        print(json.dumps(info, indent=2))
+        return
+    params, mem, sampling = info["parameters"], info["memory"], info["sampling"]
+    sampling_text = ", ".join(f"{k} {v}" for k, v in sampling.items() if k != "source")
+    lines = [
+        ("architecture", info["architecture"]),
+        ("parameters", f"{hub.human_count(params['total'])} total, {hub.human_count(params['activated'])} activated"),
+        ("context length", f"{info['context_length']} tokens"),
+        ("dtype", info["dtype"]),
+        ("size on disk", hub.format_size(info["size_on_disk"])),
+        (
+            f"memory @{mem['context']}",
+            f"{hub.format_size(mem['total'])} (weights {hub.format_size(mem['weights'])}"
+            f" + KV cache {hub.format_size(mem['kv_cache'])}, {hub.format_size(mem['kv_cache_per_token'])}/token)",
+        ),
+        ("chat template", "yes" if info["chat_template"] else "no"),
+        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "model defaults"),
+        ("path", info["path"]),
+    ]
+    for key, value in lines:
+        print(f"{key:<16}{value}")
+
 @app.command()
 def bench(
     model: str = typer.Argument(None, help="Alias, repo id or folder (omit with --config)."),

@@ -69,6 +69,9 @@ def resolve_name(name: str | None) -> ModelRef:
         a = ALIASES[name]
         return ModelRef(name=name, repo=a.repo, alias=a)
     repo, _, revision = name.partition("@")
+    if revision and repo in ALIASES:  # deepseek-r1:7b@<branch, tag or commit>
+        a = ALIASES[repo]
+        return ModelRef(name=name, repo=a.repo, revision=revision, alias=a)
     if repo.count("/") == 1 and all(repo.split("/")):
         return ModelRef(name=name, repo=repo, revision=revision or None, alias=alias_for_repo(repo))
     if name.startswith((".", "/", "~")) or p.suffix:

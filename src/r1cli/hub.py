@@ -1,0 +1,457 @@
+"""Models in the Hugging Face cache: find, pull, list, show and remove them.
+
+Everything goes through huggingface_hub (snapshot_download, HfApi.model_info, scan_cache_dir), so the cache is the
+standard one shared with transformers, and downloads, resumes and locking are huggingface_hub's own. This module adds
+what r1 needs on top: only the files that run a model, a size and disk check before downloading, and one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import ModelNotFoundError, R1Error, UsageError
+from .registry import ModelRef, alias_for_repo
+
+# What `r1 pull` downloads: top-level files only (subfolders hold other formats or originals).
+RUN_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",  # where transformers >= 4.43 saves the template when it is not in tokenizer_config.json
+)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+CONFIRM_ABOVE_BYTES = 2 * 10**9
+R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek's usage recommendations for the R1 family
+DEFAULT_CTX = 4096
+
+Confirm = Callable[[str], bool]
+
+
+def is_run_file(path: str) -> bool:
+    return "/" not in path and (path in RUN_FILES or path.endswith(".safetensors"))
+
+
+def cache_dir() -> Path:
+    """The HF hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), as huggingface_hub reads it."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def format_size(n: float) -> str:
+    """Decimal units, as the Hub and `hf cache scan` show sizes."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+
+
+# -- finding a model on disk ---------------------------------------------------------------------------------------
+
+
+def local_path(ref: ModelRef, token: str | None = None) -> Path:
+    """The folder holding `ref`'s files: a local folder as is, else its snapshot in the HF cache (no network).
+
+    Raises ModelNotFoundError (exit 3, naming `r1 pull NAME`) when the model is not cached or only partly downloaded.
+    """
+    if ref.path is not None:
+        return ref.path
+    folder = _cached_snapshot(ref, token)
+    if folder is None:
+        raise ModelNotFoundError(f"{ref.repo} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`")
+    missing = missing_weights(folder)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelNotFoundError(
+            f"{ref.repo} is only partly downloaded (missing {missing[0]}{more}): run `r1 pull {ref.name}` to finish"
+        )
+    return folder
+
+
+def _cached_snapshot(ref: ModelRef, token: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        # Resolves refs/<revision> to the snapshot folder the way transformers does; weights are checked below.
+        return Path(
+            snapshot_download(
+                ref.repo, revision=ref.revision, cache_dir=cache_dir(), local_files_only=True,
+                allow_patterns=["config.json"], token=token,
+            )
+        )
+    except (LocalEntryNotFoundError, HFValidationError):
+        pass
+    # `r1 list` shows short commits: accept them as revisions too.
+    if ref.revision and re.fullmatch(r"[0-9a-f]{4,39}", ref.revision):
+        snapshots = _storage_folder(ref.repo) / "snapshots"
+        found = sorted(snapshots.glob(f"{ref.revision}*")) if snapshots.is_dir() else []
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def missing_weights(folder: Path) -> list[str]:
+    """Files a run needs that are absent from `folder`: config.json and every shard the index names."""
+    if not (folder / "config.json").is_file():
+        return ["config.json"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors")) or ["model.safetensors"]
+    return [s for s in shards if not (folder / s).is_file()]  # is_file follows the snapshot's symlinks to blobs
+
+
+def _storage_folder(repo: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
+
+
+# -- pull --------------------------------------------------------------------------------------------------------
+
+
+def pull(
+    ref: ModelRef,
+    token: str | None = None,
+    yes: bool = False,
+    confirm: Confirm | None = None,
+    console=None,
+    confirm_above: int = CONFIRM_ABOVE_BYTES,
+) -> Path:
+    """Download the files that run `ref` into the HF cache and return the snapshot folder.
+
+    Shows total size and free disk first; refuses when the disk is too small; asks `confirm` above `confirm_above`
+    bytes unless `yes` (without `confirm`, i.e. without a terminal, it refuses and names --yes). Files finished by an
+    earlier, interrupted pull are kept and not downloaded again.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    say = _printer(console)
+    if ref.path is not None:
+        raise UsageError(f"{ref.name} is a local folder: there is nothing to pull")
+    if constants.is_offline_mode():
+        try:
+            return local_path(ref, token)  # already complete: nothing to download
+        except ModelNotFoundError:
+            raise R1Error("offline mode is on (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download models") from None
+    cache = cache_dir()
+    with hub_errors(ref, token):
+        info = HfApi().model_info(ref.repo, revision=ref.revision, files_metadata=True, token=token)
+        files = [s for s in info.siblings or [] if is_run_file(s.rfilename)]
+        names = sorted(s.rfilename for s in files)
+        if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+            raise R1Error(
+                f"{ref.repo} has no config.json with safetensors weights: r1 runs safetensors checkpoints only"
+            )
+        total = sum(s.size or 0 for s in files)
+        blobs = _storage_folder(ref.repo) / "blobs"
+        # Blobs are named by their ETag: the LFS sha256, or the git blob id for small files.
+        todo = sum(s.size or 0 for s in files if not (blobs / (s.lfs.sha256 if s.lfs else str(s.blob_id))).is_file())
+        free = _free_disk(cache)
+        say(
+            f"{ref.repo}@{(info.sha or '?')[:7]}: {len(files)} files, {format_size(total)}"
+            + (f" ({format_size(todo)} left to download)" if todo != total else "")
+            + f"; free disk: {format_size(free)} in {cache}"
+        )
+        if todo > free:
+            raise R1Error(
+                f"not enough disk space for {ref.repo}: it needs {format_size(todo)}, "
+                f"{cache} has {format_size(free)} free"
+            )
+        if todo > confirm_above and not yes:
+            if confirm is None:
+                raise UsageError(f"{ref.repo} is {format_size(todo)}: pass --yes to download it without a terminal")
+            if not confirm(f"Download {format_size(todo)} of {ref.repo}?"):
+                raise R1Error("download cancelled")
+        # Exact names, not globs: what we sized is what we fetch. Progress bars go to stderr (tqdm).
+        with (
+            _exit_on_interrupt(blobs, f"interrupted: finished files are kept, `r1 pull {ref.name}` continues"),
+            warnings.catch_warnings(),
+        ):
+            # We checked free space for the whole download above; its per-file warning would only add noise.
+            warnings.filterwarnings("ignore", message="Not enough free disk space")
+            folder = snapshot_download(
+                ref.repo, revision=ref.revision, allow_patterns=names, cache_dir=cache, token=token,
+            )
+    return Path(folder)
+
+
+@contextmanager
+def _exit_on_interrupt(blobs: Path, message: str) -> Iterator[None]:
+    """Make Ctrl-C stop a download now, with exit code 130.
+
+    huggingface_hub downloads in a thread pool that the interpreter joins before exiting, so a KeyboardInterrupt
+    would only take effect once every file is done. Instead, on SIGINT we remove the partial files this download
+    started (huggingface_hub cannot resume them in another process) and leave at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    before = set(blobs.glob("*.incomplete")) if blobs.is_dir() else set()
+
+    def stop(signum, frame):
+        for partial in set(blobs.glob("*.incomplete")) - before:
+            partial.unlink(missing_ok=True)
+        print(f"\nr1: {message}", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _free_disk(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent  # the cache may not exist yet: ask about the disk it will be created on
+    return shutil.disk_usage(path).free
+
+
+@contextmanager
+def hub_errors(ref: ModelRef, token: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub, network and disk errors into one-line R1Errors (exit 1, or 3 for not found)."""
+    try:
+        yield
+    except R1Error:
+        raise
+    except Exception as e:
+        explained = _explain(e, ref, token)
+        if explained is None:
+            raise
+        raise explained from e
+
+
+def _explain(error: BaseException, ref: ModelRef, token: str | None) -> R1Error | None:
+    """The first cause we can name, walking down the chain (huggingface_hub wraps e.g. a ConnectError in a
+    LocalEntryNotFoundError). HTTP status errors are named before transport errors: anything left from the HTTP
+    stack (httpx2, httpx or requests, depending on the huggingface_hub version) is a failed connection, timeout or
+    transfer."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, GatedRepoError):  # a RepositoryNotFoundError: must come first
+            page = f"{constants.ENDPOINT}/{ref.repo}"
+            if token or get_token():
+                return R1Error(f"your token has no access to the gated repo {ref.repo}: request access on {page}")
+            return R1Error(f"{ref.repo} is gated: accept its conditions on {page}, then set HF_TOKEN or pass --token")
+        if isinstance(e, RevisionNotFoundError):
+            return ModelNotFoundError(f"{ref.repo} has no revision '{ref.revision}' on the Hub")
+        if isinstance(e, RepositoryNotFoundError):
+            return ModelNotFoundError(
+                f"no model {ref.repo} on the Hub (for a private repo, set HF_TOKEN or pass --token)"
+            )
+        if isinstance(e, OfflineModeIsEnabled):
+            return R1Error("offline mode is on (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download models")
+        if isinstance(e, HfHubHTTPError):
+            status = e.response.status_code if e.response is not None else "?"
+            if status == 401:
+                return R1Error("the Hub rejected your token: check HF_TOKEN or --token")
+            return R1Error(f"the Hub answered HTTP {status} for {ref.repo}: try again later")
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return R1Error(
+                f"disk full while downloading {ref.repo} into {cache_dir()}: free some space (r1 rm) and rerun "
+                f"`r1 pull {ref.name}`; finished files are kept"
+            )
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in _HTTP_LIBRARIES:
+            return R1Error(f"cannot reach the Hub at {constants.ENDPOINT}: check your network connection")
+    if isinstance(error, OSError):  # e.g. huggingface_hub's size consistency check: keep its first line
+        return R1Error(f"download of {ref.repo} failed: {str(error).splitlines()[0]}")
+    return None
+
+
+_HTTP_LIBRARIES = {"httpx2", "httpx", "httpcore", "requests", "urllib3"}
+
+
+def _printer(console) -> Callable[[str], None]:
+    if console is None:
+        return lambda msg: print(msg, file=sys.stderr, flush=True)
+    return lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+
+# -- list and rm -------------------------------------------------------------------------------------------------
+
+
+def _scan():
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        return scan_cache_dir(cache_dir())
+    except CacheNotFound:
+        return None
+
+
+def list_models() -> list[dict]:
+    """Cached models r1 can run, one entry per cached revision (newest first within a repo)."""
+    info = _scan()
+    rows = []
+    for repo in sorted(info.repos if info else [], key=lambda r: r.repo_id.lower()):
+        if repo.repo_type != "model":
+            continue
+        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            arch = _architecture(rev.snapshot_path)
+            if arch not in SUPPORTED_ARCHITECTURES:
+                continue
+            alias = alias_for_repo(repo.repo_id)
+            rows.append({
+                "alias": alias.name if alias else None,
+                "repo": repo.repo_id,
+                "revision": rev.commit_hash[:7],
+                "refs": sorted(rev.refs),
+                "size": rev.size_on_disk,
+                "architecture": arch,
+                "complete": not missing_weights(rev.snapshot_path),
+                "path": str(rev.snapshot_path),
+            })
+    return rows
+
+
+def _architecture(folder: Path) -> str | None:
+    try:
+        return (json.loads((folder / "config.json").read_text()).get("architectures") or [None])[0]
+    except (OSError, ValueError):
+        return None
+
+
+def remove(ref: ModelRef, yes: bool = False, confirm: Confirm | None = None) -> dict:
+    """Delete `ref`'s cached revisions (all of them, or the one named by @revision) and the blobs only they use."""
+    if ref.path is not None:
+        raise UsageError(f"{ref.name} is a local folder: r1 rm only removes models from the Hugging Face cache")
+    info = _scan()
+    repo = next(
+        (r for r in (info.repos if info else []) if r.repo_type == "model" and r.repo_id.lower() == ref.repo.lower()),
+        None,
+    )
+    if repo is None:
+        raise ModelNotFoundError(f"{ref.repo} is not in the cache ({cache_dir()}): nothing to remove")
+    revisions = sorted(
+        r.commit_hash
+        for r in repo.revisions
+        if ref.revision is None or ref.revision in r.refs or r.commit_hash.startswith(ref.revision)
+    )
+    if not revisions:
+        raise ModelNotFoundError(f"{ref.repo} has no cached revision '{ref.revision}': see `r1 list`")
+    # delete_revisions matches commit hashes across all repos, and two repos can share one (a duplicated repo):
+    # give it a view of this repo only.
+    strategy = dataclasses.replace(info, repos=frozenset([repo])).delete_revisions(*revisions)
+    freed = strategy.expected_freed_size
+    if not yes:
+        if confirm is None:
+            raise UsageError(f"removing {ref.repo} needs confirmation: pass --yes to remove it without a terminal")
+        if not confirm(f"Remove {ref.repo} ({len(revisions)} revision(s), {format_size(freed)})?"):
+            raise R1Error("nothing removed")
+    strategy.execute()
+    return {"repo": repo.repo_id, "revisions": revisions, "freed": freed}
+
+
+# -- show --------------------------------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+
+
+def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dict:
+    """What `r1 show` prints: architecture, parameters, context, dtype, sizes, memory at `ctx` tokens, sampling."""
+    folder = local_path(ref, token)
+    cfg = _read_json(folder / "config.json")
+    quant = cfg.get("quantization_config") or {}
+    # transformers 5 writes "dtype" where older configs say "torch_dtype".
+    dtype = "fp8" if quant.get("quant_method") == "fp8" else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    total, activated = count_parameters(folder)  # also refuses an architecture r1 cannot run
+    # Weights at the checkpoint's dtype (FP8: one byte each; the block scales are negligible).
+    weight_bytes = total * _DTYPE_BYTES.get(dtype, 2)
+    kv_per_token = kv_cache_bytes_per_token(cfg, 4 if dtype == "float32" else 2)
+    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    return {
+        "name": ref.name,
+        "repo": ref.repo,
+        "path": str(folder),
+        "revision": folder.name[:7] if ref.path is None else None,
+        "architecture": (cfg.get("architectures") or [None])[0],
+        "parameters": {"total": total, "activated": activated},
+        "context_length": cfg.get("max_position_embeddings"),
+        "dtype": dtype,
+        "size_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "memory": {
+            "context": ctx,
+            "weights": weight_bytes,
+            "kv_cache": kv_per_token * ctx,
+            "kv_cache_per_token": kv_per_token,
+            "total": weight_bytes + kv_per_token * ctx,
+        },
+        "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
+        "sampling": recommended_sampling(ref, folder),
+    }
+
+
+def count_parameters(folder: Path) -> tuple[int, int]:
+    """(total, activated per token), counted by the model core from config.json alone (meta device, no weights)."""
+    from .config import load_config
+    from .models import count_parameters as count
+
+    return count(load_config(folder))
+
+
+def kv_cache_bytes_per_token(cfg: dict, elem_bytes: int = 2) -> int:
+    """KV cache per token over all layers: MLA caches the latent and the shared rope key; dense caches K and V."""
+    layers = cfg["num_hidden_layers"]
+    if cfg.get("kv_lora_rank"):
+        return layers * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * elem_bytes
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * layers * (cfg.get("num_key_value_heads") or heads) * head_dim * elem_bytes
+
+
+def recommended_sampling(ref: ModelRef, folder: Path) -> dict:
+    name = (ref.repo or folder.name).lower()
+    if "deepseek-r1" in name or (ref.alias and ref.alias.name.startswith("deepseek-r1")):
+        return {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"}
+    gen = _read_json(folder / "generation_config.json")
+    picked = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+    return {**picked, "source": "generation_config.json"} if picked else {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise R1Error(f"{path} is not valid JSON: {e}") from e
+
+
+def human_count(n: int) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
