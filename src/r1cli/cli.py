@@ -74,6 +74,24 @@ def run(
         raise typer.Exit(code)
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def chat(
+    model: str = typer.Argument(None, help="Alias, org/name[@rev] or folder [default: deepseek-r1:1.5b]."),
+    system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
+    min_p: float = _MIN_P, seed: int = _SEED,
+    think: str = typer.Option(None, "--think", help="show|hide|collapse for this session [default: the saved /think setting]."),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
+) -> None:
+    """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
+    from .repl import run_chat
+
+    if think not in (None, "show", "hide", "collapse"):
+        raise UsageError(f"unknown --think '{think}': use show, hide or collapse")
+    run_chat(model, device, dtype, max_context, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
+             system, think, history=not no_history)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: R1Error -> one line on stderr and its exit code."""
     try:
