@@ -52,7 +52,14 @@ def smollm2_dir(tmp_path_factory) -> Path:
     package = Path(next(iter(spec.submodule_search_locations)))
     gguf = next(package.glob("*.gguf"))
     out = tmp_path_factory.mktemp("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name, dtype=torch.bfloat16)
+    kwargs = {}
+    try:  # transformers >= 5.x keeps GGUF blocks quantized unless asked to unpack them (and cannot save those)
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass  # older transformers always dequantize
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(package, gguf_file=gguf.name).save_pretrained(out)
     return out
