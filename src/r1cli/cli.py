@@ -30,11 +30,11 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 # Options shared by `run` and `chat`.
 _DEVICE = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")
 _DTYPE = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32.")
-_CONTEXT = typer.Option(None, "--max-context", min=16, help="KV cache length in tokens [default: model max, at most 8192 on CPU/MPS, 32768 on CUDA].")
+_CONTEXT = typer.Option(None, "--max-context", min=16, help="KV cache length in tokens (default: model max, at most 8192 on CPU/MPS, 32768 on CUDA).")
 _SYSTEM = typer.Option(None, "--system", help="System prompt (R1 models: put at the start of the first user message).")
-_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to generate, reasoning included [default: 32768, capped by the context].")
-_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy [default: generation_config.json's, else 0.6 for R1].")
-_TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling [default: 0.95 for R1].")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to generate, reasoning included (default: 32768, capped by the context).")
+_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: generation_config.json's, else 0.6 for R1).")
+_TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: 0.95 for R1).")
 _TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
 _MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
@@ -47,11 +47,11 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> dict:
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def run(
     words: list[str] = typer.Argument(None, metavar="[MODEL] [PROMPT]...", show_default=False,
-                                      help="Model (alias, org/name[@rev] or folder; default deepseek-r1:1.5b), then the prompt. '-' reads stdin."),
+                                      help="Model (alias, org/name@rev or folder; default deepseek-r1:1.5b), then the prompt. '-' reads stdin."),
     system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
     min_p: float = _MIN_P, seed: int = _SEED,
-    thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout [default: stderr on a terminal, else hidden]."),
+    thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, reasoning, usage and timings."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
@@ -76,11 +76,11 @@ def run(
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def chat(
-    model: str = typer.Argument(None, help="Alias, org/name[@rev] or folder [default: deepseek-r1:1.5b]."),
+    model: str = typer.Argument(None, help="Alias, org/name@rev or folder (default: deepseek-r1:1.5b)."),
     system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
     min_p: float = _MIN_P, seed: int = _SEED,
-    think: str = typer.Option(None, "--think", help="show|hide|collapse for this session [default: the saved /think setting]."),
+    think: str = typer.Option(None, "--think", help="show|hide|collapse for this session (default: the saved /think setting)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
 ) -> None:
     """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
