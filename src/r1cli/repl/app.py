@@ -115,6 +115,7 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
     from ..settings import load_settings
 
     console = Console(highlight=False)
+    console.soft_wrap = not console.is_terminal  # no wrapping of lines written to a file or pipe
     think = think or load_settings().get("think", "collapse")
     if think not in ("show", "hide", "collapse"):
         think = "collapse"
