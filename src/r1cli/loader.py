@@ -42,10 +42,14 @@ def pick_dtype(dtype: str | torch.dtype, args: ModelArgs, device: torch.device) 
 
 def model_folder(name: str | Path) -> Path:
     """A local folder as is; an alias or repo id -> its snapshot in the Hugging Face cache."""
-    from .hub import local_path
     from .registry import resolve_name
 
-    return local_path(resolve_name(str(name)))
+    ref = resolve_name(str(name))
+    if ref.path is not None:  # a folder needs no Hub code
+        return ref.path
+    from .hub import local_path
+
+    return local_path(ref)
 
 
 def load_model(

@@ -1,0 +1,31 @@
+"""Stream a reply from Python: load a model, render the prompt, and print reasoning and answer as they arrive.
+
+    python examples/python_api.py deepseek-r1:1.5b "Why is the sky blue?"
+    python examples/python_api.py ./my-model-folder "Hello"
+"""
+
+import sys
+
+from r1cli.chat_format import build_prompt, family_for
+from r1cli.events import AnswerDelta, Done, ReasoningDelta, stream_events
+from r1cli.generate import Generator, SamplingParams
+from r1cli.loader import load
+
+name = sys.argv[1] if len(sys.argv) > 1 else "deepseek-r1:1.5b"
+question = " ".join(sys.argv[2:]) or "What is 17 * 23?"
+
+model, tokenizer = load(name, device="auto")  # a folder, an alias or a repo id already in the HF cache
+generator = Generator(model, max_len=8192)  # one KV cache; keep it for later turns to reuse their common prefix
+family = family_for(tokenizer)  # "r1": DeepSeek's prompt rules; "plain": the template as is
+prompt = build_prompt(tokenizer, [{"role": "user", "content": question}], family=family)
+params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=4096)  # DeepSeek's recommendation for R1
+
+for event in stream_events(generator, tokenizer, prompt, params):
+    if isinstance(event, ReasoningDelta):
+        print(f"\x1b[2m{event.text}\x1b[22m", end="", flush=True, file=sys.stderr)
+    elif isinstance(event, AnswerDelta):
+        print(event.text, end="", flush=True)
+    elif isinstance(event, Done):
+        s = event.stats
+        print(f"\n[{s.finish_reason}: {s.completion_tokens} tokens, {s.reasoning_tokens} thinking, "
+              f"{s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)

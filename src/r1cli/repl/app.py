@@ -1,0 +1,133 @@
+"""`r1 chat`: the read-generate loop. Input through prompt_toolkit on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.text import Text
+
+from ..errors import R1Error
+from ..events import stream_events
+from ..runner import OpenModel, drive
+from ..session import ChatSession
+from ..settings import state_dir
+from . import commands
+from .render import TurnView
+
+PROMPT = ">>> "
+
+
+class Chat:
+    def __init__(self, model: OpenModel, console: Console, think: str, sampling: dict, system: str | None = None,
+                 history: bool = True):
+        self.model, self.console, self.think = model, console, think
+        self.sampling = dict(sampling)  # /set overrides on top of the model's defaults
+        self.session = ChatSession(system=system, model=model.name)
+        self.history = history
+        self.notices_shown: set[str] = set()
+
+    def info(self, message: str) -> None:
+        self.console.print(Text(message, style="dim"))
+
+    def turn(self, user: str) -> None:
+        """Send one message and render the reply; Ctrl-C stops it, keeping the partial answer (marked)."""
+        prompt = self.session.prompt(self.model.tokenizer, self.model.family, user)
+        for notice in prompt.notices:
+            if notice not in self.notices_shown:  # once per session, not every turn
+                self.notices_shown.add(notice)
+                self.info(notice)
+        view = TurnView(self.console, self.think, self.model.generator, prompt.starts_in_thinking)
+        try:
+            stats = drive(stream_events(self.model.generator, self.model.tokenizer, prompt,
+                                        self.model.sampling(self.sampling)), view.on_event)
+        finally:
+            view.live.stop()
+        view.finish(stats)
+        self.session.add(user, stats)
+
+    # --- input ---------------------------------------------------------------------------------------------------
+
+    def _prompt_session(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.application import run_in_terminal
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        bindings = KeyBindings()
+
+        @bindings.add("enter")
+        def _send(event):
+            event.current_buffer.validate_and_handle()
+
+        @bindings.add("escape", "enter")  # Alt+Enter sends the same keys
+        def _newline(event):
+            event.current_buffer.insert_text("\n")
+
+        @bindings.add("c-t")
+        def _expand_reasoning(event):
+            run_in_terminal(lambda: commands.show_last_reasoning(self))
+
+        if self.history:
+            folder = state_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(folder / "chat_history"))
+        else:
+            history = InMemoryHistory()
+        # multiline: pasted text keeps its newlines and stays one message; Enter is rebound to send.
+        return PromptSession(history=history, multiline=True, key_bindings=bindings,
+                             prompt_continuation=lambda width, line, wrap: "... ".rjust(width))
+
+    def _read_lines(self):
+        """Messages without a terminal: one per line of stdin."""
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+
+    def loop(self) -> None:
+        interactive = sys.stdin.isatty()
+        session = self._prompt_session() if interactive else None
+        lines = None if interactive else self._read_lines()
+        if interactive:
+            self.info("Type a message, /help for commands, Ctrl-D to quit.")
+        while True:
+            try:
+                text = session.prompt(PROMPT) if session else next(lines)
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line
+            except (EOFError, StopIteration):
+                break
+            if not text.strip():
+                continue
+            try:
+                if text.lstrip().startswith("/"):
+                    if commands.dispatch(self, text) is commands.EXIT:
+                        break
+                else:
+                    self.turn(text)
+            except R1Error as e:
+                self.console.print(Text(f"r1: {e}", style="red"))
+
+
+def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
+             sampling: dict | None = None, system: str | None = None, think: str | None = None,
+             history: bool = True) -> None:
+    from ..runner import open_model
+    from ..settings import load_settings
+
+    console = Console(highlight=False)
+    console.soft_wrap = not console.is_terminal  # no wrapping of lines written to a file or pipe
+    think = think or load_settings().get("think", "collapse")
+    if think not in ("show", "hide", "collapse"):
+        think = "collapse"
+    announce = lambda line: console.print(Text(line, style="dim"))  # noqa: E731
+    with console.status("loading the model…", spinner="dots") if console.is_terminal else _nothing():
+        model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty(), announce=announce)
+    Chat(model, console, think, sampling or {}, system, history).loop()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

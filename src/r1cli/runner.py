@@ -1,0 +1,309 @@
+"""`r1 run`: one prompt in, the answer on stdout. Also the model opening shared with `r1 chat`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+
+from .chat_format import R1_SAMPLING_DEFAULTS, build_prompt, family_for
+from .errors import ModelNotFoundError, R1Error, UsageError
+from .events import AnswerDelta, Done, Event, ReasoningDelta, TurnStats, stream_events
+from .generate import Generator, SamplingParams
+from .registry import DEFAULT_MODEL, ModelRef, resolve_name
+
+THINKING_MODES = ("auto", "show", "hide", "stderr", "stdout")
+CPU_CONTEXT = 8192  # default KV cache length on CPU and MPS: memory and speed there are tight
+ACCEL_CONTEXT = 32768  # on CUDA: room for R1's long reasoning
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"
+
+
+# --- the model -----------------------------------------------------------------------------------------------------
+
+
+def model_folder(ref: ModelRef, name: str, interactive: bool) -> Path:
+    """The folder holding the model; on a terminal offers to download one that is not in the cache."""
+    if ref.path is not None:
+        return ref.path
+    pull_hint = f"run `r1 pull {name}` first"
+    try:
+        from . import hub
+    except ImportError:
+        raise ModelNotFoundError(f"{ref.identity} is not downloaded: {pull_hint}") from None
+    try:
+        return hub.local_path(ref)
+    except ModelNotFoundError:
+        if not interactive or not hasattr(hub, "pull"):
+            raise
+    import typer
+
+    print(f"{ref.identity} is not downloaded yet.", file=sys.stderr)
+    # hub.pull shows the total size and free disk, then asks (confirm_above=0: always ask here).
+    return hub.pull(ref, confirm=lambda q: typer.confirm(q, default=True, err=True), confirm_above=0)
+
+
+def default_context(model_max: int, device: torch.device) -> int:
+    return min(model_max, ACCEL_CONTEXT if device.type == "cuda" else CPU_CONTEXT)
+
+
+def generation_defaults(folder: Path, family: str) -> dict:
+    """Sampling defaults: DeepSeek's for R1 models, then the checkpoint's generation_config.json over them."""
+    defaults = dict(R1_SAMPLING_DEFAULTS) if family == "r1" else {}
+    try:
+        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    for key in ("temperature", "top_p", "top_k", "min_p"):
+        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
+            defaults[key] = config[key]
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0  # transformers' greedy decoding
+    return defaults
+
+
+@dataclass
+class OpenModel:
+    """A loaded model with its tokenizer and one Generator (one KV cache, reused across turns)."""
+
+    name: str
+    ref: ModelRef
+    folder: Path
+    tokenizer: object
+    generator: Generator
+    family: str
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def revision(self) -> str | None:
+        # A Hub snapshot folder is named after its commit.
+        if self.ref.path is None and self.folder.parent.name == "snapshots":
+            return self.folder.name
+        return self.ref.revision
+
+    def sampling(self, overrides: dict) -> SamplingParams:
+        values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return SamplingParams(**values)
+
+
+def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
+               interactive: bool = False, announce: Callable[[str], None] | None = None) -> OpenModel:
+    from .config import load_config
+    from .loader import load_model, pick_device, pick_dtype
+    from .tokenizer import Tokenizer
+
+    name = name or DEFAULT_MODEL
+    ref = resolve_name(name)
+    folder = model_folder(ref, name, interactive)
+    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device '{device}': use auto, cpu, cuda or mps")
+    torch_device = pick_device(device)
+    args = load_config(folder)
+    torch_dtype = pick_dtype(dtype, args, torch_device)
+    context = min(max_context or default_context(args.max_seq_len, torch_device), args.max_seq_len)
+    if announce:
+        dtype_name = str(torch_dtype).removeprefix("torch.")
+        announce(f"{ref.identity} · {torch_device.type} {dtype_name} · context {context} tokens")
+    model = load_model(folder, device=torch_device, dtype=torch_dtype)
+    tokenizer = Tokenizer.from_folder(folder)
+    family = family_for(tokenizer)
+    return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
+
+
+def drive(stream, handle: Callable[[Event], None]) -> TurnStats:
+    """Hand each event to `handle` until Done. Ctrl-C, in the model or in `handle`, ends the turn with
+    finish_reason 'interrupted' and the partial text kept (see events.stream_events)."""
+    event = None
+    while True:
+        try:
+            if event is None:
+                event = next(stream)
+            handle(event)
+            if isinstance(event, Done):
+                return event.stats
+            event = None
+        except KeyboardInterrupt:
+            if isinstance(event, Done):
+                return event.stats
+            try:
+                event = stream.throw(KeyboardInterrupt)
+            except StopIteration:
+                raise KeyboardInterrupt from None
+
+
+# --- r1 run --------------------------------------------------------------------------------------------------------
+
+
+def looks_like_model(word: str) -> bool:
+    """Is the first argument of `r1 run` a model name rather than the start of the prompt?"""
+    if not word or any(c.isspace() for c in word):
+        return False
+    try:
+        resolve_name(word)
+        return True
+    except UsageError:
+        # Model-shaped words (name:tag, org/name, paths) still count, so a typo fails instead of becoming a prompt.
+        return bool(re.fullmatch(r"[\w.~-]*[:/][\w.@:/~-]+", word))
+
+
+def read_prompt(words: list[str], stdin: TextIO) -> str:
+    """Prompt from the arguments; piped stdin (or `-`) comes first, then a blank line, then the arguments."""
+    explicit = "-" in words
+    words = [w for w in words if w != "-"]
+    piped = ""
+    if explicit or not _isatty(stdin):
+        piped = stdin.read().rstrip("\n")
+    text = "\n\n".join(part for part in (piped, " ".join(words)) if part.strip())
+    if not text.strip():
+        raise UsageError("no prompt: give it after the model name, or pipe it on stdin")
+    return text
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def use_color(stream, color: str) -> bool:
+    """--color always|never|auto; auto: a terminal, NO_COLOR unset, TERM not dumb."""
+    if color == "always":
+        return True
+    if color == "never":
+        return False
+    return _isatty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+@dataclass
+class RunOptions:
+    model: str | None
+    prompt: str
+    system: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_context: int | None = None
+    sampling: dict = field(default_factory=dict)  # SamplingParams fields given on the command line
+    thinking: str = "auto"
+    output: str = "text"  # text | json | jsonl
+    color: str = "auto"
+    verbose: bool = False
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a closed pipe's file descriptor at /dev/null, so the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
+def result_object(m: OpenModel, stats: TurnStats) -> dict:
+    """The --json object (and the --jsonl 'done' event)."""
+    return {
+        "model": m.name, "repo": m.ref.repo, "revision": m.revision,
+        "reasoning": stats.reasoning, "content": stats.content,
+        "finish_reason": stats.finish_reason, "truncated_in_thinking": stats.truncated_in_thinking,
+        "usage": {"prompt_tokens": stats.prompt_tokens, "reasoning_tokens": stats.reasoning_tokens,
+                  "completion_tokens": stats.completion_tokens},
+        "timings": {"ttft_ms": round(stats.ttft_ms, 1), "thinking_ms": round(stats.thinking_ms, 1),
+                    "total_ms": round(stats.total_ms, 1), "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2)},
+    }
+
+
+def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Generate one reply; return the exit code (0 ok, 4 stopped while thinking, 130 interrupted)."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    if opts.thinking not in THINKING_MODES:
+        raise UsageError(f"unknown --thinking '{opts.thinking}': use {', '.join(THINKING_MODES)}")
+    if opts.color not in ("auto", "always", "never"):
+        raise UsageError(f"unknown --color '{opts.color}': use auto, always or never")
+    err_color = use_color(err, opts.color)
+    dim = (lambda s: f"{DIM}{s}{UNDIM}") if err_color else (lambda s: s)
+
+    def note(line: str) -> None:
+        err.write(dim(line) + "\n")
+        err.flush()
+
+    thinking = opts.thinking
+    if thinking == "auto":
+        thinking = "stderr" if _isatty(err) else "hide"
+    elif thinking == "show":
+        thinking = "stderr"
+    show_header = opts.verbose or _isatty(err)
+    m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
+                   interactive=_isatty(sys.stdin) and _isatty(err), announce=note if show_header else None)
+    prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
+    for notice in prompt.notices:
+        note(f"r1: {notice}")
+    params = m.sampling(opts.sampling)
+
+    def write(stream: TextIO, text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    state = {"reasoning": False, "answer": False}
+
+    def handle(event: Event) -> None:
+        if opts.output == "jsonl":
+            if isinstance(event, ReasoningDelta):
+                write(out, json.dumps({"event": "reasoning", "text": event.text}, ensure_ascii=False) + "\n")
+            elif isinstance(event, AnswerDelta):
+                write(out, json.dumps({"event": "answer", "text": event.text}, ensure_ascii=False) + "\n")
+            return
+        if opts.output == "json" or isinstance(event, Done):
+            return
+        if isinstance(event, ReasoningDelta):
+            if thinking == "stdout":
+                write(out, ("" if state["reasoning"] else "<think>\n") + event.text)
+            elif thinking == "stderr":
+                write(err, dim(event.text))
+            state["reasoning"] = True
+        elif isinstance(event, AnswerDelta):
+            if state["reasoning"] and not state["answer"]:
+                if thinking == "stdout":
+                    write(out, "\n</think>\n\n")
+                elif thinking == "stderr":
+                    write(err, "\n\n")
+            state["answer"] = True
+            write(out, event.text)
+
+    if opts.output == "jsonl":
+        start = {"event": "start", "model": m.name, "repo": m.ref.repo, "revision": m.revision}
+        write(out, json.dumps(start) + "\n")
+    stream = stream_events(m.generator, m.tokenizer, prompt, params)
+    try:
+        stats = drive(stream, handle)
+    except BrokenPipeError:
+        # The reader went away (`r1 run ... | head`): stop generating and end quietly, as `cat` would.
+        stream.close()
+        _silence(out)
+        return 0
+
+    if opts.output == "json":
+        write(out, json.dumps(result_object(m, stats), ensure_ascii=False, indent=2) + "\n")
+    elif opts.output == "jsonl":
+        write(out, json.dumps({"event": "done", **result_object(m, stats)}, ensure_ascii=False) + "\n")
+    else:
+        if state["reasoning"] and not state["answer"]:
+            write(out if thinking == "stdout" else err, "\n" if thinking in ("stdout", "stderr") else "")
+        if stats.content and not stats.content.endswith("\n"):
+            write(out, "\n")
+    if stats.finish_reason == "interrupted":
+        note("r1: interrupted")
+        return 130
+    if stats.truncated_in_thinking:
+        note(f"r1: stopped while thinking after {stats.completion_tokens} tokens: no answer was produced "
+             f"(raise --max-tokens, now {params.max_tokens}, or --max-context, now {m.generator.max_len})")
+        return 4
+    if stats.finish_reason == "length":
+        note(f"r1: the answer was cut off after {stats.completion_tokens} tokens (--max-tokens {params.max_tokens})")
+    return 0
