@@ -59,3 +59,26 @@ def test_gathered_experts_equal_sorted(models, name):
         gathered = moe.experts._gathered(x, weights, indices)
         sorted_ = moe.experts._sorted(x, weights, indices)
     assert (gathered - sorted_).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen2", "v3"])
+def test_static_decode_across_cache_buckets(models, name):
+    """Static decode attends over a bucket of the cache (256, 512, ...): crossing a bucket changes nothing."""
+    model = models[name]
+    prompt = torch.randint(0, 320, (250,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=12)
+    want = list(Generator(model, max_len=600, decode_mode="eager").generate(prompt, params))
+    got = list(Generator(model, max_len=600, decode_mode="static").generate(prompt, params))
+    assert got == want
+
+
+def test_top_p_shortcut_equals_full_sort():
+    from r1cli.generate import _top_p_filter
+
+    g = torch.Generator().manual_seed(5)
+    for temperature in (0.3, 1.0, 5.0):  # 5.0: a flat distribution whose nucleus exceeds 1024 tokens
+        probs = (torch.randn(3, 5000, generator=g) * 4 / temperature).softmax(-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) > 0.95
+        want = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        assert torch.equal(_top_p_filter(probs, 0.95), want)

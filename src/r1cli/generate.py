@@ -53,13 +53,25 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already cover top_p (the best token always stays).
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > params.top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = _top_p_filter(probs, params.top_p)
     # Gumbel-style draw: argmax(p / Exp(1)) samples from p without torch.multinomial's host sync.
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest set whose mass reaches top_p (the best token always stays)."""
+    if probs.device.type == "cpu":
+        # Sorting 152k probabilities costs ~70 ms a token on 2 cores; the nucleus nearly always lies in the top
+        # 1024, which topk finds in a fraction of that. Checked exactly (a CPU has no sync to avoid).
+        k = min(1024, probs.shape[-1])
+        top, order = probs.topk(k, dim=-1)
+        if bool((top.sum(dim=-1) >= top_p).all()):
+            drop = (top.cumsum(dim=-1) - top) > top_p
+            return torch.zeros_like(probs).scatter_(-1, order, top.masked_fill(drop, 0.0))
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
+    return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
 class Generator:
@@ -105,43 +117,8 @@ class Generator:
         if self.decode_mode == "eager":
             return self.model(token, start_pos=pos, cache=self.cache, last_only=True)[:, -1]
         if self._step is None:
-            self._step = self._build_static_step()
+            self._step = StaticDecoder(self.model, self.cache, self.decode_mode)
         return self._step(token, pos)
-
-    def _build_static_step(self):
-        model, cache = self.model, self.cache
-        slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        if self.decode_mode == "static":
-            def step(token, pos):
-                slot.fill_(pos)
-                return model(token, start_pos=slot, cache=cache)[:, -1]
-            return step
-        if self.decode_mode == "compile":
-            fwd = torch.compile(model, dynamic=False, fullgraph=False)
-
-            def step(token, pos):
-                slot.fill_(pos)
-                return fwd(token, start_pos=slot, cache=cache)[:, -1]
-            return step
-        # CUDA graph: record one decode step, then replay it with new inputs copied into its static buffers.
-        # Captured before any prefill writes the cache, so the warm-up's writes at slot 0 are overwritten later.
-        static_token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(static_token, start_pos=slot, cache=cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = model(static_token, start_pos=slot, cache=cache)[:, -1]
-
-        def step(token, pos):
-            static_token.copy_(token)
-            slot.fill_(pos)
-            graph.replay()
-            return static_logits
-        return step
 
     @torch.inference_mode()
     def generate(
@@ -156,8 +133,6 @@ class Generator:
 
             raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
         cache = self._ensure_cache()
-        if self.decode_mode == "graph" and self._step is None:
-            self._step = self._build_static_step()  # capture while the cache holds nothing yet
         reuse = 0
         for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # at least one prompt token must run to get logits
             if a != b:
@@ -208,3 +183,52 @@ class Generator:
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             # The cache now holds every token fed: the prompt, then each sampled token but the last.
             self.cached_ids = list(prompt_ids) + sampled[: pos - len(prompt_ids)]
+
+
+class StaticDecoder:
+    """Decode steps with fixed shapes: the position is a device tensor and attention covers the first `bucket`
+    cache slots (buckets double from 256), so each bucket compiles or captures once and a short conversation does
+    not read the whole cache. On CUDA ('graph', 'compile') each bucket's step is captured as a CUDA graph and
+    replayed: one launch per token instead of hundreds."""
+
+    def __init__(self, model: CausalLM, cache: Cache, mode: str):
+        self.model, self.cache = model, cache
+        device = model.model.embed_tokens.weight.device
+        self.forward = torch.compile(model, dynamic=False) if mode == "compile" else model
+        self.use_graphs = device.type == "cuda" and mode in ("graph", "compile")
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def bucket(self, pos: int) -> int:
+        n = 256
+        while n <= pos:
+            n *= 2
+        return min(n, self.cache.max_len)
+
+    def _run(self) -> torch.Tensor:
+        return self.forward(self.token, start_pos=self.slot, cache=self.cache)[:, -1]
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.slot.fill_(pos)
+        self.cache.view_len = self.bucket(pos)
+        if not self.use_graphs:
+            return self._run()
+        if self.cache.view_len not in self.graphs:
+            # Warm up (and compile) on a side stream, then record. The warm-up computes this very step, so the
+            # cache writes it makes are the real ones; the replay below repeats them.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._run()
+            self.graphs[self.cache.view_len] = (graph, logits)
+        graph, logits = self.graphs[self.cache.view_len]
+        graph.replay()
+        return logits

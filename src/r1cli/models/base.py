@@ -108,11 +108,11 @@ class CausalLM(nn.Module):
         preallocated cache with a mask: fixed shapes and no host sync, so it compiles and graph-captures.
         The caller sizes the rotary table first (`ensure_rope`)."""
         freqs = self.freqs[pos].view(1, 1, -1)
-        slots = torch.arange(cache.max_len, device=tokens.device)
+        slots = torch.arange(cache.view_len or cache.max_len, device=tokens.device)
         valid = (slots <= pos)[None, :]
         if cache.key_valid is not None:
             cache.key_valid.index_fill_(1, pos, True)
-            valid = valid & cache.key_valid
+            valid = valid & cache.key_valid[:, : slots.shape[0]]
             # rotary positions count real tokens only, as in the padded prefill
             freqs = self.freqs[(valid.long().sum(-1) - 1)].view(-1, 1, freqs.shape[-1])
         masks = {}

@@ -17,6 +17,9 @@ class Cache:
     max_len: int
     slot_dim: int = 1
     key_valid: torch.Tensor | None = None
+    # Static decode attends over the first `view_len` slots only (a bucket chosen by the generator), so a short
+    # conversation does not read the whole preallocated cache every token.
+    view_len: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -28,9 +31,10 @@ class Cache:
         shapes never change and the step can be compiled or captured as a CUDA graph."""
         d = self.slot_dim
         if isinstance(start_pos, torch.Tensor):
+            n = self.view_len or self.max_len
             for buf, val in zip(self.layers[layer], values):
                 buf.index_copy_(d, start_pos, val)
-            return self.layers[layer]
+            return tuple(buf.narrow(d, 0, n) for buf in self.layers[layer])
         end = start_pos + values[0].shape[d]
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens; this step needs {end}")
