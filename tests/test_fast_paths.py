@@ -82,3 +82,12 @@ def test_top_p_shortcut_equals_full_sort():
         drop = (sorted_probs.cumsum(-1) - sorted_probs) > 0.95
         want = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
         assert torch.equal(_top_p_filter(probs, 0.95), want)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "v2"])
+def test_chunked_prefill_equals_one_pass(models, name):
+    prompt = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=8)
+    want = list(Generator(models[name], max_len=64).generate(prompt, params))
+    got = list(Generator(models[name], max_len=64, prefill_chunk=7).generate(prompt, params))
+    assert got == want

@@ -84,6 +84,7 @@ class Generator:
         max_len: int | None = None,
         sync_every: int | None = None,
         decode_mode: str = "auto",
+        prefill_chunk: int = 2048,
     ):
         self.model = model
         device = model.model.embed_tokens.weight.device
@@ -98,6 +99,7 @@ class Generator:
         # eager: attends over the filled slots only (best on CPU); static: fixed shapes over the whole cache;
         # compile: static + torch.compile; graph: static captured once as a CUDA graph and replayed per token.
         self.decode_mode = decode_mode
+        self.prefill_chunk = prefill_chunk
         self._step = None  # the static decode step, built on first use
         self.cache: Cache | None = None
         self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds, in order
@@ -151,8 +153,10 @@ class Generator:
         stats.finish_reason = "length"
         try:
             while len(sampled) + len(on_device) < budget:
-                if pos == reuse:  # the prompt (or its uncached tail): a prefill
-                    logits = self.model(feed, start_pos=pos, cache=cache, last_only=True)[:, -1]
+                if pos == reuse:  # the prompt (or its uncached tail): a prefill, in chunks to bound attention memory
+                    for i in range(0, feed.shape[1], self.prefill_chunk):
+                        part = feed[:, i : i + self.prefill_chunk]
+                        logits = self.model(part, start_pos=pos + i, cache=cache, last_only=True)[:, -1]
                 else:
                     logits = self._decode(feed, pos)
                 pos += feed.shape[1]
