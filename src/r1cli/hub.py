@@ -386,10 +386,14 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
     quant = cfg.get("quantization_config") or {}
     # transformers 5 writes "dtype" where older configs say "torch_dtype".
     dtype = "fp8" if quant.get("quant_method") == "fp8" else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-    total, activated = count_parameters(folder)  # also refuses an architecture r1 cannot run
+    from .config import args_from_dict
+    from .models import count_parameters
+
+    args = args_from_dict(cfg)  # also refuses an architecture r1 cannot run
+    total, activated = count_parameters(args)
     # Weights at the checkpoint's dtype (FP8: one byte each; the block scales are negligible).
     weight_bytes = total * _DTYPE_BYTES.get(dtype, 2)
-    kv_per_token = kv_cache_bytes_per_token(cfg, 4 if dtype == "float32" else 2)
+    kv_per_token = args.kv_cache_bytes_per_token(4 if dtype == "float32" else 2)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     return {
         "name": ref.name,
@@ -411,24 +415,6 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
         "sampling": recommended_sampling(ref, folder),
     }
-
-
-def count_parameters(folder: Path) -> tuple[int, int]:
-    """(total, activated per token), counted by the model core from config.json alone (meta device, no weights)."""
-    from .config import load_config
-    from .models import count_parameters as count
-
-    return count(load_config(folder))
-
-
-def kv_cache_bytes_per_token(cfg: dict, elem_bytes: int = 2) -> int:
-    """KV cache per token over all layers: MLA caches the latent and the shared rope key; dense caches K and V."""
-    layers = cfg["num_hidden_layers"]
-    if cfg.get("kv_lora_rank"):
-        return layers * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * elem_bytes
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * layers * (cfg.get("num_key_value_heads") or heads) * head_dim * elem_bytes
 
 
 def recommended_sampling(ref: ModelRef, folder: Path) -> dict:
