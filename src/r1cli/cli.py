@@ -93,6 +93,22 @@ def chat(
              system, think, history=not no_history)
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def serve(
+    model: str = typer.Argument(None, help="Alias, org/name@rev or folder (default: deepseek-r1:1.5b)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than this machine's own: set --api-key)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed at start)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="Require 'Authorization: Bearer KEY' (env R1_API_KEY)."),
+    device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running one; more get 429."),
+    log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging)."),
+) -> None:
+    """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
+    from .serve import serve as run_server
+
+    run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests)
+
+
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
 
 
