@@ -1,4 +1,4 @@
-"""`r1 serve` with the official `openai` package as the client.
+"""`r1 serve` with the official `openai` package as the client, and `r1 chat --url` against it.
 
 The servers run as subprocesses on the steered tiny checkpoints of tests/steered.py, on 127.0.0.1 with a free port
 (--port 0, read back from the start line). `--log-requests` shows, server side, the prompt each request rendered.
@@ -363,3 +363,77 @@ def test_exposure_warning_and_stop_scanner():
     assert s.feed("x #") == ("ENx ", False) and s.feed("#tail") == ("", True)
     s = StopScanner(["END"])
     assert s.feed("ab EN") == ("ab ", False) and s.flush() == "EN"
+
+
+# --- the client: r1 chat --url ---------------------------------------------------------------------------------------
+
+
+def test_chat_url_against_r1_serve(server, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(sys.executable, ["-m", "r1cli", "chat", "--url", server.url, "--no-history"], env=env,
+                          dimensions=(40, 120), encoding="utf-8", timeout=90, cwd=str(tmp_path))
+    child.expect(re.escape(server.url))
+    child.expect(">>>")
+    child.send("How many pears?\r")
+    child.expect(r"Thought for \d+\.\d s")  # the panel collapsed to one line when the answer started
+    child.expect(r"17 tokens \(8 thinking\)")
+    shown = ANSI.sub("", child.before)
+    assert "three" in shown and "pears!" in shown and steered.REASONING not in shown
+    child.expect(">>>")
+    child.send("/think\r")
+    child.expect(re.escape(steered.REASONING))
+    child.send("And now?\r")
+    child.expect(r"17 tokens \(8 thinking\)")
+    child.expect(">>>")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    last = server.records("prompt")[-1]["prompt"]  # the client sent answers only
+    assert "How many pears?" in last and steered.ANSWER in last and steered.REASONING not in last
+
+
+class _FakeServer(BaseHTTPRequestHandler):
+    """Streams one canned reply; `chunks` is a list of delta dicts."""
+    chunks: list[dict] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for delta in self.chunks:
+            self.wfile.write(f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("chunks", [
+    [{"role": "assistant", "content": ""}, {"content": "<thi"}, {"content": "nk>\nHmm, two"}, {"content": ".</th"},
+     {"content": "ink>\n\nTwo"}, {"content": " pears."}],
+    [{"reasoning": "Hmm, "}, {"reasoning": "two."}, {"content": "Two"}, {"content": " pears."}],
+    [{"thinking": "Hmm, two."}, {"content": "Two pears."}],
+    [{"reasoning_content": "Hmm, two.", "content": None}, {"reasoning_content": None, "content": "Two pears."}],
+])
+def test_remote_reads_reasoning_fields_or_think_tags(chunks):
+    from r1cli.events import AnswerDelta, Done, ReasoningDelta
+    from r1cli.remote import RemoteModel
+
+    handler = type("Handler", (_FakeServer,), {"chunks": chunks})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        model = RemoteModel(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "any")
+        events = list(model.events([{"role": "user", "content": "pears?"}], None, {}))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    kinds = [type(e) for e in events]
+    assert kinds.index(AnswerDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
+    stats = events[-1].stats
+    assert isinstance(events[-1], Done) and (stats.reasoning, stats.content) == ("Hmm, two.", "Two pears.")
+    assert stats.finish_reason == "stop" and stats.reasoning_tokens >= 1
