@@ -83,14 +83,36 @@ def chat(
     min_p: float = _MIN_P, seed: int = _SEED,
     think: str = typer.Option(None, "--think", help="show|hide|collapse for this session (default: the saved /think setting)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
+    url: str = typer.Option(None, "--url", help="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (r1 serve)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="With --url: the server's API key (env R1_API_KEY)."),
+    remote_model: str = typer.Option(None, "--model", help="With --url: the model to ask for (default: the first the server lists)."),
 ) -> None:
     """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
     from .repl import run_chat
 
     if think not in (None, "show", "hide", "collapse"):
         raise UsageError(f"unknown --think '{think}': use show, hide or collapse")
-    run_chat(model, device, dtype, max_context, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
-             system, think, history=not no_history)
+    if remote_model and not url:
+        raise UsageError("--model goes with --url (a local model is the MODEL argument)")
+    run_chat(remote_model or model, device, dtype, max_context,
+             _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), system, think,
+             history=not no_history, url=url, api_key=api_key)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def serve(
+    model: str = typer.Argument(None, help="Alias, org/name@rev or folder (default: deepseek-r1:1.5b)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than this machine's own: set --api-key)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed at start)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="Require 'Authorization: Bearer KEY' (env R1_API_KEY)."),
+    device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running one; more get 429."),
+    log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging)."),
+) -> None:
+    """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
+    from .serve import serve as run_server
+
+    run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------

@@ -32,15 +32,21 @@ class Chat:
 
     def turn(self, user: str) -> None:
         """Send one message and render the reply; Ctrl-C stops it, keeping the partial answer (marked)."""
-        prompt = self.session.prompt(self.model.tokenizer, self.model.family, user)
-        for notice in prompt.notices:
-            if notice not in self.notices_shown:  # once per session, not every turn
-                self.notices_shown.add(notice)
-                self.info(notice)
-        view = TurnView(self.console, self.think, self.model.generator, prompt.starts_in_thinking)
+        if hasattr(self.model, "events"):  # a server (remote.RemoteModel): it renders the prompt itself
+            stream = self.model.events(self.session.messages(user), self.session.system, self.sampling)
+            starts_in_thinking = False
+        else:
+            prompt = self.session.prompt(self.model.tokenizer, self.model.family, user)
+            for notice in prompt.notices:
+                if notice not in self.notices_shown:  # once per session, not every turn
+                    self.notices_shown.add(notice)
+                    self.info(notice)
+            stream = stream_events(self.model.generator, self.model.tokenizer, prompt,
+                                   self.model.sampling(self.sampling))
+            starts_in_thinking = prompt.starts_in_thinking
+        view = TurnView(self.console, self.think, self.model.generator, starts_in_thinking)
         try:
-            stats = drive(stream_events(self.model.generator, self.model.tokenizer, prompt,
-                                        self.model.sampling(self.sampling)), view.on_event)
+            stats = drive(stream, view.on_event)
         finally:
             view.live.stop()
         view.finish(stats)
@@ -110,7 +116,8 @@ class Chat:
 
 def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
              sampling: dict | None = None, system: str | None = None, think: str | None = None,
-             history: bool = True) -> None:
+             history: bool = True, url: str | None = None, api_key: str | None = None) -> None:
+    """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first)."""
     from ..runner import open_model
     from ..settings import load_settings
 
@@ -121,7 +128,13 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
         think = "collapse"
     announce = lambda line: console.print(Text(line, style="dim"))  # noqa: E731
     with console.status("loading the model…", spinner="dots") if console.is_terminal else _nothing():
-        model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty(), announce=announce)
+        if url:
+            from ..remote import RemoteModel
+
+            model = RemoteModel.connect(url, api_key, name)
+            announce(f"{model.base} · model {model.name}")
+        else:
+            model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty(), announce=announce)
     Chat(model, console, think, sampling or {}, system, history).loop()
 
 

@@ -110,8 +110,8 @@ def cmd_stats(chat: Chat, arg: str):
     g = chat.model.generator
     chat.info(f"{len(chat.session.turns)} turns · {completion} tokens generated "
               f"({sum(s.get('reasoning_tokens', 0) for s in turns)} thinking) · "
-              f"{completion / decode_s if decode_s > 0 else 0:.1f} tokens/s · "
-              f"context {len(g.cached_ids)}/{g.max_len} tokens")
+              f"{completion / decode_s if decode_s > 0 else 0:.1f} tokens/s"
+              + (f" · context {len(g.cached_ids)}/{g.max_len} tokens" if g.max_len else ""))
 
 
 def cmd_copy(chat: Chat, arg: str):
