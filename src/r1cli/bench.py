@@ -85,7 +85,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed
             else:
                 t.normal_(0.0, 0.02, generator=g)
             model.get_submodule(prefix)._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
-    model.freqs = torch.empty(0, dtype=torch.complex64, device=device)
+    model.freqs = torch.empty(0, 0, 2, device=device)
     return model.eval()
 
 
@@ -108,7 +108,7 @@ def share_hf_weights(args: ModelArgs, hf_model) -> CausalLM:
             tensor = hf[name]
         module = model.get_submodule(prefix)
         module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-    model.freqs = torch.empty(0, dtype=torch.complex64, device=hf["model.embed_tokens.weight"].device)
+    model.freqs = torch.empty(0, 0, 2, device=hf["model.embed_tokens.weight"].device)
     return model.eval()
 
 

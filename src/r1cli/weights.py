@@ -218,7 +218,7 @@ def load_weights(
             raise CheckpointError(f"tensor {param}.{missing}.weight is missing from the checkpoint in {folder}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.freqs = torch.empty(0, dtype=torch.complex64, device=device)
+    model.freqs = torch.empty(0, 0, 2, device=device)
     return model.eval()
 
 

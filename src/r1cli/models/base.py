@@ -49,7 +49,7 @@ class CausalLM(nn.Module):
         self.model = Backbone(args, layers)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Rotary table, grown on demand; not a checkpoint tensor.
-        self.register_buffer("freqs", torch.empty(0, dtype=torch.complex64), persistent=False)
+        self.register_buffer("freqs", torch.empty(0, 0, 2), persistent=False)
 
     # The generator may pre-size the table before compiling the decode step.
     def ensure_rope(self, length: int) -> None:
@@ -107,14 +107,14 @@ class CausalLM(nn.Module):
         """One token per row at slot `pos` (a 1-element tensor on the device), attending over the whole
         preallocated cache with a mask: fixed shapes and no host sync, so it compiles and graph-captures.
         The caller sizes the rotary table first (`ensure_rope`)."""
-        freqs = self.freqs[pos].view(1, 1, -1)
+        freqs = self.freqs[pos].unsqueeze(0)  # [1, 1, D/2, 2]
         slots = torch.arange(cache.view_len or cache.max_len, device=tokens.device)
         valid = (slots <= pos)[None, :]
         if cache.key_valid is not None:
             cache.key_valid.index_fill_(1, pos, True)
             valid = valid & cache.key_valid[:, : slots.shape[0]]
             # rotary positions count real tokens only, as in the padded prefill
-            freqs = self.freqs[(valid.long().sum(-1) - 1)].view(-1, 1, freqs.shape[-1])
+            freqs = self.freqs[(valid.long().sum(-1) - 1)].unsqueeze(1)
         masks = {}
         for window in {self._window(i) for i in range(self.args.n_layers)}:
             m = valid if window is None else valid & (pos - slots < window)[None, :]

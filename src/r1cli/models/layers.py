@@ -120,26 +120,24 @@ def rope_attention_factor(rope: RopeArgs) -> float:
 
 
 def rope_table(args: ModelArgs, max_len: int) -> torch.Tensor:
-    """Complex rotations [max_len, rope_dim/2] (float32): position p, frequency f -> a * exp(i * p * f)."""
+    """Rotations [max_len, rope_dim/2, 2] (float32): (a cos(p f), a sin(p f)) for position p and frequency f,
+    the real and imaginary parts of a * exp(i p f). Kept real so torch.compile can fuse the rotation."""
     inv_freq = rope_inv_freq(args.rope, args.rope_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return torch.polar(torch.full_like(angles, rope_attention_factor(args.rope)), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1) * rope_attention_factor(args.rope)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by freqs [B, T, D/2] (complex), as a complex multiplication.
-
-    interleaved: pairs are (x0, x1), (x2, x3)... (DeepSeek); otherwise (x_i, x_{i+D/2}) (Llama, Qwen)."""
+    """Rotate x [B, T, H, D] by freqs [B, T, D/2, 2]: a complex multiplication (x0 + i x1)(cos + i sin) written
+    out in reals. interleaved: pairs are (x0, x1), (x2, x3)... (DeepSeek); else (x_i, x_{i+D/2}) (Llama, Qwen)."""
+    cos, sin = freqs[..., 0].unsqueeze(2), freqs[..., 1].unsqueeze(2)
     xf = x.float()
     if interleaved:
-        xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
-    else:
-        half = x.shape[-1] // 2
-        xc = torch.complex(xf[..., :half], xf[..., half:])
-    y = xc * freqs.unsqueeze(2)
-    if interleaved:
-        return torch.view_as_real(y).flatten(-2).to(x.dtype)
-    return torch.cat((y.real, y.imag), dim=-1).to(x.dtype)
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    half = x.shape[-1] // 2
+    x0, x1 = xf[..., :half], xf[..., half:]
+    return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).to(x.dtype)
 
 
 # --- Attention --------------------------------------------------------------------------------------------
