@@ -96,8 +96,9 @@ class Generator:
             decode_mode = "graph" if device.type == "cuda" else "eager"
         if decode_mode not in ("eager", "static", "compile", "graph"):
             raise ValueError(f"unknown decode mode {decode_mode}")
-        # eager: attends over the filled slots only (best on CPU); static: fixed shapes over the whole cache;
-        # compile: static + torch.compile; graph: static captured once as a CUDA graph and replayed per token.
+        # eager: attends over the filled slots only (best on CPU); static: fixed shapes over a bucket of the cache;
+        # graph: static, captured as one CUDA graph per bucket and replayed per token; compile: torch.compile'd
+        # static step (captured too on CUDA). See StaticDecoder.
         self.decode_mode = decode_mode
         self.prefill_chunk = prefill_chunk
         self._step = None  # the static decode step, built on first use
