@@ -91,3 +91,23 @@ def test_chunked_prefill_equals_one_pass(models, name):
     want = list(Generator(models[name], max_len=64).generate(prompt, params))
     got = list(Generator(models[name], max_len=64, prefill_chunk=7).generate(prompt, params))
     assert got == want
+
+
+def test_cpu_bf16_prompt_matmul_through_float32_matches(monkeypatch):
+    """On CPUs without bf16 math, prompt-sized bf16 matmuls run through float32: same result, closer to exact."""
+    from r1cli.models import layers
+
+    lin = layers.Linear(96, 80, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(80, 96) * 0.1)
+        lin.bias.copy_(torch.randn(80))
+    lin = lin.to(torch.bfloat16)
+    x = torch.randn(2, 40, 96).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    monkeypatch.setattr(layers, "CPU_BF16_UPCAST_ROWS", 32)
+    upcast = lin(x)
+    monkeypatch.setattr(layers, "CPU_BF16_UPCAST_ROWS", None)
+    plain = lin(x)
+    assert upcast.dtype == plain.dtype == torch.bfloat16
+    assert (upcast.float() - exact).abs().max() <= (plain.float() - exact).abs().max() + 1e-6
+    assert (upcast.float() - plain.float()).abs().max() <= 0.1
