@@ -14,7 +14,7 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, RMSNorm, apply_rope, dequantize_fp8, sdpa
+from .layers import MLP, Linear, RMSNorm, apply_rope, dequantize_fp8, linear, sdpa
 
 # q_a_layernorm and kv_a_layernorm use transformers' default eps whatever rms_norm_eps says.
 LORA_NORM_EPS = 1e-6
@@ -177,8 +177,9 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = slice(start, start + count)
-            h = F.silu(xs[rows] @ self.weights("gate_proj", e, x.dtype).T) * (xs[rows] @ self.weights("up_proj", e, x.dtype).T)
-            out[rows] = h @ self.weights("down_proj", e, x.dtype).T
+            h = F.silu(linear(xs[rows], self.weights("gate_proj", e, x.dtype)))
+            h = h * linear(xs[rows], self.weights("up_proj", e, x.dtype))
+            out[rows] = linear(h, self.weights("down_proj", e, x.dtype))
             start += count
         pair_weights = weights.reshape(-1)[order].unsqueeze(-1)
         y = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)

@@ -51,6 +51,14 @@ def _cpu_lacks_bf16_math() -> bool:
 CPU_BF16_UPCAST_ROWS = 32 if _cpu_lacks_bf16_math() else None
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but through float32 for prompt-sized bf16 inputs on a CPU without bf16 math."""
+    rows = x.numel() // x.shape[-1]
+    if CPU_BF16_UPCAST_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows >= CPU_BF16_UPCAST_ROWS:
+        return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b). The weight may be kept in FP8 with its block scales and dequantized per matmul,
     so a 671B FP8 checkpoint needs about one byte per parameter."""
@@ -70,12 +78,7 @@ class Linear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight(x.dtype)
-        rows = x.numel() // x.shape[-1]
-        if CPU_BF16_UPCAST_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows >= CPU_BF16_UPCAST_ROWS:
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), w.float(), bias).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        return linear(x, self.dense_weight(x.dtype), self.bias)
 
 
 class MLP(nn.Module):
