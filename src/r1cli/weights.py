@@ -30,7 +30,7 @@ from .models.layers import dequantize_fp8
 INDEX_FILE = "model.safetensors.index.json"
 EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Tensors some checkpoints carry that no forward needs.
-HARMLESS_RE = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|^model\.embed_tokens\.bias$)")
+HARMLESS_RE = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
