@@ -4,7 +4,6 @@ ragged edge blocks): both load modes match the dequantized twin run by transform
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

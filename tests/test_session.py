@@ -1,7 +1,6 @@
 """Chat sessions: what goes back to the model, transcripts, and saves that cannot lose the old file."""
 
 import io
-import json
 import os
 
 import pytest

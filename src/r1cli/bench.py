@@ -3,15 +3,13 @@ transformers on the same weights in the same process, alternating runs. Figures 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import ModelArgs, args_from_dict, load_config, read_config_json
+from .config import ModelArgs, args_from_dict, read_config_json
 from .generate import Generator, SamplingParams
 from .loader import pick_device, pick_dtype
 from .models import CausalLM, build_model, count_parameters
@@ -138,7 +136,6 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
         tokens = torch.randint(0, vocab, (1, n), device=device)
         cache = model.new_cache(1, n)
         r.prefill_tokens_per_s[n] = n / _time(lambda: model(tokens, cache=cache, last_only=True), device)
-        del cache
     prompt = torch.randint(0, vocab, (prompt_lengths[0],)).tolist()
     gen = Generator(model, max_len=len(prompt) + new_tokens + 8, decode_mode=decode_mode)
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
@@ -300,6 +297,3 @@ def format_report(report: dict) -> str:
         lines.append("  r1 / transformers: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
     return "\n".join(lines)
 
-
-def main_json(report: dict) -> str:
-    return json.dumps(report, indent=2)

@@ -14,7 +14,7 @@ from typing import Callable, TextIO
 import torch
 
 from .chat_format import R1_SAMPLING_DEFAULTS, build_prompt, family_for
-from .errors import ModelNotFoundError, R1Error, UsageError
+from .errors import ModelNotFoundError, UsageError
 from .events import AnswerDelta, Done, Event, ReasoningDelta, TurnStats, stream_events
 from .generate import Generator, SamplingParams
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name

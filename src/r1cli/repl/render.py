@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 import time
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.panel import Panel
