@@ -1,0 +1,299 @@
+"""Tensor and expert parallel inference on CPU (gloo), in real processes: 2 and 4 ranks against the single-process
+model and transformers (float32 logits, 32 greedy tokens), `r1 run` under torchrun, a killed rank, the planner.
+Every process is waited on with a timeout, so a failure never hangs the suite."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import steered
+from r1cli.config import args_from_dict, load_config
+from r1cli.generate import Generator, SamplingParams
+from r1cli.loader import load_model
+from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
+from r1cli.weights import SafetensorsFile
+from test_fp8 import write_fp8_pair
+from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+HUB_CONFIGS = HERE.parents[1] / "shared" / "fixtures" / "hub-configs"
+
+CASES = {
+    "llama-gqa": lambda: llama_config(num_attention_heads=8, num_key_value_heads=4),
+    "llama-tied": lambda: llama_config(num_key_value_heads=4, tie_word_embeddings=True),
+    "qwen2-biases": lambda: qwen2_config(num_attention_heads=8, num_key_value_heads=4),
+    "v3": lambda: v3_config(),
+    # 6 experts on 4 ranks: 2, 2, 1, 1 (on 2 ranks: 3 and 3)
+    "v3-uneven-experts": lambda: v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2),
+    "v2-no-qlora": lambda: v2_config(),
+}
+# FP8 kept as FP8 and split by rank: every per-rank slice must be whole 128-blocks on 4 ranks (16 heads of
+# nope 32 + rope 32, v 32; MLP and shared expert 512 wide).
+FP8_CONFIG = dict(num_attention_heads=16, num_key_value_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                  intermediate_size=512, moe_intermediate_size=512, n_routed_experts=8, n_group=4, topk_group=2,
+                  num_experts_per_tok=2)
+PROMPT = [5, 17, 42, 99, 3, 250, 8]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}", "RANK": str(rank), "LOCAL_RANK": str(rank),
+           "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "R1_DIST_TIMEOUT": "60"}
+    env.pop("NO_COLOR", None)
+    return env
+
+
+def spawn(world: int, argv: list[str], **kw) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *argv], env=rank_env(r, world, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kw) for r in range(world)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    """Wait for every process (killing all on a timeout, so nothing outlives the test)."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out.decode(), err.decode()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+# --- numerical parity --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (folder ours loads, folder transformers loads, fp8 mode)."""
+    out = {}
+    for name, cfg in CASES.items():
+        folder = tmp_path_factory.mktemp(name)
+        write_checkpoint(cfg(), folder)
+        out[name] = (folder, folder, "dequant")
+    fp8, twin = write_fp8_pair(v3_config(**FP8_CONFIG), tmp_path_factory.mktemp("twin"), tmp_path_factory.mktemp("fp8"))
+    out["v3-fp8-kept"] = (fp8, twin, "keep")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def single(checkpoints, tokens):
+    """The single-process model's logits, cached step and greedy tokens, and transformers' logits, per case."""
+    out = {}
+    with torch.inference_mode():
+        for name, (folder, twin, fp8) in checkpoints.items():
+            model = load_model(folder, dtype="float32", fp8=fp8)
+            cache = model.new_cache(1, 64)
+            model(tokens[:1, :-1], cache=cache)
+            step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
+            greedy = list(Generator(model, max_len=128).generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
+            out[name] = {"logits": model(tokens), "step": step, "greedy": greedy, "hf": hf_model(twin)(tokens).logits}
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def sharded(request, checkpoints, tokens, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({
+        "cases": [{"name": n, "folder": str(f), "fp8": m} for n, (f, _, m) in checkpoints.items()],
+        "tokens": tokens.tolist(), "prompt": PROMPT}))
+    results = finish(spawn(world, [str(HERE / "dist_worker.py"), str(spec), str(out)]), timeout=240)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    return world, out
+
+
+@pytest.mark.parametrize("case", [*CASES, "v3-fp8-kept"])
+def test_sharded_logits_and_greedy_tokens_match_one_process(sharded, single, case):
+    world, out = sharded
+    ref = single[case]
+    for rank in range(world):  # every rank holds the same full logits
+        got = load_file(out / f"{case}-{rank}.safetensors")
+        assert (got["logits"] - ref["logits"]).abs().max().item() <= 1e-4
+        assert (got["logits"] - ref["hf"]).abs().max().item() <= 1e-4
+        assert (got["step"][:, -1] - ref["step"][:, -1]).abs().max().item() <= 1e-4
+    assert json.loads((out / f"{case}.json").read_text()) == ref["greedy"]
+    assert len(ref["greedy"]) == 32
+
+
+def test_fp8_stays_fp8_and_each_rank_reads_its_slice(checkpoints):
+    """Built as rank 1 of 2 (no process group needed to load): FP8 weights and their scales are this rank's rows
+    or columns of the checkpoint's, experts 4..7 only."""
+    fp8, _, _ = checkpoints["v3-fp8-kept"]
+    shard = Shard(rank=1, world=2)
+    model = load_model(fp8, dtype="bfloat16", fp8="keep", shard=shard)
+    files = {p.name: SafetensorsFile(p) for p in fp8.glob("*.safetensors")}
+
+    def full(name):
+        return next(f.read(name) for f in files.values() if name in f.entries)
+
+    attn = model.model.layers[1].self_attn
+    assert attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+    q_b = full("model.layers.1.self_attn.q_b_proj.weight")
+    assert torch.equal(attn.q_b_proj.weight.view(torch.uint8), q_b[512:].view(torch.uint8))
+    assert torch.equal(attn.q_b_proj.weight_scale_inv, full("model.layers.1.self_attn.q_b_proj.weight_scale_inv")[4:])
+    o = full("model.layers.1.self_attn.o_proj.weight")  # row parallel: columns 256..511
+    assert torch.equal(attn.o_proj.weight.view(torch.uint8), o[:, 256:].view(torch.uint8))
+    assert torch.equal(attn.o_proj.weight_scale_inv, full("model.layers.1.self_attn.o_proj.weight_scale_inv")[:, 2:])
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_proj.shape[0] == 4 and experts.first == 4
+    e5 = full("model.layers.1.mlp.experts.5.gate_proj.weight")
+    assert torch.equal(experts.gate_proj[1].view(torch.uint8), e5.view(torch.uint8))
+
+
+def test_sizes_that_do_not_divide_fail_before_loading(tmp_path):
+    llama = load_config_from(llama_config())  # 2 key/value heads
+    with pytest.raises(ShardingError, match=r"key/value heads \(2\) do not divide across 4 ranks"):
+        check_sizes(llama, Shard(rank=0, world=4))
+    check_sizes(llama, Shard(rank=0, world=2))
+    fp8 = load_config_from(v3_config(hidden_size=160, qk_nope_head_dim=32, qk_rope_head_dim=8, v_head_dim=24,
+                                     quantization_config=None), fp8=True)
+    with pytest.raises(ShardingError, match=r"FP8 q_b_proj rows per rank \(80\) are not whole 128-blocks"):
+        check_sizes(fp8, Shard(rank=0, world=2))
+    with pytest.raises(ShardingError, match="6 routed experts cannot spread over 8 ranks"):
+        check_sizes(load_config_from(v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_attention_heads=8,
+                                               intermediate_size=128, moe_intermediate_size=64, vocab_size=320)),
+                    Shard(rank=0, world=8))
+
+
+def load_config_from(cfg, fp8=False) -> "ModelArgs":  # noqa: F821
+    d = cfg.to_dict()
+    d["architectures"] = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    if fp8:
+        d["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    return args_from_dict(d)
+
+
+def test_uneven_expert_split_and_placement_table():
+    assert [list(Shard(rank=r, world=4).experts(6)) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
+    s = Shard(rank=1, world=2)
+    assert placement("model.layers.0.self_attn.q_proj.bias", s) == 0
+    assert placement("model.layers.0.self_attn.o_proj.weight", s) == 1
+    assert placement("model.layers.0.self_attn.o_proj.bias", s) == "skip"  # added once, by rank 0
+    assert placement("model.layers.3.mlp.experts.7.down_proj.weight", s) == "replicate"  # whole, on its rank
+    assert placement("model.layers.3.mlp.shared_experts.down_proj.weight", s) == 1
+    assert placement("model.layers.3.self_attn.kv_a_proj_with_mqa.weight", s) == "replicate"  # the latent path
+    assert placement("model.layers.3.mlp.gate.weight", s) == "replicate"  # the router
+    assert placement("lm_head.weight", s) == placement("model.embed_tokens.weight", s) == 0
+
+
+def test_column_slice_reads_match_the_full_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.arange(6 * 10, dtype=torch.float32).view(6, 10).to(torch.bfloat16)
+    save_file({"w": t}, str(tmp_path / "a.safetensors"))
+    f = SafetensorsFile(tmp_path / "a.safetensors")
+    assert torch.equal(f.read("w", part=(1, 4, 3)), t[:, 4:7])
+    assert torch.equal(f.read("w", torch.float32, part=(0, 2, 2)), t[2:4].float())
+
+
+# --- the planner -------------------------------------------------------------------------------------------------
+
+
+def hub_args(name: str):
+    return load_config(HUB_CONFIGS / name)
+
+
+def test_plan_r1_fp8_fits_on_8_h200_not_on_one():
+    args = hub_args("DeepSeek-R1")
+    eight = plan_memory(args, 8, 32768, gpu_mem=141 * 10**9)
+    # DeepSeek's 671B parameters in FP8 (the MTP layer never loads), about one byte each, over 8 GPUs:
+    assert 80e9 < eight.weights < 90e9 and eight.fits
+    # the MLA latent cache is whole on every rank: 61 layers x (512 + 64) values x 2 bytes per token
+    assert eight.kv_cache == 61 * 576 * 2 * 32768
+    one = plan_memory(args, 1, 32768, gpu_mem=141 * 10**9)
+    assert one.weights > 640e9 and one.fits is False
+
+
+def test_plan_llama_70b_splits_kv_heads_and_the_bytes_hook():
+    args = hub_args("DeepSeek-R1-Distill-Llama-70B")
+    four = plan_memory(args, 4, 8192, gpu_mem=80 * 10**9)
+    assert 34e9 < four.weights < 36e9 and four.fits  # 70.6B parameters x 2 bytes / 4
+    assert four.kv_cache == 80 * 2 * (8 // 4) * 128 * 2 * 8192
+    assert plan_memory(args, 1, 8192, gpu_mem=80 * 10**9).fits is False
+    int4 = plan_memory(args, 4, 8192, bytes_per_param=lambda name, p, default: 0.5 if p.dim() == 2 else default)
+    assert int4.weights < four.weights / 3 and int4.fits is None
+
+
+# --- processes: torchrun, rank 0's terminal, a dead rank ----------------------------------------------------------
+
+
+def run_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "R1_DIST_TIMEOUT": "60"}
+    env.pop("NO_COLOR", None)
+    return env
+
+
+def test_torchrun_piped_prompt_prints_the_answer_once(steered_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "r1cli", "run", str(steered_dir), "--device", "cpu"]
+    result = subprocess.run(cmd, input="How many pears?\n", capture_output=True, text=True, timeout=180,
+                            env=run_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == steered.ANSWER + "\n"
+
+
+def test_gpus_shortcut_relaunches_under_torchrun(steered_dir):
+    """--gpus 2 re-executes the command under torchrun (two gloo processes here, where there is no GPU)."""
+    cmd = [sys.executable, "-m", "r1cli", "run", str(steered_dir), "--gpus", "2", "--device", "cpu", "--json",
+           "How many pears?"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=run_env(),
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert (data["reasoning"], data["content"]) == (steered.REASONING, steered.ANSWER)
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_makes_the_others_exit(looping_dir, tmp_path, victim):
+    """Two ranks generate forever (the looping model); one is killed mid-generation: the other exits with the
+    distributed exit code and one clear line, well before the collective timeout (60 s here) would end it."""
+    port = free_port()
+    outs = [tmp_path / f"out{r}" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--device", "cpu",
+                               "--thinking", "stdout", "--max-tokens", "100000", "Think."],
+                              env=rank_env(r, 2, port), stdout=open(outs[r], "wb"), stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL) for r in range(2)]
+    try:
+        while outs[0].stat().st_size < 40:  # rank 0 is printing its reasoning: generation is under way
+            assert procs[0].poll() is None and procs[1].poll() is None, procs[0].stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        procs[victim].send_signal(signal.SIGKILL)
+        survivor = procs[1 - victim]
+        code = survivor.wait(timeout=45)
+        err = survivor.stderr.read().decode()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert code == DIST_EXIT, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("r1: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"r1: rank {1 - victim}: lost contact with the other ranks"), err
