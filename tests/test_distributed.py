@@ -30,7 +30,8 @@ HUB_CONFIGS = HERE.parents[1] / "shared" / "fixtures" / "hub-configs"
 
 CASES = {
     "llama-gqa": lambda: llama_config(num_attention_heads=8, num_key_value_heads=4),
-    "llama-tied": lambda: llama_config(num_key_value_heads=4, tie_word_embeddings=True),
+    # 2 key/value heads: on 4 ranks each is held by two
+    "llama-tied-2kv": lambda: llama_config(tie_word_embeddings=True),
     "qwen2-biases": lambda: qwen2_config(num_attention_heads=8, num_key_value_heads=4),
     "v3": lambda: v3_config(),
     # 6 experts on 4 ranks: 2, 2, 1, 1 (on 2 ranks: 3 and 3)
@@ -169,10 +170,12 @@ def test_fp8_stays_fp8_and_each_rank_reads_its_slice(checkpoints):
 
 
 def test_sizes_that_do_not_divide_fail_before_loading(tmp_path):
-    llama = load_config_from(llama_config())  # 2 key/value heads
-    with pytest.raises(ShardingError, match=r"key/value heads \(2\) do not divide across 4 ranks"):
-        check_sizes(llama, Shard(rank=0, world=4))
-    check_sizes(llama, Shard(rank=0, world=2))
+    llama = load_config_from(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3, vocab_size=384))
+    with pytest.raises(ShardingError, match=r"key/value heads \(3\) neither divide across 2 ranks nor divide 2"):
+        check_sizes(llama, Shard(rank=0, world=2))
+    check_sizes(llama, Shard(rank=0, world=6))  # 2 ranks hold each key/value head
+    with pytest.raises(ShardingError, match=r"attention heads \(12\) do not divide across 8 ranks"):
+        check_sizes(llama, Shard(rank=0, world=8))
     fp8 = load_config_from(v3_config(hidden_size=160, qk_nope_head_dim=32, qk_rope_head_dim=8, v_head_dim=24,
                                      quantization_config=None), fp8=True)
     with pytest.raises(ShardingError, match=r"FP8 q_b_proj rows per rank \(80\) are not whole 128-blocks"):

@@ -143,6 +143,16 @@ def placement(name: str, shard: Shard) -> str | int:
     return REPLICATE
 
 
+KV_RE = re.compile(r"\.(k_proj|v_proj)\.(weight|bias)$")
+
+
+def shares(name: str, shard: Shard, args: ModelArgs) -> tuple[int, int]:
+    """A split tensor is cut into `parts` equal shares; this rank holds share `index`. Usually parts = world and
+    index = rank; with more ranks than key/value heads, world / heads consecutive ranks hold the same head."""
+    parts = min(shard.world, args.n_kv_heads) if KV_RE.search(name) else shard.world
+    return parts, shard.rank // (shard.world // parts)
+
+
 def check_sizes(args: ModelArgs, shard: Shard) -> None:
     """Every size that must divide across the ranks, checked from the config before anything loads."""
     if shard.world == 1:
@@ -160,7 +170,9 @@ def check_sizes(args: ModelArgs, shard: Shard) -> None:
                 shared = args.moe_inter_dim * args.n_shared_experts
                 splits["shared expert hidden units"] = shard.part(shared, "shared expert hidden units")
     else:
-        shard.part(args.n_kv_heads, "key/value heads")
+        if args.n_kv_heads % shard.world and shard.world % args.n_kv_heads:
+            raise ShardingError(f"key/value heads ({args.n_kv_heads}) neither divide across {shard.world} ranks nor "
+                                f"divide {shard.world}: use a world size that divides or is a multiple of {args.n_kv_heads}")
         dense = args.inter_dim
         splits = {}
     if dense:
@@ -234,8 +246,8 @@ def plan_memory(args: ModelArgs, gpus: int, context: int, gpu_mem: int | None = 
         total += p.numel() * per
     if args.is_deepseek:
         kv = args.kv_cache_bytes_per_token(dtype_bytes)  # the MLA latent cache is replicated on every rank
-    else:
-        kv = args.kv_cache_bytes_per_token(dtype_bytes) // gpus  # split by key/value heads
+    else:  # split by key/value heads (copied when there are more GPUs than heads)
+        kv = args.kv_cache_bytes_per_token(dtype_bytes) * max(args.n_kv_heads // gpus, 1) // args.n_kv_heads
     reserve = int(gpu_mem * RESERVE_FRACTION) if gpu_mem else 0
     return MemoryPlan(gpus, context, int(total), kv * context, gpu_mem, reserve, bool(args.fp8_block))
 

@@ -152,7 +152,7 @@ def load_weights(
 ) -> nn.Module:
     """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time. With a parallel.Shard (the
     model built with it): only this rank's slice of each tensor is read, as parallel.placement says."""
-    from .parallel import REPLICATE, SINGLE, SKIP, placement
+    from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
 
     shard = shard or SINGLE
     if fp8 not in ("dequant", "keep"):
@@ -208,8 +208,9 @@ def load_weights(
             part = None
             want = local
             if split != REPLICATE:  # this rank's share along dim `split`
-                want = tuple(n * shard.world if d == split else n for d, n in enumerate(local))
-                part = (split, shard.rank * local[split], local[split])
+                parts, index = shares(name, shard, args)
+                want = tuple(n * parts if d == split else n for d, n in enumerate(local))
+                part = (split, index * local[split], local[split])
             if full != want:
                 raise CheckpointError(
                     f"tensor {name} in {path.name} has shape {list(full)}, expected {list(want)} from config.json"

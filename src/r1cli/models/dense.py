@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, apply_rope, column_linear, row_linear, sdpa
+from .layers import MLP, Linear, apply_rope, column_linear, row_linear, sdpa
 
 
 class Attention(nn.Module):
@@ -17,12 +17,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         world = shard.world if shard is not None else 1  # heads split across ranks (parallel.py)
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, args.n_kv_heads // world, args.head_dim
+        # more ranks than key/value heads: each rank holds a copy of the one its query heads share
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, max(args.n_kv_heads // world, 1), args.head_dim
         self.scale = args.softmax_scale
         qkv_bias = args.qkv_bias or args.attention_bias
         self.q_proj = column_linear(args.dim, args.n_heads * args.head_dim, qkv_bias, shard)
-        self.k_proj = column_linear(args.dim, args.n_kv_heads * args.head_dim, qkv_bias, shard)
-        self.v_proj = column_linear(args.dim, args.n_kv_heads * args.head_dim, qkv_bias, shard)
+        self.k_proj = Linear(args.dim, self.n_kv_heads * args.head_dim, qkv_bias)
+        self.v_proj = Linear(args.dim, self.n_kv_heads * args.head_dim, qkv_bias)
         self.o_proj = row_linear(args.n_heads * args.head_dim, args.dim, args.attention_bias, shard)
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
