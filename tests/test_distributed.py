@@ -263,15 +263,37 @@ def test_torchrun_piped_prompt_prints_the_answer_once(steered_dir):
     assert result.stdout == steered.ANSWER + "\n"
 
 
-def test_gpus_shortcut_relaunches_under_torchrun(steered_dir):
-    """--gpus 2 re-executes the command under torchrun (two gloo processes here, where there is no GPU)."""
-    cmd = [sys.executable, "-m", "r1cli", "run", str(steered_dir), "--gpus", "2", "--device", "cpu", "--json",
-           "How many pears?"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=run_env(),
-                            stdin=subprocess.DEVNULL)
+def test_gpus_shortcut_chat_two_turns_and_a_slash_command(steered_dir):
+    """`r1 chat --gpus 2` re-executes itself under torchrun (two gloo processes here, where there is no GPU);
+    rank 0 reads the piped lines: two turns (the second reusing the cache on both ranks) around /clear."""
+    cmd = [sys.executable, "-m", "r1cli", "chat", str(steered_dir), "--gpus", "2", "--device", "cpu",
+           "--no-history", "--think", "hide"]
+    result = subprocess.run(cmd, input="How many pears?\nAnd now?\n/clear\nOnce more?\n", capture_output=True,
+                            text=True, timeout=180, env=run_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(result.stdout)
-    assert (data["reasoning"], data["content"]) == (steered.REASONING, steered.ANSWER)
+    rendered = steered.ANSWER.replace("*", "")  # the answer is rendered as markdown
+    assert result.stdout.count(rendered) == 3, result.stdout
+    assert "conversation cleared" in result.stdout
+    # the second turn reused the first's cache on both ranks (they would deadlock or fail otherwise)
+    assert "(2 cached)" not in result.stdout.split(rendered)[0] and "cached)" in result.stdout.split(rendered)[2]
+
+
+def test_show_plans_per_gpu(tmp_path):
+    from typer.testing import CliRunner
+
+    from r1cli.cli import app
+
+    write_checkpoint(llama_config(), tmp_path)  # float32: 4 bytes a parameter
+    result = CliRunner().invoke(app, ["show", str(tmp_path), "--gpus", "2", "--gpu-mem", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    total = sum(t.numel() for t in load_file(next(tmp_path.glob("*.safetensors"))).values())
+    norms = 64 * (2 * 3 + 1)  # replicated on both GPUs
+    assert plan["gpus"] == 2 and plan["fits"] is True
+    assert plan["weights"] == 4 * ((total - norms) // 2 + norms)
+    assert plan["kv_cache"] == 4096 * 3 * 2 * (2 // 2) * 16 * 4
+    result = CliRunner().invoke(app, ["show", str(tmp_path), "--gpus", "3"])
+    assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
 
 
 @pytest.mark.parametrize("victim", [1, 0])

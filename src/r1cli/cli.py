@@ -268,7 +268,7 @@ def show(
         ("path", info["path"]),
     ]
     if "plan" in info:
-        lines.insert(-3, ("per GPU", info["plan"]["text"]))
+        lines.insert(-3, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
     for key, value in lines:
         print(f"{key:<16}{value}")
 

@@ -253,8 +253,8 @@ def plan_memory(args: ModelArgs, gpus: int, context: int, gpu_mem: int | None = 
 
 
 def describe_plan(plan: MemoryPlan, fmt: Callable[[float], str]) -> str:
-    line = (f"per GPU on {plan.gpus}: weights {fmt(plan.weights)} + KV cache {fmt(plan.kv_cache)} "
-            f"@{plan.context} tokens = {fmt(plan.total)}")
+    line = (f"weights {fmt(plan.weights)} + KV cache {fmt(plan.kv_cache)} @{plan.context} tokens = "
+            f"{fmt(plan.total)} per GPU")
     if plan.gpu_mem is not None:
         verdict = "fits" if plan.fits else "does not fit"
         line += f"; {verdict} in {fmt(plan.gpu_mem)} (keeping {fmt(plan.reserve)} free)"

@@ -123,7 +123,7 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
             total = torch.cuda.get_device_properties(torch_device).total_memory
             plan = parallel.plan_memory(args, shard.world, context, total, torch_dtype.itemsize)
             if not plan.fits:
-                raise R1Error(f"{ref.identity} does not fit: {parallel.describe_plan(plan, format_size)} "
+                raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {parallel.describe_plan(plan, format_size)} "
                               f"(use more GPUs or a smaller --max-context)")
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
