@@ -294,6 +294,9 @@ def init(device: str = "auto") -> tuple[Shard, torch.device]:
         raise R1Error(f"--device {device} cannot run distributed: use cuda or cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda:
+        if local >= torch.cuda.device_count():
+            raise R1Error(f"rank {env_rank()}: LOCAL_RANK {local}, but this node shows {torch.cuda.device_count()} GPUs "
+                          f"(check --nproc-per-node and CUDA_VISIBLE_DEVICES)")
         torch_device = torch.device("cuda", local)
         torch.cuda.set_device(torch_device)
     else:
@@ -332,7 +335,7 @@ def run_ranks(body: Callable[[Shard, torch.device], int], device: str = "auto") 
     import torch.distributed as dist
 
     shard, torch_device = init(device)
-    code = 1
+    code = None  # stays None when a collective failed: then nobody waits for a goodbye
     try:
         code = body(shard, torch_device)
         return code
@@ -344,34 +347,32 @@ def run_ranks(body: Callable[[Shard, torch.device], int], device: str = "auto") 
         return code
     except Exception as e:
         if is_collective_failure(e):
-            code = DIST_EXIT
             raise DistributedError(
                 f"rank {shard.rank}: lost contact with the other ranks ({_short(e)}); every rank stops"
             ) from None
+        code = 1
         raise
     finally:
-        if shard.leader:
+        if code is not None:
+            if shard.leader:  # the others wait for rank 0's next command: tell them to stop, with this code
+                try:
+                    shard.command(("exit", code))
+                except Exception:  # noqa: BLE001 - the others may be gone already
+                    pass
             try:
-                shard.command(("exit", code))
-            except Exception:  # noqa: BLE001 - the others may be gone already
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
                 pass
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def relaunch(gpus: int, argv: list[str]) -> None:
     """`r1 chat MODEL --gpus N`: re-execute this command under torchrun with N processes on this machine."""
-    import shutil
-
     argv = strip_gpus(argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
            "-m", "r1cli", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
-    assert shutil.which(sys.executable) or os.path.exists(sys.executable)
     os.execv(sys.executable, cmd)
 
 
