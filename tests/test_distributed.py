@@ -215,6 +215,31 @@ def load_config_from(cfg, fp8=False) -> "ModelArgs":  # noqa: F821
     return args_from_dict(d)
 
 
+def test_expert_parallel_partials_sum_to_the_whole_on_both_paths():
+    """Each rank's routed-expert output (the CPU's sorted path and the GPU decode's gathered path) over the pairs
+    routed to its experts; summed over ranks (the all-reduce), the single-process result. 6 experts on 4 ranks."""
+    from r1cli.models.deepseek import Experts
+
+    args = load_config_from(v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2))
+    g = torch.Generator().manual_seed(0)
+    full = Experts(args)
+    for p in full.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(5, 64, generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    indices = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(5)])
+    want = full(x, weights, indices)
+    for path in ("_sorted", "_gathered"):
+        total = torch.zeros_like(want)
+        for rank in range(4):
+            part = Experts(args, Shard(rank=rank, world=4))
+            own = Shard(rank=rank, world=4).experts(6)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(part, name).data.copy_(getattr(full, name).data[own.start:own.stop])
+            total += getattr(part, path)(x, *part.localize(weights, indices))
+        assert (total - want).abs().max().item() <= 1e-6
+
+
 def test_uneven_expert_split_and_placement_table():
     assert [list(Shard(rank=r, world=4).experts(6)) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
     s = Shard(rank=1, world=2)

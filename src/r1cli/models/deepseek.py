@@ -158,14 +158,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if self.shard is not None:
-            # Pairs routed to other ranks' experts get weight 0 and the slot past the local experts (sorted last).
-            n_local = self.gate_proj.shape[0]
-            local = (indices >= self.first) & (indices < self.first + n_local)
-            indices = torch.where(local, indices - self.first, n_local)
-            weights = weights * local
+            weights, indices = self.localize(weights, indices)
         if x.device.type != "cpu" and indices.numel() <= self.gather_limit:
             return self._gathered(x, weights, indices)
         return self._sorted(x, weights, indices)
+
+    def localize(self, weights, indices):
+        """Expert parallel: pairs routed to other ranks' experts get weight 0 and the slot past the local experts
+        (so the sorted path puts them last and never computes them)."""
+        n_local = self.gate_proj.shape[0]
+        local = (indices >= self.first) & (indices < self.first + n_local)
+        return weights * local, torch.where(local, indices - self.first, n_local)
 
     def _gathered(self, x, weights, indices):
         """Decode: read only the chosen experts' weights, no per-expert loop and no host sync."""
