@@ -342,28 +342,31 @@ def test_show_plans_per_gpu(tmp_path):
     assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_a_killed_rank_makes_the_others_exit(looping_dir, tmp_path, victim):
+@pytest.mark.parametrize("victim, signum", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)])
+def test_a_killed_or_hung_rank_makes_the_others_exit(looping_dir, tmp_path, victim, signum):
     """Two ranks generate forever (the looping model); one is killed mid-generation: the other exits with the
-    distributed exit code and one clear line, well before the collective timeout (60 s here) would end it."""
+    distributed exit code and one clear line at once, not after the collective timeout (60 s here). A rank that
+    hangs (SIGSTOP) ends the other after R1_DIST_TIMEOUT (10 s here)."""
     port = free_port()
+    timeout = "10" if signum == signal.SIGSTOP else "60"
     outs = [tmp_path / f"out{r}" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--device", "cpu",
                                "--thinking", "stdout", "--max-tokens", "100000", "Think."],
-                              env=rank_env(r, 2, port), stdout=open(outs[r], "wb"), stderr=subprocess.PIPE,
+                              env={**rank_env(r, 2, port), "R1_DIST_TIMEOUT": timeout}, stdout=open(outs[r], "wb"),
+                              stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL) for r in range(2)]
     try:
         while outs[0].stat().st_size < 40:  # rank 0 is printing its reasoning: generation is under way
             assert procs[0].poll() is None and procs[1].poll() is None, procs[0].stderr.read().decode()[-3000:]
             time.sleep(0.2)
-        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].send_signal(signum)
         survivor = procs[1 - victim]
         code = survivor.wait(timeout=45)
         err = survivor.stderr.read().decode()
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                p.kill()  # a stopped process dies of SIGKILL too
             p.wait()
     assert code == DIST_EXIT, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("r1: ")]
