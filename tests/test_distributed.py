@@ -12,17 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
 import steered
+import torch
+from dist_worker import stop_early_then_continue
+from safetensors.torch import load_file
+from test_fp8 import write_fp8_pair
+from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
+
 from r1cli.config import args_from_dict, load_config
 from r1cli.generate import Generator, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
 from r1cli.weights import SafetensorsFile
-from test_fp8 import write_fp8_pair
-from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -115,7 +116,9 @@ def single(checkpoints, tokens):
             cache = model.new_cache(1, 64)
             model(tokens[:1, :-1], cache=cache)
             step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
-            greedy = list(Generator(model, max_len=128).generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
+            gen = Generator(model, max_len=128)
+            greedy = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
+            greedy += stop_early_then_continue(gen, PROMPT[:3])
             out[name] = {"logits": model(tokens), "step": step, "greedy": greedy, "hf": hf_model(twin)(tokens).logits}
     return out
 
@@ -162,7 +165,7 @@ def check_sharded(out, world, ref, case):
         assert (got["logits"] - ref["hf"]).abs().max().item() <= 1e-4
         assert (got["step"][:, -1] - ref["step"][:, -1]).abs().max().item() <= 1e-4
     assert json.loads((out / f"{case}.json").read_text()) == ref["greedy"]
-    assert len(ref["greedy"]) == 32
+    assert len(ref["greedy"]) == 32 + 3 + 8
 
 
 def test_fp8_stays_fp8_and_each_rank_reads_its_slice(checkpoints):

@@ -218,7 +218,7 @@ def plan_memory(args: ModelArgs, gpus: int, context: int, gpu_mem: int | None = 
     scale per 128x128 block). `bytes_per_param(name, meta_tensor, default)` may override any parameter's size
     per element (quantized formats plug in there)."""
     from .models import build_model
-    from .models.deepseek import Gate, Experts
+    from .models.deepseek import Experts, Gate
     from .models.layers import Linear
 
     shard = Shard(rank=0, world=gpus)
