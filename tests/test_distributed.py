@@ -243,6 +243,33 @@ def test_expert_parallel_partials_sum_to_the_whole_on_both_paths():
         assert (total - want).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("name, world", [("DeepSeek-R1", 8), ("DeepSeek-V2-Lite", 4), ("DeepSeek-R1-Distill-Llama-70B", 8),
+                                         ("DeepSeek-R1-Distill-Qwen-1.5B", 4)])
+def test_constructors_build_the_shapes_the_placement_table_says(name, world):
+    """On the meta device, for the real configs: every parameter of rank 1's model is the full model's, cut as
+    parallel.placement says (the loader slices by that table, the constructors build these shapes)."""
+    from r1cli.models import build_model
+    from r1cli.parallel import shares
+
+    args = hub_args(name)
+    shard = Shard(rank=1, world=world)
+    with torch.device("meta"):
+        full = dict(build_model(args).named_parameters())
+        local = dict(build_model(args, shard).named_parameters())
+    assert set(local) == {n for n in full if placement(n, shard) != "skip"}
+    for n, p in local.items():
+        where = placement(n, shard)
+        if n.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):  # stacked routed experts
+            assert p.shape == (len(shard.experts(args.n_routed_experts)), *full[n].shape[1:])
+        elif where == "replicate":
+            assert p.shape == full[n].shape, n
+        else:
+            parts, _ = shares(n, shard, args)
+            cut = list(full[n].shape)
+            cut[where] //= parts
+            assert list(p.shape) == cut, n
+
+
 def test_uneven_expert_split_and_placement_table():
     assert [list(Shard(rank=r, world=4).experts(6)) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
     s = Shard(rank=1, world=2)
