@@ -372,13 +372,14 @@ def test_show_plans_per_gpu(tmp_path):
     assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
 
 
-@pytest.mark.parametrize("victim, signum", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)])
+@pytest.mark.parametrize("victim, signum", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["kill-rank-1", "kill-rank-0", "hang-rank-1"])
 def test_a_killed_or_hung_rank_makes_the_others_exit(looping_dir, tmp_path, victim, signum):
     """Two ranks generate forever (the looping model); one is killed mid-generation: the other exits with the
     distributed exit code and one clear line at once, not after the collective timeout (60 s here). A rank that
-    hangs (SIGSTOP) ends the other after R1_DIST_TIMEOUT (10 s here)."""
+    hangs (SIGSTOP) ends the other after R1_DIST_TIMEOUT (5 s here)."""
     port = free_port()
-    timeout = "10" if signum == signal.SIGSTOP else "60"
+    timeout = "5" if signum == signal.SIGSTOP else "60"
     outs = [tmp_path / f"out{r}" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--device", "cpu",
                                "--thinking", "stdout", "--max-tokens", "100000", "Think."],

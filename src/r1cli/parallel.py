@@ -31,6 +31,7 @@ from .errors import R1Error
 TIMEOUT_ENV = "R1_DIST_TIMEOUT"  # seconds a collective may wait for a peer before every rank gives up
 DEFAULT_TIMEOUT_S = 300
 DIST_EXIT = 5  # docs/exit-codes.md
+JOIN_TIMEOUT = timedelta(minutes=10)  # for every rank to start (two nodes started by hand, a slow import)
 # Rank 0 may wait on a person for hours: its commands travel on a gloo group that never times out in practice
 # (a dead rank 0 still shows at once: the connection closes).
 COMMAND_TIMEOUT = timedelta(days=30)
@@ -302,13 +303,17 @@ def init(device: str = "auto") -> tuple[Shard, torch.device]:
     else:
         torch_device = torch.device("cpu")
     timeout = timedelta(seconds=timeout_s())
+    backend = "nccl" if want_cuda else "gloo"
     try:
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timeout,
+        # The default group only gathers the ranks (patiently); the model's collectives get their own group with
+        # the short timeout, rank 0's commands a gloo group with a very long one.
+        dist.init_process_group(backend, timeout=max(timeout, JOIN_TIMEOUT),
                                 **({"device_id": torch_device} if want_cuda else {}))
+        model = dist.new_group(backend=backend, timeout=timeout)
         commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     except Exception as e:  # noqa: BLE001 - rendezvous failures come as many types
         raise DistributedError(f"rank {env_rank()}: could not join the other ranks ({_short(e)})") from None
-    return Shard(dist.get_rank(), dist.get_world_size(), None, commands), torch_device
+    return Shard(dist.get_rank(), dist.get_world_size(), model, commands), torch_device
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -325,7 +330,7 @@ def is_collective_failure(e: BaseException) -> bool:
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[file.cc:123]" prefix
-    return text[:200]
+    return text.split(". ")[0][:200]  # the error itself, not the advice after it
 
 
 def run_ranks(body: Callable[[Shard, torch.device], int], device: str = "auto") -> int:
@@ -347,8 +352,9 @@ def run_ranks(body: Callable[[Shard, torch.device], int], device: str = "auto") 
         return code
     except Exception as e:
         if is_collective_failure(e):
+            waited = f", after {timeout_s():g} s ({TIMEOUT_ENV})" if "imed out" in str(e) else ""
             raise DistributedError(
-                f"rank {shard.rank}: lost contact with the other ranks ({_short(e)}); every rank stops"
+                f"rank {shard.rank}: lost contact with the other ranks ({_short(e)}{waited}); every rank stops"
             ) from None
         code = 1
         raise
