@@ -45,8 +45,11 @@ def fp8_pair(tmp_path_factory):
     # hidden 160 and kv_a rows 72+8=80, q_b rows 4*40=160: several blocks with ragged edges.
     cfg = v3_config(hidden_size=160, intermediate_size=288, moe_intermediate_size=144, kv_lora_rank=72,
                     q_lora_rank=136, qk_nope_head_dim=32, qk_rope_head_dim=8, v_head_dim=24)
-    twin = tmp_path_factory.mktemp("twin")
-    fp8 = tmp_path_factory.mktemp("fp8")
+    return write_fp8_pair(cfg, tmp_path_factory.mktemp("twin"), tmp_path_factory.mktemp("fp8"))
+
+
+def write_fp8_pair(cfg, twin, fp8):
+    """Write `cfg` as an FP8 checkpoint in Hub format into `fp8` and its dequantized float32 twin into `twin`."""
     write_checkpoint(cfg, twin)
     (file,) = twin.glob("*.safetensors")
     tensors = load_file(file)

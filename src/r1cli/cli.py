@@ -39,6 +39,19 @@ _TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling 
 _TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
 _MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+_GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (re-runs under torchrun; docs/distributed.md).")
+
+
+def _distributed(gpus: int | None, device: str, body) -> int | None:
+    """--gpus N: re-execute under torchrun. Under torchrun: run body(shard, device) on every rank (its exit code).
+    Otherwise None: the caller runs in this process."""
+    from . import parallel
+
+    if gpus and gpus > 1 and not parallel.launched():
+        parallel.relaunch(gpus, sys.argv[1:])
+    if parallel.launched():
+        return parallel.run_ranks(body, device)
+    return None
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> dict:
@@ -51,7 +64,7 @@ def run(
                                       help="Model (alias, org/name@rev or folder; default deepseek-r1:1.5b), then the prompt. '-' reads stdin."),
     system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
-    min_p: float = _MIN_P, seed: int = _SEED,
+    min_p: float = _MIN_P, seed: int = _SEED, gpus: int = _GPUS,
     thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, reasoning, usage and timings."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
@@ -66,11 +79,20 @@ def run(
         raise UsageError("--json and --jsonl exclude each other")
     words = list(words or [])
     model = words.pop(0) if words and looks_like_model(words[0]) else None
-    opts = RunOptions(model=model, prompt=read_prompt(words, sys.stdin), system=system, device=device, dtype=dtype,
-                      max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
-                      thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
-                      color=color, verbose=verbose)
-    code = run_prompt(opts)
+
+    def options(prompt: str) -> RunOptions:
+        return RunOptions(model=model, prompt=prompt, system=system, device=device, dtype=dtype,
+                          max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
+                          thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
+                          color=color, verbose=verbose)
+
+    def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
+        prompt = read_prompt(words, sys.stdin) if shard.leader else ""
+        return run_prompt(options(prompt), shard=shard, torch_device=torch_device)
+
+    code = _distributed(gpus, device, ranks)
+    if code is None:
+        code = run_prompt(options(read_prompt(words, sys.stdin)))
     if code:
         raise typer.Exit(code)
 
@@ -80,7 +102,7 @@ def chat(
     model: str = typer.Argument(None, help="Alias, org/name@rev or folder (default: deepseek-r1:1.5b)."),
     system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
-    min_p: float = _MIN_P, seed: int = _SEED,
+    min_p: float = _MIN_P, seed: int = _SEED, gpus: int = _GPUS,
     think: str = typer.Option(None, "--think", help="show|hide|collapse for this session (default: the saved /think setting)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
     url: str = typer.Option(None, "--url", help="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (r1 serve)."),
@@ -94,9 +116,16 @@ def chat(
         raise UsageError(f"unknown --think '{think}': use show, hide or collapse")
     if remote_model and not url:
         raise UsageError("--model goes with --url (a local model is the MODEL argument)")
-    run_chat(remote_model or model, device, dtype, max_context,
-             _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), system, think,
-             history=not no_history, url=url, api_key=api_key)
+    if gpus and gpus > 1 and url:
+        raise UsageError("--gpus runs a local model; --url talks to a server")
+    chat_args = (remote_model or model, device, dtype, max_context,
+                 _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), system, think)
+    code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
+        *chat_args, history=not no_history, shard=shard, torch_device=torch_device))
+    if code is None:
+        run_chat(*chat_args, history=not no_history, url=url, api_key=api_key)
+    elif code:
+        raise typer.Exit(code)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,7 +234,9 @@ def rm(
 def show(
     name: str = typer.Argument(..., help="Alias, Hub repo id org/name[@revision], or a local folder."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
-    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length for the memory estimate."),
+    ctx: int = typer.Option(4096, "--ctx", "--max-context", min=1, help="Context length for the memory estimate."),
+    gpus: int = typer.Option(None, "--gpus", min=1, help="Plan weights and KV cache per GPU over N GPUs."),
+    gpu_mem: float = typer.Option(None, "--gpu-mem", min=0.1, help="Memory of one GPU in GB (default: this machine's first GPU) to say whether it fits."),
 ) -> None:
     """Architecture, parameters, context length, dtype, sizes and memory estimate of a downloaded model."""
     import json
@@ -214,6 +245,8 @@ def show(
 
     ref = _resolve_and_announce(name)
     info = hub.show(ref, ctx=ctx)
+    if gpus:
+        _plan(info, ref, ctx, gpus, gpu_mem)
     if json_out:
         print(json.dumps(info, indent=2))
         return
@@ -234,8 +267,30 @@ def show(
         ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "model defaults"),
         ("path", info["path"]),
     ]
+    if "plan" in info:
+        lines.insert(-3, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
     for key, value in lines:
         print(f"{key:<16}{value}")
+
+
+def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
+    """`r1 show --gpus N`: the per-GPU plan (parallel.plan_memory) added to hub.show's info."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .config import load_config
+    from .hub import format_size
+    from .parallel import describe_plan, plan_memory
+
+    args = load_config(Path(info["path"]))
+    mem = int(gpu_mem * 1e9) if gpu_mem else None
+    if mem is None:
+        import torch
+
+        if torch.cuda.is_available():
+            mem = torch.cuda.get_device_properties(0).total_memory
+    plan = plan_memory(args, gpus, ctx, mem, 4 if info["dtype"] == "float32" else 2)
+    info["plan"] = {**asdict(plan), "total": plan.total, "fits": plan.fits, "text": describe_plan(plan, format_size)}
 
 @app.command()
 def bench(

@@ -74,9 +74,16 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
+STOP = -1  # broadcast by rank 0 instead of a token when its reader stopped early (tensor parallel)
+
+
 class Generator:
     """One model, one cache, reused across turns: a new prompt re-uses the cached prefix it shares with the
-    previous prompt and its reply, up to the first differing token."""
+    previous prompt and its reply, up to the first differing token.
+
+    Tensor parallel (the model has a `shard`): rank 0's `generate` first sends the other ranks the step to take
+    (prompt, sampling, stop ids, reused prefix); they run it from `follow()`. Rank 0 draws every token and
+    broadcasts it, so all ranks feed the same tokens in lockstep."""
 
     def __init__(
         self,
@@ -89,11 +96,14 @@ class Generator:
         self.model = model
         device = model.model.embed_tokens.weight.device
         self.device = device
+        self.shard = getattr(model, "shard", None)
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
-        # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python.
-        self.sync_every = sync_every or (1 if device.type == "cpu" else 8)
+        # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python. Tensor
+        # parallel: every step, so that all ranks see an early stop (STOP) at the same step.
+        self.sync_every = sync_every or (1 if device.type == "cpu" or self.shard else 8)
         if decode_mode == "auto":
-            decode_mode = "graph" if device.type == "cuda" else "eager"
+            # CUDA graphs around NCCL collectives are not tried yet (docs/distributed.md): eager when sharded.
+            decode_mode = "graph" if device.type == "cuda" and not self.shard else "eager"
         if decode_mode not in ("eager", "static", "compile", "graph"):
             raise ValueError(f"unknown decode mode {decode_mode}")
         # eager: attends over the filled slots only (best on CPU); static: fixed shapes over a bucket of the cache;
@@ -123,7 +133,6 @@ class Generator:
             self._step = StaticDecoder(self.model, self.cache, self.decode_mode)
         return self._step(token, pos)
 
-    @torch.inference_mode()
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset = frozenset()
     ) -> Iterator[int]:
@@ -135,12 +144,29 @@ class Generator:
             from .errors import R1Error
 
             raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
-        cache = self._ensure_cache()
         reuse = 0
         for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # at least one prompt token must run to get logits
             if a != b:
                 break
             reuse += 1
+        if self.shard is not None:
+            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids), reuse))
+        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids), reuse)
+
+    def follow(self) -> int:
+        """Ranks other than 0: run rank 0's generation steps until it says exit; return its exit code."""
+        while True:
+            command = self.shard.next_command()
+            if command[0] == "exit":
+                return command[1]
+            _, prompt_ids, params, stop_ids, reuse = command
+            for _ in self._steps(prompt_ids, params, stop_ids, reuse):
+                pass
+
+    @torch.inference_mode()
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids, reuse: int) -> Iterator[int]:
+        cache = self._ensure_cache()
+        leader = self.shard is None or self.shard.leader
         self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_tokens=reuse)
         generator = None
         if params.seed is not None:
@@ -152,6 +178,7 @@ class Generator:
         sampled: list[int] = []  # host copies of every sampled token, in order
         on_device: list[torch.Tensor] = []  # sampled but not yet copied to the host
         stats.finish_reason = "length"
+        waiting = False  # rank 0 is paused at a yield: the other ranks are already in the next step
         try:
             while len(sampled) + len(on_device) < budget:
                 if pos == reuse:  # the prompt (or its uncached tail): a prefill, in chunks to bound attention memory
@@ -161,7 +188,11 @@ class Generator:
                 else:
                     logits = self._decode(feed, pos)
                 pos += feed.shape[1]
-                token = sample(logits, params, generator)
+                if self.shard is None:
+                    token = sample(logits, params, generator)
+                else:  # rank 0's draw, on every rank
+                    token = sample(logits, params, generator) if leader else torch.empty(1, dtype=torch.long, device=self.device)
+                    self.shard.broadcast(token)
                 on_device.append(token)
                 feed = token.view(1, 1)
                 n = len(sampled) + len(on_device)
@@ -177,14 +208,26 @@ class Generator:
                     if tok in stop_ids:
                         stats.finish_reason = "stop"
                         return
+                    if tok == STOP:  # rank 0 stopped early (its reader went away)
+                        sampled.pop()
+                        stats.finish_reason = "interrupted"
+                        return
                     stats.generated_tokens += 1
+                    waiting = len(sampled) < budget
                     yield tok
+                    waiting = False
         except GeneratorExit:
             stats.finish_reason = "interrupted"
             raise
         finally:
             if on_device:
                 sampled.extend(torch.cat(on_device).tolist())
+            if waiting and self.shard is not None and leader:
+                # Closed (or Ctrl-C) at a yield: the other ranks are running the next step. Run it with them, then
+                # send STOP instead of a token, so every rank ends the turn with the same cache.
+                self.model(feed, start_pos=pos, cache=cache, last_only=True)
+                pos += 1
+                self.shard.broadcast(torch.full((1,), STOP, dtype=torch.long, device=self.device))
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             # The cache now holds every token fed: the prompt, then each sampled token but the last.
             self.cached_ids = list(prompt_ids) + sampled[: pos - len(prompt_ids)]

@@ -53,15 +53,19 @@ def model_folder(name: str | Path) -> Path:
 
 
 def load_model(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant"
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
+    shard=None,
 ) -> CausalLM:
+    """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading)."""
     folder = Path(folder)
     args = load_config(folder)
     device = pick_device(device) if isinstance(device, str) else device
     torch_dtype = pick_dtype(dtype, args, device)
+    if shard is not None and shard.world == 1:
+        shard = None
     with torch.device("meta"):
-        model = build_model(args)
-    return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8)
+        model = build_model(args, shard)
+    return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard)
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant"):

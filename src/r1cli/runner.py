@@ -14,7 +14,7 @@ from typing import Callable, TextIO
 import torch
 
 from .chat_format import R1_SAMPLING_DEFAULTS, build_prompt, family_for
-from .errors import ModelNotFoundError, UsageError
+from .errors import ModelNotFoundError, R1Error, UsageError
 from .events import AnswerDelta, Done, Event, ReasoningDelta, TurnStats, stream_events
 from .generate import Generator, SamplingParams
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name
@@ -93,7 +93,9 @@ class OpenModel:
 
 
 def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
-               interactive: bool = False, announce: Callable[[str], None] | None = None) -> OpenModel:
+               interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
+               torch_device: torch.device | None = None) -> OpenModel:
+    """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both)."""
     from .config import load_config
     from .loader import load_model, pick_device, pick_dtype
     from .tokenizer import Tokenizer
@@ -103,14 +105,30 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     folder = model_folder(ref, name, interactive)
     if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UsageError(f"unknown device '{device}': use auto, cpu, cuda or mps")
-    torch_device = pick_device(device)
+    torch_device = torch_device or pick_device(device)
     args = load_config(folder)
     torch_dtype = pick_dtype(dtype, args, torch_device)
     context = min(max_context or default_context(args.max_seq_len, torch_device), args.max_seq_len)
+    fp8 = "dequant"
+    where = torch_device.type
+    if shard is not None and shard.world > 1:
+        from . import parallel
+
+        fp8 = "keep" if args.fp8_block else "dequant"  # FP8 weights stay FP8 across GPUs (one byte each)
+        where = f"{shard.world} x {torch_device.type}"
+        parallel.check_sizes(args, shard)
+        if torch_device.type == "cuda":  # refuse up front what cannot fit, with the numbers
+            from .hub import format_size
+
+            total = torch.cuda.get_device_properties(torch_device).total_memory
+            plan = parallel.plan_memory(args, shard.world, context, total, torch_dtype.itemsize)
+            if not plan.fits:
+                raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {parallel.describe_plan(plan, format_size)} "
+                              f"(use more GPUs or a smaller --max-context)")
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
-        announce(f"{ref.identity} · {torch_device.type} {dtype_name} · context {context} tokens")
-    model = load_model(folder, device=torch_device, dtype=torch_dtype)
+        announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
+    model = load_model(folder, device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard)
     tokenizer = Tokenizer.from_folder(folder)
     family = family_for(tokenizer)
     return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
@@ -219,8 +237,13 @@ def result_object(m: OpenModel, stats: TurnStats) -> dict:
     }
 
 
-def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """Generate one reply; return the exit code (0 ok, 4 stopped while thinking, 130 interrupted)."""
+def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = None, shard=None,
+        torch_device: torch.device | None = None) -> int:
+    """Generate one reply; return the exit code (0 ok, 4 stopped while thinking, 130 interrupted).
+    Tensor parallel (`shard`): rank 0 does all of this; the other ranks load their part and follow it."""
+    if shard is not None and not shard.leader:
+        m = open_model(opts.model, opts.device, opts.dtype, opts.max_context, shard=shard, torch_device=torch_device)
+        return m.generator.follow()
     out, err = stdout or sys.stdout, stderr or sys.stderr
     if opts.thinking not in THINKING_MODES:
         raise UsageError(f"unknown --thinking '{opts.thinking}': use {', '.join(THINKING_MODES)}")
@@ -240,7 +263,8 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
         thinking = "stderr"
     show_header = opts.verbose or _isatty(err)
     m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
-                   interactive=_isatty(sys.stdin) and _isatty(err), announce=note if show_header else None)
+                   interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
+                   announce=note if show_header else None, shard=shard, torch_device=torch_device)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")

@@ -108,8 +108,13 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A fresh tensor (converted to `dtype` on the way out of the map); the mapped pages are released."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str, dtype: torch.dtype | None = None, part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """A fresh tensor (converted to `dtype` on the way out of the map); the mapped pages are released.
+        part=(dim, start, length): only that slice is copied out of the map (a tensor-parallel rank's share);
+        the full tensor is never materialised."""
         e = self.entries[name]
         begin, end = (self.data_start + o for o in e["data_offsets"])
         src_dtype = SAFETENSORS_DTYPES[e["dtype"]]
@@ -119,7 +124,12 @@ class SafetensorsFile:
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(self.map, dtype=torch.uint8, count=end - begin, offset=begin)
         view = raw.view(src_dtype).view(e["shape"])
-        out = view.clone() if dtype in (None, src_dtype) else view.to(dtype)
+        if part is not None:
+            view = view.narrow(*part)  # rows: one contiguous range; columns: a strided view, copied row by row
+            out = torch.empty(view.shape, dtype=dtype or src_dtype)
+            out.copy_(view)
+        else:
+            out = view.clone() if dtype in (None, src_dtype) else view.to(dtype)
         page = mmap.PAGESIZE
         start = begin // page * page
         self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
@@ -138,8 +148,13 @@ def load_weights(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     fp8: str = "dequant",
+    shard=None,
 ) -> nn.Module:
-    """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time."""
+    """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time. With a parallel.Shard (the
+    model built with it): only this rank's slice of each tensor is read, as parallel.placement says."""
+    from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
+
+    shard = shard or SINGLE
     if fp8 not in ("dequant", "keep"):
         raise ValueError("fp8 must be 'dequant' or 'keep'")
     device = torch.device(device)
@@ -152,12 +167,16 @@ def load_weights(
 
     # Plan: which checkpoint tensor feeds which parameter (experts go into a slice of a stacked parameter).
     plan: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (parameter name, expert index)
+    experts = shard.experts(args.n_routed_experts) if args.n_routed_experts else range(0)
     for name in files:
         if _is_mtp_or_beyond(name, args.n_layers):
             continue  # the multi-token-prediction layer: skipped, costs no memory
         m = EXPERT_RE.match(name)
-        if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < targets[f"{m.group(1)}.{m.group(3)}"].shape[0]:
-            plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)))
+        if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < args.n_routed_experts:
+            if int(m.group(2)) in experts:  # expert parallel: another rank's experts are never read
+                plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)) - experts.start)
+        elif placement(name, shard) == SKIP:
+            continue
         elif name in targets:
             plan[name] = (name, None)
         elif name.endswith("_scale_inv") and name[: -len("_scale_inv")] in files:
@@ -181,30 +200,46 @@ def load_weights(
         for name in names:
             param, expert = plan[name]
             target = targets[param]
-            want = tuple(target.shape[1:] if expert is not None else target.shape)
+            local = tuple(target.shape[1:] if expert is not None else target.shape)
             if name not in handle.entries:
                 raise CheckpointError(f"tensor {name} is listed in the index but missing from {path.name}")
-            if tuple(handle.entries[name]["shape"]) != want:
+            full = handle.shape(name)
+            split = placement(name, shard)
+            part = None
+            want = local
+            if split != REPLICATE:  # this rank's share along dim `split`
+                parts, index = shares(name, shard, args)
+                want = tuple(n * parts if d == split else n for d, n in enumerate(local))
+                part = (split, index * local[split], local[split])
+            if full != want:
                 raise CheckpointError(
-                    f"tensor {name} in {path.name} has shape {handle.entries[name]['shape']}, expected {list(want)} from config.json"
+                    f"tensor {name} in {path.name} has shape {list(full)}, expected {list(want)} from config.json"
                 )
             scale = None
             if handle.dtype(name) == torch.float8_e4m3fn:
-                tensor = handle.read(name)
+                tensor = handle.read(name, part=part)
                 scale_name = name + "_scale_inv"
                 if scale_name not in files:
                     raise CheckpointError(f"FP8 tensor {name} in {path.name} has no {scale_name}")
                 scale_path = files[scale_name]
-                scale = (handle if scale_path == path else SafetensorsFile(scale_path)).read(scale_name)
+                scale_file = handle if scale_path == path else SafetensorsFile(scale_path)
                 block = args.fp8_block or (128, 128)
-                rows, cols = tensor.shape
+                rows, cols = full
                 expect = (-(-rows // block[0]), -(-cols // block[1]))
-                if tuple(scale.shape) != expect:
-                    raise CheckpointError(f"{scale_name} in {scale_path.name} has shape {list(scale.shape)}, expected {list(expect)}")
+                if scale_file.shape(scale_name) != expect:
+                    raise CheckpointError(f"{scale_name} in {scale_path.name} has shape {list(scale_file.shape(scale_name))}, expected {list(expect)}")
+                scale_part = None
+                if part is not None:  # whole blocks per rank (parallel.check_sizes): the same slice of the scales
+                    dim, start, length = part
+                    if start % block[dim] or length % block[dim]:
+                        raise CheckpointError(f"{name}: {length} {'rows' if dim == 0 else 'columns'} per rank are not "
+                                              f"whole {block[dim]}-blocks")
+                    scale_part = (dim, start // block[dim], length // block[dim])
+                scale = scale_file.read(scale_name, part=scale_part)
                 if fp8 == "dequant":
                     tensor, scale = dequantize_fp8(tensor, scale, dtype, block), None
             else:
-                tensor = handle.read(name, torch.float32 if param in float32_names else dtype)
+                tensor = handle.read(name, torch.float32 if param in float32_names else dtype, part=part)
             if expert is None:
                 _assign(model, param, tensor.to(device), scale)
             else:
@@ -214,9 +249,9 @@ def load_weights(
     for param, seen in experts_seen.items():
         n = targets[param].shape[0]
         if len(seen) != n:
-            missing = min(set(range(n)) - seen)
+            missing = min(set(range(n)) - seen) + experts.start
             raise CheckpointError(f"tensor {param}.{missing}.weight is missing from the checkpoint in {folder}")
-    if tied:
+    if tied:  # (vocab parallel: both split by the same rows)
         model.lm_head.weight = model.model.embed_tokens.weight
     model.freqs = torch.empty(0, 0, 2, device=device)
     return model.eval()

@@ -9,15 +9,22 @@ from .base import CausalLM
 from .cache import Cache
 
 
-def build_model(args: ModelArgs) -> CausalLM:
-    """Construct the architecture (call under `torch.device("meta")` to allocate nothing)."""
+def build_model(args: ModelArgs, shard=None) -> CausalLM:
+    """Construct the architecture (call under `torch.device("meta")` to allocate nothing). With a
+    parallel.Shard of more than one rank: this rank's part only (sizes checked first, see parallel.check_sizes)."""
+    if shard is not None and shard.world == 1:
+        shard = None
+    if shard is not None:
+        from ..parallel import check_sizes
+
+        check_sizes(args, shard)
     if args.is_deepseek:
         from .deepseek import DeepSeekLM
 
-        return DeepSeekLM(args)
+        return DeepSeekLM(args, shard)
     from .dense import DenseLM
 
-    return DenseLM(args)
+    return DenseLM(args, shard)
 
 
 def count_parameters(args: ModelArgs) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelArgs
 from .cache import Cache
-from .layers import RMSNorm, attention_mask, rope_table
+from .layers import RMSNorm, VocabParallelEmbedding, VocabParallelHead, attention_mask, rope_table
 
 
 class Block(nn.Module):
@@ -28,10 +28,13 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs, layers: list[Block]):
+    def __init__(self, args: ModelArgs, layers: list[Block], shard=None):
         super().__init__()
-        # _weight skips the random init (on the meta device it would pull in ~75 MB of decomposition tables).
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if shard is None:
+            # _weight skips the random init (on the meta device it would pull in ~75 MB of decomposition tables).
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        else:
+            self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.dim, shard)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -41,13 +44,20 @@ class CausalLM(nn.Module):
 
     Incremental use (the generator): `cache = model.new_cache(B, max_len)`, then
     `model(tokens, start_pos=p, cache=cache)` for the prompt and each new token. `padding_mask` [B, T] (True = real
-    token) supports left-padded batches; rotary positions then count real tokens only, as transformers does."""
+    token) supports left-padded batches; rotary positions then count real tokens only, as transformers does.
 
-    def __init__(self, args: ModelArgs, layers: list[Block]):
+    `shard` (parallel.Shard, None for one process): this rank's part of a tensor-parallel model; every rank then
+    runs the same forward in lockstep and returns the same full logits."""
+
+    def __init__(self, args: ModelArgs, layers: list[Block], shard=None):
         super().__init__()
         self.args = args
-        self.model = Backbone(args, layers)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.shard = shard
+        self.model = Backbone(args, layers, shard)
+        if shard is None:
+            self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        else:
+            self.lm_head = VocabParallelHead(args.dim, args.vocab_size, shard)
         # Rotary table, grown on demand; not a checkpoint tensor.
         self.register_buffer("freqs", torch.empty(0, 0, 2), persistent=False)
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, RMSNorm, apply_rope, dequantize_fp8, linear, sdpa
+from .layers import MLP, Linear, RMSNorm, apply_rope, column_linear, dequantize_fp8, linear, row_linear, sdpa
 
 # q_a_layernorm and kv_a_layernorm use transformers' default eps whatever rms_norm_eps says.
 LORA_NORM_EPS = 1e-6
@@ -24,10 +24,11 @@ class MLA(nn.Module):
     """Queries through a low-rank bottleneck (or q_proj when q_lora_rank is null); keys and values from one
     normalised latent per token plus one rope key shared by every head. The cache stores only those two."""
 
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, shard=None):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads = args.n_heads
+        # Tensor parallel: heads split across ranks (q_b/q and kv_b rows, o columns); the latent path is replicated.
+        self.n_heads = args.n_heads // (shard.world if shard is not None else 1)
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.rank = args.kv_lora_rank
         self.scale = args.softmax_scale
@@ -36,13 +37,13 @@ class MLA(nn.Module):
         if args.q_lora_rank:
             self.q_a_proj = Linear(args.dim, args.q_lora_rank, args.attention_bias)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, LORA_NORM_EPS)
-            self.q_b_proj = Linear(args.q_lora_rank, args.n_heads * qk)
+            self.q_b_proj = column_linear(args.q_lora_rank, args.n_heads * qk, False, shard)
         else:
-            self.q_proj = Linear(args.dim, args.n_heads * qk)
+            self.q_proj = column_linear(args.dim, args.n_heads * qk, False, shard)
         self.kv_a_proj_with_mqa = Linear(args.dim, self.rank + self.rope, args.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, LORA_NORM_EPS)
-        self.kv_b_proj = Linear(self.rank, args.n_heads * (self.nope + self.v_dim))
-        self.o_proj = Linear(args.n_heads * self.v_dim, args.dim, args.attention_bias)
+        self.kv_b_proj = column_linear(self.rank, args.n_heads * (self.nope + self.v_dim), False, shard)
+        self.o_proj = row_linear(args.n_heads * self.v_dim, args.dim, args.attention_bias, shard)
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -128,11 +129,18 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """Routed experts stacked per layer: gate_proj/up_proj [E, f, dim], down_proj [E, dim, f]. The loader fills
-    them from the per-expert checkpoint tensors; FP8 scales, when kept, are stacked the same way."""
+    them from the per-expert checkpoint tensors; FP8 scales, when kept, are stacked the same way.
 
-    def __init__(self, args: ModelArgs):
+    Expert parallel (a shard): this rank holds experts `first ..< first + E_local` only (parallel.Shard.experts) and
+    returns its partial sum over the pairs routed to them; the MoE reduces across ranks."""
+
+    def __init__(self, args: ModelArgs, shard=None):
         super().__init__()
         e, f, d = args.n_routed_experts, args.moe_inter_dim, args.dim
+        self.shard = shard
+        if shard is not None:
+            local = shard.experts(e)
+            self.first, e = local.start, len(local)
         self.gate_proj = nn.Parameter(torch.empty(e, f, d))
         self.up_proj = nn.Parameter(torch.empty(e, f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
@@ -149,14 +157,25 @@ class Experts(nn.Module):
         return w.to(dtype) if scale is None else dequantize_fp8(w, scale[index], dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if self.shard is not None:
+            weights, indices = self.localize(weights, indices)
         if x.device.type != "cpu" and indices.numel() <= self.gather_limit:
             return self._gathered(x, weights, indices)
         return self._sorted(x, weights, indices)
+
+    def localize(self, weights, indices):
+        """Expert parallel: pairs routed to other ranks' experts get weight 0 and the slot past the local experts
+        (so the sorted path puts them last and never computes them)."""
+        n_local = self.gate_proj.shape[0]
+        local = (indices >= self.first) & (indices < self.first + n_local)
+        return weights * local, torch.where(local, indices - self.first, n_local)
 
     def _gathered(self, x, weights, indices):
         """Decode: read only the chosen experts' weights, no per-expert loop and no host sync."""
         n, k = indices.shape
         flat = indices.reshape(-1)
+        if self.shard is not None:
+            flat = flat.clamp(max=self.gate_proj.shape[0] - 1)  # other ranks' pairs: any expert, weight 0
         xp = x.repeat_interleave(k, dim=0)  # [p, dim]
         h = F.silu(torch.einsum("pd,pfd->pf", xp, self.weights("gate_proj", flat, x.dtype)))
         h = h * torch.einsum("pd,pfd->pf", xp, self.weights("up_proj", flat, x.dtype))
@@ -168,7 +187,8 @@ class Experts(nn.Module):
         n, k = indices.shape
         flat = indices.reshape(-1)
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()  # one sync per layer
+        n_local = self.gate_proj.shape[0]
+        counts = torch.bincount(flat, minlength=n_local).tolist()[:n_local]  # one sync per layer
         token_of_pair = order // k
         xs = x[token_of_pair]
         out = torch.empty_like(xs)
@@ -183,17 +203,23 @@ class Experts(nn.Module):
             start += count
         pair_weights = weights.reshape(-1)[order].unsqueeze(-1)
         y = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
-        y.index_add_(0, token_of_pair, out.float() * pair_weights)
+        # rows past `start` are pairs for other ranks' experts (expert parallel): never computed, left out
+        y.index_add_(0, token_of_pair[:start], out[:start].float() * pair_weights[:start])
         return y.to(x.dtype)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """With a shard: the router is replicated, routed experts are split by expert, shared experts like a dense MLP;
+    both partial sums are reduced by one all-reduce."""
+
+    def __init__(self, args: ModelArgs, shard=None):
         super().__init__()
+        self.shard = shard
         self.gate = Gate(args)
-        self.experts = Experts(args)
+        self.experts = Experts(args, shard)
         self.shared_experts = (
-            MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
+            MLP(args.dim, args.moe_inter_dim * args.n_shared_experts, shard=shard, reduce=False)
+            if args.n_shared_experts else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,16 +229,19 @@ class MoE(nn.Module):
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)  # shared experts are not weighted
+        if self.shard is not None:
+            y = self.shard.all_reduce(y)
         return y.view(shape)
 
 
 class DeepSeekLM(CausalLM):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, shard=None):
         layers = [
-            Block(args, MLA(args, i), MoE(args) if args.is_moe_layer(i) else MLP(args.dim, args.inter_dim))
+            Block(args, MLA(args, i, shard),
+                  MoE(args, shard) if args.is_moe_layer(i) else MLP(args.dim, args.inter_dim, shard=shard))
             for i in range(args.n_layers)
         ]
-        super().__init__(args, layers)
+        super().__init__(args, layers, shard)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
         a = self.args

@@ -9,20 +9,22 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, apply_rope, sdpa
+from .layers import MLP, Linear, apply_rope, column_linear, row_linear, sdpa
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, shard=None):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        world = shard.world if shard is not None else 1  # heads split across ranks (parallel.py)
+        # more ranks than key/value heads: each rank holds a copy of the one its query heads share
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, max(args.n_kv_heads // world, 1), args.head_dim
         self.scale = args.softmax_scale
         qkv_bias = args.qkv_bias or args.attention_bias
-        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim, qkv_bias)
-        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, qkv_bias)
-        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, qkv_bias)
-        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, args.attention_bias)
+        self.q_proj = column_linear(args.dim, args.n_heads * args.head_dim, qkv_bias, shard)
+        self.k_proj = Linear(args.dim, self.n_kv_heads * args.head_dim, qkv_bias)
+        self.v_proj = Linear(args.dim, self.n_kv_heads * args.head_dim, qkv_bias)
+        self.o_proj = row_linear(args.n_heads * args.head_dim, args.dim, args.attention_bias, shard)
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -37,17 +39,18 @@ class Attention(nn.Module):
 
 
 class DenseLM(CausalLM):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, shard=None):
         layers = [
-            Block(args, Attention(args, i), MLP(args.dim, args.inter_dim, args.mlp_bias)) for i in range(args.n_layers)
+            Block(args, Attention(args, i, shard), MLP(args.dim, args.inter_dim, args.mlp_bias, shard))
+            for i in range(args.n_layers)
         ]
-        super().__init__(args, layers)
+        super().__init__(args, layers, shard)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
         a = self.args
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
-        shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
+        shape = (batch_size, self.model.layers[0].self_attn.n_kv_heads, max_len, a.head_dim)  # this rank's heads
         layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(a.n_layers)

@@ -81,14 +81,67 @@ class Linear(nn.Module):
         return linear(x, self.dense_weight(x.dtype), self.bias)
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+class RowParallelLinear(Linear):
+    """Tensor parallel (parallel.py): the input features are split across ranks, so each rank's product is a partial
+    sum; one all-reduce completes it. Only rank 0 holds the bias, so it is added once."""
 
-    def __init__(self, dim: int, inter_dim: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool, shard):
+        super().__init__(shard.part(in_features, "row-parallel input features"), out_features, bias and shard.leader)
+        self.shard = shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shard.all_reduce(super().forward(x))
+
+
+def column_linear(in_features: int, out_features: int, bias: bool, shard) -> Linear:
+    """Output features split across ranks (no communication); a plain Linear without a shard."""
+    return Linear(in_features, out_features if shard is None else shard.part(out_features, "output features"), bias)
+
+
+def row_linear(in_features: int, out_features: int, bias: bool, shard) -> Linear:
+    return Linear(in_features, out_features, bias) if shard is None else RowParallelLinear(in_features, out_features, bias, shard)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous block of vocabulary rows; tokens outside it look up zeros, an all-reduce sums."""
+
+    def __init__(self, vocab: int, dim: int, shard):
         super().__init__()
-        self.gate_proj = Linear(dim, inter_dim, bias)
-        self.up_proj = Linear(dim, inter_dim, bias)
-        self.down_proj = Linear(inter_dim, dim, bias)
+        self.shard = shard
+        self.start, rows = shard.span(vocab, "vocabulary rows")
+        self.weight = nn.Parameter(torch.empty(rows, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return self.shard.all_reduce(h)
+
+
+class VocabParallelHead(nn.Module):
+    """Each rank scores its vocabulary rows; the logits are all-gathered, so every rank holds all of them."""
+
+    def __init__(self, dim: int, vocab: int, shard):
+        super().__init__()
+        self.shard = shard
+        self.weight = nn.Parameter(torch.empty(shard.part(vocab, "vocabulary rows"), dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shard.gather_last(F.linear(h, self.weight))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). With a shard: gate/up column-parallel, down row-parallel
+    (reduce=False leaves the partial sum to the caller: the MoE reduces shared and routed experts at once)."""
+
+    def __init__(self, dim: int, inter_dim: int, bias: bool = False, shard=None, reduce: bool = True):
+        super().__init__()
+        self.gate_proj = column_linear(dim, inter_dim, bias, shard)
+        self.up_proj = column_linear(dim, inter_dim, bias, shard)
+        if shard is not None and not reduce:
+            self.down_proj = Linear(shard.part(inter_dim, "hidden units"), dim, bias and shard.leader)
+        else:
+            self.down_proj = row_linear(inter_dim, dim, bias, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -116,11 +116,16 @@ class Chat:
 
 def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
              sampling: dict | None = None, system: str | None = None, think: str | None = None,
-             history: bool = True, url: str | None = None, api_key: str | None = None) -> None:
-    """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first)."""
+             history: bool = True, url: str | None = None, api_key: str | None = None, shard=None,
+             torch_device=None) -> int:
+    """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first).
+    Tensor parallel (`shard`): rank 0 owns the terminal; the other ranks load their part and follow its turns
+    (slash commands act on rank 0; what reaches the model travels with each turn's generation command)."""
     from ..runner import open_model
     from ..settings import load_settings
 
+    if shard is not None and not shard.leader:
+        return open_model(name, device, dtype, max_context, shard=shard, torch_device=torch_device).generator.follow()
     console = Console(highlight=False)
     console.soft_wrap = not console.is_terminal  # no wrapping of lines written to a file or pipe
     think = think or load_settings().get("think", "collapse")
@@ -134,8 +139,10 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
             model = RemoteModel.connect(url, api_key, name)
             announce(f"{model.base} · model {model.name}")
         else:
-            model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty(), announce=announce)
+            model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty() and shard is None,
+                               announce=announce, shard=shard, torch_device=torch_device)
     Chat(model, console, think, sampling or {}, system, history).loop()
+    return 0
 
 
 class _nothing:

@@ -1,0 +1,394 @@
+"""Tensor and expert parallelism over torch.distributed (torchrun): NCCL on GPUs, gloo on CPUs.
+
+`Shard` is the one value a sharded model is built with (rank, world size, process groups); there is no global
+state. `placement()` is THE table of where each checkpoint tensor is split: the model constructors build the local
+shapes it implies and the loader reads exactly that slice from the safetensors files (a mismatch is an error).
+
+    column parallel  q/k/v, q_b, kv_b (heads), gate/up (hidden units): rows split, no communication
+    row parallel     o, down: columns split; the partial outputs are summed by one all-reduce, the bias added once
+    vocab parallel   embedding (rows; masked lookup + all-reduce), head (rows; logits all-gathered on every rank)
+    expert parallel  routed experts: each rank holds a contiguous range; partial sums reduced with the attention's
+    replicated       norms, the router, MLA's latent path (q_a, kv_a), everything else
+
+Rank 0 owns the terminal and draws every token; the others follow its commands (`Shard.command` /
+`Shard.next_command`) and receive each token by broadcast, so all ranks prefill and decode in lockstep.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+
+from .config import ModelArgs
+from .errors import R1Error
+
+TIMEOUT_ENV = "R1_DIST_TIMEOUT"  # seconds a collective may wait for a peer before every rank gives up
+DEFAULT_TIMEOUT_S = 300
+DIST_EXIT = 5  # docs/exit-codes.md
+JOIN_TIMEOUT = timedelta(minutes=10)  # for every rank to start (two nodes started by hand, a slow import)
+# Rank 0 may wait on a person for hours: its commands travel on a gloo group that never times out in practice
+# (a dead rank 0 still shows at once: the connection closes).
+COMMAND_TIMEOUT = timedelta(days=30)
+
+
+class ShardingError(R1Error):
+    """A size that does not divide across the ranks (heads, vocabulary, FP8 blocks): raised before loading."""
+
+    exit_code = 2
+
+
+class DistributedError(R1Error):
+    """A rank died or a collective timed out: every surviving rank exits with this."""
+
+    exit_code = DIST_EXIT
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world: int = 1
+    group: Any = None  # the model's collectives (NCCL or gloo); None = the default group
+    commands: Any = None  # gloo group for rank 0's commands (prompts wait on a person: no short timeout)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def part(self, n: int, what: str) -> int:
+        if n % self.world:
+            raise ShardingError(f"{what} ({n}) do not divide across {self.world} ranks: use a world size that divides {n}")
+        return n // self.world
+
+    def span(self, n: int, what: str) -> tuple[int, int]:
+        """(start, length) of this rank's even share of n."""
+        size = self.part(n, what)
+        return self.rank * size, size
+
+    def experts(self, n: int) -> range:
+        """This rank's contiguous range of n routed experts; the first n % world ranks hold one more."""
+        if n < self.world:
+            raise ShardingError(f"{n} routed experts cannot spread over {self.world} ranks (each needs one)")
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    # --- collectives (the model's) ------------------------------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dim (vocab-parallel logits), identical on every rank."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x, in place, on every rank (the sampled token)."""
+        import torch.distributed as dist
+
+        dist.broadcast(x, src=0, group=self.group)
+        return x
+
+    # --- rank 0's commands -----------------------------------------------------------------------------------
+
+    def command(self, obj) -> None:
+        """Rank 0: send a (picklable, our own) command to every other rank."""
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([obj], src=0, group=self.commands)
+
+    def next_command(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.commands)
+        return box[0]
+
+
+SINGLE = Shard()
+
+
+# --- where each tensor lives -------------------------------------------------------------------------------------
+
+REPLICATE, SKIP = "replicate", "skip"
+EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
+COLUMN_RE = re.compile(r"\.(q_proj|k_proj|v_proj|q_b_proj|kv_b_proj|gate_proj|up_proj)\.(weight|bias)$")
+ROW_RE = re.compile(r"\.(o_proj|down_proj)\.(weight|bias)$")
+VOCAB_RE = re.compile(r"^(model\.embed_tokens|lm_head)\.weight$")
+
+
+def placement(name: str, shard: Shard) -> str | int:
+    """Where checkpoint tensor `name` goes on this rank: REPLICATE (whole), SKIP (not on this rank), or the dim it
+    is split along evenly (0: rows, 1: columns). Routed experts (`...experts.E...`) are whole on the rank whose
+    `Shard.experts` range holds E and skipped elsewhere (the loader checks the range)."""
+    if shard.world == 1 or EXPERT_RE.search(name):
+        return REPLICATE
+    if COLUMN_RE.search(name) or VOCAB_RE.match(name):
+        return 0
+    m = ROW_RE.search(name)
+    if m:
+        # a row-parallel bias is added once, after the all-reduce: rank 0 holds it
+        return 1 if m.group(2) == "weight" else (REPLICATE if shard.leader else SKIP)
+    return REPLICATE
+
+
+KV_RE = re.compile(r"\.(k_proj|v_proj)\.(weight|bias)$")
+
+
+def shares(name: str, shard: Shard, args: ModelArgs) -> tuple[int, int]:
+    """A split tensor is cut into `parts` equal shares; this rank holds share `index`. Usually parts = world and
+    index = rank; with more ranks than key/value heads, world / heads consecutive ranks hold the same head."""
+    parts = min(shard.world, args.n_kv_heads) if KV_RE.search(name) else shard.world
+    return parts, shard.rank // (shard.world // parts)
+
+
+def check_sizes(args: ModelArgs, shard: Shard) -> None:
+    """Every size that must divide across the ranks, checked from the config before anything loads."""
+    if shard.world == 1:
+        return
+    shard.part(args.n_heads, "attention heads")
+    shard.part(args.vocab_size, "vocabulary rows")
+    if args.is_deepseek:
+        dense = args.inter_dim if args.first_k_dense_replace or not args.n_routed_experts else None
+        splits = {"q_b_proj rows": args.n_heads * args.qk_head_dim // shard.world,
+                  "kv_b_proj rows": args.n_heads * (args.qk_nope_head_dim + args.v_head_dim) // shard.world,
+                  "o_proj columns": args.n_heads * args.v_head_dim // shard.world}
+        if args.n_routed_experts:
+            shard.experts(args.n_routed_experts)
+            if args.n_shared_experts:
+                shared = args.moe_inter_dim * args.n_shared_experts
+                splits["shared expert hidden units"] = shard.part(shared, "shared expert hidden units")
+    else:
+        if args.n_kv_heads % shard.world and shard.world % args.n_kv_heads:
+            raise ShardingError(f"key/value heads ({args.n_kv_heads}) neither divide across {shard.world} ranks nor "
+                                f"divide {shard.world}: use a world size that divides or is a multiple of {args.n_kv_heads}")
+        dense = args.inter_dim
+        splits = {}
+    if dense:
+        splits["MLP hidden units"] = shard.part(dense, "MLP hidden units")
+    if args.fp8_block:
+        block = args.fp8_block[0]
+        for what, size in splits.items():
+            if size % block:
+                raise ShardingError(f"FP8 {what} per rank ({size}) are not whole {block}-blocks on {shard.world} ranks: "
+                                    f"use a world size that keeps them whole")
+
+
+# --- memory planning ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gpus: int
+    context: int
+    weights: int  # bytes on the fullest GPU (rank 0: the row-parallel biases, the extra expert)
+    kv_cache: int  # bytes per GPU at `context` tokens
+    gpu_mem: int | None
+    reserve: int  # kept free for activations, the CUDA context and NCCL buffers
+    fp8: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_mem is None else self.total + self.reserve <= self.gpu_mem
+
+
+RESERVE_FRACTION = 0.08  # an estimate, not measured on 8 GPUs (docs/distributed.md)
+
+
+def plan_memory(args: ModelArgs, gpus: int, context: int, gpu_mem: int | None = None, dtype_bytes: int = 2,
+                bytes_per_param: Callable[[str, torch.Tensor, float], float] | None = None) -> MemoryPlan:
+    """Weights and KV cache per GPU for `gpus` ranks at `context` tokens (bytes), counted on the meta device.
+
+    FP8 checkpoints are planned as loaded by a distributed run: FP8 weights stay FP8 (one byte, plus a float32
+    scale per 128x128 block). `bytes_per_param(name, meta_tensor, default)` may override any parameter's size
+    per element (quantized formats plug in there)."""
+    from .models import build_model
+    from .models.deepseek import Experts, Gate
+    from .models.layers import Linear
+
+    shard = Shard(rank=0, world=gpus)
+    check_sizes(args, shard)
+    with torch.device("meta"):
+        model = build_model(args, shard if gpus > 1 else None)
+    fp8_params, f32_params = set(), set()
+    for mod_name, mod in model.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}"
+            if isinstance(mod, Gate):
+                f32_params.add(full)
+            elif args.fp8_block and p_name != "bias" and isinstance(mod, (Linear, Experts)):
+                fp8_params.add(full)
+    block = args.fp8_block[0] * args.fp8_block[1] if args.fp8_block else 1
+    total = 0.0
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if args.tie_embeddings and name == "lm_head.weight" or id(p) in seen:
+            continue
+        seen.add(id(p))
+        per = 1 + 4 / block if name in fp8_params else 4 if name in f32_params else dtype_bytes
+        if bytes_per_param is not None:
+            per = bytes_per_param(name, p, per)
+        total += p.numel() * per
+    if args.is_deepseek:
+        kv = args.kv_cache_bytes_per_token(dtype_bytes)  # the MLA latent cache is replicated on every rank
+    else:  # split by key/value heads (copied when there are more GPUs than heads)
+        kv = args.kv_cache_bytes_per_token(dtype_bytes) * max(args.n_kv_heads // gpus, 1) // args.n_kv_heads
+    reserve = int(gpu_mem * RESERVE_FRACTION) if gpu_mem else 0
+    return MemoryPlan(gpus, context, int(total), kv * context, gpu_mem, reserve, bool(args.fp8_block))
+
+
+def describe_plan(plan: MemoryPlan, fmt: Callable[[float], str]) -> str:
+    line = (f"weights {fmt(plan.weights)} + KV cache {fmt(plan.kv_cache)} @{plan.context} tokens = "
+            f"{fmt(plan.total)} per GPU")
+    if plan.gpu_mem is not None:
+        verdict = "fits" if plan.fits else "does not fit"
+        line += f"; {verdict} in {fmt(plan.gpu_mem)} (keeping {fmt(plan.reserve)} free)"
+    return line
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+
+def launched() -> bool:
+    """Started by torchrun (or anything that sets its environment) with more than one rank."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise R1Error(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise R1Error(f"{TIMEOUT_ENV} must be positive")
+    return value
+
+
+def init(device: str = "auto") -> tuple[Shard, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
+    NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU."""
+    import torch.distributed as dist
+
+    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device not in ("auto", "cpu") and not want_cuda:
+        raise R1Error(f"--device {device} cannot run distributed: use cuda or cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        if local >= torch.cuda.device_count():
+            raise R1Error(f"rank {env_rank()}: LOCAL_RANK {local}, but this node shows {torch.cuda.device_count()} GPUs "
+                          f"(check --nproc-per-node and CUDA_VISIBLE_DEVICES)")
+        torch_device = torch.device("cuda", local)
+        torch.cuda.set_device(torch_device)
+    else:
+        torch_device = torch.device("cpu")
+    timeout = timedelta(seconds=timeout_s())
+    backend = "nccl" if want_cuda else "gloo"
+    try:
+        # The default group only gathers the ranks (patiently); the model's collectives get their own group with
+        # the short timeout, rank 0's commands a gloo group with a very long one.
+        dist.init_process_group(backend, timeout=max(timeout, JOIN_TIMEOUT),
+                                **({"device_id": torch_device} if want_cuda else {}))
+        model = dist.new_group(backend=backend, timeout=timeout)
+        commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - rendezvous failures come as many types
+        raise DistributedError(f"rank {env_rank()}: could not join the other ranks ({_short(e)})") from None
+    return Shard(dist.get_rank(), dist.get_world_size(), model, commands), torch_device
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed", "Connection reset", "Timed out", "timed out", "Timeout", "NCCL",
+                            "gloo", "Broken pipe", "Socket"))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[file.cc:123]" prefix
+    return text.split(". ")[0][:200]  # the error itself, not the advice after it
+
+
+def run_ranks(body: Callable[[Shard, torch.device], int], device: str = "auto") -> int:
+    """Run `body(shard, device)` on every rank and return its exit code. Rank 0 tells the others to stop when it
+    ends (also on an error, whose code they share); a dead peer or a timed-out collective becomes one
+    DistributedError line on every surviving rank. Errors on other ranks print with their rank."""
+    import torch.distributed as dist
+
+    shard, torch_device = init(device)
+    code = None  # stays None when a collective failed: then nobody waits for a goodbye
+    try:
+        code = body(shard, torch_device)
+        return code
+    except R1Error as e:
+        code = e.exit_code
+        if shard.leader:
+            raise
+        print(f"r1: rank {shard.rank}: {e}", file=sys.stderr)
+        return code
+    except Exception as e:
+        if is_collective_failure(e):
+            waited = f", after {timeout_s():g} s ({TIMEOUT_ENV})" if "imed out" in str(e) else ""
+            raise DistributedError(
+                f"rank {shard.rank}: lost contact with the other ranks ({_short(e)}{waited}); every rank stops"
+            ) from None
+        code = 1
+        raise
+    finally:
+        if code is not None:
+            if shard.leader:  # the others wait for rank 0's next command: tell them to stop, with this code
+                try:
+                    shard.command(("exit", code))
+                except Exception:  # noqa: BLE001 - the others may be gone already
+                    pass
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def relaunch(gpus: int, argv: list[str]) -> None:
+    """`r1 chat MODEL --gpus N`: re-execute this command under torchrun with N processes on this machine."""
+    argv = strip_gpus(argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+           "-m", "r1cli", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
+    os.execv(sys.executable, cmd)
+
+
+def strip_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out

@@ -1,0 +1,57 @@
+"""One rank of a tensor-parallel test run (started by test_distributed.py with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set, as torchrun would): loads each case's checkpoint sharded, writes its logits (every rank) and rank
+0's greedy tokens (32, then a turn stopped early and one more) to OUT for the test to compare with the
+single-process model and transformers.
+
+usage: python dist_worker.py SPEC.json OUT
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from r1cli.generate import Generator, SamplingParams
+from r1cli.loader import load_model
+from r1cli.parallel import init
+
+
+def stop_early_then_continue(gen: Generator, prompt: list[int]) -> list[int]:
+    """A reader that stops after 3 tokens (every rank must end that turn together), then a turn on the warm cache;
+    test_distributed.py runs the same on one process."""
+    it = gen.generate(prompt, SamplingParams(temperature=0, max_tokens=32))
+    first = [next(it) for _ in range(3)]
+    it.close()
+    return first + list(gen.generate(prompt + first + [7], SamplingParams(temperature=0, max_tokens=8)))
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    torch.set_num_threads(1)
+    shard, device = init("cpu")
+    with torch.inference_mode():
+        for case in spec["cases"]:
+            model = load_model(case["folder"], dtype="float32", fp8=case.get("fp8", "dequant"), shard=shard)
+            tokens = torch.tensor(spec["tokens"])
+            logits = model(tokens)
+            # the cached forward too: a prefill, then one decode step (absorbed MLA on DeepSeek)
+            cache = model.new_cache(1, 64)
+            model(tokens[:1, :-1], cache=cache)
+            step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
+            save_file({"logits": logits.contiguous(), "step": step.contiguous()}, str(out / f"{case['name']}-{shard.rank}.safetensors"))
+            gen = Generator(model, max_len=128)
+            if shard.leader:
+                got = list(gen.generate(spec["prompt"], SamplingParams(temperature=0, max_tokens=32)))
+                got += stop_early_then_continue(gen, spec["prompt"][:3])
+                shard.command(("exit", 0))
+                (out / f"{case['name']}.json").write_text(json.dumps(got))
+            else:
+                gen.follow()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Tensor and expert parallel inference on CPU (gloo), in real processes: 2 and 4 ranks against the single-process
+model and transformers (float32 logits, 32 greedy tokens), `r1 run` under torchrun, a killed rank, the planner.
+Every process is waited on with a timeout, so a failure never hangs the suite."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import steered
+import torch
+from dist_worker import stop_early_then_continue
+from safetensors.torch import load_file
+from test_fp8 import write_fp8_pair
+from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
+
+from r1cli.config import args_from_dict, load_config
+from r1cli.generate import Generator, SamplingParams
+from r1cli.loader import load_model
+from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
+from r1cli.weights import SafetensorsFile
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+HUB_CONFIGS = HERE.parents[1] / "shared" / "fixtures" / "hub-configs"
+
+CASES = {
+    "llama-gqa": lambda: llama_config(num_attention_heads=8, num_key_value_heads=4),
+    # 2 key/value heads: on 4 ranks each is held by two
+    "llama-tied-2kv": lambda: llama_config(tie_word_embeddings=True),
+    "qwen2-biases": lambda: qwen2_config(num_attention_heads=8, num_key_value_heads=4),
+    "v3": lambda: v3_config(),
+    # 6 experts on 4 ranks: 2, 2, 1, 1 (on 2 ranks: 3 and 3)
+    "v3-uneven-experts": lambda: v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2),
+    "v2-no-qlora": lambda: v2_config(),
+}
+# FP8 kept as FP8 and split by rank: every per-rank slice must be whole 128-blocks on 4 ranks (16 heads of
+# nope 32 + rope 32, v 32; MLP and shared expert 512 wide).
+FP8_CONFIG = dict(num_attention_heads=16, num_key_value_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                  intermediate_size=512, moe_intermediate_size=512, n_routed_experts=8, n_group=4, topk_group=2,
+                  num_experts_per_tok=2)
+PROMPT = [5, 17, 42, 99, 3, 250, 8]
+# Every case on 2 ranks; on 4 (collectives on 2 CPU cores are slow), those where 4 ranks split differently.
+AT_2 = [*CASES, "v3-fp8-kept"]
+AT_4 = ["llama-tied-2kv", "qwen2-biases", "v3-uneven-experts", "v3-fp8-kept"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}", "RANK": str(rank), "LOCAL_RANK": str(rank),
+           "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "R1_DIST_TIMEOUT": "60"}
+    env.pop("NO_COLOR", None)
+    return env
+
+
+def spawn(world: int, argv: list[str], **kw) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *argv], env=rank_env(r, world, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kw) for r in range(world)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    """Wait for every process (killing all on a timeout, so nothing outlives the test)."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out.decode(), err.decode()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+# --- numerical parity --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (folder ours loads, folder transformers loads, fp8 mode)."""
+    out = {}
+    for name, cfg in CASES.items():
+        folder = tmp_path_factory.mktemp(name)
+        write_checkpoint(cfg(), folder)
+        out[name] = (folder, folder, "dequant")
+    fp8, twin = write_fp8_pair(v3_config(**FP8_CONFIG), tmp_path_factory.mktemp("twin"), tmp_path_factory.mktemp("fp8"))
+    out["v3-fp8-kept"] = (fp8, twin, "keep")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def single(checkpoints, tokens):
+    """The single-process model's logits, cached step and greedy tokens, and transformers' logits, per case."""
+    out = {}
+    with torch.inference_mode():
+        for name, (folder, twin, fp8) in checkpoints.items():
+            model = load_model(folder, dtype="float32", fp8=fp8)
+            cache = model.new_cache(1, 64)
+            model(tokens[:1, :-1], cache=cache)
+            step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
+            gen = Generator(model, max_len=128)
+            greedy = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
+            greedy += stop_early_then_continue(gen, PROMPT[:3])
+            out[name] = {"logits": model(tokens), "step": step, "greedy": greedy, "hf": hf_model(twin)(tokens).logits}
+    return out
+
+
+def run_sharded(world, names, checkpoints, tokens, tmp_path_factory):
+    """Run the cases `names` on `world` ranks in one set of processes; returns the folder of their outputs."""
+    out = tmp_path_factory.mktemp(f"world{world}")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({
+        "cases": [{"name": n, "folder": str(f), "fp8": m} for n, (f, _, m) in checkpoints.items() if n in names],
+        "tokens": tokens.tolist(), "prompt": PROMPT}))
+    results = finish(spawn(world, [str(HERE / "dist_worker.py"), str(spec), str(out)]), timeout=240)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints, tokens, tmp_path_factory):
+    return run_sharded(2, AT_2, checkpoints, tokens, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(checkpoints, tokens, tmp_path_factory):
+    return run_sharded(4, AT_4, checkpoints, tokens, tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", AT_2)
+def test_two_ranks_match_one_process(two_ranks, single, case):
+    check_sharded(two_ranks, 2, single[case], case)
+
+
+@pytest.mark.parametrize("case", AT_4)
+def test_four_ranks_match_one_process(four_ranks, single, case):
+    check_sharded(four_ranks, 4, single[case], case)
+
+
+def check_sharded(out, world, ref, case):
+    """float32 logits (full and cached forward) within 1e-4 of one process and of transformers on every rank;
+    rank 0's 32 greedy tokens identical to one process's."""
+    for rank in range(world):  # every rank holds the same full logits
+        got = load_file(out / f"{case}-{rank}.safetensors")
+        assert (got["logits"] - ref["logits"]).abs().max().item() <= 1e-4
+        assert (got["logits"] - ref["hf"]).abs().max().item() <= 1e-4
+        assert (got["step"][:, -1] - ref["step"][:, -1]).abs().max().item() <= 1e-4
+    assert json.loads((out / f"{case}.json").read_text()) == ref["greedy"]
+    assert len(ref["greedy"]) == 32 + 3 + 8
+
+
+def test_fp8_stays_fp8_and_each_rank_reads_its_slice(checkpoints):
+    """Built as rank 1 of 2 (no process group needed to load): FP8 weights and their scales are this rank's rows
+    or columns of the checkpoint's, experts 4..7 only."""
+    fp8, _, _ = checkpoints["v3-fp8-kept"]
+    shard = Shard(rank=1, world=2)
+    model = load_model(fp8, dtype="bfloat16", fp8="keep", shard=shard)
+    files = {p.name: SafetensorsFile(p) for p in fp8.glob("*.safetensors")}
+
+    def full(name):
+        return next(f.read(name) for f in files.values() if name in f.entries)
+
+    attn = model.model.layers[1].self_attn
+    assert attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+    q_b = full("model.layers.1.self_attn.q_b_proj.weight")
+    assert torch.equal(attn.q_b_proj.weight.view(torch.uint8), q_b[512:].view(torch.uint8))
+    assert torch.equal(attn.q_b_proj.weight_scale_inv, full("model.layers.1.self_attn.q_b_proj.weight_scale_inv")[4:])
+    o = full("model.layers.1.self_attn.o_proj.weight")  # row parallel: columns 256..511
+    assert torch.equal(attn.o_proj.weight.view(torch.uint8), o[:, 256:].view(torch.uint8))
+    assert torch.equal(attn.o_proj.weight_scale_inv, full("model.layers.1.self_attn.o_proj.weight_scale_inv")[:, 2:])
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_proj.shape[0] == 4 and experts.first == 4
+    e5 = full("model.layers.1.mlp.experts.5.gate_proj.weight")
+    assert torch.equal(experts.gate_proj[1].view(torch.uint8), e5.view(torch.uint8))
+
+
+def test_sizes_that_do_not_divide_fail_before_loading(tmp_path):
+    llama = load_config_from(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3, vocab_size=384))
+    with pytest.raises(ShardingError, match=r"key/value heads \(3\) neither divide across 2 ranks nor divide 2"):
+        check_sizes(llama, Shard(rank=0, world=2))
+    check_sizes(llama, Shard(rank=0, world=6))  # 2 ranks hold each key/value head
+    with pytest.raises(ShardingError, match=r"attention heads \(12\) do not divide across 8 ranks"):
+        check_sizes(llama, Shard(rank=0, world=8))
+    fp8 = load_config_from(v3_config(hidden_size=160, qk_nope_head_dim=32, qk_rope_head_dim=8, v_head_dim=24,
+                                     quantization_config=None), fp8=True)
+    with pytest.raises(ShardingError, match=r"FP8 q_b_proj rows per rank \(80\) are not whole 128-blocks"):
+        check_sizes(fp8, Shard(rank=0, world=2))
+    with pytest.raises(ShardingError, match="6 routed experts cannot spread over 8 ranks"):
+        check_sizes(load_config_from(v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_attention_heads=8,
+                                               intermediate_size=128, moe_intermediate_size=64, vocab_size=320)),
+                    Shard(rank=0, world=8))
+
+
+def load_config_from(cfg, fp8=False) -> "ModelArgs":  # noqa: F821
+    d = cfg.to_dict()
+    d["architectures"] = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    if fp8:
+        d["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    return args_from_dict(d)
+
+
+def test_expert_parallel_partials_sum_to_the_whole_on_both_paths():
+    """Each rank's routed-expert output (the CPU's sorted path and the GPU decode's gathered path) over the pairs
+    routed to its experts; summed over ranks (the all-reduce), the single-process result. 6 experts on 4 ranks."""
+    from r1cli.models.deepseek import Experts
+
+    args = load_config_from(v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2))
+    g = torch.Generator().manual_seed(0)
+    full = Experts(args)
+    for p in full.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(5, 64, generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    indices = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(5)])
+    want = full(x, weights, indices)
+    for path in ("_sorted", "_gathered"):
+        total = torch.zeros_like(want)
+        for rank in range(4):
+            part = Experts(args, Shard(rank=rank, world=4))
+            own = Shard(rank=rank, world=4).experts(6)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(part, name).data.copy_(getattr(full, name).data[own.start:own.stop])
+            total += getattr(part, path)(x, *part.localize(weights, indices))
+        assert (total - want).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name, world", [("DeepSeek-R1", 8), ("DeepSeek-V2-Lite", 4), ("DeepSeek-R1-Distill-Llama-70B", 8),
+                                         ("DeepSeek-R1-Distill-Qwen-1.5B", 4)])
+def test_constructors_build_the_shapes_the_placement_table_says(name, world):
+    """On the meta device, for the real configs: every parameter of rank 1's model is the full model's, cut as
+    parallel.placement says (the loader slices by that table, the constructors build these shapes)."""
+    from r1cli.models import build_model
+    from r1cli.parallel import shares
+
+    args = hub_args(name)
+    shard = Shard(rank=1, world=world)
+    with torch.device("meta"):
+        full = dict(build_model(args).named_parameters())
+        local = dict(build_model(args, shard).named_parameters())
+    assert set(local) == {n for n in full if placement(n, shard) != "skip"}
+    for n, p in local.items():
+        where = placement(n, shard)
+        if n.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):  # stacked routed experts
+            assert p.shape == (len(shard.experts(args.n_routed_experts)), *full[n].shape[1:])
+        elif where == "replicate":
+            assert p.shape == full[n].shape, n
+        else:
+            parts, _ = shares(n, shard, args)
+            cut = list(full[n].shape)
+            cut[where] //= parts
+            assert list(p.shape) == cut, n
+
+
+def test_uneven_expert_split_and_placement_table():
+    assert [list(Shard(rank=r, world=4).experts(6)) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
+    s = Shard(rank=1, world=2)
+    assert placement("model.layers.0.self_attn.q_proj.bias", s) == 0
+    assert placement("model.layers.0.self_attn.o_proj.weight", s) == 1
+    assert placement("model.layers.0.self_attn.o_proj.bias", s) == "skip"  # added once, by rank 0
+    assert placement("model.layers.3.mlp.experts.7.down_proj.weight", s) == "replicate"  # whole, on its rank
+    assert placement("model.layers.3.mlp.shared_experts.down_proj.weight", s) == 1
+    assert placement("model.layers.3.self_attn.kv_a_proj_with_mqa.weight", s) == "replicate"  # the latent path
+    assert placement("model.layers.3.mlp.gate.weight", s) == "replicate"  # the router
+    assert placement("lm_head.weight", s) == placement("model.embed_tokens.weight", s) == 0
+
+
+def test_column_slice_reads_match_the_full_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.arange(6 * 10, dtype=torch.float32).view(6, 10).to(torch.bfloat16)
+    save_file({"w": t}, str(tmp_path / "a.safetensors"))
+    f = SafetensorsFile(tmp_path / "a.safetensors")
+    assert torch.equal(f.read("w", part=(1, 4, 3)), t[:, 4:7])
+    assert torch.equal(f.read("w", torch.float32, part=(0, 2, 2)), t[2:4].float())
+
+
+# --- the planner -------------------------------------------------------------------------------------------------
+
+
+def hub_args(name: str):
+    return load_config(HUB_CONFIGS / name)
+
+
+def test_plan_r1_fp8_fits_on_8_h200_not_on_one():
+    args = hub_args("DeepSeek-R1")
+    eight = plan_memory(args, 8, 32768, gpu_mem=141 * 10**9)
+    # DeepSeek's 671B parameters in FP8 (the MTP layer never loads), about one byte each, over 8 GPUs:
+    assert 80e9 < eight.weights < 90e9 and eight.fits
+    # the MLA latent cache is whole on every rank: 61 layers x (512 + 64) values x 2 bytes per token
+    assert eight.kv_cache == 61 * 576 * 2 * 32768
+    one = plan_memory(args, 1, 32768, gpu_mem=141 * 10**9)
+    assert one.weights > 640e9 and one.fits is False
+
+
+def test_plan_llama_70b_splits_kv_heads_and_the_bytes_hook():
+    args = hub_args("DeepSeek-R1-Distill-Llama-70B")
+    four = plan_memory(args, 4, 8192, gpu_mem=80 * 10**9)
+    assert 34e9 < four.weights < 36e9 and four.fits  # 70.6B parameters x 2 bytes / 4
+    assert four.kv_cache == 80 * 2 * (8 // 4) * 128 * 2 * 8192
+    assert plan_memory(args, 1, 8192, gpu_mem=80 * 10**9).fits is False
+    int4 = plan_memory(args, 4, 8192, bytes_per_param=lambda name, p, default: 0.5 if p.dim() == 2 else default)
+    assert int4.weights < four.weights / 3 and int4.fits is None
+
+
+# --- processes: torchrun, rank 0's terminal, a dead rank ----------------------------------------------------------
+
+
+def run_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "R1_DIST_TIMEOUT": "60"}
+    env.pop("NO_COLOR", None)
+    return env
+
+
+def test_torchrun_piped_prompt_prints_the_answer_once(steered_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "r1cli", "run", str(steered_dir), "--device", "cpu"]
+    result = subprocess.run(cmd, input="How many pears?\n", capture_output=True, text=True, timeout=180,
+                            env=run_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == steered.ANSWER + "\n"
+
+
+def test_gpus_shortcut_chat_two_turns_and_a_slash_command(steered_dir):
+    """`r1 chat --gpus 2` re-executes itself under torchrun (two gloo processes here, where there is no GPU);
+    rank 0 reads the piped lines: two turns (the second reusing the cache on both ranks) around /clear."""
+    cmd = [sys.executable, "-m", "r1cli", "chat", str(steered_dir), "--gpus", "2", "--device", "cpu",
+           "--no-history", "--think", "hide"]
+    result = subprocess.run(cmd, input="How many pears?\nAnd now?\n/clear\nOnce more?\n", capture_output=True,
+                            text=True, timeout=180, env=run_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    rendered = steered.ANSWER.replace("*", "")  # the answer is rendered as markdown
+    assert result.stdout.count(rendered) == 3, result.stdout
+    assert "conversation cleared" in result.stdout
+    # the second turn reused the first's cache on both ranks (they would deadlock or fail otherwise)
+    assert "(2 cached)" not in result.stdout.split(rendered)[0] and "cached)" in result.stdout.split(rendered)[2]
+
+
+def test_show_plans_per_gpu(tmp_path):
+    from typer.testing import CliRunner
+
+    from r1cli.cli import app
+
+    write_checkpoint(llama_config(), tmp_path)  # float32: 4 bytes a parameter
+    result = CliRunner().invoke(app, ["show", str(tmp_path), "--gpus", "2", "--gpu-mem", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    total = sum(t.numel() for t in load_file(next(tmp_path.glob("*.safetensors"))).values())
+    norms = 64 * (2 * 3 + 1)  # replicated on both GPUs
+    assert plan["gpus"] == 2 and plan["fits"] is True
+    assert plan["weights"] == 4 * ((total - norms) // 2 + norms)
+    assert plan["kv_cache"] == 4096 * 3 * 2 * (2 // 2) * 16 * 4
+    result = CliRunner().invoke(app, ["show", str(tmp_path), "--gpus", "3"])
+    assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
+
+
+@pytest.mark.parametrize("victim, signum", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["kill-rank-1", "kill-rank-0", "hang-rank-1"])
+def test_a_killed_or_hung_rank_makes_the_others_exit(looping_dir, tmp_path, victim, signum):
+    """Two ranks generate forever (the looping model); one is killed mid-generation: the other exits with the
+    distributed exit code and one clear line at once, not after the collective timeout (60 s here). A rank that
+    hangs (SIGSTOP) ends the other after R1_DIST_TIMEOUT (5 s here)."""
+    port = free_port()
+    timeout = "5" if signum == signal.SIGSTOP else "60"
+    outs = [tmp_path / f"out{r}" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--device", "cpu",
+                               "--thinking", "stdout", "--max-tokens", "100000", "Think."],
+                              env={**rank_env(r, 2, port), "R1_DIST_TIMEOUT": timeout}, stdout=open(outs[r], "wb"),
+                              stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL) for r in range(2)]
+    try:
+        while outs[0].stat().st_size < 40:  # rank 0 is printing its reasoning: generation is under way
+            assert procs[0].poll() is None and procs[1].poll() is None, procs[0].stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        procs[victim].send_signal(signum)
+        survivor = procs[1 - victim]
+        code = survivor.wait(timeout=45)
+        err = survivor.stderr.read().decode()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # a stopped process dies of SIGKILL too
+            p.wait()
+    assert code == DIST_EXIT, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("r1: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"r1: rank {1 - victim}: lost contact with the other ranks"), err
