@@ -3,7 +3,7 @@
 - `GET /api/models/{repo}[/revision/{rev}]` (model_info; `?blobs=True` adds sizes, blob ids and LFS data),
 - `GET /api/models/{repo}/tree/{rev}` (list_repo_tree, used by snapshot_download),
 - `HEAD|GET /{repo}/resolve/{rev}/{path}`: plain files answer directly with ETag, X-Repo-Commit and Content-Length;
-  LFS files (*.safetensors) answer 302 to a second "CDN" server on another port, with X-Linked-Etag/-Size, like the Hub,
+  LFS files (*.safetensors, *.gguf) answer 302 to a second "CDN" server on another port, with X-Linked-Etag/-Size, like the Hub,
 - `GET /cdn/{sha256}` on the CDN server, with Range support.
 
 Errors carry the X-Error-Code header huggingface_hub maps to its exceptions (RepoNotFound, RevisionNotFound,
@@ -52,7 +52,7 @@ class Repo:
 
     @staticmethod
     def is_lfs(path: str) -> bool:
-        return path.endswith((".safetensors", ".bin", ".pth"))
+        return path.endswith((".safetensors", ".bin", ".pth", ".gguf"))
 
 
 class FakeHub:
