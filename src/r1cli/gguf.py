@@ -159,21 +159,21 @@ class GGUFFile:
             return data.view(FLOATS[info.ggml_type]).view(info.shape)
         return data.view(-1, info.nbytes // max(torch.Size(info.shape[:-1]).numel(), 1))
 
-    def release(self, name: str) -> None:
-        """Hand the tensor's pages back to the kernel: a mapped file read once would otherwise stay resident."""
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Hand the pages of the tensor's bytes [begin, end) back to the kernel: a mapped file read once would
+        otherwise stay resident."""
         info = self.tensors[name]
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        if info.nbytes:
-            self.map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        start = (info.offset + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = info.offset + (info.nbytes if end is None else end)
+        if info.nbytes and stop > start:
+            self.map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 # --- blocks -> codes and values ------------------------------------------------------------------------------------
-# Each takes raw uint8 [N, bytes per row] and mirrors ggml's dequantize_row_* (and gguf.quants) operation for
+# Each takes raw uint8 [N, bytes per row] and follows ggml's dequantize_row_* (and gguf.quants) operation for
 # operation, so the dequantized values are bit-identical to llama.cpp's reference and to transformers' loader.
-
-
-def _blocks(raw: torch.Tensor, block_bytes: int) -> torch.Tensor:
-    return raw.reshape(-1, block_bytes)
+# Bits are unpacked into a preallocated output and scaled in place: about eight times faster than building
+# each piece apart.
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -181,95 +181,97 @@ def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 bytes -> 32 values: low nibbles first, then high (Q4_0, Q4_1)."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+def _unpack4(qs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Bytes qs [..., n] -> out [..., 2, n] (any dtype): the low nibbles, then the high ones."""
+    out[..., 0, :] = qs & 0x0F
+    out[..., 1, :] = qs >> 4
+    return out
+
+
+def _q4_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's eight 6-bit scales and mins per super-block (12 bytes: the high 2 bits of the last four of each
+    sit in bytes 8..11), times d and dmin: float32 [n_blocks, 8, 1] each."""
+    s = b[:, 4:16].reshape(-1, 3, 4)
+    lo, mid, hi = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+    return (_half(b, 0) * sc.float()).unsqueeze(-1), (_half(b, 2) * mn.float()).unsqueeze(-1)
+
+
+def _q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K's 6-bit values minus 32, int8 [n_blocks, 16, 16]: low 4 bits from 128 bytes, high 2 from 64."""
+    nb = b.shape[0]
+    low = _unpack4(b[:, :128].reshape(nb, 2, 64), torch.empty(nb, 2, 2, 64, dtype=torch.uint8))
+    qh = b[:, 128:192].reshape(nb, 2, 32)
+    high = torch.empty(nb, 2, 4, 32, dtype=torch.uint8)
+    for k in range(4):
+        high[:, :, k] = (qh >> (2 * k)) & 3
+    return (low.view(nb, 256) | (high.view(nb, 256) << 4)).view(torch.int8).sub_(32).view(nb, 16, 16)
+
+
+def _q6_k_scales(b: torch.Tensor) -> torch.Tensor:
+    """d times the sixteen int8 scales: float32 [n_blocks, 16, 1]."""
+    return (_half(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(-1)
 
 
 def q8_0_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 (w = d * q): codes int8 [N, K], scales float32 [N, K/32]."""
-    n = raw.shape[0]
-    b = _blocks(raw, 34)
+    n, b = raw.shape[0], raw.reshape(-1, 34)
     return b[:, 2:].contiguous().view(torch.int8).reshape(n, -1), _half(b, 0).reshape(n, -1)
 
 
 def q4_0_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0 (w = d * (q - 8)) as int4 group 32: codes uint8 0..15 [N, K], scales = d, zeros = 0 [N, K/32]."""
-    n = raw.shape[0]
-    b = _blocks(raw, 18)
+    n, b = raw.shape[0], raw.reshape(-1, 18)
     d = _half(b, 0).reshape(n, -1)
-    return _nibbles(b[:, 2:]).reshape(n, -1), d, torch.zeros_like(d)
+    codes = _unpack4(b[:, 2:], torch.empty(b.shape[0], 2, 16, dtype=torch.uint8))
+    return codes.reshape(n, -1), d, torch.zeros_like(d)
 
 
 def q4_1_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1 (w = d * q + m) as int4 group 32: codes [N, K], scales = d, zeros = m + 8d [N, K/32]."""
-    n = raw.shape[0]
-    b = _blocks(raw, 20)
+    n, b = raw.shape[0], raw.reshape(-1, 20)
     d, m = _half(b, 0).reshape(n, -1), _half(b, 2).reshape(n, -1)
-    return _nibbles(b[:, 4:]).reshape(n, -1), d, m + 8 * d
-
-
-def _q4_k_parts(raw: torch.Tensor):
-    """Q4_K super-blocks of 256 = 8 sub-blocks of 32, w = d * sc_j * q - dmin * m_j with 6-bit sc_j, m_j.
-    Returns codes [n_blocks, 8, 32], d * sc and dmin * m [n_blocks, 8, 1]."""
-    b = _blocks(raw, 144)
-    d, dmin = _half(b, 0), _half(b, 2)
-    s = b[:, 4:16].reshape(-1, 3, 4)  # 6-bit scales and mins, the high 2 bits of the last four in bytes 8..11
-    lo, mid, hi = s[:, 0], s[:, 1], s[:, 2]
-    sc = torch.cat([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
-    qs = b[:, 16:].reshape(-1, 4, 1, 32)  # 32 bytes per pair of sub-blocks: low nibbles, then high
-    codes = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
-    return codes, (d * sc.float()).unsqueeze(-1), (dmin * mn.float()).unsqueeze(-1)
+    codes = _unpack4(b[:, 4:], torch.empty(b.shape[0], 2, 16, dtype=torch.uint8))
+    return codes.reshape(n, -1), d, m + 8 * d
 
 
 def q4_k_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_K as int4 group 32: codes [N, K], scales = d * sc, zeros = 8 * scale - dmin * m [N, K/32]."""
-    n = raw.shape[0]
-    codes, scale, minimum = _q4_k_parts(raw)
+    """Q4_K (super-blocks of 256: eight sub-blocks of 32, w = d * sc_j * q - dmin * m_j) as int4 group 32:
+    codes [N, K], scales = d * sc, zeros = 8 * scale - dmin * m [N, K/32]."""
+    n, b = raw.shape[0], raw.reshape(-1, 144)
+    scale, minimum = _q4_k_scales(b)
+    codes = _unpack4(b[:, 16:].reshape(-1, 4, 32), torch.empty(b.shape[0], 4, 2, 32, dtype=torch.uint8))
     return codes.reshape(n, -1), scale.reshape(n, -1), (8 * scale - minimum).reshape(n, -1)
 
 
-def _q6_k_parts(raw: torch.Tensor):
-    """Q6_K super-blocks of 256 = 16 sub-blocks of 16, w = d * sc_j * (q - 32) with 6-bit q and int8 sc_j.
-    Returns codes int8 in -32..31 [n_blocks, 16, 16] and d * sc [n_blocks, 16, 1]."""
-    b = _blocks(raw, 210)
-    ql = b[:, :128].reshape(-1, 2, 1, 64)
-    qh = b[:, 128:192].reshape(-1, 2, 1, 32)
-    low = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(-1, 256)
-    high = torch.cat([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], dim=2).reshape(-1, 256)
-    codes = ((low | (high << 4)).view(torch.int8) - 32).reshape(-1, 16, 16)
-    sc = b[:, 192:208].contiguous().view(torch.int8).float()
-    return codes, (_half(b, 208) * sc).unsqueeze(-1)
-
-
 def q6_k_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q6_K as int8 group 16: codes in -32..31 [N, K], scales = d * sc [N, K/16]."""
-    n = raw.shape[0]
-    codes, scale = _q6_k_parts(raw)
-    return codes.reshape(n, -1), scale.reshape(n, -1)
+    """Q6_K (super-blocks of 256: sixteen sub-blocks of 16, w = d * sc_j * (q - 32)) as int8 group 16:
+    codes in -32..31 [N, K], scales = d * sc [N, K/16]."""
+    n, b = raw.shape[0], raw.reshape(-1, 210)
+    return _q6_k_codes(b).reshape(n, -1), _q6_k_scales(b).reshape(n, -1)
 
 
 def dequantize(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """Block-quantized rows uint8 [N, bytes per row] (or a float tensor) -> float32 [N, K]."""
     if ggml_type in FLOATS:
         return raw.float()
-    n = raw.shape[0]
-    b = _blocks(raw, BLOCKS[ggml_type][1]) if ggml_type in BLOCKS else None
-    if ggml_type == Q8_0:
-        out = b[:, 2:].contiguous().view(torch.int8).float() * _half(b, 0)
-    elif ggml_type == Q4_0:
-        out = _half(b, 0) * (_nibbles(b[:, 2:]).view(torch.int8) - 8).float()
-    elif ggml_type == Q4_1:
-        out = _half(b, 0) * _nibbles(b[:, 4:]).float() + _half(b, 2)
-    elif ggml_type == Q4_K:
-        codes, scale, minimum = _q4_k_parts(raw)
-        out = scale * codes.float() - minimum
-    elif ggml_type == Q6_K:
-        codes, scale = _q6_k_parts(raw)
-        out = scale * codes.float()
-    else:
+    if ggml_type not in BLOCKS:
         raise CheckpointError(f"r1 cannot dequantize GGUF {type_name(ggml_type)} blocks")
+    n, b = raw.shape[0], raw.reshape(-1, BLOCKS[ggml_type][1])
+    nb = b.shape[0]
+    if ggml_type == Q8_0:
+        out = b[:, 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0))
+    elif ggml_type == Q4_0:
+        out = _unpack4(b[:, 2:], torch.empty(nb, 2, 16)).view(nb, 32).sub_(8).mul_(_half(b, 0))
+    elif ggml_type == Q4_1:
+        out = _unpack4(b[:, 4:], torch.empty(nb, 2, 16)).view(nb, 32).mul_(_half(b, 0)).add_(_half(b, 2))
+    elif ggml_type == Q4_K:
+        scale, minimum = _q4_k_scales(b)
+        out = _unpack4(b[:, 16:].reshape(nb, 4, 32), torch.empty(nb, 4, 2, 32)).view(nb, 8, 32)
+        out = out.mul_(scale).sub_(minimum)
+    else:  # Q6_K
+        out = _q6_k_codes(b).float().mul_(_q6_k_scales(b))
     return out.reshape(n, -1)
 
 
@@ -384,8 +386,8 @@ def _heads_to_unpermute(f: GGUFFile, args: ModelArgs, name: str) -> int | None:
     return None
 
 
-# Values dequantized at a time: bounds the float32 scratch (a few 16 MB temporaries) whatever the tensor.
-_CHUNK_VALUES = 4 * 2**20
+# Values dequantized at a time: bounds the scratch (a few float32 temporaries of 4 MB) whatever the tensor.
+_CHUNK_VALUES = 2**20
 
 
 def read_dense(f: GGUFFile, name: str, dtype: torch.dtype, args: ModelArgs) -> torch.Tensor:
@@ -395,11 +397,12 @@ def read_dense(f: GGUFFile, name: str, dtype: torch.dtype, args: ModelArgs) -> t
     if info.ggml_type in FLOATS:
         out = raw.to(dtype) if raw.dtype != dtype else raw.clone()
     else:
-        rows = raw.shape[0]
+        rows, row_bytes = raw.shape
         out = torch.empty(rows, info.shape[-1], dtype=dtype)
         step = max(1, _CHUNK_VALUES // info.shape[-1])
         for r in range(0, rows, step):
             out[r : r + step] = dequantize(raw[r : r + step], info.ggml_type)
+            f.release(name, r * row_bytes, min(r + step, rows) * row_bytes)
         out = out.view(info.shape)
     f.release(name)
     heads = _heads_to_unpermute(f, args, name)
@@ -447,7 +450,7 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
             raise CheckpointError(f"unexpected tensor {name} in {f.path.name}: r1 does not know where it goes")
         plan[name] = param
     fed = set(plan.values())
-    gguf_names = {v: k for k, v in ((n, parameter_name(n)) for n in _all_names(args))}
+    gguf_names = {parameter_name(n): n for n in _all_names(args)}
     for param in targets:
         if param not in fed and not (args.tie_embeddings and param == "lm_head.weight"):
             raise CheckpointError(f"tensor {gguf_names.get(param, param)} is missing from {f.path.name}")
