@@ -43,7 +43,8 @@ TEXTS = [
     "1234567890 3.14159 1,000,000",
     "   leading and trailing   ",
 ]
-R1_SPECIAL = "<｜begin▁of▁sentence｜><｜User｜>What is 17 * 23?<｜Assistant｜><think>\nok\n</think>\n\n391<｜end▁of▁sentence｜>"
+R1_SPECIAL = ("<｜begin▁of▁sentence｜><｜User｜>What is 17 * 23?<｜Assistant｜><think>\nok\n</think>\n\n391"
+              "<｜end▁of▁sentence｜>")
 
 
 def r1(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
@@ -318,7 +319,8 @@ GGUF_REPO = "test/SmolLM2-135M-Instruct-GGUF"
 
 def test_model_names_with_gguf_files(tmp_path):
     ref = resolve_name("org/Model-GGUF:Q4_K_M@abc123")
-    assert (ref.repo, ref.gguf, ref.revision, ref.identity) == ("org/Model-GGUF", "Q4_K_M", "abc123", "org/Model-GGUF:Q4_K_M@abc123")
+    assert (ref.repo, ref.gguf, ref.revision) == ("org/Model-GGUF", "Q4_K_M", "abc123")
+    assert ref.identity == "org/Model-GGUF:Q4_K_M@abc123"
     assert resolve_name("hf.co/org/Model-GGUF:q8_0").repo == "org/Model-GGUF"
     assert resolve_name("org/plain").gguf is None and resolve_name("deepseek-r1:7b").gguf is None
     local = tmp_path / "m.gguf"

@@ -99,19 +99,25 @@ class GGUFFile:
                 dims = [self._scalar("Q") for _ in range(self._scalar("I"))]
                 infos.append((name, tuple(reversed(dims)), self._scalar("I"), self._scalar("Q")))
         except (struct.error, IndexError, UnicodeDecodeError, KeyError) as e:
-            raise CheckpointError(f"{self.path.name} has a truncated or corrupt GGUF header ({e}): download it again") from None
+            raise CheckpointError(
+                f"{self.path.name} has a truncated or corrupt GGUF header ({e}): download it again"
+            ) from None
         align = int(self.metadata.get("general.alignment", 32))
         data_start = -(-self._pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, ggml_type, offset in infos:
             nbytes = None
-            if ggml_type in BLOCKS:
+            if ggml_type in BLOCKS and shape:
                 per_block, block_bytes = BLOCKS[ggml_type]
                 if shape[-1] % per_block:
-                    raise CheckpointError(f"tensor {name} in {self.path.name} has rows of {shape[-1]}, not a multiple of its {per_block}-value blocks")
+                    raise CheckpointError(
+                        f"tensor {name} in {self.path.name} has rows of {shape[-1]}, not whole {per_block}-value blocks"
+                    )
                 nbytes = torch.Size(shape).numel() // per_block * block_bytes
                 if data_start + offset + nbytes > self.size:
-                    raise CheckpointError(f"tensor {name} runs past the end of {self.path.name}: the file is truncated, download it again")
+                    raise CheckpointError(
+                        f"tensor {name} runs past the end of {self.path.name}: the file is truncated, download it again"
+                    )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
 
     # Header parsing: a cursor over the map.
@@ -137,6 +143,8 @@ class GGUFFile:
         if item_type in (8, 9):
             return [self._value(item_type) for _ in range(n)]
         fmt = f"<{n}{_SCALARS[item_type]}"
+        if self._pos + n * struct.calcsize("<" + _SCALARS[item_type]) > self.size:
+            raise struct.error("array runs past the end of the file")
         items = list(struct.unpack_from(fmt, self.map, self._pos))
         self._pos += struct.calcsize(fmt)
         return items
@@ -151,10 +159,13 @@ class GGUFFile:
         info = self.tensors[name]
         if info.nbytes is None:
             supported = ", ".join(type_name(t) for t in BLOCKS)
-            raise CheckpointError(f"tensor {name} in {self.path.name} is {type_name(info.ggml_type)}; r1 reads {supported}")
+            raise CheckpointError(
+                f"tensor {name} in {self.path.name} is {type_name(info.ggml_type)}; r1 reads {supported}"
+            )
         with warnings.catch_warnings():  # the map is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
-            data = torch.frombuffer(self.map, dtype=torch.uint8, count=info.nbytes, offset=info.offset) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+            data = (torch.frombuffer(self.map, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+                    if info.nbytes else torch.empty(0, dtype=torch.uint8))
         if info.ggml_type in FLOATS:
             return data.view(FLOATS[info.ggml_type]).view(info.shape)
         return data.view(-1, info.nbytes // max(torch.Size(info.shape[:-1]).numel(), 1))
@@ -343,7 +354,9 @@ def _rope_args(f: GGUFFile, head_dim: int) -> RopeArgs:
             beta_fast=float(f.arch_key("rope.scaling.yarn_beta_fast") or 32),
             beta_slow=float(f.arch_key("rope.scaling.yarn_beta_slow") or 1),
         )
-    raise UnsupportedArchitectureError(f"{f.path.name} uses rope scaling '{kind}'; r1 supports none, linear and yarn in GGUF files")
+    raise UnsupportedArchitectureError(
+        f"{f.path.name} uses rope scaling '{kind}'; r1 supports none, linear and yarn in GGUF files"
+    )
 
 
 # --- tensors -> parameters -----------------------------------------------------------------------------------------
@@ -457,7 +470,9 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
     for name, param in plan.items():
         want = tuple(targets[param].shape)
         if f.tensors[name].shape != want:
-            raise CheckpointError(f"tensor {name} in {f.path.name} has shape {list(f.tensors[name].shape)}, expected {list(want)}")
+            raise CheckpointError(
+                f"tensor {name} in {f.path.name} has shape {list(f.tensors[name].shape)}, expected {list(want)}"
+            )
         tensor = read_dense(f, name, dtype, args).to(device)
         module_name, _, attr = param.rpartition(".")
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
@@ -506,7 +521,8 @@ def tokenizer(f: GGUFFile):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UnsupportedArchitectureError(
-            f"{f.path.name} has a '{kind}' tokenizer; r1 builds byte-level BPE tokenizers (tokenizer.ggml.model gpt2) only"
+            f"{f.path.name} has a '{kind}' tokenizer; r1 builds byte-level BPE tokenizers "
+            "(tokenizer.ggml.model gpt2) only"
         )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE:
@@ -534,10 +550,13 @@ def tokenizer(f: GGUFFile):
     backend.decoder = decoders.ByteLevel()
     # Control tokens (<｜User｜>, <|im_end|>) are special; user-defined ones (<think>) are matched whole too, as
     # llama.cpp does, but are not special. Both keep their ids: their text is already in the vocabulary.
-    added = [AddedToken(t, special=ty == TokenType.CONTROL, normalized=False)
-             for t, ty in zip(tokens, types) if ty in (TokenType.CONTROL, TokenType.USER_DEFINED)]
-    backend.add_special_tokens([a for a in added if a.special])
-    backend.add_tokens([a for a in added if not a.special])
+    added = {i: AddedToken(t, special=ty == TokenType.CONTROL, normalized=False)
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TokenType.CONTROL, TokenType.USER_DEFINED)}
+    backend.add_special_tokens([a for a in added.values() if a.special])
+    backend.add_tokens([a for a in added.values() if not a.special])
+    for i, a in added.items():
+        if backend.token_to_id(a.content) != i:
+            raise CheckpointError(f"{f.path.name} lists the token {a.content!r} twice: its tokenizer is inconsistent")
 
     def token(key):
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -548,10 +567,11 @@ def tokenizer(f: GGUFFile):
     if meta.get("tokenizer.ggml.add_bos_token") and config["bos_token"]:
         bos = config["bos_token"]
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+            single=[bos, "$A"], pair=[bos, "$A", bos, "$B"], special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
         )
     # llama.cpp also ends generation on end-of-turn and end-of-message tokens (Llama 3's <|eot_id|>, <|eom_id|>).
-    stop = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)]
+    stop = [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
+            if isinstance(meta.get(f"tokenizer.ggml.{k}_token_id"), int)]
     tok = Tokenizer(backend, {k: v for k, v in config.items() if v is not None}, {"eos_token_id": stop})
     template = meta.get("tokenizer.chat_template")
     tok.chat_template = template if isinstance(template, str) else None
