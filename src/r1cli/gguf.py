@@ -428,7 +428,8 @@ def linear_codes(f: GGUFFile, name: str, args: ModelArgs) -> dict | None:
     (w = (q - 8) * scale + zero) for Q4_0, Q4_1 and Q4_K; {"bits": 8, "group": 32 or 16, "codes": int8 [N, K],
     "scales": float32 [N, K/group]} (w = q * scale) for Q8_0 and Q6_K; None for other types (dequantize those)."""
     info = f.tensors[name]
-    decode = {Q4_0: q4_0_codes, Q4_1: q4_1_codes, Q4_K: q4_k_codes, Q8_0: q8_0_codes, Q6_K: q6_k_codes}.get(info.ggml_type)
+    decode = {Q4_0: q4_0_codes, Q4_1: q4_1_codes, Q4_K: q4_k_codes, Q8_0: q8_0_codes, Q6_K: q6_k_codes}
+    decode = decode.get(info.ggml_type)
     if decode is None or len(info.shape) != 2:
         return None
     parts = decode(f.raw(name))

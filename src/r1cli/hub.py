@@ -81,7 +81,9 @@ def local_path(ref: ModelRef, token: str | None = None) -> Path:
         try:
             return folder / pick_gguf(local, ref.gguf, ref.repo)
         except R1Error:
-            raise ModelNotFoundError(f"{what} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`") from None
+            raise ModelNotFoundError(
+                f"{what} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`"
+            ) from None
     missing = missing_weights(folder)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -159,7 +161,8 @@ def pick_gguf(names: list[str], tag: str, repo: str) -> str:
     if not ggufs:
         raise R1Error(f"{repo} has no .gguf files: drop ':{tag}' to pull its safetensors")
     word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(tag)}(?![A-Za-z0-9_])", re.IGNORECASE)
-    matches = [n for n in ggufs if word.search(Path(n).name)] or [n for n in ggufs if tag.lower() in Path(n).name.lower()]
+    matches = [n for n in ggufs if word.search(Path(n).name)]
+    matches = matches or [n for n in ggufs if tag.lower() in Path(n).name.lower()]
     available = ", ".join(sorted({quant_type(n) for n in ggufs}))
     if not matches:
         raise ModelNotFoundError(f"{repo} has no GGUF file for '{tag}'; it has: {available}")
@@ -169,7 +172,9 @@ def pick_gguf(names: list[str], tag: str, repo: str) -> str:
             "`llama-gguf-split --merge` and run the merged file"
         )
     if len(matches) > 1:
-        raise UsageError(f"'{tag}' matches {len(matches)} GGUF files in {repo} ({', '.join(matches)}); name one of: {available}")
+        raise UsageError(
+            f"'{tag}' matches {len(matches)} GGUF files in {repo} ({', '.join(matches)}); name one of: {available}"
+        )
     return matches[0]
 
 
@@ -221,7 +226,9 @@ def pull(
             ggufs = gguf_files([s.rfilename for s in siblings])
             if ggufs:
                 types = ", ".join(sorted({quant_type(n) for n in ggufs}))
-                raise UsageError(f"{ref.repo} holds GGUF files: pull one with `r1 pull {ref.repo}:TYPE` (TYPE: {types})")
+                raise UsageError(
+                    f"{ref.repo} holds GGUF files: pull one with `r1 pull {ref.repo}:TYPE` (TYPE: {types})"
+                )
             raise R1Error(
                 f"{ref.repo} has no config.json with safetensors weights, nor GGUF files: r1 cannot run it"
             )

@@ -72,7 +72,9 @@ class Checkpoint:
         else:
             self.args = load_config(self.path)
 
-    def load_model(self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant") -> CausalLM:
+    def load_model(
+        self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant"
+    ) -> CausalLM:
         device = pick_device(device) if isinstance(device, str) else device
         torch_dtype = pick_dtype(dtype, self.args, device)
         if self.gguf is not None:
