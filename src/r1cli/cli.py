@@ -152,7 +152,8 @@ def pull(
     if revision:
         ref = replace(ref, revision=revision)
     folder = hub.pull(ref, token=token or None, yes=yes, confirm=_terminal_confirm())
-    print(f"pulled {ref.identity if ref.gguf else ref.repo}@{hub.snapshot_of(folder).name[:7]}", file=sys.stderr)
+    what = f"{ref.repo}:{ref.gguf}" if ref.gguf else ref.repo
+    print(f"pulled {what}@{hub.snapshot_of(folder).name[:7]}", file=sys.stderr)
     print(folder)
 
 
