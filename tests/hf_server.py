@@ -3,7 +3,7 @@
 - `GET /api/models/{repo}[/revision/{rev}]` (model_info; `?blobs=True` adds sizes, blob ids and LFS data),
 - `GET /api/models/{repo}/tree/{rev}` (list_repo_tree, used by snapshot_download),
 - `HEAD|GET /{repo}/resolve/{rev}/{path}`: plain files answer directly with ETag, X-Repo-Commit and Content-Length;
-  LFS files (*.safetensors) answer 302 to a second "CDN" server on another port, with X-Linked-Etag/-Size, like the Hub,
+  LFS files (*.safetensors, *.gguf) answer 302 to a second "CDN" server on another port, with X-Linked-Etag/-Size, like the Hub,
 - `GET /cdn/{sha256}` on the CDN server, with Range support.
 
 Errors carry the X-Error-Code header huggingface_hub maps to its exceptions (RepoNotFound, RevisionNotFound,
@@ -14,6 +14,7 @@ a transfer half done until `release` is set, so a test can interrupt the client 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import socket
@@ -27,8 +28,14 @@ GOOD_TOKEN = "hf_good_token"  # the one token with access to gated repos
 INVALID_TOKEN = "hf_invalid_token"  # rejected outright, like a revoked token
 
 
+@functools.lru_cache(maxsize=None)  # bytes keep their hash: a 100 MB file is hashed once, not per request
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -52,7 +59,7 @@ class Repo:
 
     @staticmethod
     def is_lfs(path: str) -> bool:
-        return path.endswith((".safetensors", ".bin", ".pth"))
+        return path.endswith((".safetensors", ".bin", ".pth", ".gguf"))
 
 
 class FakeHub:
@@ -98,7 +105,7 @@ class FakeHub:
     def blob_by_sha256(self, sha256: str) -> tuple[str, bytes] | None:
         for repo in self.repos.values():
             for path, data in repo.files.items():
-                if hashlib.sha256(data).hexdigest() == sha256:
+                if sha256_hex(data) == sha256:
                     return path, data
         return None
 
@@ -226,7 +233,7 @@ def _make_handler(hub: FakeHub, role: str):
                     size = repo.claimed_sizes.get(name, len(data))
                     s.update(size=size, blobId=git_blob_sha1(data))
                     if Repo.is_lfs(name):
-                        s["lfs"] = {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+                        s["lfs"] = {"size": size, "sha256": sha256_hex(data), "pointerSize": 134}
                 siblings.append(s)
             self._json(
                 {"id": repo_id, "sha": sha, "private": False, "gated": "manual" if repo.gated else False,
@@ -241,7 +248,7 @@ def _make_handler(hub: FakeHub, role: str):
             for name, data in sorted(repo.files.items()):
                 e = {"type": "file", "path": name, "size": len(data), "oid": git_blob_sha1(data)}
                 if Repo.is_lfs(name):
-                    e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                    e["lfs"] = {"oid": sha256_hex(data), "size": len(data), "pointerSize": 134}
                 entries.append(e)
             self._json(entries, head)
 
@@ -266,7 +273,7 @@ def _make_handler(hub: FakeHub, role: str):
             if data is None:
                 return self._error(404, "EntryNotFound", f"{filename} does not exist", head, {"X-Repo-Commit": sha})
             if Repo.is_lfs(filename):
-                sha256 = hashlib.sha256(data).hexdigest()
+                sha256 = sha256_hex(data)
                 return self._send(
                     302, b"",
                     {"Location": f"{hub.cdn_url}/cdn/{sha256}", "X-Repo-Commit": sha, "X-Linked-Etag": f'"{sha256}"',

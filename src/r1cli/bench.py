@@ -201,6 +201,10 @@ def run_bench(
         from .loader import model_folder
 
         folder = model_folder(model_name)
+        if folder.is_file():
+            from .errors import UsageError
+
+            raise UsageError("r1 bench runs safetensors models, not GGUF files: give a folder, alias or repo id")
         cfg = read_config_json(folder)
     if layers:
         cfg = dict(cfg, num_hidden_layers=layers)

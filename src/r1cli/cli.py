@@ -165,7 +165,7 @@ def _terminal_confirm():
 
 @app.command()
 def pull(
-    name: str = typer.Argument(..., help="Alias (deepseek-r1:7b), Hub repo id org/name[@revision]."),
+    name: str = typer.Argument(..., help="Alias (deepseek-r1:7b), Hub repo id org/name[@revision], or org/name:Q4_K_M (one GGUF file)."),
     token: str = typer.Option(
         None, "--token", envvar="HF_TOKEN", help="Hugging Face token for gated or private repos."
     ),
@@ -181,7 +181,8 @@ def pull(
     if revision:
         ref = replace(ref, revision=revision)
     folder = hub.pull(ref, token=token or None, yes=yes, confirm=_terminal_confirm())
-    print(f"pulled {ref.repo}@{folder.name[:7]}", file=sys.stderr)
+    what = f"{ref.repo}:{ref.gguf}" if ref.gguf else ref.repo
+    print(f"pulled {what}@{hub.snapshot_of(folder).name[:7]}", file=sys.stderr)
     print(folder)
 
 
@@ -201,7 +202,7 @@ def list_(json_out: bool = typer.Option(False, "--json", help="Print a JSON arra
         return
     table = [("NAME", "REPO", "REVISION", "SIZE", "ARCHITECTURE")] + [
         (
-            r["alias"] or "-",
+            r["alias"] or (f"{r['repo']}:{r['gguf']}" if r.get("gguf") else "-"),
             r["repo"],
             r["revision"],
             hub.format_size(r["size"]) + ("" if r["complete"] else " (partial)"),

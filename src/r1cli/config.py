@@ -37,6 +37,8 @@ class RopeArgs:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    # GGUF: llama.cpp's rope_freqs tensor, per-frequency divisors (how it stores Llama 3.1's llama3 scaling)
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,17 @@ def local_path(ref: ModelRef, token: str | None = None) -> Path:
     if ref.path is not None:
         return ref.path
     folder = _cached_snapshot(ref, token)
+    what = f"{ref.repo}:{ref.gguf}" if ref.gguf else ref.repo
     if folder is None:
-        raise ModelNotFoundError(f"{ref.repo} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`")
+        raise ModelNotFoundError(f"{what} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`")
+    if ref.gguf:  # the one .gguf file of the snapshot that the tag names
+        local = [p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf") if p.is_file()]
+        try:
+            return folder / pick_gguf(local, ref.gguf, ref.repo)
+        except R1Error:
+            raise ModelNotFoundError(
+                f"{what} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`"
+            ) from None
     missing = missing_weights(folder)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -93,7 +102,7 @@ def _cached_snapshot(ref: ModelRef, token: str | None) -> Path | None:
         return Path(
             snapshot_download(
                 ref.repo, revision=ref.revision, cache_dir=cache_dir(), local_files_only=True,
-                allow_patterns=["config.json"], token=token,
+                allow_patterns=[] if ref.gguf else ["config.json"], token=token,
             )
         )
     except (LocalEntryNotFoundError, HFValidationError):
@@ -119,6 +128,56 @@ def missing_weights(folder: Path) -> list[str]:
     return [s for s in shards if not (folder / s).is_file()]  # is_file follows the snapshot's symlinks to blobs
 
 
+def snapshot_of(path: Path) -> Path | None:
+    """The snapshot folder holding `path` (a snapshot itself, or a file in one), or None outside the cache."""
+    for folder in (path, *path.parents):
+        if folder.parent.name == "snapshots":
+            return folder
+    return None
+
+
+# -- GGUF files in a repo --------------------------------------------------------------------------------------
+
+# llama.cpp's quant types as they appear in file names: Q4_K_M, Q8_0, IQ4_XS, UD-Q4_K_XL, BF16, F16...
+_QUANT_RE = re.compile(r"(?<![A-Za-z0-9])((?:UD-)?I?Q\d+(?:_[A-Z0-9]+)*|BF16|F16|F32)(?=[-.]|$)", re.IGNORECASE)
+_SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+
+
+def gguf_files(names: list[str]) -> list[str]:
+    """The model GGUFs among a repo's files (not the vision projectors, mmproj-*)."""
+    return sorted(n for n in names if n.lower().endswith(".gguf") and not Path(n).name.lower().startswith("mmproj"))
+
+
+def quant_type(filename: str) -> str:
+    """`DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf` -> `Q4_K_M` (the file name when it names no type)."""
+    found = _QUANT_RE.findall(Path(filename).name)
+    return found[-1].upper() if found else Path(filename).name
+
+
+def pick_gguf(names: list[str], tag: str, repo: str) -> str:
+    """The one GGUF file among `names` whose name carries the quant type `tag` (case-insensitive): exactly, as a
+    word of its own, or else anywhere in the name. One-line errors list what the repo has."""
+    ggufs = gguf_files(names)
+    if not ggufs:
+        raise R1Error(f"{repo} has no .gguf files: drop ':{tag}' to pull its safetensors")
+    word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(tag)}(?![A-Za-z0-9_])", re.IGNORECASE)
+    matches = [n for n in ggufs if word.search(Path(n).name)]
+    matches = matches or [n for n in ggufs if tag.lower() in Path(n).name.lower()]
+    available = ", ".join(sorted({quant_type(n) for n in ggufs}))
+    if not matches:
+        raise ModelNotFoundError(f"{repo} has no GGUF file for '{tag}'; it has: {available}")
+    if len(matches) > 1 and all(_SPLIT_RE.search(n) for n in matches):
+        raise R1Error(
+            f"{repo}:{tag} is split into {len(matches)} files; r1 reads single-file GGUFs: merge them with "
+            "`llama-gguf-split --merge` and run the merged file"
+        )
+    if len(matches) > 1:
+        raise UsageError(
+            f"'{tag}' matches {len(matches)} GGUF files in {repo} ({', '.join(matches)}); name one of: {available}"
+        )
+    return matches[0]
+
+
 def _storage_folder(repo: str) -> Path:
     from huggingface_hub.file_download import repo_folder_name
 
@@ -136,7 +195,8 @@ def pull(
     console=None,
     confirm_above: int = CONFIRM_ABOVE_BYTES,
 ) -> Path:
-    """Download the files that run `ref` into the HF cache and return the snapshot folder.
+    """Download the files that run `ref` into the HF cache and return the snapshot folder (for `org/name:TYPE`,
+    the one GGUF file, in it).
 
     Shows total size and free disk first; refuses when the disk is too small; asks `confirm` above `confirm_above`
     bytes unless `yes` (without `confirm`, i.e. without a terminal, it refuses and names --yes). Files finished by an
@@ -155,11 +215,22 @@ def pull(
     cache = cache_dir()
     with hub_errors(ref, token):
         info = HfApi().model_info(ref.repo, revision=ref.revision, files_metadata=True, token=token)
-        files = [s for s in info.siblings or [] if is_run_file(s.rfilename)]
+        siblings = info.siblings or []
+        if ref.gguf:  # one GGUF file: it holds the config, tokenizer and template too
+            gguf_name = pick_gguf([s.rfilename for s in siblings], ref.gguf, ref.repo)
+            files = [s for s in siblings if s.rfilename == gguf_name]
+        else:
+            files = [s for s in siblings if is_run_file(s.rfilename)]
         names = sorted(s.rfilename for s in files)
-        if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        if not ref.gguf and ("config.json" not in names or not any(n.endswith(".safetensors") for n in names)):
+            ggufs = gguf_files([s.rfilename for s in siblings])
+            if ggufs:
+                types = ", ".join(sorted({quant_type(n) for n in ggufs}))
+                raise UsageError(
+                    f"{ref.repo} holds GGUF files: pull one with `r1 pull {ref.repo}:TYPE` (TYPE: {types})"
+                )
             raise R1Error(
-                f"{ref.repo} has no config.json with safetensors weights: r1 runs safetensors checkpoints only"
+                f"{ref.repo} has no config.json with safetensors weights, nor GGUF files: r1 cannot run it"
             )
         total = sum(s.size or 0 for s in files)
         blobs = _storage_folder(ref.repo) / "blobs"
@@ -191,7 +262,7 @@ def pull(
             folder = snapshot_download(
                 ref.repo, revision=ref.revision, allow_patterns=names, cache_dir=cache, token=token,
             )
-    return Path(folder)
+    return Path(folder) / gguf_name if ref.gguf else Path(folder)
 
 
 @contextmanager
@@ -321,6 +392,7 @@ def list_models() -> list[dict]:
         for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
             arch = _architecture(rev.snapshot_path)
             if arch not in SUPPORTED_ARCHITECTURES:
+                rows.extend(_gguf_rows(repo.repo_id, rev))
                 continue
             alias = alias_for_repo(repo.repo_id)
             rows.append({
@@ -333,6 +405,28 @@ def list_models() -> list[dict]:
                 "complete": not missing_weights(rev.snapshot_path),
                 "path": str(rev.snapshot_path),
             })
+    return rows
+
+
+def _gguf_rows(repo_id: str, rev) -> list[dict]:
+    """One row per runnable GGUF file of a cached revision (`r1 run org/name:TYPE` names it)."""
+    from .gguf import ARCHITECTURES, GGUFFile
+
+    rows = []
+    for path in sorted(rev.snapshot_path.rglob("*.gguf")):
+        if not path.is_file() or path.name.lower().startswith("mmproj"):
+            continue
+        try:
+            arch = ARCHITECTURES.get(GGUFFile(path).metadata.get("general.architecture"))
+        except R1Error:
+            arch = None
+        if arch is None:
+            continue
+        rows.append({
+            "alias": None, "repo": repo_id, "gguf": quant_type(path.name), "revision": rev.commit_hash[:7],
+            "refs": sorted(rev.refs), "size": path.stat().st_size, "architecture": arch, "complete": True,
+            "path": str(path),
+        })
     return rows
 
 
@@ -382,6 +476,8 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dict:
     """What `r1 show` prints: architecture, parameters, context, dtype, sizes, memory at `ctx` tokens, sampling."""
     folder = local_path(ref, token)
+    if folder.is_file():
+        return _show_gguf(ref, folder, ctx)
     cfg = _read_json(folder / "config.json")
     quant = cfg.get("quantization_config") or {}
     # transformers 5 writes "dtype" where older configs say "torch_dtype".
@@ -414,6 +510,49 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         },
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
         "sampling": recommended_sampling(ref, folder),
+    }
+
+
+def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
+    """`r1 show` of a GGUF file: the same fields, from its metadata. Weights are counted as loaded (dequantized
+    to bfloat16)."""
+    from gguf import LlamaFileType
+
+    from .gguf import GGUFFile, model_args
+    from .models import count_parameters
+
+    f = GGUFFile(path)
+    args = model_args(f)  # also refuses an architecture r1 cannot run
+    total, activated = count_parameters(args)
+    try:
+        file_type = LlamaFileType(f.metadata["general.file_type"]).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (KeyError, ValueError):
+        file_type = ref.gguf or quant_type(path.name)
+    weight_bytes = total * 2
+    kv_per_token = args.kv_cache_bytes_per_token(2)
+    snapshot = snapshot_of(path)
+    template = f.metadata.get("tokenizer.chat_template")
+    r1 = isinstance(template, str) and "<｜Assistant｜>" in template
+    return {
+        "name": ref.name,
+        "repo": ref.repo,
+        "path": str(path),
+        "revision": snapshot.name[:7] if snapshot and ref.path is None else None,
+        "architecture": args.architecture,
+        "parameters": {"total": total, "activated": activated},
+        "context_length": args.max_seq_len,
+        "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
+        "size_on_disk": path.stat().st_size,
+        "memory": {
+            "context": ctx,
+            "weights": weight_bytes,
+            "kv_cache": kv_per_token * ctx,
+            "kv_cache_per_token": kv_per_token,
+            "total": weight_bytes + kv_per_token * ctx,
+        },
+        "chat_template": isinstance(template, str),
+        # As `r1 run` decides: an R1 chat template means R1's sampling (a GGUF has no generation_config.json).
+        "sampling": {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"} if r1 else {},
     }
 
 

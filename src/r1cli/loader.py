@@ -1,4 +1,4 @@
-"""`load(name)`: a model name, repo id or folder -> (model, tokenizer) ready on a device."""
+"""`load(name)`: a model name, repo id, folder or .gguf file -> (model, tokenizer) ready on a device."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def pick_dtype(dtype: str | torch.dtype, args: ModelArgs, device: torch.device) 
 
 
 def model_folder(name: str | Path) -> Path:
-    """A local folder as is; an alias or repo id -> its snapshot in the Hugging Face cache."""
+    """A local folder or .gguf file as is; an alias or repo id -> its snapshot in the Hugging Face cache
+    (`org/name:TYPE` -> the GGUF file in it)."""
     from .registry import resolve_name
 
     ref = resolve_name(str(name))
@@ -52,26 +53,64 @@ def model_folder(name: str | Path) -> Path:
     return local_path(ref)
 
 
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf" and Path(path).is_file()
+
+
+class Checkpoint:
+    """What a model is stored as: a safetensors folder (config.json, tokenizer.json) or one GGUF file (everything
+    in its metadata). The config is read at once, the weights and the tokenizer on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.gguf = None
+        if is_gguf(self.path):
+            from .gguf import GGUFFile, model_args
+
+            self.gguf = GGUFFile(self.path)
+            self.args = model_args(self.gguf)
+        else:
+            self.args = load_config(self.path)
+
+    def load_model(
+        self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
+    ) -> CausalLM:
+        """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading)."""
+        device = pick_device(device) if isinstance(device, str) else device
+        torch_dtype = pick_dtype(dtype, self.args, device)
+        if shard is not None and shard.world == 1:
+            shard = None
+        if self.gguf is not None:
+            if shard is not None:
+                from .errors import UsageError
+
+                raise UsageError(f"{self.path.name}: GGUF files run in one process; use the safetensors repo across ranks")
+            from . import gguf
+
+            return gguf.load_model(self.gguf, device, torch_dtype, self.args)
+        with torch.device("meta"):
+            model = build_model(self.args, shard)
+        return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard)
+
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+
+        if self.gguf is not None:
+            from . import gguf
+
+            return gguf.tokenizer(self.gguf)
+        return Tokenizer.from_folder(self.path)
+
+
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
     shard=None,
 ) -> CausalLM:
-    """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading)."""
-    folder = Path(folder)
-    args = load_config(folder)
-    device = pick_device(device) if isinstance(device, str) else device
-    torch_dtype = pick_dtype(dtype, args, device)
-    if shard is not None and shard.world == 1:
-        shard = None
-    with torch.device("meta"):
-        model = build_model(args, shard)
-    return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard)
+    return Checkpoint(folder).load_model(device, dtype, fp8, shard)
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant"):
-    """Load a model and its tokenizer. `name`: a folder, an alias such as deepseek-r1:7b, or a repo id."""
-    from .tokenizer import Tokenizer
-
-    folder = model_folder(name)
-    model = load_model(folder, device=device, dtype=dtype, fp8=fp8)
-    return model, Tokenizer.from_folder(folder)
+    """Load a model and its tokenizer. `name`: a folder, a .gguf file, an alias such as deepseek-r1:7b, a repo id,
+    or `org/name:Q4_K_M` (a GGUF file of a repo)."""
+    checkpoint = Checkpoint(model_folder(name))
+    return checkpoint.load_model(device=device, dtype=dtype, fp8=fp8), checkpoint.tokenizer()

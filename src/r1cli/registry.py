@@ -1,7 +1,9 @@
-"""Model names: ollama-style aliases -> Hugging Face repos, plus `org/name[@revision]` and local folders."""
+"""Model names: ollama-style aliases -> Hugging Face repos, plus `org/name[@revision]`, GGUF files in a repo
+(`org/name:Q4_K_M`) and local folders or `.gguf` files."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +43,9 @@ class ModelRef:
     name: str  # as typed
     repo: str | None = None  # Hub repo id, when not a local folder
     revision: str | None = None
-    path: Path | None = None  # local folder
+    path: Path | None = None  # local folder or .gguf file
     alias: Alias | None = None
+    gguf: str | None = None  # the quant type naming one GGUF file of the repo (`org/name:Q4_K_M`)
 
     @property
     def identity(self) -> str:
@@ -52,7 +55,7 @@ class ModelRef:
         rev = f"@{self.revision}" if self.revision else ""
         if self.alias is not None:
             return f"{self.name} -> {self.repo}{rev} ({self.alias.description})"
-        return f"{self.repo}{rev}"
+        return f"{self.repo}{':' + self.gguf if self.gguf else ''}{rev}"
 
 
 def resolve_name(name: str | None) -> ModelRef:
@@ -63,7 +66,7 @@ def resolve_name(name: str | None) -> ModelRef:
     if not name:
         raise UsageError("empty model name: give an alias such as deepseek-r1:7b, a repo id org/name, or a folder")
     p = Path(name).expanduser()
-    if p.is_dir():
+    if p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf"):
         return ModelRef(name=name, path=p.resolve())
     if name in ALIASES:
         a = ALIASES[name]
@@ -72,10 +75,14 @@ def resolve_name(name: str | None) -> ModelRef:
     if revision and repo in ALIASES:  # deepseek-r1:7b@<branch, tag or commit>
         a = ALIASES[repo]
         return ModelRef(name=name, repo=a.repo, revision=revision, alias=a)
+    repo = repo.removeprefix("hf.co/")  # as ollama spells Hub GGUF repos
+    repo, colon, tag = repo.partition(":")
+    if colon and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        raise UsageError(f"bad GGUF quant type '{tag}' in {name}: use org/name:TYPE, e.g. org/name:Q4_K_M")
     if repo.count("/") == 1 and all(repo.split("/")):
-        return ModelRef(name=name, repo=repo, revision=revision or None, alias=alias_for_repo(repo))
+        return ModelRef(name=name, repo=repo, revision=revision or None, alias=alias_for_repo(repo), gguf=tag or None)
     if name.startswith((".", "/", "~")) or p.suffix:
-        raise UsageError(f"no such folder: {name}")
+        raise UsageError(f"no such folder or .gguf file: {name}")
     known = ", ".join(sorted(k for k in ALIASES if k != "deepseek-r1"))
     raise UsageError(f"unknown model '{name}': use one of {known}, a Hub repo id org/name[@revision], or a folder")
 

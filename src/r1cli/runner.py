@@ -82,9 +82,10 @@ class OpenModel:
 
     @property
     def revision(self) -> str | None:
-        # A Hub snapshot folder is named after its commit.
-        if self.ref.path is None and self.folder.parent.name == "snapshots":
-            return self.folder.name
+        # A Hub snapshot folder is named after its commit (a GGUF file sits in one).
+        snapshot = next((p for p in (self.folder, *self.folder.parents) if p.parent.name == "snapshots"), None)
+        if self.ref.path is None and snapshot is not None:
+            return snapshot.name
         return self.ref.revision
 
     def sampling(self, overrides: dict) -> SamplingParams:
@@ -96,9 +97,7 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
                interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
                torch_device: torch.device | None = None) -> OpenModel:
     """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both)."""
-    from .config import load_config
-    from .loader import load_model, pick_device, pick_dtype
-    from .tokenizer import Tokenizer
+    from .loader import Checkpoint, pick_device, pick_dtype
 
     name = name or DEFAULT_MODEL
     ref = resolve_name(name)
@@ -106,7 +105,8 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UsageError(f"unknown device '{device}': use auto, cpu, cuda or mps")
     torch_device = torch_device or pick_device(device)
-    args = load_config(folder)
+    checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
+    args = checkpoint.args
     torch_dtype = pick_dtype(dtype, args, torch_device)
     context = min(max_context or default_context(args.max_seq_len, torch_device), args.max_seq_len)
     fp8 = "dequant"
@@ -128,8 +128,8 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
-    model = load_model(folder, device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard)
-    tokenizer = Tokenizer.from_folder(folder)
+    model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard)
+    tokenizer = checkpoint.tokenizer()
     family = family_for(tokenizer)
     return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
 

