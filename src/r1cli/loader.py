@@ -53,21 +53,49 @@ def model_folder(name: str | Path) -> Path:
 
 
 def load_model(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant"
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
+    quant: str = "none", group_size: int = 32, cache: bool = True,
 ) -> CausalLM:
+    """quant int8|int4: the linear layers quantized as they load (see quant.py); with `cache`, the quantized
+    weights are read from (or written to) the disk cache beside the model, so a second start skips the work."""
     folder = Path(folder)
     args = load_config(folder)
     device = pick_device(device) if isinstance(device, str) else device
     torch_dtype = pick_dtype(dtype, args, device)
     with torch.device("meta"):
         model = build_model(args)
-    return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8)
+    if quant == "none":
+        return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8)
+    from . import quant as q
+
+    q.check_scheme(quant, group_size)
+    path = q.cache_path(folder, quant, group_size)
+    meta = {"scheme": quant, "group_size": group_size, "source": q.source_key(folder)}
+    cached = q.read_cache(path, meta) if cache else None
+    if cached is not None:
+        skip = set()
+        for module_name, tensors in cached.items():
+            owner, _, attr = module_name.rpartition(".")
+            if owner.endswith(".experts"):
+                q.restore(model.get_submodule(owner), attr, quant, tensors, group_size, device)
+                skip.add(module_name)
+            else:
+                q.restore(model.get_submodule(module_name), None, quant, tensors, group_size, device)
+                skip.add(f"{module_name}.weight")
+        del cached
+        return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip))
+    quantizer = q.Quantizer(quant, group_size, device, collect=cache)
+    model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, quantizer=quantizer)
+    if cache:
+        q.write_cache(path, quantizer.exports, meta)
+    return model
 
 
-def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant"):
+def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
+         quant: str = "none", group_size: int = 32):
     """Load a model and its tokenizer. `name`: a folder, an alias such as deepseek-r1:7b, or a repo id."""
     from .tokenizer import Tokenizer
 
     folder = model_folder(name)
-    model = load_model(folder, device=device, dtype=dtype, fp8=fp8)
+    model = load_model(folder, device=device, dtype=dtype, fp8=fp8, quant=quant, group_size=group_size)
     return model, Tokenizer.from_folder(folder)
