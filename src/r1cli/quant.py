@@ -49,11 +49,24 @@ def check_scheme(quant: str, group_size: int) -> None:
 # --- quantizers (pure functions on float weights) ---------------------------------------------------------------
 
 
+def _row_chunks(w: torch.Tensor):
+    """Row slices of about 1M elements: float32 temporaries stay small and alike in size, so the allocator reuses
+    them instead of growing the heap (the peak-memory test saw 3x the int8 weights without this)."""
+    rows = w.shape[-2]
+    step = max(1, (1 << 20) // max(w.shape[-1], 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [.., N, K] -> (q int8 [.., N, K], scale float32 [.., N]) with w ~= q * scale."""
-    w = w.float()
-    scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-10)
-    q = (w / scale.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(w):
+        c = w[..., rows, :].to(torch.float32, copy=True)  # modified in place below
+        s = (c.abs().amax(dim=-1) / 127).clamp(min=1e-10)
+        q[..., rows, :] = c.div_(s.unsqueeze(-1)).round_().clamp_(-127, 127)
+        scale[..., rows] = s
     return q, scale
 
 
@@ -61,11 +74,18 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     """w [.., N, K] -> (codes int32 0..15 [.., N, K], scales, zeros float32 [.., N, K/g]) with
     w ~= (q - 8) * scale + zero: the group's min maps to 0 and its max to 15."""
     *lead, n, k = w.shape
-    g = w.float().reshape(*lead, n, k // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
-    q = ((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.int32)
-    return q.reshape(*lead, n, k), scale, lo + 8 * scale
+    codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    scales = torch.empty(*lead, n, k // group_size, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    for rows in _row_chunks(w):
+        g = w[..., rows, :].to(torch.float32, copy=True)
+        g = g.reshape(*g.shape[:-1], k // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10)
+        c = g.sub_(lo.unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, 15)
+        codes[..., rows, :] = c.reshape(*c.shape[:-2], k)
+        scales[..., rows, :], zeros[..., rows, :] = scale, lo + 8 * scale
+    return codes, scales, zeros
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -458,3 +478,22 @@ def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: i
         else:
             total += lead * (n * k // 2 + 4 * n * (k // group_size))
     return total
+
+
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> list[str]:
+    """Quantize an already loaded model in place (bench's random weights); returns the layers kept."""
+    from .models.deepseek import Experts
+
+    q = Quantizer(scheme, group_size, next(model.parameters()).device, collect=False)
+    for name, module in list(model.named_modules()):
+        if q.wants(module, name) and module.weight is not None:
+            q.linear(module, name)
+        elif isinstance(module, Experts):
+            for attr in ("gate_proj", "up_proj", "down_proj"):
+                stacked = getattr(module, attr)
+                if stacked is None:
+                    continue
+                for e in range(stacked.shape[0]):
+                    if not q.expert(module, name, attr, e, stacked[e], stacked.shape[0]):
+                        break
+    return q.kept

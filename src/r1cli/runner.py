@@ -93,11 +93,15 @@ class OpenModel:
 
 
 def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
-               interactive: bool = False, announce: Callable[[str], None] | None = None) -> OpenModel:
+               interactive: bool = False, announce: Callable[[str], None] | None = None,
+               quant: str = "none", group_size: int = 32) -> OpenModel:
     from .config import load_config
     from .loader import load_model, pick_device, pick_dtype
     from .tokenizer import Tokenizer
 
+    from .quant import check_scheme
+
+    check_scheme(quant, group_size)
     name = name or DEFAULT_MODEL
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
@@ -109,8 +113,10 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     context = min(max_context or default_context(args.max_seq_len, torch_device), args.max_seq_len)
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
+        if quant != "none":
+            dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {torch_device.type} {dtype_name} · context {context} tokens")
-    model = load_model(folder, device=torch_device, dtype=torch_dtype)
+    model = load_model(folder, device=torch_device, dtype=torch_dtype, quant=quant, group_size=group_size)
     tokenizer = Tokenizer.from_folder(folder)
     family = family_for(tokenizer)
     return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
@@ -194,6 +200,8 @@ class RunOptions:
     output: str = "text"  # text | json | jsonl
     color: str = "auto"
     verbose: bool = False
+    quant: str = "none"
+    group_size: int = 32
 
 
 def _silence(stream: TextIO) -> None:
@@ -240,7 +248,8 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
         thinking = "stderr"
     show_header = opts.verbose or _isatty(err)
     m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
-                   interactive=_isatty(sys.stdin) and _isatty(err), announce=note if show_header else None)
+                   interactive=_isatty(sys.stdin) and _isatty(err), announce=note if show_header else None,
+                   quant=opts.quant, group_size=opts.group_size)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")

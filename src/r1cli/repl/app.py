@@ -116,7 +116,8 @@ class Chat:
 
 def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
              sampling: dict | None = None, system: str | None = None, think: str | None = None,
-             history: bool = True, url: str | None = None, api_key: str | None = None) -> None:
+             history: bool = True, url: str | None = None, api_key: str | None = None, quant: str = "none",
+             group_size: int = 32) -> None:
     """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first)."""
     from ..runner import open_model
     from ..settings import load_settings
@@ -134,7 +135,8 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
             model = RemoteModel.connect(url, api_key, name)
             announce(f"{model.base} · model {model.name}")
         else:
-            model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty(), announce=announce)
+            model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty(), announce=announce,
+                               quant=quant, group_size=group_size)
     Chat(model, console, think, sampling or {}, system, history).loop()
 
 
