@@ -88,10 +88,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return codes, scales, zeros
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """int codes 0..15 [.., K] -> uint8 [.., K/2], low nibble = even k."""
+def pack_nibbles(codes: torch.Tensor, even_high: bool = False) -> torch.Tensor:
+    """int codes 0..15 [.., K] -> uint8 [.., K/2], low nibble = even k (high with even_high, as tinygemm wants)."""
     c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+    even, odd = c[..., 0::2], c[..., 1::2]
+    return (even << 4) | odd if even_high else even | (odd << 4)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -139,6 +140,7 @@ class Int8Weight(QuantWeight):
         super().__init__()
         self.register_buffer("q", q)
         self.register_buffer("scale", scale.float())
+        self.register_buffer("scale_bf16", self.scale.bfloat16(), persistent=False)  # what the CPU kernel takes
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Weight:
@@ -163,7 +165,8 @@ class Int8Weight(QuantWeight):
         if x.device.type == "cpu" and q.dim() == 2:
             if rows < CPU_INT8_DEQUANT_ROWS:
                 # the packed kernel is vectorised for bf16 activations only (float32 runs ~10x slower)
-                y = torch._weight_int8pack_mm(x.reshape(rows, -1).bfloat16(), q, s.bfloat16())
+                s16 = self.scale_bf16 if index is None else self.scale_bf16[index]
+                y = torch._weight_int8pack_mm(x.reshape(rows, -1).bfloat16(), q, s16)
                 y = y.view(*x.shape[:-1], -1).to(x.dtype)
             else:  # a prompt: dequantize once, then a float32 GEMM
                 y = F.linear(x.float(), q.float() * s.unsqueeze(-1)).to(x.dtype)
@@ -214,7 +217,8 @@ class Int4Weight(QuantWeight):
             packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), 1)
                                   for c in flat.to(device)])
         elif layout == "cuda":
-            packed = torch.stack([torch._convert_weight_to_int4pack(pack_nibbles(c.to(device)).contiguous(), 8)
+            # untested here (no GPU in CI): tinygemm takes the even k in the high nibble, as torchao packs it
+            packed = torch.stack([torch._convert_weight_to_int4pack(pack_nibbles(c.to(device), even_high=True), 8)
                                   for c in flat])
         else:
             packed = pack_nibbles(flat.to(device))
