@@ -268,6 +268,8 @@ def test_cache_round_trip_skips_the_work_and_survives_corruption(tiny_dirs, tmp_
     with torch.no_grad():
         assert torch.equal(second(tokens), expected)
     monkeypatch.undo()
+    # kv_a_proj_with_mqa (40 rows) misses the CPU int4 kernel (rows % 16): said once, from the cache too
+    assert "kv_a_proj_with_mqa" in first.quant_notice and second.quant_notice == first.quant_notice
 
     size = path.stat().st_size
     for damage in ("truncate", "garbage-json", "other-settings"):

@@ -83,11 +83,14 @@ def load_model(
                 q.restore(model.get_submodule(module_name), None, quant, tensors, group_size, device)
                 skip.add(f"{module_name}.weight")
         del cached
-        return load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip))
+        model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip))
+        model.quant_notice = q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", []))
+        return model
     quantizer = q.Quantizer(quant, group_size, device, collect=cache)
     model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, quantizer=quantizer)
     if cache:
-        q.write_cache(path, quantizer.exports, meta)
+        q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow})
+    model.quant_notice = q.shape_notice(quant, group_size, quantizer.slow)
     return model
 
 

@@ -298,6 +298,7 @@ class Quantizer:
         self.collect = collect
         self.exports: dict[str, dict[str, torch.Tensor]] = {}  # module name -> tensors
         self.kept: list[str] = []  # linear layers left in full precision (no kernel for the shape, or by design)
+        self.slow: list[str] = []  # shapes the kernel cannot take: kept in full precision or dequantized per matmul
         self._experts: dict[str, list] = {}
 
     def wants(self, module: nn.Module, module_name: str) -> bool:
@@ -313,8 +314,11 @@ class Quantizer:
         result = quantize_tensor(module.weight.detach(), self.scheme, self.group_size, self.device)
         if result is None:
             self.kept.append(module_name)
+            self.slow.append(module_name)
             return
         qweight, export = result
+        if getattr(qweight, "layout", None) == "plain" and self.device.type in ("cpu", "cuda"):
+            self.slow.append(module_name)
         module.quantize(qweight)
         if self.collect:
             self.exports[module_name] = export
@@ -325,6 +329,8 @@ class Quantizer:
         key = f"{module_name}.{attr}"
         k = tensor.shape[-1]
         if self.scheme == "int4" and (k % self.group_size or k % 2):
+            if key not in self.slow:
+                self.slow.append(key)
             return False
         parts = self._experts.setdefault(key, [None] * n)
         if self.scheme == "int8":
@@ -403,7 +409,7 @@ def cache_path(folder: Path, scheme: str, group_size: int) -> Path:
 _DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
-def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: dict, extra: dict | None = None) -> None:
     """Write atomically (a temporary file, then rename), the JSON last: a cache is complete when both exist.
     A read-only place just means no cache (never an error)."""
     tensors = {f"{module}.{key}": t for module, d in exports.items() for key, t in d.items()}
@@ -424,11 +430,18 @@ def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: d
         os.replace(tmp, path)
         meta_path = path.with_suffix(".json")
         tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**meta, "version": CACHE_VERSION, "modules": sorted(exports)}, indent=1))
+        tmp.write_text(json.dumps({**meta, **(extra or {}), "version": CACHE_VERSION, "modules": sorted(exports)}, indent=1))
         os.replace(tmp, meta_path)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def read_cache_meta(path: Path) -> dict:
+    try:
+        return json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def read_cache(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]] | None:
@@ -482,6 +495,15 @@ def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: i
         else:
             total += lead * (n * k // 2 + 4 * n * (k // group_size))
     return total
+
+
+def shape_notice(scheme: str, group_size: int, slow: list[str]) -> str | None:
+    """One line for the user when some layers miss the packed kernel (see Quantizer.slow)."""
+    if not slow:
+        return None
+    what = "int8" if scheme == "int8" else f"int4 g{group_size}"
+    return (f"{len(slow)} linear layer(s) have shapes the {what} kernel cannot take (e.g. {slow[0]}): kept in full "
+            "precision or dequantized per matmul" + ("; try --group-size 32" if scheme == "int4" and group_size > 32 else ""))
 
 
 def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> list[str]:

@@ -117,6 +117,8 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
             dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {torch_device.type} {dtype_name} · context {context} tokens")
     model = load_model(folder, device=torch_device, dtype=torch_dtype, quant=quant, group_size=group_size)
+    if announce and getattr(model, "quant_notice", None):
+        announce(f"r1: {model.quant_notice}")
     tokenizer = Tokenizer.from_folder(folder)
     family = family_for(tokenizer)
     return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
