@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
 
 
 def main(config: str, out: str, qtype: str = "Q4_0") -> None:
-    cfg = json.load(open(config))
+    cfg = json.loads(Path(config).read_text())
     d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     h, kv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
     hd = d // h

@@ -15,10 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny import (
+    hf_model,
+    llama_config,
+    qwen2_config,
+    v2_config,
+    v3_config,
+    write_checkpoint,
+)
 
 from r1cli import quant as q
 from r1cli.loader import load_model
-from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -108,7 +115,7 @@ def tiny_dirs(tmp_path_factory):
     for name, cfg in ARCHS.items():
         folder = tmp_path_factory.mktemp(name)
         # hidden 128 and head_dim 32 so the int4 kernel takes most layers (N % 16, K % group)
-        kw = dict(hidden_size=128, intermediate_size=256)
+        kw = {"hidden_size": 128, "intermediate_size": 256}
         if name in ("v3", "v2"):
             kw.update(moe_intermediate_size=64)
         write_checkpoint(cfg(**kw), folder)
@@ -325,11 +332,11 @@ def test_rm_removes_the_quantized_cache(tiny_dirs, tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env = {**clean, "PYTHONPATH": str(SRC), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "r1cli", "rm", f"test/tiny@{revs[0][:7]}", "--yes"], env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     assert not caches[0].parent.exists() and caches[1].is_file()
     p = subprocess.run([sys.executable, "-m", "r1cli", "rm", "test/tiny", "--yes"], env=env, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     assert not repo.exists()
 
@@ -421,6 +428,6 @@ def test_weight_bytes_for_r1_distill_qwen_7b():
 def test_bad_quant_flags_are_one_line_usage_errors(tiny_dirs, args, needle):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     p = subprocess.run([sys.executable, "-m", "r1cli", "run", str(tiny_dirs["qwen2"]), *args, "hello"], env=env,
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr

@@ -267,9 +267,6 @@ def int4_export(codes, scales, zeros) -> dict[str, torch.Tensor]:
     return {"packed": pack_nibbles(codes).contiguous(), "scales_and_zeros": sz}
 
 
-FORMATS = {"int8": Int8Weight, "int4": Int4Weight}
-
-
 def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int, device=None):
     """A float weight [.., N, K] -> (its quantized form, the tensors the disk cache stores), or None when no
     kernel can take its shape. Works per expert on stacked [E, N, K] weights."""
@@ -457,7 +454,7 @@ def read_cache(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]] | N
             return None
         handle = SafetensorsFile(path)
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for name in handle.keys():
+        for name in handle.entries:
             module, _, key = name.rpartition(".")
             out.setdefault(module, {})[key] = handle.read(name)
         if sorted(out) != saved["modules"]:
