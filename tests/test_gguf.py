@@ -168,6 +168,31 @@ def test_smollm2_codes_repack_q4_1_without_float_round_trip(smol):
     assert G.linear_codes(f, "blk.0.attn_norm.weight", args) is None  # F32: nothing to repack
 
 
+def test_smollm2_int4_repacks_the_files_blocks_and_int8_requantizes(smol):
+    """--quant int4 takes the Q4_1 blocks over as they are (every linear layer of the file is Q4_1), so the int4
+    model's weights are the file's values but for the kernel's bf16 scales; int8 requantizes the dequantized values.
+    The oracle is the float32 model dequantized from the same file (itself equal to transformers' loader above)."""
+    from r1cli.quant import Int4Weight
+
+    f, args, ref, tokenizer = smol
+    int4 = G.load_model(f, "cpu", torch.bfloat16, args, quant="int4", group_size=32)
+    int8 = G.load_model(f, "cpu", torch.bfloat16, args, quant="int8")
+    assert int4.gguf_repacked == 7 * args.n_layers and int8.gguf_repacked == 0
+    q_proj = int4.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.qweight, Int4Weight) and q_proj.weight is None
+    want = ref.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(q_proj.dense_weight(torch.float32), want, rtol=0, atol=float(want.abs().max()) / 64)
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The quick brown fox jumps over the lazy dog. " * 8)])
+    with torch.no_grad():
+        base = ref(ids).log_softmax(-1)
+        for model, bar in ((int4, 0.01), (int8, 0.01)):
+            kl = (base.exp() * (base - model(ids).log_softmax(-1))).sum(-1).mean().item()
+            assert kl < bar, kl
+    prompt = build_prompt(tokenizer, QUESTION, family=family_for(tokenizer))
+    answer = list(Generator(int4, 256).generate(prompt.ids, SamplingParams(temperature=0, max_tokens=12), tokenizer.eos_ids))
+    assert "Paris" in tokenizer.decode(answer)
+
+
 def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smol):
     from transformers import AutoTokenizer
 

@@ -193,7 +193,12 @@ def run_bench(
     new_tokens: int = 128,
     compare_hf: bool = False,
     decode_mode: str = "auto",
+    quant: str = "none",
+    group_size: int = 32,
 ) -> dict:
+    from .quant import check_scheme, quantize_model, weight_bytes
+
+    check_scheme(quant, group_size)
     dev = pick_device(device)
     if config:
         cfg = read_config_json(Path(config).parent if Path(config).name == "config.json" else config)
@@ -233,12 +238,17 @@ def run_bench(
     else:
         from .loader import load_model
 
-        model = load_model(folder, device=dev, dtype=torch_dtype)
+        model = load_model(folder, device=dev, dtype=torch_dtype, quant=quant, group_size=group_size)
+    if quant != "none" and (config or compare_hf):
+        quantize_model(model, quant, group_size)
     _sync(dev)
     load_s = time.perf_counter() - t
 
     bandwidth = measure_copy_bandwidth(dev)
     per_token = bytes_per_token(args, torch_dtype)
+    if quant != "none" and not args.is_moe_layer(args.n_layers - 1):  # dense: every quantized byte is read
+        per = torch.finfo(torch_dtype).bits // 8
+        per_token = weight_bytes(args, quant, group_size, per) - (0 if args.tie_embeddings else args.vocab_size * args.dim * per)
     runs: dict[str, list[BenchResult]] = {"ours": [], "hf": []}
     for _ in range(2 if compare_hf else 1):  # alternate the engines so drift hits both alike
         runs["ours"].append(bench_ours(model, prompt_lengths, new_tokens, decode_mode, dev))
@@ -265,7 +275,7 @@ def run_bench(
         "activated_parameters": activated,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "threads": torch.get_num_threads(),
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": str(torch_dtype).removeprefix("torch.") + ("" if quant == "none" else f" {quant}" + (f" g{group_size}" if quant == "int4" else "")),
         "new_tokens": new_tokens,
         "weight_bytes_per_token": per_token,
         "copy_bandwidth_gb_s": bandwidth,

@@ -40,6 +40,8 @@ _TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely token
 _MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
 _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (re-runs under torchrun; docs/distributed.md).")
+_QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
+_GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
 
 
 def _distributed(gpus: int | None, device: str, body) -> int | None:
@@ -70,6 +72,7 @@ def run(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
+    quant: str = _QUANT, group_size: int = _GROUP,
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
     from .runner import RunOptions, looks_like_model, read_prompt
@@ -84,7 +87,7 @@ def run(
         return RunOptions(model=model, prompt=prompt, system=system, device=device, dtype=dtype,
                           max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
-                          color=color, verbose=verbose)
+                          color=color, verbose=verbose, quant=quant, group_size=group_size)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
         prompt = read_prompt(words, sys.stdin) if shard.leader else ""
@@ -108,6 +111,7 @@ def chat(
     url: str = typer.Option(None, "--url", help="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (r1 serve)."),
     api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="With --url: the server's API key (env R1_API_KEY)."),
     remote_model: str = typer.Option(None, "--model", help="With --url: the model to ask for (default: the first the server lists)."),
+    quant: str = _QUANT, group_size: int = _GROUP,
 ) -> None:
     """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
     from .repl import run_chat
@@ -121,9 +125,10 @@ def chat(
     chat_args = (remote_model or model, device, dtype, max_context,
                  _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), system, think)
     code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
-        *chat_args, history=not no_history, shard=shard, torch_device=torch_device))
+        *chat_args, history=not no_history, shard=shard, torch_device=torch_device, quant=quant,
+        group_size=group_size))
     if code is None:
-        run_chat(*chat_args, history=not no_history, url=url, api_key=api_key)
+        run_chat(*chat_args, history=not no_history, url=url, api_key=api_key, quant=quant, group_size=group_size)
     elif code:
         raise typer.Exit(code)
 
@@ -137,11 +142,12 @@ def serve(
     device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running one; more get 429."),
     log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging)."),
+    quant: str = _QUANT, group_size: int = _GROUP,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
     from .serve import serve as run_server
 
-    run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests)
+    run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
@@ -264,6 +270,7 @@ def show(
             f"{hub.format_size(mem['total'])} (weights {hub.format_size(mem['weights'])}"
             f" + KV cache {hub.format_size(mem['kv_cache'])}, {hub.format_size(mem['kv_cache_per_token'])}/token)",
         ),
+        ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
         ("chat template", "yes" if info["chat_template"] else "no"),
         ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "model defaults"),
         ("path", info["path"]),
@@ -306,6 +313,7 @@ def bench(
     compare: str = typer.Option(None, "--compare", help="'hf': race transformers on the same weights."),
     decode_mode: str = typer.Option("auto", "--decode-mode", help="auto|eager|static|compile|graph"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quant: str = _QUANT, group_size: int = _GROUP,
 ) -> None:
     """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
     from .bench import format_report, run_bench
@@ -316,7 +324,8 @@ def bench(
     if compare not in (None, "hf"):
         raise UsageError("--compare takes 'hf' (transformers)")
     lengths = tuple(int(n) for n in prompt_lengths.split(",") if n.strip())
-    report = run_bench(model, config, layers, dense_layers, device, dtype, lengths, new_tokens, compare == "hf", decode_mode)
+    report = run_bench(model, config, layers, dense_layers, device, dtype, lengths, new_tokens, compare == "hf", decode_mode,
+                       quant, group_size)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

@@ -443,11 +443,15 @@ def linear_codes(f: GGUFFile, name: str, args: ModelArgs) -> dict | None:
 
 
 def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-               args: ModelArgs | None = None):
-    """Build the model on the meta device and fill it from the file, one dequantized tensor at a time."""
+               args: ModelArgs | None = None, quant: str = "none", group_size: int = 32):
+    """Build the model on the meta device and fill it from the file, one dequantized tensor at a time.
+    quant int4 (group 32): Q4_0, Q4_1 and Q4_K blocks are repacked into the int4 Linear as they are, without a
+    float round trip; any other tensor (and every tensor for int8 or int4 g64/g128) is dequantized, then quantized
+    as it lands, like a safetensors checkpoint."""
     from torch import nn
 
     from .models import build_model
+    from .quant import Int4Weight, Quantizer, shape_notice
 
     args = args or model_args(f)
     device = torch.device(device)
@@ -468,18 +472,33 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
     for param in targets:
         if param not in fed and not (args.tie_embeddings and param == "lm_head.weight"):
             raise CheckpointError(f"tensor {gguf_names.get(param, param)} is missing from {f.path.name}")
+    quantizer = Quantizer(quant, group_size, device, collect=False) if quant != "none" else None
+    repacked = 0
     for name, param in plan.items():
         want = tuple(targets[param].shape)
         if f.tensors[name].shape != want:
             raise CheckpointError(
                 f"tensor {name} in {f.path.name} has shape {list(f.tensors[name].shape)}, expected {list(want)}"
             )
-        tensor = read_dense(f, name, dtype, args).to(device)
         module_name, _, attr = param.rpartition(".")
-        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        module = model.get_submodule(module_name)
+        quantize = quantizer is not None and attr == "weight" and quantizer.wants(module, module_name)
+        if quantize and quant == "int4" and group_size == 32:
+            codes = linear_codes(f, name, args)
+            if codes is not None and codes["bits"] == 4:
+                module.quantize(Int4Weight.from_codes(codes["codes"], codes["scales"], codes["zeros"], 32, device))
+                repacked += 1
+                continue
+        tensor = read_dense(f, name, dtype, args).to(device)
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        if quantize:
+            quantizer.linear(module, module_name)
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.freqs = torch.empty(0, 0, 2, device=device)
+    if quantizer is not None:
+        model.quant_notice = shape_notice(quant, group_size, quantizer.slow)
+        model.gguf_repacked = repacked  # linear layers taken over from the file's 4-bit blocks as they were
     return model.eval()
 
 

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import warnings
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -458,13 +459,21 @@ def remove(ref: ModelRef, yes: bool = False, confirm: Confirm | None = None) -> 
     # delete_revisions matches commit hashes across all repos, and two repos can share one (a duplicated repo):
     # give it a view of this repo only.
     strategy = dataclasses.replace(info, repos=frozenset([repo])).delete_revisions(*revisions)
-    freed = strategy.expected_freed_size
+    # the quantized weights r1 cached for these revisions (quant.cache_path) go with them
+    from .quant import CACHE_DIR
+
+    quant_dirs = [d for d in (Path(repo.repo_path) / CACHE_DIR / rev for rev in revisions) if d.is_dir()]
+    freed = strategy.expected_freed_size + sum(p.stat().st_size for d in quant_dirs for p in d.rglob("*") if p.is_file())
     if not yes:
         if confirm is None:
             raise UsageError(f"removing {ref.repo} needs confirmation: pass --yes to remove it without a terminal")
         if not confirm(f"Remove {ref.repo} ({len(revisions)} revision(s), {format_size(freed)})?"):
             raise R1Error("nothing removed")
     strategy.execute()
+    for d in quant_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the cache folder itself, once empty
+        (Path(repo.repo_path) / CACHE_DIR).rmdir()
     return {"repo": repo.repo_id, "revisions": revisions, "freed": freed}
 
 
@@ -510,6 +519,7 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         },
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
         "sampling": recommended_sampling(ref, folder),
+        "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
     }
 
 
@@ -554,6 +564,14 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         # As `r1 run` decides: an R1 chat template means R1's sampling (a GGUF has no generation_config.json).
         "sampling": {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"} if r1 else {},
     }
+
+
+def _quantized_sizes(args, dtype_bytes: int) -> dict[str, int]:
+    """Weight bytes in memory with --quant (embedding and head kept at the checkpoint's dtype)."""
+    from .quant import weight_bytes
+
+    return {"int8": weight_bytes(args, "int8", 32, dtype_bytes),
+            **{f"int4 g{g}": weight_bytes(args, "int4", g, dtype_bytes) for g in (32, 128)}}
 
 
 def recommended_sampling(ref: ModelRef, folder: Path) -> dict:

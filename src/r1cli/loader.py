@@ -74,12 +74,19 @@ class Checkpoint:
 
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
+        quant: str = "none", group_size: int = 32, cache: bool = True,
     ) -> CausalLM:
-        """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading)."""
+        """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading).
+        quant int8|int4: the linear layers quantized as they load (see quant.py); with `cache`, the quantized
+        weights are read from (or written to) the disk cache beside the model, so a second start skips the work."""
         device = pick_device(device) if isinstance(device, str) else device
         torch_dtype = pick_dtype(dtype, self.args, device)
         if shard is not None and shard.world == 1:
             shard = None
+        if quant != "none":
+            from .quant import check_scheme
+
+            check_scheme(quant, group_size)
         if self.gguf is not None:
             if shard is not None:
                 from .errors import UsageError
@@ -87,10 +94,13 @@ class Checkpoint:
                 raise UsageError(f"{self.path.name}: GGUF files run in one process; use the safetensors repo across ranks")
             from . import gguf
 
-            return gguf.load_model(self.gguf, device, torch_dtype, self.args)
+            return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size)
         with torch.device("meta"):
             model = build_model(self.args, shard)
-        return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard)
+        if quant == "none":
+            return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard)
+        return _load_quantized(model, self.path, self.args, device, torch_dtype, fp8, shard, quant, group_size,
+                               cache and shard is None)  # a rank's slices are not cached (the cache holds whole tensors)
 
     def tokenizer(self):
         from .tokenizer import Tokenizer
@@ -104,13 +114,43 @@ class Checkpoint:
 
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
-    shard=None,
+    shard=None, quant: str = "none", group_size: int = 32, cache: bool = True,
 ) -> CausalLM:
-    return Checkpoint(folder).load_model(device, dtype, fp8, shard)
+    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache)
 
 
-def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant"):
+def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant, group_size, cache) -> CausalLM:
+    from . import quant as q
+
+    path = q.cache_path(folder, quant, group_size)
+    meta = {"scheme": quant, "group_size": group_size, "source": q.source_key(folder)}
+    cached = q.read_cache(path, meta) if cache else None
+    if cached is not None:
+        skip = set()
+        for module_name, tensors in cached.items():
+            owner, _, attr = module_name.rpartition(".")
+            if owner.endswith(".experts"):
+                q.restore(model.get_submodule(owner), attr, quant, tensors, group_size, device)
+                skip.add(module_name)
+            else:
+                q.restore(model.get_submodule(module_name), None, quant, tensors, group_size, device)
+                skip.add(f"{module_name}.weight")
+        del cached
+        model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip))
+        model.quant_notice = q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", []))
+        return model
+    quantizer = q.Quantizer(quant, group_size, device, collect=cache)
+    model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard, quantizer=quantizer)
+    if cache:
+        q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow})
+    model.quant_notice = q.shape_notice(quant, group_size, quantizer.slow)
+    return model
+
+
+def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
+         quant: str = "none", group_size: int = 32):
     """Load a model and its tokenizer. `name`: a folder, a .gguf file, an alias such as deepseek-r1:7b, a repo id,
-    or `org/name:Q4_K_M` (a GGUF file of a repo)."""
+    or `org/name:Q4_K_M` (a GGUF file of a repo). quant: none|int8|int4 (weight-only, see quant.py)."""
     checkpoint = Checkpoint(model_folder(name))
-    return checkpoint.load_model(device=device, dtype=dtype, fp8=fp8), checkpoint.tokenizer()
+    model = checkpoint.load_model(device=device, dtype=dtype, fp8=fp8, quant=quant, group_size=group_size)
+    return model, checkpoint.tokenizer()

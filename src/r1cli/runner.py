@@ -95,10 +95,13 @@ class OpenModel:
 
 def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
                interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
-               torch_device: torch.device | None = None) -> OpenModel:
+               torch_device: torch.device | None = None, quant: str = "none", group_size: int = 32) -> OpenModel:
     """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both)."""
     from .loader import Checkpoint, pick_device, pick_dtype
 
+    from .quant import check_scheme
+
+    check_scheme(quant, group_size)
     name = name or DEFAULT_MODEL
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
@@ -127,8 +130,13 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
                               f"(use more GPUs or a smaller --max-context)")
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
+        if quant != "none":
+            dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
-    model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard)
+    model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard, quant=quant,
+                                  group_size=group_size)
+    if announce and getattr(model, "quant_notice", None):
+        announce(f"r1: {model.quant_notice}")
     tokenizer = checkpoint.tokenizer()
     family = family_for(tokenizer)
     return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
@@ -212,6 +220,8 @@ class RunOptions:
     output: str = "text"  # text | json | jsonl
     color: str = "auto"
     verbose: bool = False
+    quant: str = "none"
+    group_size: int = 32
 
 
 def _silence(stream: TextIO) -> None:
@@ -264,7 +274,8 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     show_header = opts.verbose or _isatty(err)
     m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
                    interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
-                   announce=note if show_header else None, shard=shard, torch_device=torch_device)
+                   announce=note if show_header else None, shard=shard, torch_device=torch_device,
+                   quant=opts.quant, group_size=opts.group_size)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")

@@ -149,14 +149,20 @@ def load_weights(
     dtype: torch.dtype = torch.bfloat16,
     fp8: str = "dequant",
     shard=None,
+    quantizer=None,
+    skip: frozenset[str] = frozenset(),
 ) -> nn.Module:
     """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time. With a parallel.Shard (the
-    model built with it): only this rank's slice of each tensor is read, as parallel.placement says."""
+    model built with it): only this rank's slice of each tensor is read, as parallel.placement says. `quantizer`
+    (quant.Quantizer) quantizes each linear weight as it lands (after slicing); `skip`: parameters already filled
+    (from the quantized cache), whose checkpoint tensors are not read."""
     from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
 
     shard = shard or SINGLE
     if fp8 not in ("dequant", "keep"):
         raise ValueError("fp8 must be 'dequant' or 'keep'")
+    if quantizer is not None:
+        fp8 = "dequant"  # FP8 blocks are requantized from their dequantized values, one tensor at a time
     device = torch.device(device)
     files = checkpoint_files(folder)
     targets = dict(model.named_parameters())
@@ -172,6 +178,8 @@ def load_weights(
         if _is_mtp_or_beyond(name, args.n_layers):
             continue  # the multi-token-prediction layer: skipped, costs no memory
         m = EXPERT_RE.match(name)
+        if (f"{m.group(1)}.{m.group(3)}" if m else name) in skip:
+            continue
         if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < args.n_routed_experts:
             if int(m.group(2)) in experts:  # expert parallel: another rank's experts are never read
                 plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)) - experts.start)
@@ -242,8 +250,15 @@ def load_weights(
                 tensor = handle.read(name, torch.float32 if param in float32_names else dtype, part=part)
             if expert is None:
                 _assign(model, param, tensor.to(device), scale)
+                if quantizer is not None and param.endswith(".weight"):
+                    module_name = param.rpartition(".")[0]
+                    quantizer.linear(model.get_submodule(module_name), module_name)
             else:
-                _assign_expert(model, param, expert, tensor.to(device), scale, targets[param].shape[0])
+                module_name, _, attr = param.rpartition(".")
+                n = targets[param].shape[0]
+                if quantizer is None or not quantizer.expert(model.get_submodule(module_name), module_name, attr,
+                                                             expert, tensor.to(device), n):
+                    _assign_expert(model, param, expert, tensor.to(device), scale, n)
                 experts_seen[param].add(expert)
             del tensor
     for param, seen in experts_seen.items():

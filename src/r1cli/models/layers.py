@@ -61,7 +61,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 class Linear(nn.Module):
     """y = x W^T (+ b). The weight may be kept in FP8 with its block scales and dequantized per matmul,
-    so a 671B FP8 checkpoint needs about one byte per parameter."""
+    so a 671B FP8 checkpoint needs about one byte per parameter; or quantized to int8/int4 (`qweight`, a
+    quant.QuantWeight, replacing `weight`), multiplied by PyTorch's packed kernels."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -70,14 +71,23 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         # Block scales, set by the loader when the checkpoint's weight is FP8 and stays FP8 in memory.
         self.register_buffer("weight_scale_inv", None)
+        self.qweight = None
+
+    def quantize(self, qweight: nn.Module) -> None:
+        """Swap the float weight for its quantized form (quant.py)."""
+        self.weight, self.weight_scale_inv, self.qweight = None, None, qweight
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.dequantize(dtype or torch.bfloat16)
         w = self.weight
         if self.weight_scale_inv is not None:
             return dequantize_fp8(w, self.weight_scale_inv, dtype or torch.bfloat16)
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.matmul(x, self.bias)
         return linear(x, self.dense_weight(x.dtype), self.bias)
 
 

@@ -117,7 +117,7 @@ class Chat:
 def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
              sampling: dict | None = None, system: str | None = None, think: str | None = None,
              history: bool = True, url: str | None = None, api_key: str | None = None, shard=None,
-             torch_device=None) -> int:
+             torch_device=None, quant: str = "none", group_size: int = 32) -> int:
     """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first).
     Tensor parallel (`shard`): rank 0 owns the terminal; the other ranks load their part and follow its turns
     (slash commands act on rank 0; what reaches the model travels with each turn's generation command)."""
@@ -140,7 +140,8 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
             announce(f"{model.base} · model {model.name}")
         else:
             model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty() and shard is None,
-                               announce=announce, shard=shard, torch_device=torch_device)
+                               announce=announce, shard=shard, torch_device=torch_device, quant=quant,
+                               group_size=group_size)
     Chat(model, console, think, sampling or {}, system, history).loop()
     return 0
 

