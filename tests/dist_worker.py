@@ -34,7 +34,10 @@ def main():
     shard, device = init("cpu")
     with torch.inference_mode():
         for case in spec["cases"]:
-            model = load_model(case["folder"], dtype="float32", fp8=case.get("fp8", "dequant"), shard=shard)
+            model = load_model(case["folder"], dtype="float32", fp8=case.get("fp8", "dequant"), shard=shard,
+                               quant=case.get("quant", "none"), cache=False)
+            if case.get("quant", "none") != "none":  # this rank's slices really are packed
+                assert model.model.layers[0].self_attn.o_proj.qweight is not None
             tokens = torch.tensor(spec["tokens"])
             logits = model(tokens)
             # the cached forward too: a prefill, then one decode step (absorbed MLA on DeepSeek)

@@ -38,7 +38,10 @@ CASES = {
     # 6 experts on 4 ranks: 2, 2, 1, 1 (on 2 ranks: 3 and 3)
     "v3-uneven-experts": lambda: v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2),
     "v2-no-qlora": lambda: v2_config(),
+    # --quant int4 composes with sharding: each rank quantizes its own slices (groups of 32 never straddle ranks)
+    "llama-int4": lambda: llama_config(num_attention_heads=8, num_key_value_heads=4, intermediate_size=128),
 }
+QUANT = {"llama-int4": "int4"}
 # FP8 kept as FP8 and split by rank: every per-rank slice must be whole 128-blocks on 4 ranks (16 heads of
 # nope 32 + rope 32, v 32; MLP and shared expert 512 wide).
 FP8_CONFIG = dict(num_attention_heads=16, num_key_value_heads=16, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
@@ -112,7 +115,7 @@ def single(checkpoints, tokens):
     out = {}
     with torch.inference_mode():
         for name, (folder, twin, fp8) in checkpoints.items():
-            model = load_model(folder, dtype="float32", fp8=fp8)
+            model = load_model(folder, dtype="float32", fp8=fp8, quant=QUANT.get(name, "none"), cache=False)
             cache = model.new_cache(1, 64)
             model(tokens[:1, :-1], cache=cache)
             step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
@@ -128,7 +131,8 @@ def run_sharded(world, names, checkpoints, tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"world{world}")
     spec = out / "spec.json"
     spec.write_text(json.dumps({
-        "cases": [{"name": n, "folder": str(f), "fp8": m} for n, (f, _, m) in checkpoints.items() if n in names],
+        "cases": [{"name": n, "folder": str(f), "fp8": m, "quant": QUANT.get(n, "none")}
+                  for n, (f, _, m) in checkpoints.items() if n in names],
         "tokens": tokens.tolist(), "prompt": PROMPT}))
     results = finish(spawn(world, [str(HERE / "dist_worker.py"), str(spec), str(out)]), timeout=240)
     for code, _, err in results:
@@ -158,13 +162,20 @@ def test_four_ranks_match_one_process(four_ranks, single, case):
 
 def check_sharded(out, world, ref, case):
     """float32 logits (full and cached forward) within 1e-4 of one process and of transformers on every rank;
-    rank 0's 32 greedy tokens identical to one process's."""
+    rank 0's 32 greedy tokens identical to one process's. A quantized case multiplies in bf16 (the packed kernels
+    take nothing else), so its ranks' partial sums round differently: compared with one process at bf16 accuracy."""
+    tol = 2e-2 if case in QUANT else 1e-4
     for rank in range(world):  # every rank holds the same full logits
         got = load_file(out / f"{case}-{rank}.safetensors")
-        assert (got["logits"] - ref["logits"]).abs().max().item() <= 1e-4
-        assert (got["logits"] - ref["hf"]).abs().max().item() <= 1e-4
-        assert (got["step"][:, -1] - ref["step"][:, -1]).abs().max().item() <= 1e-4
-    assert json.loads((out / f"{case}.json").read_text()) == ref["greedy"]
+        assert (got["logits"] - ref["logits"]).abs().max().item() <= tol
+        if case not in QUANT:
+            assert (got["logits"] - ref["hf"]).abs().max().item() <= 1e-4
+        assert (got["step"][:, -1] - ref["step"][:, -1]).abs().max().item() <= tol
+    greedy = json.loads((out / f"{case}.json").read_text())
+    if case in QUANT:  # bf16 partial sums: a random tiny model's near-tied logits may flip late in the run
+        assert greedy[:16] == ref["greedy"][:16]
+    else:
+        assert greedy == ref["greedy"]
     assert len(ref["greedy"]) == 32 + 3 + 8
 
 

@@ -266,7 +266,7 @@ def test_cache_round_trip_skips_the_work_and_survives_corruption(tiny_dirs, tmp_
 
     read = []
     real_read = weights.SafetensorsFile.read
-    monkeypatch.setattr(weights.SafetensorsFile, "read", lambda self, name, dtype=None: read.append(name) or real_read(self, name, dtype))
+    monkeypatch.setattr(weights.SafetensorsFile, "read", lambda self, name, dtype=None, **kw: read.append(name) or real_read(self, name, dtype, **kw))
     monkeypatch.setattr(q, "quantize_int4", lambda *a, **k: pytest.fail("the cache should have been used"))
     second = load_model(folder, dtype="bfloat16", quant="int4", group_size=64)
     ckpt = [n for n in read if not n.endswith((".packed", ".scales_and_zeros"))]
