@@ -431,3 +431,17 @@ def test_bad_quant_flags_are_one_line_usage_errors(tiny_dirs, args, needle):
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("name", ["DeepSeek-R1-Distill-Qwen-7B", "DeepSeek-V2-Lite"])
+def test_multi_gpu_planner_counts_quantized_weights_as_r1_show_does(shared_dir, name):
+    from r1cli.config import load_config
+    from r1cli.parallel import plan_memory
+
+    args = load_config(shared_dir / "fixtures" / "hub-configs" / name)
+    for scheme in ("none", "int8", "int4"):
+        one = plan_memory(args, 1, 4096, None, 2, q.bytes_per_param(scheme, 32))
+        assert one.weights == q.weight_bytes(args, scheme, 32)
+    bf16 = plan_memory(args, 2, 4096, None, 2, q.bytes_per_param("none"))
+    int4 = plan_memory(args, 2, 4096, None, 2, q.bytes_per_param("int4", 32))
+    assert int4.weights < 0.75 * bf16.weights  # per GPU, the replicated embedding and head stay bf16

@@ -494,6 +494,26 @@ def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: i
     return total
 
 
+def bytes_per_param(quant: str, group_size: int = 32):
+    """For parallel.plan_memory: the per-element size of each (sharded, meta) parameter once loaded with `quant`,
+    counted as weight_bytes counts it; anything not quantized keeps the planner's own figure."""
+
+    def per(name: str, p: torch.Tensor, default: float) -> float:
+        module_name, _, leaf = name.rpartition(".")
+        last = module_name.rsplit(".", 1)[-1]
+        stacked = module_name.endswith(".experts")
+        if quant == "none" or p.dim() < 2 or last in SKIP or last in ("embed_tokens", "lm_head", "gate"):
+            return default
+        if not (stacked or leaf == "weight"):
+            return default
+        k = p.shape[-1]
+        if quant == "int8":
+            return 1 + 4 / k
+        return default if k % group_size else 0.5 + 4 / group_size
+
+    return per
+
+
 def shape_notice(scheme: str, group_size: int, slow: list[str]) -> str | None:
     """One line for the user when some layers miss the packed kernel (see Quantizer.slow)."""
     if not slow:

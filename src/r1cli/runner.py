@@ -124,7 +124,10 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
             from .hub import format_size
 
             total = torch.cuda.get_device_properties(torch_device).total_memory
-            plan = parallel.plan_memory(args, shard.world, context, total, torch_dtype.itemsize)
+            from .quant import bytes_per_param
+
+            plan = parallel.plan_memory(args, shard.world, context, total, torch_dtype.itemsize,
+                                        bytes_per_param(quant, group_size))
             if not plan.fits:
                 raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {parallel.describe_plan(plan, format_size)} "
                               f"(use more GPUs or a smaller --max-context)")
