@@ -22,10 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def r1_decode(model, n_tokens: int, prompt_len: int = 32) -> float:
-    from r1cli.generate import Generator, SamplingParams
+def r1_decode(gen, n_tokens: int, prompt_len: int = 32) -> float:
+    """Best decode rate of two turns on `gen` (a Generator kept across rounds, so a compiled step is reused)."""
+    from r1cli.generate import SamplingParams
 
-    gen = Generator(model, max_len=prompt_len + n_tokens + 8)
+    model = gen.model
     prompt = torch.randint(0, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     best = 0.0
     for _ in range(2):
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--shape", help="a folder with a config.json: random weights in its shape")
     ap.add_argument("--gguf", help="with --shape: the GGUF llama.cpp runs")
+    ap.add_argument("--decode-mode", default="eager", help="r1's decode step: eager, static or compile (torch.compile)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     from r1cli.loader import load_model
@@ -105,17 +107,21 @@ def main() -> None:
         gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
         models = {s: load_model(folder, dtype="bfloat16", quant=s, group_size=32) for s in ("none", "int8", "int4")}
         label = "SmolLM2-135M"
+    from r1cli.generate import Generator
+
+    gens = {s: Generator(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
     rates: dict[str, list[float]] = {}
     for _ in range(2):  # alternate so drift hits every engine alike
-        for s, m in models.items():
-            rates.setdefault(f"r1 {s}", []).append(r1_decode(m, a.tokens))
+        for s in models:
+            rates.setdefault(f"r1 {s}", []).append(r1_decode(gens[s], a.tokens))
             print(f"r1 {s}", rates[f"r1 {s}"][-1], flush=True)
         rates.setdefault("transformers bf16", []).append(hf_decode(folder, a.tokens, hf_model))
         lc = llamacpp_decode(gguf, a.tokens) if gguf else None
         if lc is not None:
             rates.setdefault(f"llama.cpp {gguf.name}", []).append(lc)
     best = {k: max(v) for k, v in rates.items()}
-    print(f"{label} decode, tokens/s (best of 2 alternating rounds, {torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(f"{label} decode, tokens/s (best of 2 alternating rounds, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"r1 decode mode {a.decode_mode})")
     for k, v in best.items():
         print(f"  {k:<40} {v:7.1f}")
     print(f"  int8 / r1 bf16 {best['r1 int8'] / best['r1 none']:.2f}x; int4 / r1 bf16 {best['r1 int4'] / best['r1 none']:.2f}x; "
