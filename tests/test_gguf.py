@@ -228,9 +228,11 @@ def test_smollm2_loads_in_about_the_memory_of_its_weights():
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["weights"] > 250e6  # 134.5M parameters in bfloat16
-    # + 48 MB of fixed costs that a 135M model makes look large: the parsed header (49k tokens and merges as
-    # Python strings) and the allocator's cached chunks. A full-size copy of any big tensor would exceed it.
-    assert m["grew"] <= 1.15 * m["weights"] + 48e6, m
+    # Fixed costs that a 135M model makes look large: the parsed header (49k tokens and merges as Python strings,
+    # ~48 MB) and the heap glibc keeps after the row chunks are freed, which varies from run to run (grew 307-408 MB
+    # for 269 MB of weights over 8 runs on the CI machine class). A second full-size copy of the weights (+269 MB)
+    # still fails this bound.
+    assert m["grew"] <= 1.6 * m["weights"], m
 
 
 # --- tiny checkpoints written to GGUF -------------------------------------------------------------------------------
