@@ -155,3 +155,15 @@ def test_interrupt_exits_130(looping_dir):
     assert done["event"] == "done" and done["finish_reason"] == "interrupted"
     assert done["reasoning"] and (steered.LOOP * 100).strip().startswith(done["reasoning"])  # the partial text is kept
     assert b"interrupted" in err
+
+
+def test_decode_modes_give_the_same_answer(steered_dir):
+    """--decode-mode picks the decode step (static: the fixed-shape step torch.compile and CUDA graphs use); the
+    steered model's known answer comes out of each. An unknown mode is a one-line usage error."""
+    for mode in ("eager", "static"):
+        result = CliRunner().invoke(app, ["run", str(steered_dir), "--decode-mode", mode, "How many pears?"])
+        assert result.exit_code == 0, result.output
+        assert result.stdout == steered.ANSWER + "\n"
+    bad = r1("run", steered_dir, "--decode-mode", "warp", "hi")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "r1: unknown --decode-mode 'warp': use auto, eager, static, compile, graph"]

@@ -93,15 +93,24 @@ class OpenModel:
         return SamplingParams(**values)
 
 
+# auto: a CUDA graph per cache bucket on a GPU, eager on a CPU; compile: torch.compile (a slow first turn, then
+# the fastest CPU decode measured for small models, docs/performance.md).
+DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
+
+
 def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
                interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
-               torch_device: torch.device | None = None, quant: str = "none", group_size: int = 32) -> OpenModel:
-    """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both)."""
+               torch_device: torch.device | None = None, quant: str = "none", group_size: int = 32,
+               decode_mode: str = "auto") -> OpenModel:
+    """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both).
+    `decode_mode`: the Generator's decode step (auto, eager, static, compile, graph; see generate.py)."""
     from .loader import Checkpoint, pick_device, pick_dtype
 
     from .quant import check_scheme
 
     check_scheme(quant, group_size)
+    if decode_mode not in DECODE_MODES:
+        raise UsageError(f"unknown --decode-mode '{decode_mode}': use {', '.join(DECODE_MODES)}")
     name = name or DEFAULT_MODEL
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
@@ -142,7 +151,7 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
         announce(f"r1: {model.quant_notice}")
     tokenizer = checkpoint.tokenizer()
     family = family_for(tokenizer)
-    return OpenModel(name, ref, folder, tokenizer, Generator(model, context), family, generation_defaults(folder, family))
+    return OpenModel(name, ref, folder, tokenizer, Generator(model, context, decode_mode=decode_mode), family, generation_defaults(folder, family))
 
 
 def drive(stream, handle: Callable[[Event], None]) -> TurnStats:
@@ -225,6 +234,7 @@ class RunOptions:
     verbose: bool = False
     quant: str = "none"
     group_size: int = 32
+    decode_mode: str = "auto"
 
 
 def _silence(stream: TextIO) -> None:
@@ -278,7 +288,7 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
                    interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
                    announce=note if show_header else None, shard=shard, torch_device=torch_device,
-                   quant=opts.quant, group_size=opts.group_size)
+                   quant=opts.quant, group_size=opts.group_size, decode_mode=opts.decode_mode)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")
