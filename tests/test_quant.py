@@ -216,8 +216,9 @@ def smol_logits(smollm2_dir):
     assert len(ids) >= 512, len(ids)
     tokens = torch.tensor([ids[:520]])
     out = {}
-    for scheme in ("none", "int8", "int4"):
-        model = load_model(smollm2_dir, dtype="bfloat16", quant=scheme, group_size=32, cache=False)
+    for scheme in ("none", "int8", "int4", "int4+head"):
+        model = load_model(smollm2_dir, dtype="bfloat16", quant=scheme.removesuffix("+head"), group_size=32,
+                           cache=False, quant_head=scheme.endswith("+head"))
         with torch.no_grad():
             out[scheme] = model(tokens).float().log_softmax(-1)[0]
         del model
@@ -234,15 +235,29 @@ def test_kl_against_bf16_on_smollm2(smol_logits):
     assert 0 < kl8 < 0.01
     # (these weights come from a Q4_1 GGUF, groups of 32: int4 g32 re-finds them almost exactly)
     assert 0 < kl4 < 0.05
+    # --quant-head: the (tied) head in int8 on top of int4 layers stays within int4's own bar
+    kl_head = mean_kl(smol_logits["none"], smol_logits["int4+head"])
+    print(f"int4 g32 + int8 head {kl_head:.5f}")
+    assert kl4 < kl_head < 0.05
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quant_head_is_an_int8_copy_and_the_embedding_keeps_its_dtype(smollm2_dir):
+    from r1cli.quant import Int8Weight
+
+    model = load_model(smollm2_dir, dtype="bfloat16", quant="int4", cache=False, quant_head=True)
+    assert isinstance(model.lm_head.qweight, Int8Weight) and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref = model.model.embed_tokens.weight.float()
+    assert (model.lm_head.dense_weight(torch.float32) - ref).abs().max() <= ref.abs().amax(1).max() / 127
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4+head"])
 def test_greedy_chat_answers_stay_sensible(smollm2_dir, scheme):
     from r1cli.chat_format import build_prompt
     from r1cli.generate import SamplingParams
     from r1cli.runner import open_model
 
-    m = open_model(str(smollm2_dir), "cpu", "bfloat16", quant=scheme, group_size=32)
+    m = open_model(str(smollm2_dir), "cpu", "bfloat16", quant=scheme.removesuffix("+head"), group_size=32,
+                   quant_head=scheme.endswith("+head"))
     for question, needle in [("What is the capital of France?", "Paris")]:
         prompt = build_prompt(m.tokenizer, [{"role": "user", "content": question}], family=m.family)
         ids = list(m.generator.generate(prompt.ids, SamplingParams(temperature=0, max_tokens=32), m.tokenizer.eos_ids))

@@ -42,6 +42,7 @@ _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling
 _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (re-runs under torchrun; docs/distributed.md).")
 _QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
 _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
+_QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as int8 (it is read every token; a quarter of the 1.5B's weights).")
 _DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU, eager on a CPU), eager, static, compile (torch.compile: slow first turn, fastest small-model CPU decode) or graph.")
 
 
@@ -73,7 +74,7 @@ def run(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
-    quant: str = _QUANT, group_size: int = _GROUP, decode_mode: str = _DECODE,
+    quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
     from .runner import RunOptions, looks_like_model, read_prompt
@@ -89,7 +90,7 @@ def run(
                           max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, quant=quant, group_size=group_size,
-                          decode_mode=decode_mode)
+                          decode_mode=decode_mode, quant_head=quant_head)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
         prompt = read_prompt(words, sys.stdin) if shard.leader else ""
@@ -113,7 +114,7 @@ def chat(
     url: str = typer.Option(None, "--url", help="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (r1 serve)."),
     api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="With --url: the server's API key (env R1_API_KEY)."),
     remote_model: str = typer.Option(None, "--model", help="With --url: the model to ask for (default: the first the server lists)."),
-    quant: str = _QUANT, group_size: int = _GROUP, decode_mode: str = _DECODE,
+    quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
 ) -> None:
     """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
     from .repl import run_chat
@@ -128,10 +129,10 @@ def chat(
                  _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), system, think)
     code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
         *chat_args, history=not no_history, shard=shard, torch_device=torch_device, quant=quant,
-        group_size=group_size, decode_mode=decode_mode))
+        group_size=group_size, decode_mode=decode_mode, quant_head=quant_head))
     if code is None:
         run_chat(*chat_args, history=not no_history, url=url, api_key=api_key, quant=quant, group_size=group_size,
-                 decode_mode=decode_mode)
+                 decode_mode=decode_mode, quant_head=quant_head)
     elif code:
         raise typer.Exit(code)
 
@@ -145,13 +146,13 @@ def serve(
     device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running one; more get 429."),
     log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging)."),
-    quant: str = _QUANT, group_size: int = _GROUP, decode_mode: str = _DECODE,
+    quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
     from .serve import serve as run_server
 
     run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size,
-               decode_mode)
+               decode_mode, quant_head)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------

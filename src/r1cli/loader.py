@@ -74,8 +74,16 @@ class Checkpoint:
 
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
-        quant: str = "none", group_size: int = 32, cache: bool = True,
+        quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False,
     ) -> CausalLM:
+        model = self._load(device, dtype, fp8, shard, quant, group_size, cache)
+        if quant_head:
+            from .quant import quantize_head
+
+            quantize_head(model)
+        return model
+
+    def _load(self, device, dtype, fp8, shard, quant, group_size, cache) -> CausalLM:
         """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading).
         quant int8|int4: the linear layers quantized as they load (see quant.py); with `cache`, the quantized
         weights are read from (or written to) the disk cache beside the model, so a second start skips the work."""
@@ -114,9 +122,9 @@ class Checkpoint:
 
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
-    shard=None, quant: str = "none", group_size: int = 32, cache: bool = True,
+    shard=None, quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False,
 ) -> CausalLM:
-    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache)
+    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache, quant_head)
 
 
 def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant, group_size, cache) -> CausalLM:

@@ -494,6 +494,24 @@ def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: i
     return total
 
 
+def quantize_head(model: nn.Module) -> None:
+    """--quant-head: the output head as int8 (one scale per vocabulary row), multiplied by the int8 kernel. Decode
+    reads the head every token, and it is large for the R1 distills (151936 x 1536 in the 1.5B: a quarter of the
+    weights). A tied embedding keeps its own dtype for lookups; the head becomes a separate int8 copy."""
+    from .models.layers import Linear
+
+    head = model.lm_head
+    if type(head) is not nn.Linear:
+        from .errors import UsageError
+
+        raise UsageError("--quant-head works on one process (a sharded run splits the head by vocabulary)")
+    weight = head.weight.detach()
+    with torch.device("meta"):
+        quantized = Linear(weight.shape[1], weight.shape[0])
+    quantized.quantize(Int8Weight.from_float(weight))
+    model.lm_head = quantized
+
+
 def bytes_per_param(quant: str, group_size: int = 32):
     """For parallel.plan_memory: the per-element size of each (sharded, meta) parameter once loaded with `quant`,
     counted as weight_bytes counts it; anything not quantized keeps the planner's own figure."""

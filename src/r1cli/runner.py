@@ -101,7 +101,7 @@ DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
 def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
                interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
                torch_device: torch.device | None = None, quant: str = "none", group_size: int = 32,
-               decode_mode: str = "auto") -> OpenModel:
+               decode_mode: str = "auto", quant_head: bool = False) -> OpenModel:
     """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both).
     `decode_mode`: the Generator's decode step (auto, eager, static, compile, graph; see generate.py)."""
     from .loader import Checkpoint, pick_device, pick_dtype
@@ -146,7 +146,7 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
             dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
     model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard, quant=quant,
-                                  group_size=group_size)
+                                  group_size=group_size, quant_head=quant_head)
     if announce and getattr(model, "quant_notice", None):
         announce(f"r1: {model.quant_notice}")
     tokenizer = checkpoint.tokenizer()
@@ -235,6 +235,7 @@ class RunOptions:
     quant: str = "none"
     group_size: int = 32
     decode_mode: str = "auto"
+    quant_head: bool = False
 
 
 def _silence(stream: TextIO) -> None:
@@ -288,7 +289,8 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
                    interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
                    announce=note if show_header else None, shard=shard, torch_device=torch_device,
-                   quant=opts.quant, group_size=opts.group_size, decode_mode=opts.decode_mode)
+                   quant=opts.quant, group_size=opts.group_size, decode_mode=opts.decode_mode,
+                   quant_head=opts.quant_head)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")

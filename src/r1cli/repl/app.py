@@ -117,7 +117,8 @@ class Chat:
 def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
              sampling: dict | None = None, system: str | None = None, think: str | None = None,
              history: bool = True, url: str | None = None, api_key: str | None = None, shard=None,
-             torch_device=None, quant: str = "none", group_size: int = 32, decode_mode: str = "auto") -> int:
+             torch_device=None, quant: str = "none", group_size: int = 32, decode_mode: str = "auto",
+             quant_head: bool = False) -> int:
     """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first).
     Tensor parallel (`shard`): rank 0 owns the terminal; the other ranks load their part and follow its turns
     (slash commands act on rank 0; what reaches the model travels with each turn's generation command)."""
@@ -126,7 +127,7 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
 
     if shard is not None and not shard.leader:
         return open_model(name, device, dtype, max_context, shard=shard, torch_device=torch_device, quant=quant,
-                          group_size=group_size, decode_mode=decode_mode).generator.follow()
+                          group_size=group_size, decode_mode=decode_mode, quant_head=quant_head).generator.follow()
     console = Console(highlight=False)
     console.soft_wrap = not console.is_terminal  # no wrapping of lines written to a file or pipe
     think = think or load_settings().get("think", "collapse")
@@ -142,7 +143,7 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
         else:
             model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty() and shard is None,
                                announce=announce, shard=shard, torch_device=torch_device, quant=quant,
-                               group_size=group_size, decode_mode=decode_mode)
+                               group_size=group_size, decode_mode=decode_mode, quant_head=quant_head)
     Chat(model, console, think, sampling or {}, system, history).loop()
     return 0
 
