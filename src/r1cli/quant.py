@@ -11,7 +11,7 @@ Layouts of an int4 weight:
 - "plain": two codes per byte, low nibble first, [.., N, K/2] uint8: the on-disk cache format, and the
   dequantize-per-matmul fallback on other devices (and for gathered MoE experts on a GPU).
 
-The embedding and the output head are never quantized; neither is MLA's kv_b_proj (the absorbed decode reads it
+The embedding and the output head are not quantized (the head is, as int8, with --quant-head: quantize_head); neither is MLA's kv_b_proj (the absorbed decode reads it
 as a dense matrix, and it is small). A layer whose shape a kernel cannot take stays in its dtype (counted).
 """
 
