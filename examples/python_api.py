@@ -2,8 +2,10 @@
 
     python examples/python_api.py deepseek-r1:1.5b "Why is the sky blue?"
     python examples/python_api.py ./my-model-folder "Hello"
+    R1_QUANT=int4 python examples/python_api.py ./model-Q4_K_M.gguf "Hello"   # a GGUF file, int4 weights
 """
 
+import os
 import sys
 
 from r1cli.chat_format import build_prompt, family_for
@@ -14,7 +16,8 @@ from r1cli.loader import load
 name = sys.argv[1] if len(sys.argv) > 1 else "deepseek-r1:1.5b"
 question = " ".join(sys.argv[2:]) or "What is 17 * 23?"
 
-model, tokenizer = load(name, device="auto")  # a folder, an alias or a repo id already in the HF cache
+# a folder, an alias, a repo id already in the HF cache, or a .gguf file; quant: none, int8 or int4
+model, tokenizer = load(name, device="auto", quant=os.environ.get("R1_QUANT", "none"))
 generator = Generator(model, max_len=8192)  # one KV cache; keep it for later turns to reuse their common prefix
 family = family_for(tokenizer)  # "r1": DeepSeek's prompt rules; "plain": the template as is
 prompt = build_prompt(tokenizer, [{"role": "user", "content": question}], family=family)
