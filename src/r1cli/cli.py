@@ -42,7 +42,7 @@ _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling
 _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (re-runs under torchrun; docs/distributed.md).")
 _QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
 _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
-_QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as int8 (it is read every token; a quarter of the 1.5B's weights).")
+_QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as int8 (read every token: over a third of the bytes an int4 1.5B reads per token).")
 _DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU, eager on a CPU), eager, static, compile (torch.compile: slow first turn, fastest small-model CPU decode) or graph.")
 
 
