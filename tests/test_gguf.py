@@ -19,6 +19,7 @@ from gguf.quants import quantize
 from gguf_files import T, header_only_gguf, llama3_rope_freqs, random_k_blocks, small_tokenizer_metadata
 from gguf_files import smollm2_gguf, tokenizer_metadata, write_gguf
 from hf_server import FakeHub, Repo
+from memprobe import measure_load
 
 import tiny
 from r1cli import gguf as G
@@ -206,27 +207,11 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smol):
     assert tokenizer.eos_ids == {theirs.eos_token_id} and tokenizer.bos_token == theirs.bos_token
 
 
-MEMORY_PROBE = r"""
-import gc, json, resource, sys
-import torch
-from r1cli import gguf  # imported before the baseline: code is not what loading costs
-from r1cli.loader import load_model
-torch.ones(1) @ torch.ones(1)
-gc.collect()
-base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-model = load_model(sys.argv[1], dtype="bfloat16")
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
-unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied head shares the embedding
-print(json.dumps({"grew": peak - base, "weights": sum(t.numel() * t.element_size() for t in unique.values())}))
-"""
-
-
 def test_smollm2_loads_in_about_the_memory_of_its_weights():
     # Tensor by tensor, in chunks of rows, the file's pages handed back as they are read: no full-size scratch.
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(SMOL)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(SRC)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    # r1cli.gguf imported before the baseline: code is not what loading costs
+    m = measure_load("load_model(sys.argv[1], dtype='bfloat16')", SMOL,
+                     setup="from r1cli import gguf\nfrom r1cli.loader import load_model")
     assert m["weights"] > 250e6  # 134.5M parameters in bfloat16
     # Fixed costs that a 135M model makes look large: the parsed header (49k tokens and merges as Python strings,
     # ~48 MB) and the heap glibc keeps after the row chunks are freed, which varies from run to run (grew 307-408 MB

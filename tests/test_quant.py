@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from memprobe import measure_load
 from tiny import (
     hf_model,
     llama_config,
@@ -390,20 +391,12 @@ def test_fp8_checkpoint_requantizes_like_its_dequantized_twin(tmp_path):
             assert torch.allclose(a(tokens), b(tokens), atol=1e-5)
 
 
-PROBE = r"""
-import json, resource, sys, gc
-import torch
+# imports and the code pages of the ops quantizing uses, touched before the baseline
+QUANT_WARMUP = """
 from r1cli.loader import load_model
 from r1cli import quant
-torch.ones(1) @ torch.ones(1)
-for scheme in ("int8", "int4"):  # touch the code pages of the ops quantizing uses before the baseline
+for scheme in ("int8", "int4"):
     quant.quantize_tensor(torch.randn(64, 64).bfloat16(), scheme, 32, "cpu")
-gc.collect()
-base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-model = load_model(sys.argv[1], dtype="bfloat16", quant=sys.argv[2], cache=False)
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
-weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"base": base, "peak": peak, "weights": weights}))
 """
 
 
@@ -411,13 +404,11 @@ def test_quantized_load_peak_memory(tmp_path):
     folder = tmp_path / "mid"
     write_checkpoint(qwen2_config(vocab_size=8000, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
                                   num_attention_heads=8, num_key_value_heads=4), folder)
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
     m = {}
     for scheme in ("none", "int8", "int4"):
-        out = subprocess.run([sys.executable, "-c", PROBE, str(folder), scheme], capture_output=True, text=True,
-                             env=env, check=True)
-        m[scheme] = json.loads(out.stdout.strip().splitlines()[-1])
-        grew = m[scheme]["peak"] - m[scheme]["base"]
+        m[scheme] = measure_load("load_model(sys.argv[1], dtype='bfloat16', quant=sys.argv[2], cache=False)", folder,
+                                 scheme, setup=QUANT_WARMUP)
+        grew = m[scheme]["grew"]
         print(f"\n{scheme}: peak growth {grew / 1e6:.0f} MB, weights {m[scheme]['weights'] / 1e6:.0f} MB")
         # one tensor at a time: the peak stays below the bf16 model plus allocator slack (measured: int8 ~1.4x
         # its weights, int4 ~1.7-2.4x its own weights, i.e. at most the bf16 model's size)

@@ -510,17 +510,16 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         "context_length": cfg.get("max_position_embeddings"),
         "dtype": dtype,
         "size_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
-        "memory": {
-            "context": ctx,
-            "weights": weight_bytes,
-            "kv_cache": kv_per_token * ctx,
-            "kv_cache_per_token": kv_per_token,
-            "total": weight_bytes + kv_per_token * ctx,
-        },
+        "memory": _memory(ctx, weight_bytes, kv_per_token),
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
         "sampling": recommended_sampling(ref, folder),
         "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
     }
+
+
+def _memory(ctx: int, weight_bytes: int, kv_per_token: int) -> dict:
+    return {"context": ctx, "weights": weight_bytes, "kv_cache": kv_per_token * ctx, "kv_cache_per_token": kv_per_token,
+            "total": weight_bytes + kv_per_token * ctx}
 
 
 def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
@@ -553,13 +552,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "context_length": args.max_seq_len,
         "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
         "size_on_disk": path.stat().st_size,
-        "memory": {
-            "context": ctx,
-            "weights": weight_bytes,
-            "kv_cache": kv_per_token * ctx,
-            "kv_cache_per_token": kv_per_token,
-            "total": weight_bytes + kv_per_token * ctx,
-        },
+        "memory": _memory(ctx, weight_bytes, kv_per_token),
         "chat_template": isinstance(template, str),
         # As `r1 run` decides: an R1 chat template means R1's sampling (a GGUF has no generation_config.json).
         "sampling": {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"} if r1 else {},

@@ -467,31 +467,20 @@ def read_cache(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]] | N
 def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: int = 2) -> int:
     """Bytes of the weights in memory once loaded with `quant` (what `r1 show` and a memory planner count):
     quantized linear layers at 1 byte (+ a float32 scale per row) or half a byte (+ bf16 scale and zero per
-    group); the embedding, head, norms, router and kv_b_proj at `dtype_bytes`."""
+    group); the embedding, head, norms, router and kv_b_proj at `dtype_bytes` (the router in float32)."""
     from .models import build_model
-    from .models.layers import Linear
 
     with torch.device("meta"):
         model = build_model(args)
-    total = 0
+    float32 = {f"{mod_name}.{p}" for mod_name, mod in model.named_modules() if getattr(mod, "keep_float32", False)
+               for p, _ in mod.named_parameters(recurse=False)}
+    per = bytes_per_param(quant, group_size)
+    total = 0.0
     for name, p in model.named_parameters():
         if args.tie_embeddings and name == "lm_head.weight":
             continue
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        n, k = p.shape[-2:] if p.dim() >= 2 else (0, 0)
-        lead = p.numel() // max(n * k, 1) if p.dim() >= 2 else 0
-        stacked = module_name.endswith(".experts")
-        quantizable = quant != "none" and leaf == "weight" and isinstance(module, Linear) \
-            and module_name.rsplit(".", 1)[-1] not in SKIP
-        quantizable = (quantizable or (quant != "none" and stacked)) and not (quant == "int4" and k % group_size)
-        if not quantizable:
-            total += p.numel() * (4 if getattr(module, "keep_float32", False) else dtype_bytes)
-        elif quant == "int8":
-            total += lead * (n * k + 4 * n)
-        else:
-            total += lead * (n * k // 2 + 4 * n * (k // group_size))
-    return total
+        total += p.numel() * per(name, p, 4 if name in float32 else dtype_bytes)
+    return int(total)
 
 
 def quantize_head(model: nn.Module) -> None:

@@ -105,10 +105,9 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both).
     `decode_mode`: the Generator's decode step (auto, eager, static, compile, graph; see generate.py)."""
     from .loader import Checkpoint, pick_device, pick_dtype
-
     from .quant import check_scheme
 
-    check_scheme(quant, group_size)
+    check_scheme(quant, group_size)  # before any download
     if decode_mode not in DECODE_MODES:
         raise UsageError(f"unknown --decode-mode '{decode_mode}': use {', '.join(DECODE_MODES)}")
     name = name or DEFAULT_MODEL
