@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, apply_rope, column_linear, row_linear, sdpa
+from .layers import MLP, Linear, apply_rope, column_linear, kv_cache_dtype, row_linear, sdpa
 
 
 class Attention(nn.Module):
@@ -33,8 +33,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.write(self.layer_id, start_pos, k, v)
-        out = sdpa(q, k, v, mask, self.scale)
+            k, v = cache.write(self.layer_id, start_pos, k, v)  # the cache may be float32 (kv_cache_dtype)
+        out = sdpa(q.to(k.dtype), k, v, mask, self.scale).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -48,8 +48,8 @@ class DenseLM(CausalLM):
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
         a = self.args
-        dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
+        dtype = dtype or kv_cache_dtype(self.model.embed_tokens.weight.dtype, device)
         shape = (batch_size, self.model.layers[0].self_attn.n_kv_heads, max_len, a.head_dim)  # this rank's heads
         layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
