@@ -139,3 +139,29 @@ def test_cpu_float32_kv_cache_for_bf16_models(monkeypatch, tmp_path):
     err32, err16 = (logits32 - exact).abs().max(), (logits16 - exact).abs().max()
     assert err32 <= err16 * 1.5 + 1e-3, (err32, err16)
     assert err32 < 0.1 * exact.abs().max()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_joined_projections_compute_what_the_separate_ones_do(tmp_path, quant):
+    """q|k|v and gate|up joined into one matmul each (the loaders' default) against the checkpoint's separate
+    modules: the same logits, prompt and cached decode, for a biased Qwen2 and for V3 (dense and shared-expert MLPs)."""
+    # (q 128 rows, k and v 64: whole blocks of the CPU int4 layout, so int4 joins too)
+    for name, cfg in {"qwen2": qwen2_config(hidden_size=128, num_attention_heads=4, intermediate_size=128),
+                      "v3": v3_config()}.items():
+        folder = tmp_path / name
+        write_checkpoint(cfg, folder)
+        dtype = "float32" if quant == "none" else "bfloat16"
+        joined = load_model(folder, dtype=dtype, quant=quant, cache=False)
+        apart = load_model(folder, dtype=dtype, quant=quant, cache=False, fuse=False)
+        if name == "qwen2":
+            assert joined.model.layers[0].self_attn.qkv_proj is not None and not hasattr(joined.model.layers[0].self_attn, "q_proj")
+            assert apart.model.layers[0].self_attn.qkv_proj is None
+            assert joined.model.layers[0].mlp.gate_up_proj is not None
+        tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            outs = []
+            for m in (joined, apart):
+                cache = m.new_cache(1, 32)
+                outs.append((m(tokens[:, :-1], cache=cache), m(tokens[:, -1:], start_pos=11, cache=cache)))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if quant == "none" else 0.0)

@@ -138,7 +138,7 @@ def test_smollm2_weights_equal_transformers_dequantized(smol, smol_hf):
     f, args, model, _ = smol
     assert args.architecture == "LlamaForCausalLM" and args.tie_embeddings
     assert {G.type_name(t.ggml_type) for t in f.tensors.values()} == {"Q4_1", "Q8_0", "F32"}
-    ours, theirs = model.state_dict(), smol_hf.state_dict()
+    ours, theirs = model.state_dict(), tiny.fused_state_dict(smol_hf.state_dict())
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
@@ -160,7 +160,8 @@ def test_smollm2_forward_and_greedy_match_transformers(smol, smol_hf):
 
 def test_smollm2_codes_repack_q4_1_without_float_round_trip(smol):
     f, args, model, _ = smol
-    for name, weight in [("blk.0.attn_q.weight", model.model.layers[0].self_attn.q_proj.weight),  # permuted rows
+    q_rows = args.n_heads * args.head_dim  # q leads the joined q|k|v
+    for name, weight in [("blk.0.attn_q.weight", model.model.layers[0].self_attn.qkv_proj.weight[:q_rows]),  # permuted
                          ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj.weight),
                          ("token_embd.weight", model.model.embed_tokens.weight)]:  # Q8_0
         parts = G.linear_codes(f, name, args)
@@ -176,20 +177,23 @@ def test_smollm2_int4_repacks_the_files_blocks_and_int8_requantizes(smol):
     from r1cli.quant import Int4Weight
 
     f, args, ref, tokenizer = smol
-    int4 = G.load_model(f, "cpu", torch.bfloat16, args, quant="int4", group_size=32)
+    int4 = G.load_model(f, "cpu", torch.bfloat16, args, quant="int4", group_size=32, fuse=False)
     int8 = G.load_model(f, "cpu", torch.bfloat16, args, quant="int8")
     assert int4.gguf_repacked == 7 * args.n_layers and int8.gguf_repacked == 0
     q_proj = int4.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.qweight, Int4Weight) and q_proj.weight is None
-    want = ref.model.layers[0].self_attn.q_proj.weight
+    want = ref.model.layers[0].self_attn.qkv_proj.weight[: args.n_heads * args.head_dim]
     torch.testing.assert_close(q_proj.dense_weight(torch.float32), want, rtol=0, atol=float(want.abs().max()) / 64)
+    int4.fuse_projections()  # as loaded by default: the repacked blocks joined into q|k|v and gate|up
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The quick brown fox jumps over the lazy dog. " * 8)])
     with torch.no_grad():
         base = ref(ids).log_softmax(-1)
         for model, bar in ((int4, 0.01), (int8, 0.01)):
             kl = (base.exp() * (base - model(ids).log_softmax(-1))).sum(-1).mean().item()
             assert kl < bar, kl
-    prompt = build_prompt(tokenizer, QUESTION, family=family_for(tokenizer))
+    # (the bare QUESTION opens with a near tie, "The" vs "L'", that any rounding change may flip)
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    prompt = build_prompt(tokenizer, question, family=family_for(tokenizer))
     answer = list(Generator(int4, 256).generate(prompt.ids, SamplingParams(temperature=0, max_tokens=12), tokenizer.eos_ids))
     assert "Paris" in tokenizer.decode(answer)
 
@@ -250,10 +254,11 @@ def test_qwen2_mixed_types_match_transformers_gguf_loader(tmp_path, r1_tokenizer
     assert (args.architecture, args.qkv_bias, args.tie_embeddings, args.n_kv_heads) == ("Qwen2ForCausalLM", True, False, 2)
     model = G.load_model(f, "cpu", torch.float32, args)
     oracle = hf_gguf_model(path)
-    ours, theirs = model.state_dict(), oracle.state_dict()
+    ours, theirs = model.state_dict(), tiny.fused_state_dict(oracle.state_dict())
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
+    unfused = oracle.state_dict()  # (equal to ours under the checkpoint's names, as just checked)
     ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(ids) - oracle(ids).logits).abs().max() <= 1e-4
@@ -265,7 +270,7 @@ def test_qwen2_mixed_types_match_transformers_gguf_loader(tmp_path, r1_tokenizer
         if qtype in (T.F16, T.BF16, T.F32):
             assert parts is None
             continue
-        weight = ours[G.parameter_name(name)]
+        weight = unfused[G.parameter_name(name)]
         torch.testing.assert_close(reconstruct(parts), weight, rtol=0, atol=2e-6 * float(weight.abs().max()))
 
 

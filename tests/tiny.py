@@ -99,3 +99,21 @@ def hf_model(folder):
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     ).eval()
+
+
+FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
+
+
+def fused_state_dict(state: dict) -> dict:
+    """A transformers state dict under r1's loaded names: q|k|v and gate|up joined along the output rows
+    (CausalLM.fuse_projections), so a loaded model compares tensor by tensor."""
+    out = dict(state)
+    for name in state:
+        for owner, parts, joined in FUSED:
+            for leaf in ("weight", "bias"):
+                first = f".{owner}.{parts[0]}.{leaf}"
+                if name.endswith(first):
+                    prefix = name[: -len(first)]
+                    keys = [f"{prefix}.{owner}.{p}.{leaf}" for p in parts]
+                    out[f"{prefix}.{owner}.{joined}.{leaf}"] = torch.cat([out.pop(k) for k in keys])
+    return out

@@ -239,8 +239,10 @@ def run_bench(
         from .loader import load_model
 
         model = load_model(folder, device=dev, dtype=torch_dtype, quant=quant, group_size=group_size)
-    if quant != "none" and (config or compare_hf):
-        quantize_model(model, quant, group_size)
+    if config or compare_hf:
+        if quant != "none":
+            quantize_model(model, quant, group_size)
+        model.fuse_projections()  # as the loader does (a copy of those weights when they are transformers')
     _sync(dev)
     load_s = time.perf_counter() - t
 

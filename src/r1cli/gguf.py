@@ -443,14 +443,15 @@ def linear_codes(f: GGUFFile, name: str, args: ModelArgs) -> dict | None:
 
 
 def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-               args: ModelArgs | None = None, quant: str = "none", group_size: int = 32):
+               args: ModelArgs | None = None, quant: str = "none", group_size: int = 32, fuse: bool = True):
     """Build the model on the meta device and fill it from the file, one dequantized tensor at a time.
     quant int4 (group 32): Q4_0, Q4_1 and Q4_K blocks are repacked into the int4 Linear as they are, without a
     float round trip; any other tensor (and every tensor for int8 or int4 g64/g128) is dequantized, then quantized
-    as it lands, like a safetensors checkpoint."""
+    as it lands, like a safetensors checkpoint. `fuse`: q|k|v and gate|up joined layer by layer (fuse_when_loaded)."""
     from torch import nn
 
     from .models import build_model
+    from .models.base import fuse_when_loaded
     from .quant import Int4Weight, Quantizer, shape_notice
 
     args = args or model_args(f)
@@ -488,11 +489,15 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
             if codes is not None and codes["bits"] == 4:
                 module.quantize(Int4Weight.from_codes(codes["codes"], codes["scales"], codes["zeros"], 32, device))
                 repacked += 1
+                if fuse:
+                    fuse_when_loaded(model, module_name)
                 continue
         tensor = read_dense(f, name, dtype, args).to(device)
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         if quantize:
             quantizer.linear(module, module_name)
+        if fuse:
+            fuse_when_loaded(model, module_name)
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.freqs = torch.empty(0, 0, 2, device=device)

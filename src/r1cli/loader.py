@@ -74,16 +74,18 @@ class Checkpoint:
 
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
-        quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False,
+        quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False, fuse: bool = True,
     ) -> CausalLM:
-        model = self._load(device, dtype, fp8, shard, quant, group_size, cache)
+        """`fuse`: join q|k|v and gate|up into one matmul each (CausalLM.fuse_projections); False keeps the
+        modules as the checkpoint names them."""
+        model = self._load(device, dtype, fp8, shard, quant, group_size, cache, fuse)
         if quant_head:
             from .quant import quantize_head
 
             quantize_head(model)
-        return model
+        return model.fuse_projections() if fuse else model
 
-    def _load(self, device, dtype, fp8, shard, quant, group_size, cache) -> CausalLM:
+    def _load(self, device, dtype, fp8, shard, quant, group_size, cache, fuse) -> CausalLM:
         """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading).
         quant int8|int4: the linear layers quantized as they load (see quant.py); with `cache`, the quantized
         weights are read from (or written to) the disk cache beside the model, so a second start skips the work."""
@@ -102,13 +104,14 @@ class Checkpoint:
                 raise UsageError(f"{self.path.name}: GGUF files run in one process; use the safetensors repo across ranks")
             from . import gguf
 
-            return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size)
+            return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size, fuse=fuse)
         with torch.device("meta"):
             model = build_model(self.args, shard)
         if quant == "none":
-            return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard)
+            return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard,
+                                fuse=fuse)
         return _load_quantized(model, self.path, self.args, device, torch_dtype, fp8, shard, quant, group_size,
-                               cache and shard is None)  # a rank's slices are not cached (the cache holds whole tensors)
+                               cache and shard is None, fuse)  # a rank's slices are not cached (the cache holds whole tensors)
 
     def tokenizer(self):
         from .tokenizer import Tokenizer
@@ -123,12 +126,14 @@ class Checkpoint:
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
     shard=None, quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False,
+    fuse: bool = True,
 ) -> CausalLM:
-    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache, quant_head)
+    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache, quant_head, fuse)
 
 
-def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant, group_size, cache) -> CausalLM:
+def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant, group_size, cache, fuse) -> CausalLM:
     from . import quant as q
+    from .models.base import fuse_when_loaded
 
     path = q.cache_path(folder, quant, group_size)
     meta = {"scheme": quant, "group_size": group_size, "source": q.source_key(folder)}
@@ -143,12 +148,16 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
             else:
                 q.restore(model.get_submodule(module_name), None, quant, tensors, group_size, device)
                 skip.add(f"{module_name}.weight")
+                if fuse:
+                    fuse_when_loaded(model, module_name)
         del cached
-        model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip))
+        model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip),
+                             fuse=fuse)
         model.quant_notice = q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", []))
         return model
     quantizer = q.Quantizer(quant, group_size, device, collect=cache)
-    model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard, quantizer=quantizer)
+    model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard, quantizer=quantizer,
+                         fuse=fuse)
     if cache:
         q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow})
     model.quant_notice = q.shape_notice(quant, group_size, quantizer.slow)

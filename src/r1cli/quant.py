@@ -132,6 +132,11 @@ class QuantWeight(nn.Module):
         y = F.linear(x, self.dequantize(x.dtype, index))
         return y if bias is None else y + bias
 
+    def join(self, parts: list[QuantWeight]) -> QuantWeight | None:
+        """The weights of `parts` (this one first) stacked along the output rows, as one; None if they cannot be
+        (layers.fuse_linears then keeps them apart)."""
+        return None
+
 
 class Int8Weight(QuantWeight):
     scheme = "int8"
@@ -154,6 +159,11 @@ class Int8Weight(QuantWeight):
     @property
     def shape(self):
         return self.q.shape
+
+    def join(self, parts: list[Int8Weight]) -> Int8Weight | None:
+        if any(p.q.dim() != 2 for p in parts):
+            return None
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
 
     def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
         q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
@@ -225,6 +235,19 @@ class Int4Weight(QuantWeight):
         packed = packed.reshape(*lead, *packed.shape[1:])
         return cls(packed, sz.contiguous().to(device), group_size, layout, codes.shape)
 
+    def join(self, parts: list[Int4Weight]) -> Int4Weight | None:
+        """Output rows are the packed tensor's first dim in the plain layout. The CPU kernel's layout interleaves
+        rows in blocks of 4 float vectors (32 rows with AVX2, 64 with AVX512): parts join when every part but the
+        last fills whole 64-row blocks (measured on AVX2: 48 + 16 rows joined wrongly, 64 + 16 exactly).
+        tinygemm's CUDA layout tiles rows by 8: joinable in principle, but never run here, so left apart."""
+        if any(p.layout != self.layout or p.group_size != self.group_size or p.packed.dim() != 2 for p in parts):
+            return None
+        if self.layout not in ("cpu", "plain") or (self.layout == "cpu" and any(p.shape[0] % 64 for p in parts[:-1])):
+            return None
+        shape = (sum(p.shape[0] for p in parts), self.shape[1])
+        return Int4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_zeros for p in parts], dim=-2),
+                          self.group_size, self.layout, shape)
+
     def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
         packed = self.packed if index is None else self.packed[index]
         sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
@@ -249,9 +272,10 @@ class Int4Weight(QuantWeight):
         if self.layout == "plain" or packed.dim() != (2 if self.layout == "cpu" else 4):
             return super().matmul(x, bias, index)
         sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
-        x2d = x.reshape(-1, x.shape[-1])
-        # bf16 activations: the kernels take nothing else (on a CPU float32 would also be ~10x slower)
-        y = self._kernel_mm(x2d.bfloat16(), packed, sz).view(*x.shape[:-1], -1).to(x.dtype)
+        # bf16 activations: the kernels take nothing else (on a CPU float32 would also be ~10x slower). Contiguous:
+        # the CPU kernel reads rows densely whatever the strides say (a strided view gave wrong products).
+        x2d = x.reshape(-1, x.shape[-1]).bfloat16().contiguous()
+        y = self._kernel_mm(x2d, packed, sz).view(*x.shape[:-1], -1).to(x.dtype)
         return y if bias is None else y + bias
 
     @classmethod

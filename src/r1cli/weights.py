@@ -151,11 +151,15 @@ def load_weights(
     shard=None,
     quantizer=None,
     skip: frozenset[str] = frozenset(),
+    fuse: bool = True,
 ) -> nn.Module:
     """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time. With a parallel.Shard (the
     model built with it): only this rank's slice of each tensor is read, as parallel.placement says. `quantizer`
     (quant.Quantizer) quantizes each linear weight as it lands (after slicing); `skip`: parameters already filled
-    (from the quantized cache), whose checkpoint tensors are not read."""
+    (from the quantized cache), whose checkpoint tensors are not read. `fuse`: join each layer's q|k|v and gate|up
+    as soon as they are in (models.base.fuse_when_loaded)."""
+    from .models.base import fuse_when_loaded
+
     from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
 
     shard = shard or SINGLE
@@ -250,9 +254,11 @@ def load_weights(
                 tensor = handle.read(name, torch.float32 if param in float32_names else dtype, part=part)
             if expert is None:
                 _assign(model, param, tensor.to(device), scale)
+                module_name = param.rpartition(".")[0]
                 if quantizer is not None and param.endswith(".weight"):
-                    module_name = param.rpartition(".")[0]
                     quantizer.linear(model.get_submodule(module_name), module_name)
+                if fuse:
+                    fuse_when_loaded(model, module_name)
             else:
                 module_name, _, attr = param.rpartition(".")
                 n = targets[param].shape[0]

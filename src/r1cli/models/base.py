@@ -14,6 +14,17 @@ from .cache import Cache
 from .layers import RMSNorm, VocabParallelEmbedding, VocabParallelHead, attention_mask, rope_table
 
 
+def fuse_when_loaded(model: nn.Module, module_name: str) -> None:
+    """Join the projections of the attention or MLP that owns linear `module_name` (q|k|v, gate|up: see
+    `CausalLM.fuse_projections`) as soon as all its weights are in. Loaders call this after each tensor lands:
+    fused layer by layer, the memory the parts free is reused by the next layer's parts; one pass at the end would
+    leave holes the size of every part (measured: peak resident memory 1.34x the weights instead of 1.15x)."""
+    owner = module_name.rpartition(".")[0]
+    module = model.get_submodule(owner) if owner else model
+    if hasattr(module, "fuse") and not any(p.is_meta for p in module.parameters()):
+        module.fuse()
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
@@ -71,6 +82,15 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
         raise NotImplementedError
+
+    def fuse_projections(self) -> CausalLM:
+        """Join the projections that read the same input (q|k|v, gate|up) into one matmul each: a batch-1 decode
+        pays per matmul call. The checkpoint names them apart; the loaders join them as each layer's weights
+        arrive (fuse_when_loaded) and this pass catches the rest (a no-op on what is joined)."""
+        for module in list(self.modules()):
+            if hasattr(module, "fuse"):
+                module.fuse()
+        return self
 
     def forward(
         self,

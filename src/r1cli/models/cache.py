@@ -33,7 +33,7 @@ class Cache:
         if isinstance(start_pos, torch.Tensor):
             n = self.view_len or self.max_len
             for buf, val in zip(self.layers[layer], values):
-                buf.index_copy_(d, start_pos, val)
+                buf.index_copy_(d, start_pos, val.to(buf.dtype))  # (a CPU keeps a bf16 model's cache in float32)
             return tuple(buf.narrow(d, 0, n) for buf in self.layers[layer])
         end = start_pos + values[0].shape[d]
         if end > self.max_len:

@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, apply_rope, column_linear, kv_cache_dtype, row_linear, sdpa
+from .layers import MLP, Linear, apply_rope, column_linear, fuse_linears, kv_cache_dtype, row_linear, sdpa
 
 
 class Attention(nn.Module):
@@ -25,12 +25,27 @@ class Attention(nn.Module):
         self.k_proj = Linear(args.dim, self.n_kv_heads * args.head_dim, qkv_bias)
         self.v_proj = Linear(args.dim, self.n_kv_heads * args.head_dim, qkv_bias)
         self.o_proj = row_linear(args.n_heads * args.head_dim, args.dim, args.attention_bias, shard)
+        self.qkv_proj = None  # q, k and v in one matmul once loaded (fuse)
+
+    def fuse(self) -> None:
+        """After loading (the checkpoint names q, k and v apart): one matmul for the three."""
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if self.qkv_proj is not None:
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim), freqs, interleaved=False)
-        k = apply_rope(self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), freqs, interleaved=False)
-        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        nq, nkv = self.n_heads, self.n_kv_heads
+        if self.qkv_proj is not None:
+            h = self.qkv_proj(x).view(bsz, seqlen, nq + 2 * nkv, self.head_dim)
+            q, k = apply_rope(h[:, :, : nq + nkv], freqs, interleaved=False).split([nq, nkv], dim=2)  # one rotation
+            v = h[:, :, nq + nkv :]
+        else:
+            q = apply_rope(self.q_proj(x).view(bsz, seqlen, nq, self.head_dim), freqs, interleaved=False)
+            k = apply_rope(self.k_proj(x).view(bsz, seqlen, nkv, self.head_dim), freqs, interleaved=False)
+            v = self.v_proj(x).view(bsz, seqlen, nkv, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer_id, start_pos, k, v)  # the cache may be float32 (kv_cache_dtype)
