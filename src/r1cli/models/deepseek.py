@@ -14,7 +14,8 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, RMSNorm, apply_rope, column_linear, dequantize_fp8, linear, row_linear, sdpa
+from .layers import (MLP, Linear, RMSNorm, apply_rope, column_linear, dequantize_fp8, kv_cache_dtype, linear,
+                     row_linear, sdpa)
 
 # q_a_layernorm and kv_a_layernorm use transformers' default eps whatever rms_norm_eps says.
 LORA_NORM_EPS = 1e-6
@@ -66,6 +67,7 @@ class MLA(nn.Module):
     def _naive(self, q_nope, q_rope, latent, k_rope, mask):
         """Expand the latent into per-head keys and values, then fused attention (best for prefill)."""
         bsz, slots = latent.shape[:2]
+        latent, k_rope = latent.to(q_nope.dtype), k_rope.to(q_nope.dtype)  # (a float32 cache: see _absorbed)
         kv = self.kv_b_proj(latent).view(bsz, slots, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
@@ -76,9 +78,12 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         """Attend in latent space: W_UK folded into the query, W_UV applied after (best for decode: reads the
         compressed cache only, never expands it per head)."""
-        w = self.kv_b_proj.dense_weight(latent.dtype).view(self.n_heads, self.nope + self.v_dim, self.rank)
+        # The weights multiply in the model's dtype; what reads the cache runs in the cache's (float32 on a CPU
+        # without bf16 math: kv_cache_dtype).
+        w = self.kv_b_proj.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk).to(latent.dtype)
+        q_rope = q_rope.to(k_rope.dtype)
         scores = torch.einsum("bthc,bsc->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
         scores = scores.float() * self.scale
         if mask is None and scores.shape[2] > 1:  # None means causal here too (queries are the last T slots)
@@ -87,7 +92,7 @@ class MLA(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
-        out_latent = torch.einsum("bhts,bsc->bthc", probs, latent)
+        out_latent = torch.einsum("bhts,bsc->bthc", probs, latent).to(w_uv.dtype)
         return torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
 
 
@@ -260,8 +265,8 @@ class DeepSeekLM(CausalLM):
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
         a = self.args
-        dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
+        dtype = dtype or kv_cache_dtype(self.model.embed_tokens.weight.dtype, device)
         layers = [
             (
                 torch.zeros(batch_size, max_len, a.kv_lora_rank, dtype=dtype, device=device),
