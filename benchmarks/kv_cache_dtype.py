@@ -44,7 +44,7 @@ def main() -> None:
         cfg = read_config_json(a.shape)
         if a.layers:
             cfg["num_hidden_layers"] = a.layers
-        model = random_model(args_from_dict(cfg), torch.device("cpu"), torch.bfloat16).fuse_projections()
+        model = random_model(args_from_dict(cfg), torch.device("cpu"), torch.bfloat16)
         label = f"{Path(a.shape).name} shape ({cfg['num_hidden_layers']} layers, random weights)"
     else:
         from r1cli.loader import load_model

@@ -101,7 +101,6 @@ def main() -> None:
                 quantize_model(models[s], s.removesuffix("+head"), 32)
             if s.endswith("+head"):
                 quantize_head(models[s])
-            models[s].fuse_projections()  # as the loader does
         hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
         folder, gguf = None, Path(a.gguf) if a.gguf else None
         label = Path(a.shape).name + " shape, random weights"

@@ -13,6 +13,7 @@ from .config import ModelArgs, args_from_dict, read_config_json
 from .generate import Generator, SamplingParams
 from .loader import pick_device, pick_dtype
 from .models import CausalLM, build_model, count_parameters
+from .models.base import fuse_when_loaded
 
 
 @dataclass
@@ -83,6 +84,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed
             else:
                 t.normal_(0.0, 0.02, generator=g)
             model.get_submodule(prefix)._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+            fuse_when_loaded(model, prefix)  # q|k|v and gate|up joined as the loader joins them, layer by layer
     model.freqs = torch.empty(0, 0, 2, device=device)
     return model.eval()
 
@@ -107,7 +109,7 @@ def share_hf_weights(args: ModelArgs, hf_model) -> CausalLM:
         module = model.get_submodule(prefix)
         module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
     model.freqs = torch.empty(0, 0, 2, device=hf["model.embed_tokens.weight"].device)
-    return model.eval()
+    return model.eval().fuse_projections()  # as the loader does (a copy of the joined weights)
 
 
 def hf_config_from(cfg: dict, dtype: torch.dtype):
@@ -239,10 +241,8 @@ def run_bench(
         from .loader import load_model
 
         model = load_model(folder, device=dev, dtype=torch_dtype, quant=quant, group_size=group_size)
-    if config or compare_hf:
-        if quant != "none":
-            quantize_model(model, quant, group_size)
-        model.fuse_projections()  # as the loader does (a copy of those weights when they are transformers')
+    if quant != "none" and (config or compare_hf):
+        quantize_model(model, quant, group_size)
     _sync(dev)
     load_s = time.perf_counter() - t
 

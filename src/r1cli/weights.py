@@ -159,7 +159,6 @@ def load_weights(
     (from the quantized cache), whose checkpoint tensors are not read. `fuse`: join each layer's q|k|v and gate|up
     as soon as they are in (models.base.fuse_when_loaded)."""
     from .models.base import fuse_when_loaded
-
     from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
 
     shard = shard or SINGLE

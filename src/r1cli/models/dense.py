@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, apply_rope, column_linear, fuse_linears, kv_cache_dtype, row_linear, sdpa
+from .layers import MLP, Linear, apply_rope, column_linear, join_projections, kv_cache_dtype, row_linear, sdpa
 
 
 class Attention(nn.Module):
@@ -29,11 +29,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """After loading (the checkpoint names q, k and v apart): one matmul for the three."""
-        if self.qkv_proj is not None:
-            return
-        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        if self.qkv_proj is not None:
-            del self.q_proj, self.k_proj, self.v_proj
+        join_projections(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape

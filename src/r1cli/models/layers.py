@@ -129,6 +129,17 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
     return fused
 
 
+def join_projections(module: nn.Module, joined: str, parts: tuple[str, ...]) -> None:
+    """Replace `module`'s linear layers `parts` by one, `joined` (fuse_linears), unless done or impossible."""
+    if getattr(module, joined) is not None:
+        return
+    fused = fuse_linears([getattr(module, name) for name in parts])
+    if fused is not None:
+        setattr(module, joined, fused)
+        for name in parts:
+            delattr(module, name)
+
+
 class RowParallelLinear(Linear):
     """Tensor parallel (parallel.py): the input features are split across ranks, so each rank's product is a partial
     sum; one all-reduce completes it. Only rank 0 holds the bias, so it is added once."""
@@ -194,11 +205,7 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """After loading (the checkpoint names gate and up apart): one matmul for both."""
-        if self.gate_up_proj is not None:
-            return
-        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
-        if self.gate_up_proj is not None:
-            del self.gate_proj, self.up_proj
+        join_projections(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
