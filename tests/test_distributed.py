@@ -229,10 +229,23 @@ def load_config_from(cfg, fp8=False) -> "ModelArgs":  # noqa: F821
     return args_from_dict(d)
 
 
-def test_expert_parallel_partials_sum_to_the_whole_on_both_paths():
-    """Each rank's routed-expert output (the CPU's sorted path and the GPU decode's gathered path) over the pairs
-    routed to its experts; summed over ranks (the all-reduce), the single-process result. 6 experts on 4 ranks."""
+def test_expert_parallel_partials_sum_to_the_whole_on_every_path(monkeypatch):
+    """Each rank's routed-expert output (the CPU's sorted path, the GPU decode's gathered path, its prefill's
+    grouped GEMMs) over the pairs routed to its experts; summed over ranks (the all-reduce), the single-process
+    result. 6 experts on 4 ranks. The grouped kernel leaves the rows past the last group (other ranks' pairs)
+    unwritten: here they come back NaN, and must not reach the sum."""
+    import torch.nn.functional as F
+
     from r1cli.models.deepseek import Experts
+
+    grouped_mm = F.grouped_mm
+
+    def nan_past_last_group(a, b, offs):
+        out = grouped_mm(a, b, offs=offs)
+        out[int(offs[-1]):] = float("nan")
+        return out
+
+    monkeypatch.setattr(F, "grouped_mm", nan_past_last_group)
 
     args = load_config_from(v3_config(n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2))
     g = torch.Generator().manual_seed(0)
@@ -243,7 +256,7 @@ def test_expert_parallel_partials_sum_to_the_whole_on_both_paths():
     weights = torch.rand(5, 2, generator=g)
     indices = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(5)])
     want = full(x, weights, indices)
-    for path in ("_sorted", "_gathered"):
+    for path in ("_sorted", "_gathered", "_grouped"):
         total = torch.zeros_like(want)
         for rank in range(4):
             part = Experts(args, Shard(rank=rank, world=4))

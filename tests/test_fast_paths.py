@@ -1,5 +1,5 @@
 """Each fast path computes what the plain path computes: static/compiled decode vs eager, absorbed vs naive MLA,
-gathered vs sorted MoE experts."""
+gathered and grouped vs sorted MoE experts."""
 
 from __future__ import annotations
 
@@ -51,14 +51,19 @@ def test_absorbed_mla_equals_naive(models, name):
 
 
 @pytest.mark.parametrize("name", ["v3", "v2"])
-def test_gathered_experts_equal_sorted(models, name):
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_gathered_and_grouped_experts_equal_sorted(models, name, tokens):
+    """The GPU's paths (gathered for decode, grouped GEMMs for prefill) against the per-expert loop; F.grouped_mm
+    runs on a CPU in float32, so the same code is checked here."""
     moe = next(layer.mlp for layer in models[name].model.layers if hasattr(layer.mlp, "experts"))
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         weights, indices = moe.gate(x)
-        gathered = moe.experts._gathered(x, weights, indices)
         sorted_ = moe.experts._sorted(x, weights, indices)
-    assert (gathered - sorted_).abs().max().item() <= 1e-5
+        for path in ("_gathered", "_grouped"):
+            got = getattr(moe.experts, path)(x, weights, indices)
+            assert (got - sorted_).abs().max().item() <= 1e-5, path
+    assert moe.experts.path(x, indices) == "_sorted"  # a CPU loops (no stall to avoid; float32 per expert)
 
 
 @pytest.mark.parametrize("name", ["qwen2", "v3"])

@@ -151,9 +151,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         for name in ("gate_proj", "up_proj", "down_proj"):  # stacked block scales, when the weights stay FP8
             self.register_buffer(f"{name}_scale_inv", None)
-        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (no host sync, so the decode
-        # step can be graph-captured). A CPU is synchronous anyway: it always takes the sorted path, which reads
-        # the weights in place instead of copying them (14x faster measured on a V2-Lite layer).
+        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (decode); more take grouped
+        # GEMMs (prefill). Both without a host sync, so the decode step can be graph-captured. See path().
         self.gather_limit = 64
         self.n_experts = e
         # name -> a stacked quant.QuantWeight replacing that parameter (int8/int4, quantized per expert)
@@ -180,9 +179,24 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if self.shard is not None:
             weights, indices = self.localize(weights, indices)
-        if x.device.type != "cpu" and indices.numel() <= self.gather_limit:
-            return self._gathered(x, weights, indices)
-        return self._sorted(x, weights, indices)
+        return getattr(self, self.path(x, indices))(x, weights, indices)
+
+    def path(self, x: torch.Tensor, indices: torch.Tensor) -> str:
+        """A CPU is synchronous, so the sorted loop costs it no stall, and it converts one expert at a time to
+        float32 for prompts (bf16 matmuls are ~3x slower on CPUs without bf16 math). A GPU takes paths without a
+        host sync: gathered for a few pairs (decode), grouped GEMMs for more (prefill), where the kernel applies."""
+        if x.device.type == "cpu":
+            return "_sorted"
+        if indices.numel() <= self.gather_limit:
+            return "_gathered"
+        return "_grouped" if self.groupable(x) else "_sorted"
+
+    def groupable(self, x: torch.Tensor) -> bool:
+        """F.grouped_mm on CUDA takes bf16 on SM80+; quantized and FP8-kept experts use their own kernels."""
+        if self.quant or any(getattr(self, f"{n}_scale_inv") is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            return False
+        aligned = x.shape[-1] % 8 == 0 and self.gate_proj.shape[1] % 8 == 0  # 16-byte strides
+        return aligned and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
     def localize(self, weights, indices):
         """Expert parallel: pairs routed to other ranks' experts get weight 0 and the slot past the local experts
@@ -203,8 +217,31 @@ class Experts(nn.Module):
         y = torch.einsum("pf,pdf->pd", h, self.weights("down_proj", flat, x.dtype))
         return (y.view(n, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
+    def _grouped(self, x, weights, indices):
+        """Prefill on a GPU: the pairs sorted by expert, each projection one grouped GEMM over all experts.
+        No per-expert loop and no host sync (the group ends come from a search on the device)."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort()
+        # ends[e] = pairs routed to experts <= e; pairs past ends[-1] belong to other ranks' experts
+        ends = torch.searchsorted(flat[order], torch.arange(self.n_experts, device=x.device), right=True)
+        ends = ends.to(torch.int32)
+        token_of_pair = order // k
+        xs = x[token_of_pair]
+        h = F.silu(F.grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=ends))
+        h = h * F.grouped_mm(xs, self.up_proj.transpose(1, 2), offs=ends)
+        out = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)
+        pair_weights = weights.reshape(-1)[order].unsqueeze(-1)
+        computed = (torch.arange(flat.numel(), device=x.device) < ends[-1]).unsqueeze(-1)
+        # rows past the last group are left unwritten by the kernel: select, so that no NaN leaks through a 0 weight
+        contrib = torch.where(computed, out.float() * pair_weights, 0.0)
+        y = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
+        y.index_add_(0, token_of_pair, contrib)
+        return y.to(x.dtype)
+
     def _sorted(self, x, weights, indices):
-        """Prefill: group the (token, expert) pairs by expert and run each expert once on its tokens."""
+        """The CPU's path, and a GPU's for quantized or FP8-kept experts: group the (token, expert) pairs by
+        expert and run each expert once on its tokens (the packed kernels when quantized)."""
         n, k = indices.shape
         flat = indices.reshape(-1)
         order = flat.argsort()
