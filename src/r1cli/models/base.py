@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelArgs
 from .cache import Cache
-from .layers import RMSNorm, VocabParallelEmbedding, VocabParallelHead, attention_mask, rope_table
+from .layers import RMSNorm, Rotation, VocabParallelEmbedding, VocabParallelHead, attention_mask, rope_table
 
 
 def fuse_when_loaded(model: nn.Module, module_name: str) -> None:
@@ -33,8 +33,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos, freqs, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, freqs, mask, cache)
+    def forward(self, x, start_pos, rot, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, rot, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -59,6 +59,8 @@ class CausalLM(nn.Module):
 
     `shard` (parallel.Shard, None for one process): this rank's part of a tensor-parallel model; every rank then
     runs the same forward in lockstep and returns the same full logits."""
+
+    rope_interleaved = False  # RoPE's pairs: (x_i, x_{i+D/2}) (Llama, Qwen) or (x_2i, x_2i+1) (DeepSeek)
 
     def __init__(self, args: ModelArgs, layers: list[Block], shard=None):
         super().__init__()
@@ -127,8 +129,9 @@ class CausalLM(nn.Module):
 
     def _layers(self, tokens, start_pos, freqs, masks, cache, last_only) -> torch.Tensor:
         h = self.model.embed_tokens(tokens)
+        rot = Rotation(freqs, self.rope_interleaved)  # once per forward, shared by the layers
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, start_pos, freqs, masks[self._window(i)], cache)
+            h = layer(h, start_pos, rot, masks[self._window(i)], cache)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h)).float()

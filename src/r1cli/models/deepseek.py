@@ -46,17 +46,17 @@ class MLA(nn.Module):
         self.kv_b_proj = column_linear(self.rank, args.n_heads * (self.nope + self.v_dim), False, shard)
         self.o_proj = row_linear(args.n_heads * self.v_dim, args.dim, args.attention_bias, shard)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rot, mask, cache: Cache | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(bsz, seqlen, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
-        q_rope = apply_rope(q_rope, freqs, interleaved=True)
+        q_rope = apply_rope(q_rope, rot)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_rope = apply_rope(k_rope.unsqueeze(2), freqs, interleaved=True).squeeze(2)
+        k_rope = apply_rope(k_rope.unsqueeze(2), rot).squeeze(2)
         if cache is not None:
             latent, k_rope = cache.write(self.layer_id, start_pos, latent, k_rope)
         absorbed = self.mode == "absorbed" or (self.mode == "auto" and cache is not None and seqlen <= 16)
@@ -292,6 +292,8 @@ class MoE(nn.Module):
 
 
 class DeepSeekLM(CausalLM):
+    rope_interleaved = True
+
     def __init__(self, args: ModelArgs, shard=None):
         layers = [
             Block(args, MLA(args, i, shard),

@@ -31,21 +31,23 @@ class Attention(nn.Module):
         """After loading (the checkpoint names q, k and v apart): one matmul for the three."""
         join_projections(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs, mask, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rot, mask, cache: Cache | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         nq, nkv = self.n_heads, self.n_kv_heads
+        # q and k leave the rotation in the cache's dtype (float32 on a CPU without bf16 math: kv_cache_dtype)
+        dtype = cache.layers[self.layer_id][0].dtype if cache is not None else x.dtype
         if self.qkv_proj is not None:
             h = self.qkv_proj(x).view(bsz, seqlen, nq + 2 * nkv, self.head_dim)
-            q, k = apply_rope(h[:, :, : nq + nkv], freqs, interleaved=False).split([nq, nkv], dim=2)  # one rotation
+            q, k = apply_rope(h[:, :, : nq + nkv], rot, dtype).split([nq, nkv], dim=2)  # one rotation
             v = h[:, :, nq + nkv :]
         else:
-            q = apply_rope(self.q_proj(x).view(bsz, seqlen, nq, self.head_dim), freqs, interleaved=False)
-            k = apply_rope(self.k_proj(x).view(bsz, seqlen, nkv, self.head_dim), freqs, interleaved=False)
+            q = apply_rope(self.q_proj(x).view(bsz, seqlen, nq, self.head_dim), rot, dtype)
+            k = apply_rope(self.k_proj(x).view(bsz, seqlen, nkv, self.head_dim), rot, dtype)
             v = self.v_proj(x).view(bsz, seqlen, nkv, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.write(self.layer_id, start_pos, k, v)  # the cache may be float32 (kv_cache_dtype)
-        out = sdpa(q.to(k.dtype), k, v, mask, self.scale).to(x.dtype)
+            k, v = cache.write(self.layer_id, start_pos, k, v)
+        out = sdpa(q, k, v, mask, self.scale).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
