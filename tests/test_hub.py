@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hf_server import GOOD_TOKEN, INVALID_TOKEN, TINY_QWEN2_CONFIG, FakeHub, Repo, tiny_qwen2_repo, tiny_qwen2_tensors
 
 from r1cli import hub as r1hub
 from r1cli.errors import ModelNotFoundError, R1Error, UsageError
+from r1cli.models.layers import kv_cache_dtype
 from r1cli.registry import resolve_name
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -301,8 +303,13 @@ def test_list_show_rm_on_pulled_repos(fake, env):
     assert info["sampling"] == {"temperature": 0.6, "top_p": 0.95, "source": "DeepSeek's R1 usage recommendations"}
     assert_parameter_counts(info)
 
+    # A CPU without bf16 math keeps a bf16 model's cache in float32 (kv_cache_dtype, what the loader uses): said.
+    cpu_f32 = not torch.cuda.is_available() and kv_cache_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert info["memory"].get("kv_cache_here") == (200 * kv_per_token if cpu_f32 else None)
+
     text = r1(env, "show", "test/tiny").stdout
     assert "context length  2048 tokens" in text and "chat template   yes" in text
+    assert ("on this CPU (float32)" in text) == cpu_f32
     assert "(generation_config.json)" in text  # not an R1 repo name: the repo's own defaults
     local = r1(env, "show", str(snapshot(env, "test/tiny")), "--json")
     assert local.returncode == 0 and json.loads(local.stdout)["architecture"] == "Qwen2ForCausalLM"

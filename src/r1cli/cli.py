@@ -273,7 +273,9 @@ def show(
         (
             f"memory @{mem['context']}",
             f"{hub.format_size(mem['total'])} (weights {hub.format_size(mem['weights'])}"
-            f" + KV cache {hub.format_size(mem['kv_cache'])}, {hub.format_size(mem['kv_cache_per_token'])}/token)",
+            f" + KV cache {hub.format_size(mem['kv_cache'])}, {hub.format_size(mem['kv_cache_per_token'])}/token)"
+            + (f"; KV cache {hub.format_size(mem['kv_cache_here'])} on this CPU ({mem['kv_cache_here_dtype']})"
+               if "kv_cache_here" in mem else ""),
         ),
         ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
         ("chat template", "yes" if info["chat_template"] else "no"),

@@ -499,6 +499,9 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
     # Weights at the checkpoint's dtype (FP8: one byte each; the block scales are negligible).
     weight_bytes = total * _DTYPE_BYTES.get(dtype, 2)
     kv_per_token = args.kv_cache_bytes_per_token(4 if dtype == "float32" else 2)
+    memory = _memory(ctx, weight_bytes, kv_per_token)
+    if dtype != "float32":
+        memory.update(_kv_here(args, ctx))
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     return {
         "name": ref.name,
@@ -510,11 +513,23 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         "context_length": cfg.get("max_position_embeddings"),
         "dtype": dtype,
         "size_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
-        "memory": _memory(ctx, weight_bytes, kv_per_token),
+        "memory": memory,
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
         "sampling": recommended_sampling(ref, folder),
         "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
     }
+
+
+def _kv_here(args, ctx: int) -> dict:
+    """On a machine without a GPU whose CPU lacks bf16 math, a 16-bit model keeps its KV cache in float32
+    (models.layers.kv_cache_dtype): twice the bytes of the 16-bit figure. Empty elsewhere."""
+    import torch
+
+    from .models.layers import kv_cache_dtype
+
+    if torch.cuda.is_available() or kv_cache_dtype(torch.bfloat16, torch.device("cpu")) != torch.float32:
+        return {}
+    return {"kv_cache_here": args.kv_cache_bytes_per_token(4) * ctx, "kv_cache_here_dtype": "float32"}
 
 
 def _memory(ctx: int, weight_bytes: int, kv_per_token: int) -> dict:
@@ -539,6 +554,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         file_type = ref.gguf or quant_type(path.name)
     weight_bytes = total * 2
     kv_per_token = args.kv_cache_bytes_per_token(2)
+    memory = {**_memory(ctx, weight_bytes, kv_per_token), **_kv_here(args, ctx)}
     snapshot = snapshot_of(path)
     template = f.metadata.get("tokenizer.chat_template")
     r1 = isinstance(template, str) and "<｜Assistant｜>" in template
@@ -552,7 +568,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "context_length": args.max_seq_len,
         "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
         "size_on_disk": path.stat().st_size,
-        "memory": _memory(ctx, weight_bytes, kv_per_token),
+        "memory": memory,
         "chat_template": isinstance(template, str),
         # As `r1 run` decides: an R1 chat template means R1's sampling (a GGUF has no generation_config.json).
         "sampling": {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"} if r1 else {},
