@@ -21,8 +21,7 @@ def models(tmp_path_factory):
     return out
 
 
-# Compiling takes about a minute on 2 cores: one compiled family, the static path it compiles for all three.
-@pytest.mark.parametrize("name,mode", [("qwen2", "static"), ("v3", "static"), ("v2", "static"), ("qwen2", "compile")])
+@pytest.mark.parametrize("name,mode", [("qwen2", "static"), ("v3", "static"), ("v2", "static")])
 def test_decode_modes_match_eager(models, name, mode):
     model = models[name]
     prompt = [3, 14, 15, 92, 65, 35]
@@ -30,6 +29,23 @@ def test_decode_modes_match_eager(models, name, mode):
     want = list(Generator(model, max_len=64, decode_mode="eager").generate(prompt, params))
     got = list(Generator(model, max_len=64, decode_mode=mode).generate(prompt, params))
     assert got == want
+
+
+def test_compiled_decode_matches_eager_across_buckets_with_one_compile(tmp_path, monkeypatch):
+    """torch.compile'd decode gives the eager tokens, and crosses cache buckets (256 -> 512 -> 1024 slots)
+    without compiling again: the attended length is a dynamic size, so a long reply does not stall for a
+    compile at each doubling of its context. (Only the bucket that spans the whole cache compiles once more.)"""
+    write_checkpoint(qwen2_config(max_position_embeddings=2048), tmp_path)
+    model = load_model(tmp_path, dtype="float32")
+    prompt = torch.randint(0, 320, (250,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=270)
+    want = list(Generator(model, max_len=1100, decode_mode="eager").generate(prompt, params))
+    torch._dynamo.reset()
+    compiled = Generator(model, max_len=1100, decode_mode="compile")
+    got = list(compiled.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=2)))  # compiles at 256 slots
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    got = list(compiled.generate(prompt, params))
+    assert len(got) == 270 and got == want
 
 
 @pytest.mark.parametrize("name", ["v3", "v2"])

@@ -235,14 +235,16 @@ class Generator:
 
 class StaticDecoder:
     """Decode steps with fixed shapes: the position is a device tensor and attention covers the first `bucket`
-    cache slots (buckets double from 256), so each bucket compiles or captures once and a short conversation does
-    not read the whole cache. On CUDA ('graph', 'compile') each bucket's step is captured as a CUDA graph and
-    replayed: one launch per token instead of hundreds."""
+    cache slots (buckets double from 256), so a short conversation does not read the whole cache. On CUDA
+    ('graph', 'compile') each bucket's step is captured once as a CUDA graph and replayed: one launch per token
+    instead of hundreds. 'compile' compiles with dynamic sizes, so the bucket's length is a symbol and one compile
+    serves every bucket (a static compile recompiled at each doubling: about half a minute each on a 2-core CPU);
+    only the bucket that spans the whole cache compiles once more (its slice is the buffer itself)."""
 
     def __init__(self, model: CausalLM, cache: Cache, mode: str):
         self.model, self.cache = model, cache
         device = model.model.embed_tokens.weight.device
-        self.forward = torch.compile(model, dynamic=False) if mode == "compile" else model
+        self.forward = torch.compile(model, dynamic=True) if mode == "compile" else model
         self.use_graphs = device.type == "cuda" and mode in ("graph", "compile")
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
