@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared for the next session lent the H200 (about 9 minutes): the fast-path check; where a Qwen-1.5B decode
+# Prepared for the next session lent the H200 (about 9 minutes): the fast-path checks (graph/static decode, and
+# the int8/int4 CUDA kernels against the float reference: tinygemm's layout has never run); where a Qwen-1.5B decode
 # step's GPU time goes; the routed experts' paths on V2-Lite (grouped GEMMs vs the per-expert loop for prefill,
 # grouped vs gathered for decode); the dense shapes with joined q|k|v and gate|up (compile); and issue #7's GPU
 # targets, Qwen-7B int8 and int4 against its bf16 decode.
@@ -9,6 +10,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 timeout 60 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/check.txt"
+timeout 60 python3 benchmarks/quant_check.py --device cuda 2>&1 | tee "$out/quant-check.txt"
 timeout 60 python3 benchmarks/step_profile.py --config benchmarks/configs/DeepSeek-R1-Distill-Qwen-1.5B --device cuda \
   > "$out/profile-qwen1.5b.txt" 2>&1; head -40 "$out/profile-qwen1.5b.txt"
 timeout 150 python3 benchmarks/moe_paths.py --config benchmarks/configs/DeepSeek-V2-Lite --device cuda --dtype bfloat16 \
