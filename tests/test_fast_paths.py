@@ -187,3 +187,19 @@ def test_joined_projections_compute_what_the_separate_ones_do(tmp_path, quant):
                 outs.append((m(tokens[:, :-1], cache=cache), m(tokens[:, -1:], start_pos=11, cache=cache)))
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if quant == "none" else 0.0)
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_masked_gqa_without_enable_gqa_equals_sdpa(queries):
+    """The GPU's masked grouped-query attention (query heads as rows of their key/value head for one query, key/value
+    heads repeated for more) against SDPA's own enable_gqa, with a mask like the static decode's and the chunked
+    prefill's (padding and causal)."""
+    from r1cli.models.layers import attention_mask, masked_gqa, sdpa
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 6, queries, 16, generator=g)
+    k, v = torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
+    key_valid = torch.rand(2, 20, generator=g) > 0.3
+    mask = attention_mask(20 - queries, queries, key_valid, q.device)
+    want = sdpa(q, k, v, mask, 0.25)  # on a CPU: enable_gqa
+    assert (masked_gqa(q, k, v, mask, 0.25) - want).abs().max().item() <= 1e-6

@@ -342,4 +342,20 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     mask None means causal when T == S (a prompt from slot 0) and full attention when T == 1."""
     causal = mask is None and q.shape[2] > 1
     gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.device.type == "cuda":
+        return masked_gqa(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def masked_gqa(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention with a mask, without `enable_gqa`: PyTorch's fused CUDA kernels refuse that pair
+    and it falls back to the math kernel (several launches, and the T x S scores in memory): every static decode
+    step and every prompt after the first turn. One query (decode): the G query heads that share a key/value head
+    become G query rows of it, no copy. More queries: each key/value head repeated for its query heads."""
+    b, h, t, d = q.shape
+    groups = h // k.shape[1]
+    if t == 1:
+        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], groups, d), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, h, 1, out.shape[-1])
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
