@@ -158,12 +158,15 @@ def test_interrupt_exits_130(looping_dir):
 
 
 def test_decode_modes_give_the_same_answer(steered_dir):
-    """--decode-mode picks the decode step (static: the fixed-shape step torch.compile and CUDA graphs use); the
-    steered model's known answer comes out of each. An unknown mode is a one-line usage error."""
-    for mode in ("eager", "static"):
-        result = CliRunner().invoke(app, ["run", str(steered_dir), "--decode-mode", mode, "How many pears?"])
+    """--decode-mode picks the decode step (static: the fixed-shape step torch.compile and CUDA graphs use; compile:
+    that step compiled); the steered model's known answer comes out of each. An unknown mode is a one-line usage
+    error."""
+    for mode in ("eager", "static", "compile"):
+        result = CliRunner().invoke(app, ["run", str(steered_dir), "--decode-mode", mode, "--verbose", "How many pears?"])
         assert result.exit_code == 0, result.output
         assert result.stdout == steered.ANSWER + "\n"
+        # compile says why the first reply will pause
+        assert ("first reply pauses while torch.compile builds the decode step" in result.stderr) == (mode == "compile")
     bad = r1("run", steered_dir, "--decode-mode", "warp", "hi")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "r1: unknown --decode-mode 'warp': use auto, eager, static, compile, graph"]

@@ -148,6 +148,9 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
                                   group_size=group_size, quant_head=quant_head)
     if announce and getattr(model, "quant_notice", None):
         announce(f"r1: {model.quant_notice}")
+    if announce and decode_mode == "compile":  # else the first reply stops after a token, for no visible reason
+        announce("r1: --decode-mode compile: the first reply pauses while torch.compile builds the decode step "
+                 "(a minute or more the first time, seconds once its on-disk cache is warm)")
     tokenizer = checkpoint.tokenizer()
     family = family_for(tokenizer)
     return OpenModel(name, ref, folder, tokenizer, Generator(model, context, decode_mode=decode_mode), family, generation_defaults(folder, family))
