@@ -31,7 +31,7 @@ def test_decode_modes_match_eager(models, name, mode):
     assert got == want
 
 
-def test_compiled_decode_matches_eager_across_buckets_with_one_compile(tmp_path, monkeypatch):
+def test_compiled_decode_matches_eager_across_buckets_with_one_compile(tmp_path):
     """torch.compile'd decode gives the eager tokens, and crosses cache buckets (256 -> 512 -> 1024 slots)
     without compiling again: the attended length is a dynamic size, so a long reply does not stall for a
     compile at each doubling of its context. (Only the bucket that spans the whole cache compiles once more.)"""
@@ -43,8 +43,8 @@ def test_compiled_decode_matches_eager_across_buckets_with_one_compile(tmp_path,
     torch._dynamo.reset()
     compiled = Generator(model, max_len=1100, decode_mode="compile")
     got = list(compiled.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=2)))  # compiles at 256 slots
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    got = list(compiled.generate(prompt, params))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = list(compiled.generate(prompt, params))
     assert len(got) == 270 and got == want
 
 
