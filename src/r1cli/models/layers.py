@@ -102,6 +102,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight.matmul(x, self.bias)
+        # dense_weight's steps inline: a decode step makes ~120 of these calls, and the extra call cost ~3 us each
         w = self.weight
         if self.weight_scale_inv is not None:
             w = dequantize_fp8(w, self.weight_scale_inv, x.dtype)
