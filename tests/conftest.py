@@ -5,35 +5,27 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    assert SHARED.is_dir(), f"{SHARED} is missing: CI lays ../shared beside the clone"
-    return SHARED
-
 
 # --- models for run/chat tests -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def steered_dir(shared_dir, tmp_path_factory) -> Path:
+def steered_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 checkpoint with the real R1 tokenizer that answers every prompt with steered.REASONING inside
     <think>, then steered.ANSWER, then eos (see tests/steered.py)."""
     import steered
 
-    tokenizer_dir = steered.r1_tokenizer_dir(shared_dir)
+    tokenizer_dir = steered.r1_tokenizer_dir()
     return steered.write_steered(tmp_path_factory.mktemp("steered"), tokenizer_dir, steered.chain_ids(tokenizer_dir))
 
 
 @pytest.fixture(scope="session")
-def looping_dir(shared_dir, tmp_path_factory) -> Path:
+def looping_dir(tmp_path_factory) -> Path:
     """Like steered_dir, but it thinks steered.LOOP forever (for Ctrl-C, closed pipes and max-tokens tests)."""
     import steered
     from tokenizers import Tokenizer
 
-    tokenizer_dir = steered.r1_tokenizer_dir(shared_dir)
+    tokenizer_dir = steered.r1_tokenizer_dir()
     ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(steered.LOOP, add_special_tokens=False).ids
     return steered.write_steered(tmp_path_factory.mktemp("looping"), tokenizer_dir, ids, loop_to=0)
 

@@ -25,8 +25,10 @@ ANSWER = "There are *three* pears!"
 LOOP = " think more and"  # the looping model's reasoning, repeated until max_tokens or the context ends
 
 
-def r1_tokenizer_dir(shared_dir: Path) -> Path:
-    return shared_dir / "fixtures" / "r1-distill-qwen-tokenizer"
+def r1_tokenizer_dir() -> Path:
+    from paths import R1_TOKENIZER
+
+    return R1_TOKENIZER
 
 
 def chain_ids(tokenizer_dir: Path, reasoning: str = REASONING, answer: str = ANSWER) -> list[int]:

@@ -9,8 +9,7 @@ from r1cli.chat_format import answer_only, build_prompt, family_for, render_prom
 from r1cli.errors import R1Error
 from r1cli.tokenizer import Tokenizer
 
-# ../shared sits beside the clone (as in CI); a missing fixture fails the tests instead of skipping them.
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "r1-distill-qwen-tokenizer"
+from paths import R1_TOKENIZER as FIXTURE
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 ORIGINAL_ENDING = "{{'<｜Assistant｜>'}}{% endif %}"

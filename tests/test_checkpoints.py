@@ -16,11 +16,12 @@ from r1cli.config import load_config
 from r1cli.errors import CheckpointError, UnsupportedArchitectureError
 from r1cli.loader import load_model
 from r1cli.models import count_parameters
+from paths import FIXTURES, HUB_CONFIGS
 from tiny import llama_config, qwen2_config, v3_config, write_checkpoint
 
 
-def table_counts(shared: Path) -> dict[str, tuple[int, int]]:
-    text = (shared / "fixtures" / "README.md").read_text()
+def table_counts() -> dict[str, tuple[int, int]]:
+    text = (FIXTURES / "README.md").read_text()
     rows = {}
     for line in text.splitlines():
         m = re.match(r"^\| ([^|]+?) (?:\([^)]*\) )?\| ([\d,]+)(?: \([^)]*\))? \| ([\d,]+|same) \|$", line)
@@ -32,9 +33,9 @@ def table_counts(shared: Path) -> dict[str, tuple[int, int]]:
     return rows
 
 
-def test_every_hub_config_parses_and_counts_match_the_table(shared_dir):
-    table = table_counts(shared_dir)
-    configs = sorted((shared_dir / "fixtures" / "hub-configs").iterdir())
+def test_every_hub_config_parses_and_counts_match_the_table():
+    table = table_counts()
+    configs = sorted(p for p in HUB_CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
     assert len(configs) == 10
     for folder in configs:
         name = folder.name
@@ -44,17 +45,17 @@ def test_every_hub_config_parses_and_counts_match_the_table(shared_dir):
         assert count_parameters(args) == table[key], name
 
 
-def test_hub_config_facts(shared_dir):
-    r1 = load_config(shared_dir / "fixtures/hub-configs/DeepSeek-R1")
+def test_hub_config_facts():
+    r1 = load_config(HUB_CONFIGS / "DeepSeek-R1")
     assert r1.fp8_block == (128, 128) and r1.topk_method == "noaux_tc" and r1.scoring_func == "sigmoid"
     assert r1.rope.kind == "yarn" and abs(r1.softmax_scale - 192**-0.5 * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2) < 1e-9
     assert [r1.is_moe_layer(i) for i in range(5)] == [False, False, False, True, True]
     assert r1.kv_cache_bytes_per_token() == 61 * 576 * 2
-    lite = load_config(shared_dir / "fixtures/hub-configs/DeepSeek-V2-Lite")
+    lite = load_config(HUB_CONFIGS / "DeepSeek-V2-Lite")
     assert lite.q_lora_rank is None and lite.scoring_func == "softmax" and not lite.norm_topk_prob
-    llama = load_config(shared_dir / "fixtures/hub-configs/DeepSeek-R1-Distill-Llama-8B")
+    llama = load_config(HUB_CONFIGS / "DeepSeek-R1-Distill-Llama-8B")
     assert llama.rope.kind == "llama3" and llama.norm_eps == 1e-5 and not llama.qkv_bias
-    qwen = load_config(shared_dir / "fixtures/hub-configs/DeepSeek-R1-Distill-Qwen-1.5B")
+    qwen = load_config(HUB_CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B")
     assert qwen.qkv_bias and not qwen.tie_embeddings and qwen.sliding_window is None
 
 

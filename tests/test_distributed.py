@@ -27,7 +27,7 @@ from r1cli.weights import SafetensorsFile
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-HUB_CONFIGS = HERE.parents[1] / "shared" / "fixtures" / "hub-configs"
+from paths import HUB_CONFIGS  # noqa: E402
 
 CASES = {
     "llama-gqa": lambda: llama_config(num_attention_heads=8, num_key_value_heads=4),

@@ -237,8 +237,10 @@ MIXED = {  # every type r1 reads, on every kind of weight (K-quants need rows of
 
 
 @pytest.fixture(scope="module")
-def r1_tokenizer_dir(shared_dir) -> Path:
-    return shared_dir / "fixtures" / "r1-distill-qwen-tokenizer"
+def r1_tokenizer_dir() -> Path:
+    from paths import R1_TOKENIZER
+
+    return R1_TOKENIZER
 
 
 def test_qwen2_mixed_types_match_transformers_gguf_loader(tmp_path, r1_tokenizer_dir):

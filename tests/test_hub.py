@@ -28,7 +28,7 @@ from r1cli.models.layers import kv_cache_dtype
 from r1cli.registry import resolve_name
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hub-configs"
+from paths import HUB_CONFIGS  # noqa: E402
 ALIAS, ALIAS_REPO = "deepseek-r1:1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 TINY = tiny_qwen2_repo()
 RUN_FILES = {n for n in TINY if r1hub.is_run_file(n)}
@@ -408,7 +408,7 @@ def test_revisions_and_short_commits(in_process):
     ],
 )
 def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_token, context, total, activated):
-    config = SHARED_CONFIGS / name / "config.json"
+    config = HUB_CONFIGS / name / "config.json"
     if not config.is_file():
         pytest.skip(f"{config} not available")
     folder = tmp_path / name

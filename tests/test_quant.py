@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from paths import HUB_CONFIGS
 from memprobe import measure_load
 from tiny import (
     hf_model,
@@ -429,7 +430,7 @@ def test_quantized_load_peak_memory(tmp_path):
 def test_weight_bytes_for_r1_distill_qwen_7b():
     from r1cli.config import args_from_dict, read_config_json
 
-    args = args_from_dict(read_config_json(Path(__file__).parents[1] / "benchmarks/configs/DeepSeek-R1-Distill-Qwen-7B"))
+    args = args_from_dict(read_config_json(HUB_CONFIGS / "DeepSeek-R1-Distill-Qwen-7B"))
     assert 15.0e9 < q.weight_bytes(args, "none") < 15.5e9
     assert q.weight_bytes(args, "int4", 32) <= 6.5e9  # the memory bar for the weights at int4
 
@@ -444,11 +445,11 @@ def test_bad_quant_flags_are_one_line_usage_errors(tiny_dirs, args, needle):
 
 
 @pytest.mark.parametrize("name", ["DeepSeek-R1-Distill-Qwen-7B", "DeepSeek-V2-Lite"])
-def test_multi_gpu_planner_counts_quantized_weights_as_r1_show_does(shared_dir, name):
+def test_multi_gpu_planner_counts_quantized_weights_as_r1_show_does(name):
     from r1cli.config import load_config
     from r1cli.parallel import plan_memory
 
-    args = load_config(shared_dir / "fixtures" / "hub-configs" / name)
+    args = load_config(HUB_CONFIGS / name)
     for scheme in ("none", "int8", "int4"):
         one = plan_memory(args, 1, 4096, None, 2, q.bytes_per_param(scheme, 32))
         assert one.weights == q.weight_bytes(args, scheme, 32)

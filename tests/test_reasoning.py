@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 
 from r1cli.reasoning import Delta, ReasoningSplitter
 
-# ../shared sits beside the clone (as in CI); a missing fixture fails the tests instead of skipping them.
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "r1-distill-qwen-tokenizer"
+from paths import R1_TOKENIZER as FIXTURE
 START_ID, END_ID = 151648, 151649
 
 

@@ -16,8 +16,8 @@ from r1cli.tokenizer import Tokenizer
 
 
 @pytest.fixture
-def r1_tokenizer(shared_dir):
-    return Tokenizer.from_folder(steered.r1_tokenizer_dir(shared_dir))
+def r1_tokenizer():
+    return Tokenizer.from_folder(steered.r1_tokenizer_dir())
 
 
 def two_turn_session():
@@ -25,14 +25,14 @@ def two_turn_session():
                               Turn("And 3+3?", "It is 6.", "SECRET-TWO adding three")])
 
 
-def test_prompt_never_contains_earlier_reasoning(r1_tokenizer, shared_dir):
+def test_prompt_never_contains_earlier_reasoning(r1_tokenizer):
     from transformers import AutoTokenizer
 
     session = two_turn_session()
     prompt = session.prompt(r1_tokenizer, "r1", "And 4+4?")
     assert "SECRET" not in prompt.text and "It is 4." in prompt.text and "It is 6." in prompt.text
     # Oracle: transformers renders the answer-only conversation to the same ids (plus R1's forced "<think>\n").
-    hf = AutoTokenizer.from_pretrained(steered.r1_tokenizer_dir(shared_dir))
+    hf = AutoTokenizer.from_pretrained(steered.r1_tokenizer_dir())
     messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
                 {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "It is 6."},
                 {"role": "user", "content": "And 4+4?"}]

@@ -7,8 +7,7 @@ import pytest
 from r1cli.errors import CheckpointError
 from r1cli.tokenizer import Tokenizer
 
-# ../shared sits beside the clone (as in CI); a missing fixture fails the tests instead of skipping them.
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "r1-distill-qwen-tokenizer"
+from paths import R1_TOKENIZER as FIXTURE
 
 MULTILINGUAL = (
     "Hello, world! 你好，世界。鑫龘𠀀 — Привет мир; مرحبا بالعالم; こんにちは 🤖🧠👩‍👩‍👧 café naïve\n"
