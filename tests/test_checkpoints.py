@@ -164,6 +164,7 @@ def test_mtp_layer_is_skipped(tmp_path):
     assert not any(name.startswith(f"model.layers.{n}.") for name, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_cli_reports_one_line_without_traceback(good):
     cfg = json.loads((good / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]

@@ -150,11 +150,13 @@ def four_ranks(checkpoints, tokens, tmp_path_factory):
     return run_sharded(4, AT_4, checkpoints, tokens, tmp_path_factory)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", AT_2)
 def test_two_ranks_match_one_process(two_ranks, single, case):
     check_sharded(two_ranks, 2, single[case], case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", AT_4)
 def test_four_ranks_match_one_process(four_ranks, single, case):
     check_sharded(four_ranks, 4, single[case], case)
@@ -354,6 +356,7 @@ def run_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_torchrun_piped_prompt_prints_the_answer_once(steered_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "r1cli", "run", str(steered_dir), "--device", "cpu"]
@@ -363,6 +366,7 @@ def test_torchrun_piped_prompt_prints_the_answer_once(steered_dir):
     assert result.stdout == steered.ANSWER + "\n"
 
 
+@pytest.mark.slow
 def test_gpus_shortcut_chat_two_turns_and_a_slash_command(steered_dir):
     """`r1 chat --gpus 2` re-executes itself under torchrun (two gloo processes here, where there is no GPU);
     rank 0 reads the piped lines: two turns (the second reusing the cache on both ranks) around /clear."""
@@ -396,6 +400,7 @@ def test_show_plans_per_gpu(tmp_path):
     assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim, signum", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
                          ids=["kill-rank-1", "kill-rank-0", "hang-rank-1"])
 def test_a_killed_or_hung_rank_makes_the_others_exit(looping_dir, tmp_path, victim, signum):

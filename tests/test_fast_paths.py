@@ -31,6 +31,7 @@ def test_decode_modes_match_eager(models, name, mode):
     assert got == want
 
 
+@pytest.mark.slow
 def test_compiled_decode_matches_eager_across_buckets_with_one_compile(tmp_path):
     """torch.compile'd decode gives the eager tokens, and crosses cache buckets (256 -> 512 -> 1024 slots)
     without compiling again: the attended length is a dynamic size, so a long reply does not stall for a

@@ -211,6 +211,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smol):
     assert tokenizer.eos_ids == {theirs.eos_token_id} and tokenizer.bos_token == theirs.bos_token
 
 
+@pytest.mark.slow
 def test_smollm2_loads_in_about_the_memory_of_its_weights():
     # Tensor by tensor, in chunks of rows, the file's pages handed back as they are read: no full-size scratch.
     # r1cli.gguf imported before the baseline: code is not what loading costs
@@ -326,6 +327,7 @@ def test_r1_tokenizer_from_gguf_encodes_like_the_hub_tokenizer(r1_gguf, r1_token
     assert build_prompt(ours, messages).ids == build_prompt(hub, messages).ids
 
 
+@pytest.mark.slow
 def test_run_r1_gguf_file_starts_in_thinking(r1_gguf):
     # Random weights never close </think>: exit 4 shows the prompt was built the R1 way from the GGUF's template.
     p = r1("run", str(r1_gguf), "--temperature", "0", "--max-tokens", "4", "--dtype", "float32", "Hi")
@@ -368,6 +370,7 @@ def test_pick_gguf_by_quant_type():
     assert quant_type("SmolLM2-135M-Instruct.Q4_1.gguf") == "Q4_1"
 
 
+@pytest.mark.slow
 def test_unsupported_gguf_architecture_is_one_line(tmp_path):
     path = header_only_gguf(tmp_path / "DeepSeek-V3-Q2_K.gguf", "deepseek2")
     with pytest.raises(UnsupportedArchitectureError, match="llama and qwen2"):
@@ -396,6 +399,7 @@ def hub_env(gguf_hub, tmp_path):
             "HF_HUB_DISABLE_TELEMETRY": "1", "R1_DEBUG": ""}
 
 
+@pytest.mark.slow
 def test_pull_list_show_and_run_a_gguf_repo(gguf_hub, hub_env):
     p = r1("pull", f"{GGUF_REPO}:q4_1", env=hub_env)
     assert p.returncode == 0, p.stderr
@@ -420,6 +424,7 @@ def test_pull_list_show_and_run_a_gguf_repo(gguf_hub, hub_env):
     assert "Paris" in p.stdout
 
 
+@pytest.mark.slow
 def test_gguf_tag_errors_are_one_line(gguf_hub, hub_env):
     line = one_line_error(r1("pull", f"{GGUF_REPO}:Q5_K_M", env=hub_env), 3)
     assert "no GGUF file for 'Q5_K_M'" in line and "Q4_1, Q8_0" in line

@@ -101,6 +101,7 @@ def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *needles: s
 # -- pull ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pull_downloads_only_the_files_that_run_the_model(fake, env):
     p = r1(env, "pull", ALIAS)
     assert p.returncode == 0, p.stderr
@@ -117,6 +118,7 @@ def test_pull_downloads_only_the_files_that_run_the_model(fake, env):
     assert any(r["path"] == f"/api/models/{ALIAS_REPO}" and "blobs=" in r["query"] for r in fake.requests)
 
 
+@pytest.mark.slow
 def test_pull_again_downloads_nothing(fake, env):
     assert r1(env, "pull", "test/tiny").returncode == 0
     fake.requests.clear()
@@ -125,6 +127,7 @@ def test_pull_again_downloads_nothing(fake, env):
     assert not [r for r in fake.requests if "/resolve/" in r["path"] or r["server"] == "cdn"]
 
 
+@pytest.mark.slow
 def test_dropped_connection_resumes_with_a_range_request(fake, env):
     fake.drop_once.add("model.safetensors")
     p = r1(env, "pull", "test/bigfile")
@@ -137,6 +140,7 @@ def test_dropped_connection_resumes_with_a_range_request(fake, env):
     assert (snapshot(env, "test/bigfile") / "model.safetensors").read_bytes() == served
 
 
+@pytest.mark.slow
 def test_interrupted_pull_keeps_finished_files_and_a_rerun_completes_it(fake, env):
     fake.stall.add(SHARD2)
     proc = subprocess.Popen([sys.executable, "-m", "r1cli", "pull", "test/tiny"], env=env, text=True,
@@ -179,6 +183,7 @@ def _serves(fake: FakeHub, request: dict, filename: str) -> bool:
     return request["path"] == f"/cdn/{hashlib.sha256(TINY[filename]).hexdigest()}"
 
 
+@pytest.mark.slow
 def test_gated_repo_downloads_with_a_token_from_env_or_flag(fake, env):
     assert r1({**env, "HF_TOKEN": GOOD_TOKEN}, "pull", "test/gated").returncode == 0
     shutil.rmtree(cache(env))
@@ -186,6 +191,7 @@ def test_gated_repo_downloads_with_a_token_from_env_or_flag(fake, env):
     assert {f.name for f in snapshot(env, "test/gated").iterdir()} == RUN_FILES
 
 
+@pytest.mark.slow
 def test_above_the_threshold_yes_skips_the_question(fake, env):
     if shutil.disk_usage(Path(env["HF_HOME"]).parent).free < 4 * 10**9:
         pytest.skip("needs 4 GB free: the fake repo claims 3 GB")
@@ -194,6 +200,7 @@ def test_above_the_threshold_yes_skips_the_question(fake, env):
     assert "3.0 GB" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_terminal_is_asked_before_a_big_pull_and_before_rm(fake, env):
     pexpect = pytest.importorskip("pexpect")
 
@@ -217,6 +224,7 @@ def test_a_terminal_is_asked_before_a_big_pull_and_before_rm(fake, env):
     assert not (cache(env) / "models--test--tiny").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, extra_env, code, needles",
     [
@@ -247,6 +255,7 @@ def test_errors_are_one_line_with_their_exit_code(fake, env, args, extra_env, co
     assert not list(cache(env).glob("models--*/blobs/*"))  # refused before downloading anything
 
 
+@pytest.mark.slow
 def test_offline_mode_serves_what_is_cached(fake, env):
     assert r1(env, "pull", "test/tiny").returncode == 0
     fake.requests.clear()
@@ -257,6 +266,7 @@ def test_offline_mode_serves_what_is_cached(fake, env):
     assert fake.requests == []
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_filesystem(fake, env, tmp_path):
     """The Hub's sizes say 1 KB, the file is 24 MB, the disk 8 MB: ENOSPC mid-download (needs root for tmpfs)."""
     mount = tmp_path / "small"
@@ -277,6 +287,7 @@ def test_disk_full_on_a_real_small_filesystem(fake, env, tmp_path):
 # -- list, show, rm ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_list_show_rm_on_pulled_repos(fake, env):
     for name in (ALIAS, "test/tiny", "test/unsupported"):
         assert r1(env, "pull", name).returncode == 0
@@ -348,6 +359,7 @@ def in_process(fake, tmp_path, monkeypatch):
     return fake
 
 
+@pytest.mark.slow
 def test_pull_asks_above_the_threshold_and_respects_no(in_process):
     ref, asked = resolve_name("test/tiny"), []
 
@@ -367,6 +379,7 @@ def test_pull_asks_above_the_threshold_and_respects_no(in_process):
     assert r1hub.pull(ref, confirm=None, confirm_above=1000) == folder  # nothing left to download: no question
 
 
+@pytest.mark.slow
 def test_disk_full_during_download_is_one_clear_error(in_process, monkeypatch):
     import huggingface_hub.file_download as fd
 
@@ -381,6 +394,7 @@ def test_disk_full_during_download_is_one_clear_error(in_process, monkeypatch):
     assert "`r1 pull test/tiny`" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_revisions_and_short_commits(in_process):
     sha = in_process.repos["test/tiny"].sha
     r1hub.pull(resolve_name(f"test/tiny@{sha}"), yes=True)

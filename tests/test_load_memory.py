@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from memprobe import measure_load
 from tiny import qwen2_config, write_checkpoint
 
 
+@pytest.mark.slow
 def test_peak_memory_close_to_weight_size(tmp_path):
     folder = tmp_path / "mid"
     # About 200 MB of float32 weights: big enough that copies would show, small enough for CI.

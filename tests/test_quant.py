@@ -232,6 +232,7 @@ def mean_kl(ref_logp, logp) -> float:
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
 
 
+@pytest.mark.slow
 def test_kl_against_bf16_on_smollm2(smol_logits):
     kl8, kl4 = mean_kl(smol_logits["none"], smol_logits["int8"]), mean_kl(smol_logits["none"], smol_logits["int4"])
     print(f"\nSmolLM2-135M, {smol_logits['none'].shape[0]} tokens: mean KL vs bf16: int8 {kl8:.5f}, int4 g32 {kl4:.5f}")
@@ -244,6 +245,7 @@ def test_kl_against_bf16_on_smollm2(smol_logits):
     assert kl4 < kl_head < 0.05
 
 
+@pytest.mark.slow
 def test_quant_head_is_an_int8_copy_and_the_embedding_keeps_its_dtype(smollm2_dir):
     from r1cli.quant import Int8Weight
 
@@ -253,6 +255,7 @@ def test_quant_head_is_an_int8_copy_and_the_embedding_keeps_its_dtype(smollm2_di
     assert (model.lm_head.dense_weight(torch.float32) - ref).abs().max() <= ref.abs().amax(1).max() / 127
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int4+head"])
 def test_greedy_chat_answers_stay_sensible(smollm2_dir, scheme):
     from r1cli.chat_format import build_prompt
@@ -331,6 +334,7 @@ def test_read_only_folder_just_has_no_cache(tiny_dirs, tmp_path):
         folder.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_rm_removes_the_quantized_cache(tiny_dirs, tmp_path):
     """Two revisions of a repo in an HF cache, both with quantized caches: `r1 rm repo@rev` removes that one's."""
     hub = tmp_path / "hf" / "hub"
@@ -405,6 +409,7 @@ for scheme in ("int8", "int4"):
 """
 
 
+@pytest.mark.slow
 def test_quantized_load_peak_memory(tmp_path):
     folder = tmp_path / "mid"
     write_checkpoint(qwen2_config(vocab_size=8000, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
@@ -435,6 +440,7 @@ def test_weight_bytes_for_r1_distill_qwen_7b():
     assert q.weight_bytes(args, "int4", 32) <= 6.5e9  # the issue's memory bar for the weights at int4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [(["--quant", "int3"], "--quant"), (["--quant", "int4", "--group-size", "48"], "--group-size")])
 def test_bad_quant_flags_are_one_line_usage_errors(tiny_dirs, args, needle):
     env = {**os.environ, "PYTHONPATH": str(SRC)}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pexpect
+import pytest
 import torch
 
 import steered
@@ -45,6 +46,7 @@ def test_steered_checkpoint_emits_its_sequence(steered_dir):
     assert tokenizer.decode(out) == f"{steered.REASONING}</think>\n\n{steered.ANSWER}<｜end▁of▁sentence｜>"
 
 
+@pytest.mark.slow
 def test_turn_panel_collapses_and_think_expands(steered_dir, tmp_path):
     child = spawn(steered_dir, tmp_path)
     child.send("garbage")
@@ -87,6 +89,7 @@ def test_turn_panel_collapses_and_think_expands(steered_dir, tmp_path):
     assert all(t["answer"] == steered.ANSWER and t["reasoning"] == steered.REASONING for t in turns)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_generation_and_the_session_goes_on(looping_dir, tmp_path):
     child = spawn(looping_dir, tmp_path)
     child.send("hi\r")

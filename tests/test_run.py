@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import steered
@@ -109,6 +110,7 @@ def test_missing_model_in_process():
 # --- subprocess with pipes ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pipe_stdin_no_escape_codes(steered_dir):
     proc = r1("run", steered_dir, "--thinking", "stderr", input="How many pears?\n")
     assert proc.returncode == 0, proc.stderr
@@ -119,6 +121,7 @@ def test_pipe_stdin_no_escape_codes(steered_dir):
     assert "\x1b[2m" in forced.stderr  # the check above can fail: colour is there when asked for
 
 
+@pytest.mark.slow
 def test_exit_codes(steered_dir, tmp_path):
     usage = r1("run", steered_dir, "--no-such-flag", "hi")
     assert usage.returncode == 2 and usage.stderr.startswith("r1: ")
@@ -132,6 +135,7 @@ def test_exit_codes(steered_dir, tmp_path):
     assert "stopped while thinking" in thinking.stderr and "no answer" in thinking.stderr
 
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--thinking", "stdout", "hi"],
@@ -142,6 +146,7 @@ def test_closed_pipe_ends_quietly(looping_dir):
     assert proc.stderr.read() == b""
 
 
+@pytest.mark.slow
 def test_interrupt_exits_130(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--jsonl", "hi"],
@@ -157,6 +162,7 @@ def test_interrupt_exits_130(looping_dir):
     assert b"interrupted" in err
 
 
+@pytest.mark.slow
 def test_decode_modes_give_the_same_answer(steered_dir):
     """--decode-mode picks the decode step (static: the fixed-shape step torch.compile and CUDA graphs use; compile:
     that step compiled); the steered model's known answer comes out of each. An unknown mode is a one-line usage

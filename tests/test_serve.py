@@ -86,6 +86,7 @@ def looping_server(looping_dir, tmp_path_factory):
 # --- DeepSeek's documented examples, with base_url changed and nothing else -----------------------------------------
 
 
+@pytest.mark.slow
 def test_deepseek_two_round_example(server, steered_dir):
     client = OpenAI(api_key="<DeepSeek API Key>", base_url=server.url)
 
@@ -132,6 +133,7 @@ def test_deepseek_two_round_example(server, steered_dir):
     assert server.records("prompt")[-1]["prompt"] == expected.text
 
 
+@pytest.mark.slow
 def test_deepseek_streaming_example(server):
     client = OpenAI(api_key="<DeepSeek API Key>", base_url=server.url)
     kinds = []
@@ -176,6 +178,7 @@ def test_deepseek_streaming_example(server):
     assert steered.REASONING not in server.records("prompt")[-1]["prompt"]
 
 
+@pytest.mark.slow
 def test_stream_wire_format_and_usage(server):
     body = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stream": True,
             "stream_options": {"include_usage": True}}
@@ -191,6 +194,7 @@ def test_stream_wire_format_and_usage(server):
     assert chunks[-1]["usage"]["completion_tokens"] == 17
 
 
+@pytest.mark.slow
 def test_models_health_and_names(server, steered_dir):
     client = OpenAI(api_key="unused", base_url=server.url)
     ids = [m.id for m in client.models.list()]
@@ -205,6 +209,7 @@ def test_models_health_and_names(server, steered_dir):
     assert health["status"] == "ok" and health["model"] == str(steered_dir)
 
 
+@pytest.mark.slow
 def test_sampling_fields_and_stop(server):
     client = OpenAI(api_key="unused", base_url=server.url)
     ask = lambda **kw: client.chat.completions.create(  # noqa: E731
@@ -221,6 +226,7 @@ def test_sampling_fields_and_stop(server):
     assert "Be brief." in server.records("prompt")[-1]["prompt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None),
     ({"model": "deepseek-reasoner"}, "messages"),
@@ -242,6 +248,7 @@ def test_malformed_requests_are_400_in_openai_format(server, body, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+@pytest.mark.slow
 def test_prompt_over_the_context_is_400_with_the_numbers(server):
     client = OpenAI(api_key="unused", base_url=server.url)
     with pytest.raises(openai.BadRequestError) as e:
@@ -254,6 +261,7 @@ def test_prompt_over_the_context_is_400_with_the_numbers(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
+@pytest.mark.slow
 def test_parallel_clients_get_what_a_single_client_gets(server):
     """Different prompts (lengths) and budgets: queued one at a time, each stream stays its own."""
     client = OpenAI(api_key="unused", base_url=server.url)
@@ -283,6 +291,7 @@ def test_parallel_clients_get_what_a_single_client_gets(server):
         assert together == alone
 
 
+@pytest.mark.slow
 def test_client_disconnect_stops_generation(looping_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stream": True,
@@ -309,6 +318,7 @@ def test_client_disconnect_stops_generation(looping_server):
     assert reply.choices[0].message.reasoning_content == "think more and think more"
 
 
+@pytest.mark.slow
 def test_queue_limit_is_429(looping_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stream": True,
@@ -339,6 +349,7 @@ def test_queue_limit_is_429(looping_server):
     assert reply.choices[0].message.reasoning_content == "think more"
 
 
+@pytest.mark.slow
 def test_api_key(looping_server):
     client = OpenAI(api_key="wrong", base_url=looping_server.url, max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
@@ -368,6 +379,7 @@ def test_exposure_warning_and_stop_scanner():
 # --- the client: r1 chat --url ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_chat_url_against_r1_serve(server, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CONFIG_HOME": str(tmp_path / "config"),
            "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
