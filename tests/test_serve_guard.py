@@ -212,8 +212,8 @@ def test_health_names_the_model_without_its_path(guarded, steered_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, env, message", [
-    (["--api-key", ""], {}, "--api-key is empty"),
-    ([], {"R1_API_KEY": ""}, "--api-key is empty"),
+    (["--api-key", ""], {}, "is empty"),
+    ([], {"R1_API_KEY": ""}, "is empty"),
     (["--api-key", "sk-key\n"], {}, "whitespace"),
     ([], {"R1_API_KEY": "sk-key\n"}, "whitespace"),
     (["--api-key", "sk-good", "--api-key", " sk-key"], {}, "whitespace"),

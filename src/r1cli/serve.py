@@ -615,14 +615,14 @@ def check_api_keys(keys: list[str]) -> list[str]:
     ASCII, no spaces); a key read from a file with its newline would otherwise reject every request."""
     for key in keys:
         if not key:
-            raise UsageError("--api-key is empty: give a key, or leave --api-key (and R1_API_KEY) out to serve "
-                             "without one")
+            raise UsageError("--api-key (or R1_API_KEY) is empty: give a key, or leave both out to serve without "
+                             "one")
         if key != key.strip():
-            raise UsageError("--api-key begins or ends with whitespace (a newline read from a file?): no client can "
-                             "send that; strip it")
+            raise UsageError("--api-key (or R1_API_KEY) begins or ends with whitespace (a newline read from a "
+                             "file?): no client can send that; strip it")
         if not all("!" <= c <= "~" for c in key):
-            raise UsageError("--api-key may hold only visible ASCII characters (no spaces): an HTTP header cannot "
-                             "carry others")
+            raise UsageError("--api-key (or R1_API_KEY) may hold only visible ASCII characters, no spaces: a "
+                             "bearer token in an HTTP header cannot carry others")
     return list(dict.fromkeys(keys))
 
 
