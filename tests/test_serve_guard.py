@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -294,14 +295,23 @@ def test_sigterm_ends_open_streams_with_an_error_and_done(looping_dir, tmp_path)
             lines = r.iter_lines()
             first = json.loads(next(x for x in lines if x.startswith("data: "))[6:])
             next(x for x in lines if '"reasoning_content": "' in x)  # generating
-            s.proc.send_signal(signal.SIGTERM)
-            rest = [x[6:] for x in lines if x.startswith("data: ")]
+            with ThreadPoolExecutor(1) as pool:  # a whole reply, waiting behind the stream
+                waiting = pool.submit(httpx.post, s.url + "/chat/completions", json={**body, "stream": False},
+                                      timeout=30)
+                while len(s.records("prompt")) < 2:
+                    time.sleep(0.05)
+                s.proc.send_signal(signal.SIGTERM)
+                rest = [x[6:] for x in lines if x.startswith("data: ")]
+                refused = waiting.result()
         assert rest[-1] == "[DONE]"
         error = json.loads(rest[-2])["error"]
         assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+        assert_openai_error(refused.status_code, refused.content, 503, "server_shutting_down")
         assert s.proc.wait(30) == -signal.SIGTERM
-        done = [r for r in s.records("done") if r["id"] == first["id"]]
-        assert len(done) == 1 and done[0]["finish_reason"] == "interrupted" and done[0]["completion_tokens"] >= 1
+        ids = [first["id"], s.records("prompt")[1]["id"]]
+        done = {r["id"]: r for r in s.records("done")}
+        assert sorted(done) == sorted(ids) and all(r["finish_reason"] == "interrupted" for r in done.values())
+        assert done[first["id"]]["completion_tokens"] >= 1
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
