@@ -396,9 +396,10 @@ class Server:
 
         return replay
 
-    def _too_large(self, size: int) -> ApiError:
-        return ApiError(413, f"the request body has {'more than ' if size < 0 else ''}"
-                        f"{abs(size)} bytes; this server takes at most {self.max_request_bytes} "
+    def _too_large(self, size: int | None) -> ApiError:
+        """size: the body's declared size, or None (a body without Content-Length that grew past the limit)."""
+        has = f"{size} bytes" if size is not None else f"more than {self.max_request_bytes} bytes"
+        return ApiError(413, f"the request body has {has}; this server takes at most {self.max_request_bytes} "
                         f"(r1 serve --max-request-bytes)", code="request_too_large")
 
     async def _read_body(self, receive) -> bytes:
@@ -412,7 +413,7 @@ class Server:
                     raise _ClientGone
                 size += len(message.get("body", b""))
                 if size > self.max_request_bytes:
-                    raise self._too_large(-self.max_request_bytes)
+                    raise self._too_large(None)
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
                     return
