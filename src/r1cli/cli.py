@@ -142,17 +142,22 @@ def serve(
     model: str = typer.Argument(None, help="Alias, org/name@rev or folder (default: deepseek-r1:1.5b)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than this machine's own: set --api-key)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed at start)."),
-    api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="Require 'Authorization: Bearer KEY' (env R1_API_KEY)."),
+    api_key: list[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'; repeat for several keys, each its own trust domain (default: env R1_API_KEY, one key)."),
     device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running one; more get 429."),
-    log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging)."),
+    log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging; created 0600)."),
+    allow_host: list[str] = typer.Option(None, "--allow-host", help="Also accept this name in the Host header (repeatable; default: localhost and loopback addresses only)."),
+    max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", min=1024, help="Largest request body; larger ones get 413."),
+    request_timeout: float = typer.Option(10.0, "--request-timeout", min=0.1, help="Seconds a client may take to send a request's headers, and then its body."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
     from .serve import serve as run_server
 
+    if not api_key and "R1_API_KEY" in os.environ:
+        api_key = [os.environ["R1_API_KEY"]]  # the whole value is one key (checked as --api-key is)
     run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size,
-               decode_mode, quant_head)
+               decode_mode, quant_head, allow_host, max_request_bytes, request_timeout)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------

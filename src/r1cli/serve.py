@@ -5,6 +5,12 @@ in arrival order; each request's events come back to its ASGI handler through it
 never mix. At most `max_queue` requests wait behind the running one; past that the answer is 429. A client that
 disconnects (or whose request is cancelled) stops its generation at the next token.
 
+Every request first passes `Server.__call__`, the edge: Host (DNS rebinding), API key, Content-Type and the body's
+size and arrival time are checked there, before routing. A chat request is then admitted to the queue (a cheap
+length check, then a queue slot) before its prompt is rendered and tokenised, one rendering at a time. The KV
+cache's prefix is reused only between requests of the same API key. SIGTERM/SIGINT end open requests with an error
+(streams: an error event, then `[DONE]`) and wait for the worker to record their end.
+
     POST /v1/chat/completions   GET /v1/models   GET /health
 """
 
@@ -14,12 +20,14 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import os
 import queue
 import socket
 import sys
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +39,19 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .chat_format import answer_only, build_prompt
-from .errors import R1Error
+from .errors import R1Error, UsageError
 from .events import AnswerDelta, Done, ReasoningDelta, TurnStats, stream_events
 from .reasoning import _partial_tag_len
 from .runner import OpenModel
 
 DEFAULT_MAX_QUEUE = 8
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 1  # told to a client answered 429
+SHUTDOWN_WAIT_S = 10  # at exit, how long the worker may take to stop generating and record the requests' ends
+LOOPBACK_NAMES = {"localhost"}
+ANY_IP = "<any IP address>"  # in an allowed-hosts set: every IP address passes
+_SHUTDOWN = object()  # put into an open request's event queue when the server is stopping
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {"stop": "stop", "length": "length", "interrupted": "stop"}
 
@@ -44,16 +59,24 @@ FINISH = {"stop": "stop", "length": "length", "interrupted": "stop"}
 class ApiError(Exception):
     """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
+
+    def response(self, close: bool = False) -> JSONResponse:
+        """close: the request's body was not read, so the connection cannot carry another request."""
+        return JSONResponse(self.body(), status_code=self.status,
+                            headers={**self.headers, **({"Connection": "close"} if close else {})})
 
 
 def bad(message: str, param: str | None = None) -> ApiError:
@@ -166,9 +189,10 @@ class StopScanner:
 class Job:
     """One request: its prompt and parameters, the asyncio queue its events go to, and a cancel flag."""
 
-    def __init__(self, prompt, params, stop: list[str]):
+    def __init__(self, prompt, params, stop: list[str], tenant: int | None = None):
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.prompt, self.params, self.stop = prompt, params, stop
+        self.tenant = tenant  # which API key sent it (None: no keys): the KV cache's prefix is reused only within one
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -182,17 +206,40 @@ class Job:
 
 
 class Server:
-    def __init__(self, model: OpenModel, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 log_path: str | Path | None = None):
-        self.model, self.api_key = model, api_key
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.log_path = Path(log_path) if log_path else None
+    """The ASGI app (`Server` itself: the edge, then Starlette's routes) and the worker thread behind it.
+
+    api_keys: the accepted bearer tokens (none: no auth); each key is its own trust domain for prefix reuse.
+    allowed_hosts: the Host names accepted (besides loopback addresses), or None: Host is not checked."""
+
+    def __init__(self, model: OpenModel, api_keys: list[str] | str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 log_path: str | Path | None = None, allowed_hosts: set[str] | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S):
+        self.model = model
+        self.api_keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
+        self.allowed_hosts = allowed_hosts
+        self.max_request_bytes, self.request_timeout = max_request_bytes, request_timeout
+        self.max_queue = max_queue
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # bounded by admission (_admit), not here
+        self._waiting = 0  # admitted requests the worker has not taken yet (rendering or queued)
+        self._waiting_lock = threading.Lock()
+        self._render_lock = asyncio.Lock()  # one prompt rendered and tokenised at a time: bounds their memory
+        # A prompt has at least (characters / the longest token's characters) tokens: a bound known before tokenising.
+        vocab = model.tokenizer.backend.get_vocab(with_added_tokens=True)
+        self.max_token_chars = max(map(len, vocab), default=1) or 1
+        self._cache_tenant: int | None = None  # whose request filled the KV cache
+        self.active: weakref.WeakSet[Job] = weakref.WeakSet()  # requests whose client still waits
+        self.closing = False
+        self.log_path = open_log(log_path) if log_path else None
         self._log_lock = threading.Lock()
         folder_name = model.folder.name if model.ref.path is not None else None
+        # /health is open to anyone who can reach the server: a model's name, never the path of its folder.
+        self.public_name = folder_name or model.name
         names = [model.name, model.ref.repo, model.ref.alias.name if model.ref.alias else None, folder_name,
                  "deepseek-reasoner"]
         self.names = list(dict.fromkeys(n for n in names if n))
-        threading.Thread(target=self._work, name="r1-serve-worker", daemon=True).start()
+        self.worker = threading.Thread(target=self._work, name="r1-serve-worker", daemon=True)
+        self.worker.start()
         self.app = Starlette(
             routes=[Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                     Route("/v1/models", self.models, methods=["GET"]),
@@ -203,20 +250,44 @@ class Server:
     def log(self, record: dict) -> None:
         """--log-requests FILE: one JSON line per rendered prompt and per finished request (for debugging)."""
         if self.log_path:
-            with self._log_lock, self.log_path.open("a", encoding="utf-8") as f:
+            # 0600 if it has to be created again: the file holds what users sent.
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with self._log_lock, open(fd, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
+            if job is None:  # finish(): the server stops
+                return
+            self._release()
             try:
                 if job.cancelled.is_set():
                     self.log({"id": job.id, "event": "done", "finish_reason": "interrupted", "completion_tokens": 0})
                     job.put(None)
                     continue
+                if job.tenant != self._cache_tenant:
+                    # Another key's request filled the cache: reusing its prefix would tell this client (through
+                    # cached_tokens, or the time to the first token) how that request's prompt began.
+                    self.model.generator.reset()
+                    self._cache_tenant = job.tenant
                 self._generate(job)
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 job.put(e)
+
+    def begin_shutdown(self) -> None:
+        """On the event loop, when SIGTERM or SIGINT came: refuse new requests, end the open ones now."""
+        self.closing = True
+        for job in list(self.active):
+            job.events.put_nowait(_SHUTDOWN)
+
+    def finish(self, timeout: float = SHUTDOWN_WAIT_S) -> None:
+        """After the last response: stop every job and let the worker record their ends before the process exits."""
+        self.closing = True
+        for job in list(self.active):
+            job.cancelled.set()
+        self.jobs.put(None)
+        self.worker.join(timeout)
 
     def _generate(self, job: Job) -> None:
         m = self.model
@@ -268,55 +339,165 @@ class Server:
     # --- HTTP ------------------------------------------------------------------------------------------------------
 
     async def _api_error(self, request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
 
     async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
         error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=None)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    def _check_key(self, request: Request) -> None:
-        if self.api_key is None:
+    # --- the edge: every request, before routing ---------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            receive = await self._edge(scope, receive)
+        except ApiError as e:
+            return await e.response(close=True)(scope, receive, send)
+        except _ClientGone:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+        await self.app(scope, receive, send)
+
+    async def _edge(self, scope, receive):
+        """Refuse what must not reach the routes; return a `receive` that replays the (bounded) body read here."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.closing:
+            raise ApiError(503, "the server is shutting down; retry later", code="server_shutting_down",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if self.allowed_hosts is not None and not host_allowed(headers.get("host", ""), self.allowed_hosts):
+            # A web page whose name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name here.
+            raise ApiError(403, f"Host '{headers.get('host', '')}' is not allowed: this server answers to "
+                           f"localhost and loopback addresses (start it with --allow-host NAME to add a name)",
+                           code="host_not_allowed")
+        scope["r1_tenant"] = None
+        if self.api_keys and scope["path"] != "/health":
+            scope["r1_tenant"] = self._key_index(headers.get("authorization", ""))
+        if scope["method"] != "POST":
+            return receive
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            # A web page may POST text/plain (or a form) to localhost without asking first: JSON only.
+            raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', not "
+                           f"'{media_type or 'none'}'", code="unsupported_media_type")
+        length = headers.get("content-length")
+        if length is not None and not length.isdigit():
+            raise bad(f"Content-Length is not a number: {length!r}")
+        if length is not None and int(length) > self.max_request_bytes:
+            raise self._too_large(int(length))
+        body = await self._read_body(receive)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
+
+    def _too_large(self, size: int | None) -> ApiError:
+        """size: the body's declared size, or None (a body without Content-Length that grew past the limit)."""
+        has = f"{size} bytes" if size is not None else f"more than {self.max_request_bytes} bytes"
+        return ApiError(413, f"the request body has {has}; this server takes at most {self.max_request_bytes} "
+                        f"(r1 serve --max-request-bytes)", code="request_too_large")
+
+    async def _read_body(self, receive) -> bytes:
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                size += len(message.get("body", b""))
+                if size > self.max_request_bytes:
+                    raise self._too_large(None)
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    return
+
+        try:
+            await asyncio.wait_for(read(), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.request_timeout:g} s "
+                           f"(r1 serve --request-timeout)", code="request_timeout") from None
+        return b"".join(chunks)
+
+    def _key_index(self, authorization: str) -> int:
+        """Which of the API keys the request sent (compared in constant time, with every key)."""
+        scheme, _, given = authorization.partition(" ")
+        given_bytes = given.strip().encode("latin-1")
+        found = None
+        for i, key in enumerate(self.api_keys):
+            if hmac.compare_digest(given_bytes, key.encode()) and found is None:
+                found = i
+        if scheme.lower() != "bearer" or found is None:
             raise ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer <the --api-key of r1 serve>'",
                            code="invalid_api_key")
+        return found
+
+    # --- the routes ------------------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": self.model.name, "queued": self.jobs.qsize()})
+        return JSONResponse({"status": "ok", "model": self.public_name, "queued": self.jobs.qsize()})
 
     async def models(self, request: Request) -> JSONResponse:
-        self._check_key(request)
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "r1cli"} for n in self.names]
         return JSONResponse({"object": "list", "data": data})
 
+    def _admit(self, req: ChatRequest) -> None:
+        """Before rendering: refuse a prompt that cannot fit however it tokenises, then take a queue slot (429)."""
+        context = self.model.generator.max_len
+        chars = sum(len(m["content"]) for m in req.messages)
+        if chars > context * self.max_token_chars:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
+                           f"have {chars} characters: more than {context} tokens of at most {self.max_token_chars} "
+                           f"characters each.", "messages", "context_length_exceeded")
+        with self._waiting_lock:
+            if self._waiting >= self.max_queue:
+                raise ApiError(429, f"The server is busy: {self.max_queue} requests are already waiting; retry later",
+                               code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self._waiting += 1
+
+    def _release(self) -> None:
+        with self._waiting_lock:
+            self._waiting -= 1
+
     async def chat_completions(self, request: Request):
-        self._check_key(request)
         try:
             body = json.loads(await request.body())
         except ValueError as e:
             raise bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise bad("the request body is not valid JSON: it nests too deeply") from None
         req = parse_request(body)
         if req.model not in self.names:
             raise ApiError(404, f"The model '{req.model}' does not exist: this server runs {', '.join(self.names)}",
                            "model", "model_not_found")
-        m = self.model
+        self._admit(req)
+        queued = False
         try:
-            prompt = await run_in_threadpool(build_prompt, m.tokenizer, req.messages, None, m.family)
-            params = m.sampling(req.sampling)
-        except R1Error as e:
-            raise bad(str(e), "messages") from None
-        context = m.generator.max_len
-        if len(prompt.ids) >= context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
-                           f"resulted in {len(prompt.ids)} tokens (at least one more is needed for the reply).",
-                           "messages", "context_length_exceeded")
-        job = Job(prompt, params, req.stop)
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, f"The server is busy: {self.jobs.maxsize} requests are already waiting; retry later",
-                           code="rate_limit_exceeded") from None
+            m = self.model
+            try:
+                async with self._render_lock:
+                    prompt = await run_in_threadpool(build_prompt, m.tokenizer, req.messages, None, m.family)
+                params = m.sampling(req.sampling)
+            except R1Error as e:
+                raise bad(str(e), "messages") from None
+            context = m.generator.max_len
+            if len(prompt.ids) >= context:
+                raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your "
+                               f"messages resulted in {len(prompt.ids)} tokens (at least one more is needed for "
+                               f"the reply).", "messages", "context_length_exceeded")
+            job = Job(prompt, params, req.stop, request.scope.get("r1_tenant"))
+            self.active.add(job)
+            self.jobs.put(job)
+            queued = True
+        finally:
+            if not queued:
+                self._release()
         self.log({"id": job.id, "event": "prompt", "prompt": prompt.text, "prompt_tokens": len(prompt.ids)})
         if req.stream:
             return _CancelOnExit(self._sse(job, req), job, media_type="text/event-stream",
@@ -335,6 +516,9 @@ class Server:
                     content.append(item.text)
                 elif isinstance(item, Done):
                     break
+                elif item is _SHUTDOWN:
+                    raise ApiError(503, "the server is shutting down; retry later", code="server_shutting_down",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
                 else:  # an Exception, or None: cancelled (the client is gone)
                     raise _server_error(item)
         finally:
@@ -370,6 +554,12 @@ class Server:
                     yield chunk(None, usage=usage(item.stats))
                 yield "data: [DONE]\n\n"
                 return
+            elif item is _SHUTDOWN:
+                error = ApiError(503, "the server is shutting down: this reply was cut short",
+                                 code="server_shutting_down")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             else:
                 if item is not None:
                     yield f"data: {json.dumps(_server_error(item).body())}\n\n"
@@ -388,6 +578,10 @@ class _CancelOnExit(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.job.cancelled.set()
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request's body arrived: nothing to answer."""
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -417,6 +611,80 @@ def usage(stats: TurnStats) -> dict:
 # --- r1 serve ------------------------------------------------------------------------------------------------------
 
 
+def check_api_keys(keys: list[str]) -> list[str]:
+    """The --api-key values, refused unless a client can send them as they are (RFC 6750's bearer token: visible
+    ASCII, no spaces); a key read from a file with its newline would otherwise reject every request."""
+    for key in keys:
+        if not key:
+            raise UsageError("--api-key (or R1_API_KEY) is empty: give a key, or leave both out to serve without "
+                             "one")
+        if key != key.strip():
+            raise UsageError("--api-key (or R1_API_KEY) begins or ends with whitespace (a newline read from a "
+                             "file?): no client can send that; strip it")
+        if not all("!" <= c <= "~" for c in key):
+            raise UsageError("--api-key (or R1_API_KEY) may hold only visible ASCII characters, no spaces: a "
+                             "bearer token in an HTTP header cannot carry others")
+    return list(dict.fromkeys(keys))
+
+
+def is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind_host: str, allow: list[str]) -> set[str] | None:
+    """The Host names accepted besides loopback addresses, or None: not checked. Bound to a loopback address, only
+    localhost, loopback addresses and the --allow-host names; bound elsewhere, Host is checked only with --allow-host
+    (then those names, localhost and any IP address: a DNS-rebinding page always sends a name)."""
+    names = {name.lower().rstrip(".") for name in allow}
+    if is_loopback(bind_host):
+        return names | LOOPBACK_NAMES
+    return names | LOOPBACK_NAMES | {ANY_IP} if names else None
+
+
+def host_allowed(header: str, allowed: set[str]) -> bool:
+    """The Host header's name (without the port; an IPv6 address in brackets) is localhost, a loopback address, an
+    allowed name, or (with ANY_IP allowed) any IP address."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1 : header.find("]")] if "]" in header else header
+    else:
+        name, _, port = header.rpartition(":") if ":" in header else (header, "", "")
+        if port and not port.isdigit():
+            return False
+    name = name.rstrip(".")
+    if not name:
+        return False
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return name in allowed
+    return ip.is_loopback or ANY_IP in allowed
+
+
+def open_log(path: str | Path) -> Path:
+    """--log-requests FILE, created 0600 (it holds what users sent); an existing file readable by others is made
+    0600 too. A file that cannot be written fails now, not at the first request."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise R1Error(f"cannot write the request log {path}: {e.strerror or e}") from None
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
 def exposure_warning(host: str, api_key: str | None) -> str | None:
     """A warning when the server listens beyond this machine without an API key."""
     if api_key or host == "localhost":
@@ -443,10 +711,80 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def _http_protocol(header_timeout: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived `header_timeout`
+    seconds after it opened or after its previous response ended (uvicorn bounds only an idle keep-alive wait, and
+    not once a byte of the next request came)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _headers_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._headers_timer = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+                self._headers_timer = None
+
+        def _headers_late(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
+
+
+def _uvicorn_server(config, server: Server):
+    """uvicorn's Server, telling ours when a stop signal comes (to end open streams with an error and [DONE]) and
+    waiting after the last response for the worker to record how the requests ended."""
+    import uvicorn
+
+    class R1Uvicorn(uvicorn.Server):
+        loop = None
+
+        async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.loop is not None and not self.should_exit:
+                self.loop.call_soon_threadsafe(server.begin_shutdown)  # safe from a signal handler
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            await asyncio.to_thread(server.finish)
+
+    return R1Uvicorn(config)
+
+
+def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: list[str] | str | None = None,
           device: str = "auto", dtype: str = "auto", max_context: int | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None, quant: str = "none",
-          group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False) -> None:
+          group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False,
+          allow_host: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
     import uvicorn
 
     from .runner import open_model
@@ -454,15 +792,20 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
     def note(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    warning = exposure_warning(host, api_key)
+    keys = check_api_keys([api_key] if isinstance(api_key, str) else list(api_key or []))
+    hosts = allowed_hosts(host, list(allow_host or []))
+    if log_requests:
+        open_log(log_requests)
+    warning = exposure_warning(host, keys)
     if warning:
         note(warning)
     sock = bind(host, port)  # before loading: a taken port fails at once
     m = open_model(model, device, dtype, max_context, interactive=sys.stdin.isatty() and sys.stderr.isatty(),
                    announce=note, quant=quant, group_size=group_size, decode_mode=decode_mode,
                    quant_head=quant_head)
-    server = Server(m, api_key, max_queue, log_requests)
+    server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout)
     shown = f"[{host}]" if ":" in host else host
     note(f"r1 serve: {m.name} on http://{shown}:{sock.getsockname()[1]}/v1 (model names: {', '.join(server.names)})")
-    config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    config = uvicorn.Config(server, log_level="warning", timeout_graceful_shutdown=2, lifespan="off",
+                            http=_http_protocol(request_timeout))
+    _uvicorn_server(config, server).run(sockets=[sock])
