@@ -134,6 +134,7 @@ def smol_hf():
     return hf_gguf_model(SMOL)
 
 
+@pytest.mark.slow
 def test_smollm2_weights_equal_transformers_dequantized(smol, smol_hf):
     f, args, model, _ = smol
     assert args.architecture == "LlamaForCausalLM" and args.tie_embeddings
@@ -144,6 +145,7 @@ def test_smollm2_weights_equal_transformers_dequantized(smol, smol_hf):
         assert torch.equal(ours[name], tensor), name
 
 
+@pytest.mark.slow
 def test_smollm2_forward_and_greedy_match_transformers(smol, smol_hf):
     _, _, model, tokenizer = smol
     prompt = build_prompt(tokenizer, QUESTION, family=family_for(tokenizer))
@@ -158,6 +160,7 @@ def test_smollm2_forward_and_greedy_match_transformers(smol, smol_hf):
     assert "Paris" in tokenizer.decode(ours)
 
 
+@pytest.mark.slow
 def test_smollm2_codes_repack_q4_1_without_float_round_trip(smol):
     f, args, model, _ = smol
     q_rows = args.n_heads * args.head_dim  # q leads the joined q|k|v
@@ -170,6 +173,7 @@ def test_smollm2_codes_repack_q4_1_without_float_round_trip(smol):
     assert G.linear_codes(f, "blk.0.attn_norm.weight", args) is None  # F32: nothing to repack
 
 
+@pytest.mark.slow
 def test_smollm2_int4_repacks_the_files_blocks_and_int8_requantizes(smol):
     """--quant int4 takes the Q4_1 blocks over as they are (every linear layer of the file is Q4_1), so the int4
     model's weights are the file's values but for the kernel's bf16 scales; int8 requantizes the dequantized values.
@@ -198,6 +202,7 @@ def test_smollm2_int4_repacks_the_files_blocks_and_int8_requantizes(smol):
     assert "Paris" in tokenizer.decode(answer)
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smol):
     from transformers import AutoTokenizer
 

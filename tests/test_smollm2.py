@@ -29,6 +29,7 @@ def hf_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@pytest.mark.slow
 def test_prompt_ids_match_transformers(ours, hf_tokenizer):
     assert family_for(ours.tokenizer) == "plain"
     for messages in (QUESTION, QUESTION + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}]):
@@ -39,6 +40,7 @@ def test_prompt_ids_match_transformers(ours, hf_tokenizer):
         assert not prompt.starts_in_thinking
 
 
+@pytest.mark.slow
 def test_greedy_reply_matches_transformers(ours, smollm2_dir):
     from transformers import AutoModelForCausalLM
 
