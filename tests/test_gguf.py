@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from memprobe import measure_load
 
 import tiny
 from r1cli import gguf as G
+from helpers import one_line_error, r1_env, run_r1
 from r1cli.chat_format import build_prompt, family_for
 from r1cli.errors import ModelNotFoundError, R1Error, UnsupportedArchitectureError, UsageError
 from r1cli.generate import Generator, SamplingParams
@@ -49,16 +48,7 @@ R1_SPECIAL = ("<｜begin▁of▁sentence｜><｜User｜>What is 17 * 23?<｜Assi
 
 
 def r1(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "r1cli", *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env or {**os.environ, "PYTHONPATH": str(SRC)})
-
-
-def one_line_error(p: subprocess.CompletedProcess, code: int) -> str:
-    assert p.returncode == code, p.stderr
-    assert "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.startswith("r1: ")]
-    assert len(lines) == 1 and p.stderr.rstrip().endswith(lines[0]), p.stderr
-    return lines[0]
+    return run_r1(*args, env=env, timeout=timeout)
 
 
 def hf_gguf_model(path: Path):
@@ -398,10 +388,8 @@ def gguf_hub():
 
 @pytest.fixture
 def hub_env(gguf_hub, tmp_path):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     gguf_hub.requests.clear()
-    return {**clean, "PYTHONPATH": str(SRC), "HF_ENDPOINT": gguf_hub.url, "HF_HOME": str(tmp_path / "hf"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "R1_DEBUG": ""}
+    return r1_env(tmp_path, HF_ENDPOINT=gguf_hub.url)
 
 
 @pytest.mark.slow

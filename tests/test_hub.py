@@ -29,6 +29,7 @@ from r1cli.registry import resolve_name
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 from paths import HUB_CONFIGS  # noqa: E402
+from helpers import r1_env, run_r1  # noqa: E402
 ALIAS, ALIAS_REPO = "deepseek-r1:1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 TINY = tiny_qwen2_repo()
 RUN_FILES = {n for n in TINY if r1hub.is_run_file(n)}
@@ -69,14 +70,11 @@ def fake(fake_hub):
 @pytest.fixture
 def env(fake, tmp_path):
     """Environment for a CLI subprocess: the fake Hub, an empty HF_HOME, none of the caller's HF settings."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    return {**clean, "PYTHONPATH": str(SRC), "HF_ENDPOINT": fake.url, "HF_HOME": str(tmp_path / "hf"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "R1_DEBUG": ""}
+    return r1_env(tmp_path, HF_ENDPOINT=fake.url)
 
 
 def r1(env, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "r1cli", *args], env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120, **kw)
+    return run_r1(*args, env=env, **kw)
 
 
 def cache(env) -> Path:

@@ -1,33 +1,27 @@
 """`r1 chat` in a real pseudo-terminal (pexpect), on the steered tiny checkpoints of tests/steered.py."""
 
 import json
-import os
 import re
 import sys
-from pathlib import Path
 
 import pexpect
 import pytest
 import torch
 
 import steered
+from helpers import r1_env, strip_ansi
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 def spawn(folder, tmp_path, *args):
-    env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    env.pop("NO_COLOR", None)
+    env = r1_env(tmp_path, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
     child = pexpect.spawn(sys.executable, ["-m", "r1cli", "chat", str(folder), "--no-history", *args], env=env,
                           dimensions=(40, 120), encoding="utf-8", timeout=90, cwd=str(tmp_path))
     child.expect(">>>")
     return child
 
 
-def plain(text: str) -> str:
-    return ANSI.sub("", text)
+plain = strip_ansi
 
 
 def test_steered_checkpoint_emits_its_sequence(steered_dir):

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import steered
+from helpers import r1_env, run_r1
 from r1cli.chat_format import build_prompt
 from r1cli.cli import app
 from r1cli.errors import ModelNotFoundError
@@ -23,10 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def r1(*args, input=None, timeout=120, env=None):
-    full_env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
-    full_env.pop("NO_COLOR", None)
-    return subprocess.run([sys.executable, "-m", "r1cli", *map(str, args)], input=input, capture_output=True,
-                          text=True, timeout=timeout, env=full_env, stdin=None if input is not None else subprocess.DEVNULL)
+    return run_r1(*args, input=input, timeout=timeout, env=r1_env(**(env or {})))
 
 
 def prompt_len(folder, text):

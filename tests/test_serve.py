@@ -23,9 +23,9 @@ import pytest
 from openai import OpenAI
 
 import steered
+from helpers import r1_env, strip_ansi
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 KEY = "sk-test-key"
 
 
@@ -386,9 +386,7 @@ def test_exposure_warning_and_stop_scanner():
 
 @pytest.mark.slow
 def test_chat_url_against_r1_serve(server, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    env.pop("NO_COLOR", None)
+    env = r1_env(tmp_path, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
     child = pexpect.spawn(sys.executable, ["-m", "r1cli", "chat", "--url", server.url, "--no-history"], env=env,
                           dimensions=(40, 120), encoding="utf-8", timeout=90, cwd=str(tmp_path))
     child.expect(re.escape(server.url))
@@ -396,7 +394,7 @@ def test_chat_url_against_r1_serve(server, tmp_path):
     child.send("How many pears?\r")
     child.expect(r"Thought for \d+\.\d s")  # the panel collapsed to one line when the answer started
     child.expect(r"17 tokens \(8 thinking\)")
-    shown = ANSI.sub("", child.before)
+    shown = strip_ansi(child.before)
     assert "three" in shown and "pears!" in shown and steered.REASONING not in shown
     child.expect(">>>")
     child.send("/think\r")
