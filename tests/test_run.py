@@ -134,7 +134,8 @@ def test_exit_codes(steered_dir, tmp_path):
 
 def test_closed_pipe_ends_quietly(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--thinking", "stdout", "hi"],
+    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--thinking", "stdout",
+                             "--no-repeat-guard", "hi"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout.read(40).startswith(b"<think>\nthink more and think")
     proc.stdout.close()
@@ -144,7 +145,7 @@ def test_closed_pipe_ends_quietly(looping_dir):
 
 def test_interrupt_exits_130(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--jsonl", "hi"],
+    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--jsonl", "--no-repeat-guard", "hi"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert json.loads(proc.stdout.readline())["event"] == "start"
     assert json.loads(proc.stdout.readline())["event"] == "reasoning"  # it is generating: it would think forever
