@@ -15,7 +15,7 @@ import steered
 from r1cli.chat_format import build_prompt
 from r1cli.cli import app
 from r1cli.errors import ModelNotFoundError
-from r1cli.runner import generation_defaults, looks_like_model, read_prompt
+from r1cli.runner import looks_like_model, read_prompt
 from r1cli.tokenizer import Tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -76,13 +76,6 @@ def test_first_word_is_the_model_only_when_it_looks_like_one(steered_dir):
     assert looks_like_model(str(steered_dir)) and looks_like_model("deepseek-r1:7b")
     assert looks_like_model("org/name@main") and looks_like_model("deepseek-r1:7bb")  # a typo fails, not a prompt
     assert not looks_like_model("hello") and not looks_like_model("what is 2+2?")
-
-
-def test_generation_config_and_r1_defaults(tmp_path):
-    assert generation_defaults(tmp_path, "r1") == {"temperature": 0.6, "top_p": 0.95}
-    assert generation_defaults(tmp_path, "plain") == {}
-    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 20}))
-    assert generation_defaults(tmp_path, "r1") == {"temperature": 0.7, "top_p": 0.95, "top_k": 20}
 
 
 def test_jsonl_events(steered_dir):

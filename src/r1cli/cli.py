@@ -37,7 +37,7 @@ _MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to gen
 _TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: 0.6 for R1 models, else generation_config.json's, else 0.8; `r1 show` prints them).")
 _TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: 0.95 for R1 models, else generation_config.json's, else 0.95).")
 _REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalise every token already in the prompt or reply (CTRL, as llama.cpp's repeat_penalty; 1 = off, 1.1 a usual value; default: generation_config.json's, else 1).")
-_NO_REPEAT_GUARD = typer.Option(False, "--no-repeat-guard", help="Let a reply that loops (the same up-to-64-token cycle for 512 tokens) go on instead of stopping it.")
+_NO_REPEAT_GUARD = typer.Option(False, "--no-repeat-guard", help="Let a reply that loops (the same cycle of up to 256 tokens, verbatim for 1024 tokens) go on instead of stopping it.")
 _TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
 _MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")

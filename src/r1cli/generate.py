@@ -4,6 +4,7 @@ of reasoning and answer deltas that `run`, `chat` and `serve` consume."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -74,35 +75,45 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 
 class RepetitionGuard:
     """Notices a reply stuck in a loop: the last `min_span` tokens (or more) are an exact repetition with a period
-    of at most `max_period` tokens, every token equal to the one `p` tokens before it (512 tokens: at least 8
-    turns of a 64-token cycle, 512 of a one-token one). A list, a table or code shares structure from line to
-    line, but its numbers, names and values change, which breaks exact periodicity; a legitimate exact repeat
-    (a row of zeros, a divider) is far shorter than 512 tokens.
+    of at most `max_period` tokens, every token equal to the one `p` tokens before it. With 1024 and 256: a loop of
+    a paragraph up to about 200 words, seen verbatim at least 4 times, or of a phrase, repeated for about 800
+    words. A list, a table or code shares structure from line to line, but its numbers, names and values change,
+    which breaks exact periodicity; a legitimate exact repeat (a row of 300 zeros: 900 tokens when each digit is
+    a token, a divider) stays under 1024 tokens.
 
-    Incremental: for each period p it keeps how many tokens in a row have matched the token p back, so a token
-    costs `max_period` comparisons, whatever the reply's length."""
+    Incremental and bounded: it keeps the positions of each token in the last `max_period` tokens, and for each
+    period the length of its current run of matches, so a token costs one step per earlier occurrence of that token
+    in the window (a handful in prose), never a scan of the reply."""
 
-    def __init__(self, max_period: int = 64, min_span: int = 512):
+    def __init__(self, max_period: int = 256, min_span: int = 1024):
         self.max_period, self.min_span = max_period, min_span
-        self.recent: list[int] = []  # the last max_period tokens, oldest first
-        self.runs = [0] * (max_period + 1)  # runs[p]: tokens in a row equal to the token p before them
+        self.count = 0  # tokens seen
+        self.window: deque[int] = deque()  # the last max_period tokens
+        self.positions: dict[int, deque[int]] = {}  # token -> its positions in the window, oldest first
+        self.runs: dict[int, tuple[int, int]] = {}  # period p -> (tokens in a row equal to the one p back, last position)
         self.period = 0  # the loop's period once tripped
 
     def add(self, token: int) -> bool:
         """Feed the next token; True once the tail is a loop."""
-        recent, runs, n = self.recent, self.runs, len(self.recent)
-        tripped = False
-        for p in range(1, n + 1):
-            if recent[n - p] == token:
-                runs[p] += 1
-                if runs[p] + p >= self.min_span and not tripped:
-                    tripped, self.period = True, p
-            else:
-                runs[p] = 0
-        recent.append(token)
-        if n == self.max_period:
-            del recent[0]
-        return tripped
+        n, runs, tripped = self.count, self.runs, []
+        for pos in self.positions.get(token, ()):
+            p = n - pos
+            run, last = runs.get(p, (0, -2))
+            run = run + 1 if last == n - 1 else 1  # a run of matches for period p goes on, or starts again
+            runs[p] = (run, n)
+            if run + p >= self.min_span:
+                tripped.append(p)
+        self.window.append(token)
+        self.positions.setdefault(token, deque()).append(n)
+        if len(self.window) > self.max_period:
+            old = self.window.popleft()
+            self.positions[old].popleft()
+            if not self.positions[old]:
+                del self.positions[old]
+        self.count += 1
+        if tripped:
+            self.period = min(tripped)
+        return bool(tripped)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
