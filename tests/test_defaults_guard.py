@@ -22,7 +22,7 @@ from r1cli.cli import app
 from r1cli.events import Done, stream_events
 from r1cli.generate import Generator, RepetitionGuard, SamplingParams, penalize_repeats
 from r1cli.registry import resolve_name
-from r1cli.runner import PLAIN_MAX_TOKENS, PLAIN_SAMPLING_DEFAULTS, generation_defaults, open_model
+from r1cli.runner import PLAIN_MAX_TOKENS, default_sampling, generation_defaults, open_model
 from r1cli.tokenizer import Tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -68,6 +68,7 @@ def test_an_r1_alias_is_r1_even_before_its_tokenizer_is_read():
     {"do_sample": True, "temperature": 0.6, "top_p": 0.9},  # Llama-3.1-Instruct
     {"do_sample": True},
     {"do_sample": False, "temperature": 0.7},
+    {},  # nothing about sampling: greedy, as transformers decodes
 ])
 def test_other_models_read_generation_config_as_transformers_does(config):
     from transformers import GenerationConfig
@@ -81,13 +82,14 @@ def test_other_models_read_generation_config_as_transformers_does(config):
         if key == "temperature" and not (hf.do_sample if hf.do_sample is not None else fallback["do_sample"]):
             want = 0.0  # greedy
         assert d[key] == want, key
-    assert d["max_tokens"] == PLAIN_MAX_TOKENS and d["source"] == "generation_config.json"
+    assert d["max_tokens"] == PLAIN_MAX_TOKENS and d["repeat_guard"] is True
+    params = default_sampling(plain_tokenizer(config), top_k=7)
+    assert (params.temperature, params.top_k, params.max_tokens) == (d["temperature"], 7, PLAIN_MAX_TOKENS)
 
 
-def test_a_model_saying_nothing_about_sampling_gets_safe_defaults():
-    d = generation_defaults(plain_tokenizer({"bos_token_id": 1, "eos_token_id": 2}))
-    assert {k: d[k] for k in PLAIN_SAMPLING_DEFAULTS} == PLAIN_SAMPLING_DEFAULTS
-    assert d["temperature"] > 0 and d["max_tokens"] == PLAIN_MAX_TOKENS and d["repeat_guard"] is True
+def test_a_temperature_without_do_sample_means_sampling():
+    d = generation_defaults(plain_tokenizer({"temperature": 0.9}))
+    assert (d["temperature"], d["top_p"], d["top_k"]) == (0.9, 1.0, 50)
 
 
 @pytest.fixture(scope="module")

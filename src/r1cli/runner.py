@@ -55,11 +55,8 @@ def default_context(model_max: int, device: torch.device) -> int:
     return min(model_max, ACCEL_CONTEXT if device.type == "cuda" else CPU_CONTEXT)
 
 
-# A model that is not R1 and whose generation_config.json says nothing about sampling gets llama.cpp's defaults
-# (greedy decoding, transformers' choice there, is what falls into loops), and at most PLAIN_MAX_TOKENS tokens: a
-# reply of a model that does not reason fits in about 3,000 words, and 4096 tokens of a small model on a CPU take
-# minutes, not the hours a whole context can.
-PLAIN_SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
+# A model that is not R1 gets at most PLAIN_MAX_TOKENS tokens: a reply of a model that does not reason fits in
+# about 3,000 words, and 4096 tokens of a small model on a CPU take minutes, not the hours a whole context can.
 PLAIN_MAX_TOKENS = 4096
 # transformers' own values for the keys a generation_config.json leaves out (GenerationConfig defaults).
 TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -68,26 +65,34 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 def generation_defaults(tokenizer, alias=None) -> dict:
     """The defaults `r1 run`, `chat`, `serve` and `show` use for a model (SamplingParams fields), and where they
-    come from. R1 models (chat_format.family_for: `tokenizer` may be None, `alias` a registry.Alias) get DeepSeek's temperature 0.6, top-p 0.95 and 32,768 tokens,
-    with generation_config.json over them (the R1 repos' say the same). Other models: their
-    generation_config.json read as transformers does (keys it leaves out take transformers' values;
-    do_sample false is greedy), else PLAIN_SAMPLING_DEFAULTS; at most PLAIN_MAX_TOKENS tokens. The repetition
-    guard is on for all. The Generator caps max_tokens by the context left."""
+    come from ("source"). R1 models (chat_format.family_for: `tokenizer` may be None, `alias` a registry.Alias)
+    get DeepSeek's temperature 0.6, top-p 0.95 and 32,768 tokens, with generation_config.json over them (the R1
+    repos' say the same). Other models: their generation_config.json as transformers reads it (keys it leaves out
+    take transformers' values; do_sample false, or no sampling settings at all, is greedy decoding), at most
+    PLAIN_MAX_TOKENS tokens. Unlike transformers, a file that sets a temperature or top-p without do_sample is
+    taken to mean sampling. The repetition guard is on for all: it is what makes greedy decoding safe. The
+    Generator caps max_tokens by the context left."""
     config = getattr(tokenizer, "generation_config", None) or {}
     given = {k: config[k] for k in SAMPLING_KEYS
              if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
     if family_for(tokenizer, alias) == "r1":
         defaults = {**R1_SAMPLING_DEFAULTS, "max_tokens": R1_MAX_TOKENS, **given}
         source = "DeepSeek's R1 recommendations" + (" and generation_config.json" if given else "")
-    elif given or isinstance(config.get("do_sample"), bool):
+    else:
         defaults = {**TRANSFORMERS_SAMPLING, "max_tokens": PLAIN_MAX_TOKENS, **given}
         source = "generation_config.json"
-    else:
-        defaults = {**PLAIN_SAMPLING_DEFAULTS, "max_tokens": PLAIN_MAX_TOKENS}
-        source = "r1's defaults for models without sampling settings (llama.cpp's)"
+        if not given and config.get("do_sample") is not True:
+            defaults["temperature"] = 0.0
+            source = "greedy: generation_config.json sets no sampling"
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0  # transformers' greedy decoding
     return {**defaults, "repeat_guard": True, "source": source}
+
+
+def default_sampling(tokenizer, alias=None, **overrides) -> SamplingParams:
+    """generation_defaults as SamplingParams, `overrides` (SamplingParams fields) on top: for the Python API."""
+    values = {k: v for k, v in generation_defaults(tokenizer, alias).items() if k != "source"}
+    return SamplingParams(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
