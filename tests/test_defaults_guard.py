@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -312,3 +313,29 @@ def test_repeat_flags_reach_the_sampling_params(looping_dir):
     assert (params.repetition_penalty, params.repeat_guard) == (1.5, False)
     params = m.sampling(_sampling(None, None, None, None, None, None))
     assert (params.repetition_penalty, params.repeat_guard) == (1.0, True)
+
+
+# --- chat ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_chat_says_the_reply_looped_and_goes_on(looping_dir, tmp_path):
+    import pexpect
+
+    from helpers import r1_env
+
+    child = pexpect.spawn(sys.executable, ["-m", "r1cli", "chat", str(looping_dir), "--no-history"],
+                          env={**r1_env(tmp_path), "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"},
+                          dimensions=(40, 120), encoding="utf-8", timeout=120, cwd=str(tmp_path))
+    try:
+        child.expect(">>>")
+        child.send("hi\r")
+        child.expect(r"\[stopped: the reply was repeating itself in a loop")
+        child.expect("1023 tokens")  # the footer counts what was kept
+        child.expect(">>>")
+        child.send("/set repetition_penalty 1.2\r")
+        child.expect("repetition_penalty = 1.2")
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)

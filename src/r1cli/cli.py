@@ -291,7 +291,7 @@ def show(
         ),
         ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
         ("chat template", "yes" if info["chat_template"] else "no"),
-        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "model defaults"),
+        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "unknown: no readable tokenizer"),
         ("path", info["path"]),
     ]
     if "plan" in info:
