@@ -339,3 +339,35 @@ def test_chat_says_the_reply_looped_and_goes_on(looping_dir, tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+# --- tensor parallel -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_the_loop_at_the_same_step(looping_dir):
+    """Every rank runs the guard on the same broadcast tokens, so all end the turn together (no rank left waiting
+    in a collective): rank 0 reports the repetition, and both exit with its code."""
+    import socket
+    import subprocess
+
+    from helpers import r1_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--device", "cpu", "--json",
+                               "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              env=r1_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                                         R1_DIST_TIMEOUT="60"))
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [6, 6], outs[0][1].decode()[-3000:]
+    data = json.loads(outs[0][0])
+    assert data["finish_reason"] == "repetition" and data["usage"]["completion_tokens"] == 1023
