@@ -90,7 +90,8 @@ class RepetitionGuard:
         self.count = 0  # tokens seen
         self.window: deque[int] = deque()  # the last max_period tokens
         self.positions: dict[int, deque[int]] = {}  # token -> its positions in the window, oldest first
-        self.runs: dict[int, tuple[int, int]] = {}  # period p -> (tokens in a row equal to the one p back, last position)
+        # period p -> (how many tokens in a row equalled the one p before them, the position of the last one)
+        self.runs: dict[int, tuple[int, int]] = {}
         self.period = 0  # the loop's period once tripped
 
     def add(self, token: int) -> bool:
@@ -250,7 +251,8 @@ class Generator:
                 if params.repetition_penalty != 1.0:
                     if seen is None:
                         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
-                        seen[torch.tensor([t for t in prompt_ids if t < seen.shape[0]], dtype=torch.long, device=self.device)] = True
+                        in_vocab = [t for t in prompt_ids if t < seen.shape[0]]
+                        seen[torch.tensor(in_vocab, dtype=torch.long, device=self.device)] = True
                     else:
                         seen[feed.view(-1)] = True  # the token just fed (the one sampled last step)
                     logits = penalize_repeats(logits, seen, params.repetition_penalty)
