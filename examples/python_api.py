@@ -10,8 +10,10 @@ import sys
 
 from r1cli.chat_format import build_prompt, family_for
 from r1cli.events import AnswerDelta, Done, ReasoningDelta, stream_events
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Generator
 from r1cli.loader import load
+from r1cli.registry import resolve_name
+from r1cli.runner import default_sampling
 
 name = sys.argv[1] if len(sys.argv) > 1 else "deepseek-r1:1.5b"
 question = " ".join(sys.argv[2:]) or "What is 17 * 23?"
@@ -19,9 +21,12 @@ question = " ".join(sys.argv[2:]) or "What is 17 * 23?"
 # a folder, an alias, a repo id already in the HF cache, or a .gguf file; quant: none, int8 or int4
 model, tokenizer = load(name, device="auto", quant=os.environ.get("R1_QUANT", "none"))
 generator = Generator(model, max_len=8192)  # one KV cache; keep it for later turns to reuse their common prefix
-family = family_for(tokenizer)  # "r1": DeepSeek's prompt rules; "plain": the template as is
+alias = resolve_name(name).alias  # deepseek-r1:7b and the like are R1 models whatever their files say
+family = family_for(tokenizer, alias)  # "r1": DeepSeek's prompt rules; "plain": the template as is
 prompt = build_prompt(tokenizer, [{"role": "user", "content": question}], family=family)
-params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=4096)  # DeepSeek's recommendation for R1
+# What `r1 run` uses (`r1 show` prints it): R1's settings or the model's own, a bounded max_tokens (capped by the
+# context), and the repetition guard, which ends a reply stuck in a loop with finish_reason "repetition".
+params = default_sampling(tokenizer, alias)
 
 for event in stream_events(generator, tokenizer, prompt, params):
     if isinstance(event, ReasoningDelta):

@@ -411,7 +411,7 @@ def test_a_killed_or_hung_rank_makes_the_others_exit(looping_dir, tmp_path, vict
     timeout = "5" if signum == signal.SIGSTOP else "60"
     outs = [tmp_path / f"out{r}" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--device", "cpu",
-                               "--thinking", "stdout", "--max-tokens", "100000", "Think."],
+                               "--thinking", "stdout", "--max-tokens", "100000", "--no-repeat-guard", "Think."],
                               env={**rank_env(r, 2, port), "R1_DIST_TIMEOUT": timeout}, stdout=open(outs[r], "wb"),
                               stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL) for r in range(2)]

@@ -28,7 +28,7 @@ from r1cli.models.layers import kv_cache_dtype
 from r1cli.registry import resolve_name
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-from paths import HUB_CONFIGS  # noqa: E402
+from paths import HUB_CONFIGS, R1_TOKENIZER  # noqa: E402
 from helpers import r1_env, run_r1  # noqa: E402
 ALIAS, ALIAS_REPO = "deepseek-r1:1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 TINY = tiny_qwen2_repo()
@@ -309,7 +309,9 @@ def test_list_show_rm_on_pulled_repos(fake, env):
     assert info["dtype"] == "bfloat16" and info["chat_template"] is True
     assert info["memory"]["kv_cache_per_token"] == kv_per_token and info["memory"]["kv_cache"] == 100 * kv_per_token
     assert info["size_on_disk"] == run_bytes and info["revision"] == listed[0]["revision"]
-    assert info["sampling"] == {"temperature": 0.6, "top_p": 0.95, "source": "DeepSeek's R1 usage recommendations"}
+    # An R1 alias: DeepSeek's settings (runner.generation_defaults), with the repo's generation_config.json agreeing.
+    assert info["sampling"] == {"temperature": 0.6, "top_p": 0.95, "max_tokens": 32768, "repeat_guard": True,
+                                "source": "DeepSeek's R1 recommendations and generation_config.json"}
     assert_parameter_counts(info)
 
     # A CPU without bf16 math keeps a bf16 model's cache in float32 (kv_cache_dtype, what the loader uses): said.
@@ -427,13 +429,16 @@ def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_to
     folder.mkdir()
     shutil.copy(config, folder / "config.json")
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    if "R1" in name:  # R1's tokenizer and template (the distills'), which make a folder an R1 model
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(R1_TOKENIZER / file, folder / file)
     info = r1hub.show(resolve_name(str(folder)), ctx=1000)
     assert info["dtype"] == dtype and info["context_length"] == context
     assert info["memory"]["kv_cache_per_token"] == kv_per_token
     assert info["memory"]["kv_cache"] == 1000 * kv_per_token
     assert info["parameters"] == {"total": total, "activated": activated}
     assert info["memory"]["weights"] == total * (1 if dtype == "fp8" else 2)
-    assert info["chat_template"] is False and info["revision"] is None
+    assert info["chat_template"] is ("R1" in name) and info["revision"] is None
     r1_family = "R1" in name
     assert (info["sampling"].get("temperature") == 0.6) is r1_family
 

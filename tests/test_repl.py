@@ -85,7 +85,7 @@ def test_turn_panel_collapses_and_think_expands(steered_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_generation_and_the_session_goes_on(looping_dir, tmp_path):
-    child = spawn(looping_dir, tmp_path)
+    child = spawn(looping_dir, tmp_path, "--no-repeat-guard")
     child.send("hi\r")
     child.expect("think more and think more")  # the tail of the reasoning in the live panel
     child.sendintr()

@@ -17,7 +17,7 @@ from helpers import r1_env, run_r1
 from r1cli.chat_format import build_prompt
 from r1cli.cli import app
 from r1cli.errors import ModelNotFoundError
-from r1cli.runner import generation_defaults, looks_like_model, read_prompt
+from r1cli.runner import looks_like_model, read_prompt
 from r1cli.tokenizer import Tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -77,13 +77,6 @@ def test_first_word_is_the_model_only_when_it_looks_like_one(steered_dir):
     assert not looks_like_model("hello") and not looks_like_model("what is 2+2?")
 
 
-def test_generation_config_and_r1_defaults(tmp_path):
-    assert generation_defaults(tmp_path, "r1") == {"temperature": 0.6, "top_p": 0.95}
-    assert generation_defaults(tmp_path, "plain") == {}
-    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 20}))
-    assert generation_defaults(tmp_path, "r1") == {"temperature": 0.7, "top_p": 0.95, "top_k": 20}
-
-
 def test_jsonl_events(steered_dir):
     result = CliRunner().invoke(app, ["run", str(steered_dir), "--jsonl", "How many pears?"])
     assert result.exit_code == 0, result.output
@@ -136,7 +129,8 @@ def test_exit_codes(steered_dir, tmp_path):
 @pytest.mark.slow
 def test_closed_pipe_ends_quietly(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--thinking", "stdout", "hi"],
+    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--thinking", "stdout",
+                             "--no-repeat-guard", "hi"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout.read(40).startswith(b"<think>\nthink more and think")
     proc.stdout.close()
@@ -147,7 +141,7 @@ def test_closed_pipe_ends_quietly(looping_dir):
 @pytest.mark.slow
 def test_interrupt_exits_130(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--jsonl", "hi"],
+    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--jsonl", "--no-repeat-guard", "hi"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert json.loads(proc.stdout.readline())["event"] == "start"
     assert json.loads(proc.stdout.readline())["event"] == "reasoning"  # it is generating: it would think forever

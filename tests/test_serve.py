@@ -78,7 +78,7 @@ def server(steered_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def looping_server(looping_dir, tmp_path_factory):
     s = ServeProcess(looping_dir, tmp_path_factory.mktemp("serve") / "requests.jsonl", "--max-queue", "1",
-                     "--api-key", KEY, "--max-context", "4096")
+                     "--api-key", KEY, "--max-context", "4096", "--no-repeat-guard")
     yield s
     s.stop()
 

@@ -288,7 +288,7 @@ def test_a_body_that_never_finishes_is_408(guarded):
 
 @pytest.mark.slow
 def test_sigterm_ends_open_streams_with_an_error_and_done(looping_dir, tmp_path):
-    s = ServeProcess(looping_dir, tmp_path / "requests.jsonl", "--max-context", "4096")
+    s = ServeProcess(looping_dir, tmp_path / "requests.jsonl", "--max-context", "4096", "--no-repeat-guard")
     try:
         body = chat_body(stream=True, max_tokens=3000)
         with httpx.stream("POST", s.url + "/chat/completions", json=body, timeout=30) as r:

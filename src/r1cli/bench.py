@@ -140,7 +140,8 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
         r.prefill_tokens_per_s[n] = n / _time(lambda: model(tokens, cache=cache, last_only=True), device)
     prompt = torch.randint(0, vocab, (prompt_lengths[0],)).tolist()
     gen = Generator(model, max_len=len(prompt) + new_tokens + 8, decode_mode=decode_mode)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    # Random weights often loop: the repetition guard is off, so that every token is timed.
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, repeat_guard=False)
     best = None
     for _ in range(2):  # the first run warms up (and captures or compiles the decode step)
         gen.reset()

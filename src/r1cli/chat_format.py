@@ -20,8 +20,10 @@ from .tokenizer import Tokenizer
 
 THINK_START, THINK_END = "<think>", "</think>"
 R1_ASSISTANT_TAG = "<｜Assistant｜>"
-# DeepSeek's recommended sampling for R1 models; generation_config.json values win over these.
+# The one copy of DeepSeek's settings for R1 models (its usage recommendations: temperature 0.6, top-p 0.95; its
+# evaluations: "a maximum generation length of 32,768 tokens"). runner.generation_defaults applies them.
 R1_SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}
+R1_MAX_TOKENS = 32768
 # Message keys that hold a turn's reasoning (transformers aliases them to one another).
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
@@ -159,9 +161,13 @@ def answer_only(content: str) -> str:
     return after.lstrip("\r\n") if close else content
 
 
-def family_for(tokenizer: Tokenizer) -> str:
-    """"r1" when the tokenizer has single <think> and </think> tokens and the template is DeepSeek's, else "plain"."""
-    has_think = tokenizer.think_start_id is not None and tokenizer.think_end_id is not None
+def family_for(tokenizer: Tokenizer | None, alias=None) -> str:
+    """"r1" for a deepseek-r1 alias (registry.Alias), or when the tokenizer has single <think> and </think> tokens
+    and the template is DeepSeek's; else "plain". The one test of "is this an R1 model": prompt rules, sampling
+    defaults (runner.generation_defaults) and `r1 show` all follow it."""
+    if alias is not None and alias.name.startswith("deepseek-r1"):
+        return "r1"
+    has_think = tokenizer is not None and tokenizer.think_start_id is not None and tokenizer.think_end_id is not None
     return "r1" if has_think and R1_ASSISTANT_TAG in (tokenizer.chat_template or "") else "plain"
 
 

@@ -33,9 +33,11 @@ _DEVICE = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU)
 _DTYPE = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32.")
 _CONTEXT = typer.Option(None, "--max-context", min=16, help="KV cache length in tokens (default: model max, at most 8192 on CPU/MPS, 32768 on CUDA).")
 _SYSTEM = typer.Option(None, "--system", help="System prompt (R1 models: put at the start of the first user message).")
-_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to generate, reasoning included (default: 32768, capped by the context).")
-_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: generation_config.json's, else 0.6 for R1).")
-_TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: 0.95 for R1).")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to generate, reasoning included (default: 32768 for R1 models, DeepSeek's evaluation setting; 4096 for others; capped by the context).")
+_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: 0.6 for R1 models, else generation_config.json's, else 0; `r1 show` prints them).")
+_TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: 0.95 for R1 models, else generation_config.json's, else 1).")
+_REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalise every token already in the prompt or reply (CTRL, as llama.cpp's repeat_penalty; 1 = off, 1.1 a usual value; default: generation_config.json's, else 1).")
+_NO_REPEAT_GUARD = typer.Option(False, "--no-repeat-guard", help="Let a reply that loops (the same cycle of up to 256 tokens, verbatim for 1024 tokens) go on instead of stopping it.")
 _TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
 _MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
@@ -58,8 +60,11 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
     return None
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> dict:
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty=None, no_repeat_guard=False) -> dict:
+    if repeat_penalty is not None and repeat_penalty <= 0:
+        raise UsageError(f"--repeat-penalty must be above 0 (1 = off), not {repeat_penalty}")
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                repetition_penalty=repeat_penalty, repeat_guard=False if no_repeat_guard else None)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,6 +74,7 @@ def run(
     system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
     min_p: float = _MIN_P, seed: int = _SEED, gpus: int = _GPUS,
+    repeat_penalty: float = _REPEAT_PENALTY, no_repeat_guard: bool = _NO_REPEAT_GUARD,
     thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, reasoning, usage and timings."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
@@ -87,7 +93,8 @@ def run(
 
     def options(prompt: str) -> RunOptions:
         return RunOptions(model=model, prompt=prompt, system=system, device=device, dtype=dtype,
-                          max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
+                          max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed,
+                                                                      repeat_penalty, no_repeat_guard),
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, quant=quant, group_size=group_size,
                           decode_mode=decode_mode, quant_head=quant_head)
@@ -109,6 +116,7 @@ def chat(
     system: str = _SYSTEM, device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
     min_p: float = _MIN_P, seed: int = _SEED, gpus: int = _GPUS,
+    repeat_penalty: float = _REPEAT_PENALTY, no_repeat_guard: bool = _NO_REPEAT_GUARD,
     think: str = typer.Option(None, "--think", help="show|hide|collapse for this session (default: the saved /think setting)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
     url: str = typer.Option(None, "--url", help="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (r1 serve)."),
@@ -126,7 +134,8 @@ def chat(
     if gpus and gpus > 1 and url:
         raise UsageError("--gpus runs a local model; --url talks to a server")
     chat_args = (remote_model or model, device, dtype, max_context,
-                 _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), system, think)
+                 _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
+                 system, think)
     code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
         *chat_args, history=not no_history, shard=shard, torch_device=torch_device, quant=quant,
         group_size=group_size, decode_mode=decode_mode, quant_head=quant_head))
@@ -150,6 +159,7 @@ def serve(
     max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", min=1024, help="Largest request body; larger ones get 413."),
     request_timeout: float = typer.Option(10.0, "--request-timeout", min=0.1, help="Seconds a client may take to send a request's headers, and then its body."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    no_repeat_guard: bool = _NO_REPEAT_GUARD,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
     from .serve import serve as run_server
@@ -157,7 +167,8 @@ def serve(
     if not api_key and "R1_API_KEY" in os.environ:
         api_key = [os.environ["R1_API_KEY"]]  # the whole value is one key (checked as --api-key is)
     run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size,
-               decode_mode, quant_head, allow_host, max_request_bytes, request_timeout)
+               decode_mode, quant_head, allow_host, max_request_bytes, request_timeout,
+               repeat_guard=not no_repeat_guard)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
@@ -268,7 +279,9 @@ def show(
         print(json.dumps(info, indent=2))
         return
     params, mem, sampling = info["parameters"], info["memory"], info["sampling"]
-    sampling_text = ", ".join(f"{k} {v}" for k, v in sampling.items() if k != "source")
+    sampling_text = ", ".join(f"{k} {v}" for k, v in sampling.items() if k not in ("source", "repeat_guard"))
+    if sampling.get("repeat_guard"):
+        sampling_text += ", repetition guard on"
     lines = [
         ("architecture", info["architecture"]),
         ("parameters", f"{hub.human_count(params['total'])} total, {hub.human_count(params['activated'])} activated"),
@@ -284,7 +297,7 @@ def show(
         ),
         ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
         ("chat template", "yes" if info["chat_template"] else "no"),
-        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "model defaults"),
+        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "unknown: no readable tokenizer"),
         ("path", info["path"]),
     ]
     if "plan" in info:

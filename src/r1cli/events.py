@@ -33,7 +33,7 @@ class AnswerDelta:
 class TurnStats:
     reasoning: str = ""
     content: str = ""
-    finish_reason: str = "length"  # stop | length | interrupted
+    finish_reason: str = "length"  # stop | length | interrupted | repetition (generate.RepetitionGuard)
     truncated_in_thinking: bool = False  # the stream ended inside <think>: no answer was produced
     prompt_tokens: int = 0
     cached_tokens: int = 0

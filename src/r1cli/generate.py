@@ -4,22 +4,28 @@ of reasoning and answer deltas that `run`, `chat` and `serve` consume."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from .chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS
 from .models import Cache, CausalLM
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.6  # 0 = greedy
-    top_p: float = 0.95
+    """What `r1 run/chat/serve` use for a model comes from runner.generation_defaults; these bare defaults are R1's."""
+
+    temperature: float = R1_SAMPLING_DEFAULTS["temperature"]  # 0 = greedy
+    top_p: float = R1_SAMPLING_DEFAULTS["top_p"]
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
-    max_tokens: int = 32768
+    max_tokens: int = R1_MAX_TOKENS
     seed: int | None = None
+    repetition_penalty: float = 1.0  # CTRL's penalty on every token already in the prompt or the reply; 1 = off
+    repeat_guard: bool = True  # stop a reply stuck in a loop (RepetitionGuard): finish_reason "repetition"
 
 
 @dataclass
@@ -29,7 +35,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    finish_reason: str = "length"  # stop | length | interrupted
+    finish_reason: str = "length"  # stop | length | interrupted | repetition
 
     @property
     def ttft_s(self) -> float:
@@ -57,6 +63,58 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     # Gumbel-style draw: argmax(p / Exp(1)) samples from p without torch.multinomial's host sync.
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, as transformers' RepetitionPenaltyLogitsProcessor and
+    llama.cpp's repeat_penalty): the logit of every token in `seen` (a [V] bool mask) is divided by `penalty` when
+    positive and multiplied by it when negative, so a penalty above 1 makes a seen token less likely either way."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen[: logits.shape[-1]], penalized, logits)
+
+
+class RepetitionGuard:
+    """Notices a reply stuck in a loop: the last `min_span` tokens (or more) are an exact repetition with a period
+    of at most `max_period` tokens, every token equal to the one `p` tokens before it. With 1024 and 256: a loop of
+    a paragraph up to about 200 words, seen verbatim at least 4 times, or of a phrase, repeated for about 800
+    words. A list, a table or code shares structure from line to line, but its numbers, names and values change,
+    which breaks exact periodicity; a legitimate exact repeat (a row of 300 zeros: 900 tokens when each digit is
+    a token, a divider) stays under 1024 tokens.
+
+    Incremental and bounded: it keeps the positions of each token in the last `max_period` tokens, and for each
+    period the length of its current run of matches, so a token costs one step per earlier occurrence of that token
+    in the window (a handful in prose), never a scan of the reply."""
+
+    def __init__(self, max_period: int = 256, min_span: int = 1024):
+        self.max_period, self.min_span = max_period, min_span
+        self.count = 0  # tokens seen
+        self.window: deque[int] = deque()  # the last max_period tokens
+        self.positions: dict[int, deque[int]] = {}  # token -> its positions in the window, oldest first
+        # period p -> (how many tokens in a row equalled the one p before them, the position of the last one)
+        self.runs: dict[int, tuple[int, int]] = {}
+        self.period = 0  # the loop's period once tripped
+
+    def add(self, token: int) -> bool:
+        """Feed the next token; True once the tail is a loop."""
+        n, runs, tripped = self.count, self.runs, []
+        for pos in self.positions.get(token, ()):
+            p = n - pos
+            run, last = runs.get(p, (0, -2))
+            run = run + 1 if last == n - 1 else 1  # a run of matches for period p goes on, or starts again
+            runs[p] = (run, n)
+            if run + p >= self.min_span:
+                tripped.append(p)
+        self.window.append(token)
+        self.positions.setdefault(token, deque()).append(n)
+        if len(self.window) > self.max_period:
+            old = self.window.popleft()
+            self.positions[old].popleft()
+            if not self.positions[old]:
+                del self.positions[old]
+        self.count += 1
+        if tripped:
+            self.period = min(tripped)
+        return bool(tripped)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -172,6 +230,8 @@ class Generator:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        guard = RepetitionGuard() if params.repeat_guard else None
+        seen = None  # the tokens repetition_penalty applies to, as a [vocab] mask on the device
         t0 = time.perf_counter()
         feed = torch.tensor([prompt_ids[reuse:]], device=self.device)
         pos = reuse
@@ -188,6 +248,14 @@ class Generator:
                 else:
                     logits = self._decode(feed, pos)
                 pos += feed.shape[1]
+                if params.repetition_penalty != 1.0:
+                    if seen is None:
+                        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+                        in_vocab = [t for t in prompt_ids if t < seen.shape[0]]
+                        seen[torch.tensor(in_vocab, dtype=torch.long, device=self.device)] = True
+                    else:
+                        seen[feed.view(-1)] = True  # the token just fed (the one sampled last step)
+                    logits = penalize_repeats(logits, seen, params.repetition_penalty)
                 if self.shard is None:
                     token = sample(logits, params, generator)
                 else:  # rank 0's draw, on every rank
@@ -211,6 +279,9 @@ class Generator:
                     if tok == STOP:  # rank 0 stopped early (its reader went away)
                         sampled.pop()
                         stats.finish_reason = "interrupted"
+                        return
+                    if guard is not None and guard.add(tok):  # checked before the yield, as a stop id: every rank
+                        stats.finish_reason = "repetition"  # ends at the same step, whatever the reader does
                         return
                     stats.generated_tokens += 1
                     waiting = len(sampled) < budget

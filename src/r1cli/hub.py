@@ -36,7 +36,6 @@ RUN_FILES = (
 )
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 CONFIRM_ABOVE_BYTES = 2 * 10**9
-R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek's usage recommendations for the R1 family
 DEFAULT_CTX = 4096
 
 Confirm = Callable[[str], bool]
@@ -493,6 +492,7 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
     dtype = "fp8" if quant.get("quant_method") == "fp8" else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     from .config import args_from_dict
     from .models import count_parameters
+    from .tokenizer import Tokenizer
 
     args = args_from_dict(cfg)  # also refuses an architecture r1 cannot run
     total, activated = count_parameters(args)
@@ -515,7 +515,7 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         "size_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
         "memory": memory,
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
-        "sampling": recommended_sampling(ref, folder),
+        "sampling": _sampling(ref, lambda: Tokenizer.from_folder(folder)),
         "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
     }
 
@@ -543,6 +543,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
     from gguf import LlamaFileType
 
     from .gguf import GGUFFile, model_args
+    from .gguf import tokenizer as gguf_tokenizer
     from .models import count_parameters
 
     f = GGUFFile(path)
@@ -557,7 +558,6 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
     memory = {**_memory(ctx, weight_bytes, kv_per_token), **_kv_here(args, ctx)}
     snapshot = snapshot_of(path)
     template = f.metadata.get("tokenizer.chat_template")
-    r1 = isinstance(template, str) and "<｜Assistant｜>" in template
     return {
         "name": ref.name,
         "repo": ref.repo,
@@ -570,8 +570,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "size_on_disk": path.stat().st_size,
         "memory": memory,
         "chat_template": isinstance(template, str),
-        # As `r1 run` decides: an R1 chat template means R1's sampling (a GGUF has no generation_config.json).
-        "sampling": {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"} if r1 else {},
+        "sampling": _sampling(ref, lambda: gguf_tokenizer(f)),
     }
 
 
@@ -583,13 +582,19 @@ def _quantized_sizes(args, dtype_bytes: int) -> dict[str, int]:
             **{f"int4 g{g}": weight_bytes(args, "int4", g, dtype_bytes) for g in (32, 128)}}
 
 
-def recommended_sampling(ref: ModelRef, folder: Path) -> dict:
-    name = (ref.repo or folder.name).lower()
-    if "deepseek-r1" in name or (ref.alias and ref.alias.name.startswith("deepseek-r1")):
-        return {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"}
-    gen = _read_json(folder / "generation_config.json")
-    picked = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
-    return {**picked, "source": "generation_config.json"} if picked else {}
+def _sampling(ref: ModelRef, read_tokenizer) -> dict:
+    """The defaults `r1 run` will use (runner.generation_defaults, the same call); {} when the tokenizer cannot be
+    read and the name is no R1 alias (`r1 run` would refuse the model)."""
+    from .chat_format import family_for
+    from .runner import generation_defaults
+
+    try:
+        tokenizer = read_tokenizer()
+    except R1Error:
+        tokenizer = None
+    if tokenizer is None and family_for(None, ref.alias) != "r1":
+        return {}
+    return generation_defaults(tokenizer, ref.alias)
 
 
 def _read_json(path: Path) -> dict:

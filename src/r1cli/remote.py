@@ -23,7 +23,7 @@ from .generate import GenerationStats
 from .reasoning import Delta, ReasoningSplitter
 
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty")
 TIMEOUT_S = 600  # a big model on a slow machine may think a long time before its first token
 
 
@@ -130,7 +130,7 @@ class RemoteModel:
         decode_s = end - (first_at or end)
         yield Done(TurnStats(
             reasoning="".join(reasoning), content="".join(answer),
-            finish_reason="interrupted" if interrupted else "length" if finish == "length" else "stop",
+            finish_reason="interrupted" if interrupted else finish if finish in ("length", "repetition") else "stop",
             truncated_in_thinking=finish == "length" and bool(reasoning) and not answer,
             prompt_tokens=usage.get("prompt_tokens") or 0,
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,

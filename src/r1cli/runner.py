@@ -13,13 +13,15 @@ from typing import Callable, TextIO
 
 import torch
 
-from .chat_format import R1_SAMPLING_DEFAULTS, build_prompt, family_for
+from .chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS, build_prompt, family_for
 from .errors import ModelNotFoundError, R1Error, UsageError
 from .events import AnswerDelta, Done, Event, ReasoningDelta, TurnStats, stream_events
 from .generate import Generator, SamplingParams
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name
 
 THINKING_MODES = ("auto", "show", "hide", "stderr", "stdout")
+REPETITION_EXIT = 6  # `r1 run` stopped by the repetition guard (docs/exit-codes.md)
+REPETITION_NOTICE = "stopped: the output was repeating itself in a loop"
 CPU_CONTEXT = 8192  # default KV cache length on CPU and MPS: memory and speed there are tight
 ACCEL_CONTEXT = 32768  # on CUDA: room for R1's long reasoning
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
@@ -53,19 +55,44 @@ def default_context(model_max: int, device: torch.device) -> int:
     return min(model_max, ACCEL_CONTEXT if device.type == "cuda" else CPU_CONTEXT)
 
 
-def generation_defaults(folder: Path, family: str) -> dict:
-    """Sampling defaults: DeepSeek's for R1 models, then the checkpoint's generation_config.json over them."""
-    defaults = dict(R1_SAMPLING_DEFAULTS) if family == "r1" else {}
-    try:
-        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    for key in ("temperature", "top_p", "top_k", "min_p"):
-        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
-            defaults[key] = config[key]
+# A model that is not R1 gets at most PLAIN_MAX_TOKENS tokens: a reply of a model that does not reason fits in
+# about 3,000 words, and 4096 tokens of a small model on a CPU take minutes, not the hours a whole context can.
+PLAIN_MAX_TOKENS = 4096
+# transformers' own values for the keys a generation_config.json leaves out (GenerationConfig defaults).
+TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0, "repetition_penalty": 1.0}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(tokenizer, alias=None) -> dict:
+    """The defaults `r1 run`, `chat`, `serve` and `show` use for a model (SamplingParams fields), and where they
+    come from ("source"). R1 models (chat_format.family_for: `tokenizer` may be None, `alias` a registry.Alias)
+    get DeepSeek's temperature 0.6, top-p 0.95 and 32,768 tokens, with generation_config.json over them (the R1
+    repos' say the same). Other models: their generation_config.json as transformers reads it (keys it leaves out
+    take transformers' values; do_sample false, or no sampling settings at all, is greedy decoding), at most
+    PLAIN_MAX_TOKENS tokens. Unlike transformers, a file that sets a temperature or top-p without do_sample is
+    taken to mean sampling. The repetition guard is on for all: it is what makes greedy decoding safe. The
+    Generator caps max_tokens by the context left."""
+    config = getattr(tokenizer, "generation_config", None) or {}
+    given = {k: config[k] for k in SAMPLING_KEYS
+             if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    if family_for(tokenizer, alias) == "r1":
+        defaults = {**R1_SAMPLING_DEFAULTS, "max_tokens": R1_MAX_TOKENS, **given}
+        source = "DeepSeek's R1 recommendations" + (" and generation_config.json" if given else "")
+    else:
+        defaults = {**TRANSFORMERS_SAMPLING, "max_tokens": PLAIN_MAX_TOKENS, **given}
+        source = "generation_config.json"
+        if not given and config.get("do_sample") is not True:
+            defaults["temperature"] = 0.0
+            source = "greedy: generation_config.json sets no sampling"
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0  # transformers' greedy decoding
-    return defaults
+    return {**defaults, "repeat_guard": True, "source": source}
+
+
+def default_sampling(tokenizer, alias=None, **overrides) -> SamplingParams:
+    """generation_defaults as SamplingParams, `overrides` (SamplingParams fields) on top: for the Python API."""
+    values = {k: v for k, v in generation_defaults(tokenizer, alias).items() if k != "source"}
+    return SamplingParams(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
@@ -90,6 +117,7 @@ class OpenModel:
 
     def sampling(self, overrides: dict) -> SamplingParams:
         values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        values.pop("source", None)
         return SamplingParams(**values)
 
 
@@ -152,8 +180,9 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
         announce("r1: --decode-mode compile: the first reply pauses while torch.compile builds the decode step "
                  "(a minute or more the first time, seconds once its on-disk cache is warm)")
     tokenizer = checkpoint.tokenizer()
-    family = family_for(tokenizer)
-    return OpenModel(name, ref, folder, tokenizer, Generator(model, context, decode_mode=decode_mode), family, generation_defaults(folder, family))
+    family = family_for(tokenizer, ref.alias)
+    return OpenModel(name, ref, folder, tokenizer, Generator(model, context, decode_mode=decode_mode), family,
+                     generation_defaults(tokenizer, ref.alias))
 
 
 def drive(stream, handle: Callable[[Event], None]) -> TurnStats:
@@ -265,7 +294,8 @@ def result_object(m: OpenModel, stats: TurnStats) -> dict:
 
 def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = None, shard=None,
         torch_device: torch.device | None = None) -> int:
-    """Generate one reply; return the exit code (0 ok, 4 stopped while thinking, 130 interrupted).
+    """Generate one reply; return the exit code (0 ok, 4 stopped while thinking, 6 stopped in a loop, 130
+    interrupted).
     Tensor parallel (`shard`): rank 0 does all of this; the other ranks load their part and follow it."""
     if shard is not None and not shard.leader:
         m = open_model(opts.model, opts.device, opts.dtype, opts.max_context, shard=shard, torch_device=torch_device)
@@ -352,6 +382,10 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     if stats.finish_reason == "interrupted":
         note("r1: interrupted")
         return 130
+    if stats.finish_reason == "repetition":
+        note(f"r1: {REPETITION_NOTICE} after {stats.completion_tokens} tokens (--repeat-penalty 1.1 makes repeats "
+             f"less likely; --no-repeat-guard lets it run)")
+        return REPETITION_EXIT
     if stats.truncated_in_thinking:
         note(f"r1: stopped while thinking after {stats.completion_tokens} tokens: no answer was produced "
              f"(raise --max-tokens, now {params.max_tokens}, or --max-context, now {m.generator.max_len})")

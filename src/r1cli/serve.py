@@ -53,7 +53,8 @@ LOOPBACK_NAMES = {"localhost"}
 ANY_IP = "<any IP address>"  # in an allowed-hosts set: every IP address passes
 _SHUTDOWN = object()  # put into an open request's event queue when the server is stopping
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH = {"stop": "stop", "length": "length", "interrupted": "stop"}
+# "repetition": the repetition guard stopped a reply stuck in a loop (docs/serve.md).
+FINISH = {"stop": "stop", "length": "length", "interrupted": "stop", "repetition": "repetition"}
 
 
 class ApiError(Exception):
@@ -148,6 +149,7 @@ def parse_request(body) -> ChatRequest:
         "max_tokens": _number(body, "max_tokens", 1, 1 << 30, integer=True)
         or _number(body, "max_completion_tokens", 1, 1 << 30, integer=True),
         "seed": _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True),
+        "repetition_penalty": _number(body, "repetition_penalty", 0.01, 10),  # vLLM's extra parameter
     }
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -784,7 +786,7 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
           max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None, quant: str = "none",
           group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False,
           allow_host: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, repeat_guard: bool = True) -> None:
     import uvicorn
 
     from .runner import open_model
@@ -803,6 +805,7 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
     m = open_model(model, device, dtype, max_context, interactive=sys.stdin.isatty() and sys.stderr.isatty(),
                    announce=note, quant=quant, group_size=group_size, decode_mode=decode_mode,
                    quant_head=quant_head)
+    m.defaults["repeat_guard"] = repeat_guard  # --no-repeat-guard
     server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout)
     shown = f"[{host}]" if ":" in host else host
     note(f"r1 serve: {m.name} on http://{shown}:{sock.getsockname()[1]}/v1 (model names: {', '.join(server.names)})")

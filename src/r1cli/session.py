@@ -21,7 +21,7 @@ class Turn:
     user: str
     answer: str = ""
     reasoning: str = ""
-    finish_reason: str = "stop"  # stop | length | interrupted
+    finish_reason: str = "stop"  # stop | length | interrupted | repetition
     stats: dict = field(default_factory=dict)  # TurnStats.to_dict() without the texts
 
 
@@ -76,6 +76,8 @@ class ChatSession:
             parts.append(turn.answer + "\n")
             if turn.finish_reason == "interrupted":
                 parts.append("*(interrupted)*\n")
+            elif turn.finish_reason == "repetition":
+                parts.append("*(stopped: repeating itself in a loop)*\n")
         return "\n".join(parts)
 
     def save(self, path: str | Path) -> Path:

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .app import Chat
 
 EXIT = object()  # returned by /exit
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int}
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int,
+            "repetition_penalty": float}
 
 
 def cmd_help(chat: Chat, arg: str):

@@ -136,6 +136,9 @@ class TurnView:
                 self.console.print(Text(summary, style="dim"))
         if stats.finish_reason == "interrupted":
             self.console.print(Text("[interrupted]", style="yellow"))
+        elif stats.finish_reason == "repetition":
+            self.console.print(Text("[stopped: the reply was repeating itself in a loop; /set repetition_penalty 1.1 "
+                                    "makes repeats less likely]", style="yellow"))
         elif stats.truncated_in_thinking:
             self.console.print(Text("Stopped while thinking: no answer was produced (/set max_tokens N for more).",
                                     style="yellow"))
