@@ -306,7 +306,7 @@ def show(
     gpus: int = typer.Option(None, "--gpus", min=1, help="Plan weights and KV cache per GPU over N GPUs."),
     gpu_mem: float = typer.Option(None, "--gpu-mem", min=0.1, help="Memory of one GPU in GB (default: this machine's first GPU) to say whether it fits."),
 ) -> None:
-    """Architecture, parameters, context length, dtype, sizes and memory estimate of a downloaded model."""
+    """Architecture, parameters, context length, dtype, sizes and memory estimate: before a download too."""
     import json
 
     from . import hub
@@ -325,7 +325,9 @@ def show(
         ("parameters", f"{hub.human_count(params['total'])} total, {hub.human_count(params['activated'])} activated"),
         ("context length", f"{info['context_length']} tokens"),
         ("dtype", info["dtype"]),
-        ("size on disk", hub.format_size(info["size_on_disk"])),
+        ("size on disk", hub.format_size(info["size_on_disk"]) if info.get("downloaded", True) else
+         f"not downloaded; {hub.format_size(info['download_size'])} to download" if info["download_size"] is not None
+         else "not downloaded; the download size is unknown (the Hub did not answer)"),
         (
             f"memory @{mem['context']}",
             f"{hub.format_size(mem['total'])} (weights {hub.format_size(mem['weights'])}"
@@ -334,14 +336,23 @@ def show(
                if "kv_cache_here" in mem else ""),
         ),
         ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
-        ("chat template", "yes" if info["chat_template"] else "no"),
+        ("chat template", "unknown before download" if info["chat_template"] is None
+         else "yes" if info["chat_template"] else "no"),
         ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "model defaults"),
-        ("path", info["path"]),
+        ("fastest here", _fastest_text(info["cpu"])),
+        ("path", info["path"] or f"not downloaded: `r1 pull {name}`"),
     ]
     if "plan" in info:
-        lines.insert(-3, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
+        lines.insert(-4, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
     for key, value in lines:
         print(f"{key:<16}{value}")
+    if info.get("unknown"):
+        print(f"{'before download':<16}from config.json alone; not known yet: {', '.join(info['unknown'])}")
+
+
+def _fastest_text(cpu: dict) -> str:
+    head = f"{cpu['fastest']} on this {cpu['cpu_class']} CPU" if cpu["fastest"] else f"{cpu['cpu_class']} CPU"
+    return f"{head} ({', '.join(cpu['flags']) or 'no named flags'}): {cpu['why']}"
 
 
 def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
@@ -353,7 +364,7 @@ def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
     from .hub import format_size
     from .parallel import describe_plan, plan_memory
 
-    args = load_config(Path(info["path"]))
+    args = load_config(Path(info.get("config_folder") or info["path"]))
     mem = int(gpu_mem * 1e9) if gpu_mem else None
     if mem is None:
         import torch
