@@ -134,7 +134,11 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
     if think not in ("show", "hide", "collapse"):
         think = "collapse"
     announce = lambda line: console.print(Text(line, style="dim"))  # noqa: E731
-    with console.status("loading the model…", spinner="dots") if console.is_terminal else _nothing():
+    from .. import progress
+
+    # A local model's load draws its own progress bars on stderr (progress.py): one live display at a time.
+    spinner = console.is_terminal and (url or not progress.enabled())
+    with console.status("loading the model…", spinner="dots") if spinner else _nothing():
         if url:
             from ..remote import RemoteModel
 
