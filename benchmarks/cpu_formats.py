@@ -2,7 +2,7 @@
 side in one process, alternating the formats round after round so that drift (other jobs on a shared machine)
 hits each alike. Prints the CPU class (r1cli.cpu) beside the rates: the figures set the rule for that class.
 
-    PYTHONPATH=src python benchmarks/cpu_formats.py [--folder CONVERTED_SMOLLM2] [--tokens 64] [--rounds 3]
+    PYTHONPATH=src python benchmarks/cpu_formats.py [--folder CONVERTED_SMOLLM2] [--tokens 64] [--rounds 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def main() -> None:
     ap.add_argument("--folder", help="SmolLM2 converted to safetensors (tests/smollm2.py); made in a temp dir if absent")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="1 on a machine shared with other jobs (no spin-waits)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     from quant_compare import r1_decode
 
     from r1cli import cpu
