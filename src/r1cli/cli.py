@@ -327,7 +327,7 @@ def show(
         ("dtype", info["dtype"]),
         ("size on disk", hub.format_size(info["size_on_disk"]) if info.get("downloaded", True) else
          f"not downloaded; {hub.format_size(info['download_size'])} to download" if info["download_size"] is not None
-         else "not downloaded; the download size is unknown (the Hub did not answer)"),
+         else "not downloaded; the download size is not known yet"),
         (
             f"memory @{mem['context']}",
             f"{hub.format_size(mem['total'])} (weights {hub.format_size(mem['weights'])}"

@@ -531,7 +531,8 @@ def _show_before_download(ref: ModelRef, ctx: int, token: str | None) -> dict:
         except R1Error:
             pass
     if download is None:
-        unknown.insert(0, "exact file sizes (the Hub's file list did not answer)")
+        why = "offline mode" if constants.is_offline_mode() else "the Hub's file list did not answer"
+        unknown.insert(0, f"exact file sizes ({why})")
     info.update(path=None, revision=revision, size_on_disk=None, download_size=download, chat_template=None,
                 downloaded=False, unknown=unknown, config_folder=str(config.parent))
     return info
