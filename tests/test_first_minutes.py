@@ -188,3 +188,51 @@ def test_cpu_classes_and_their_advice():
     assert cpu.fastest_format(avx2)["fastest"] == "int8"
     assert cpu.fastest_format(bf16)["fastest"] == cpu.MEASURED_ORDER["avx512-bf16"][0][0]
     assert cpu.fastest_format(neon)["fastest"] is None and "not measured" in cpu.fastest_format(neon)["why"]
+
+
+# -- progress bars -------------------------------------------------------------------------------------------------
+
+
+def test_a_bar_redraws_a_few_times_a_second_whatever_the_number_of_updates():
+    import io
+
+    from rich.console import Console
+
+    from r1cli import progress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = progress.Bar("loading weights", 10_000 * 1000, 10_000, "tensors",
+                       console=Console(file=out, force_terminal=True, width=100), clock=lambda: now[0])
+    for _ in range(10_000):  # 10,000 tensors over 2 s of (fake) time
+        now[0] += 0.0002
+        bar.advance(1000)
+    bar.close()
+    assert bar.refreshes <= 1 + 2 * progress.REFRESH_PER_S + 1
+    assert bar.items_done == 10_000
+    assert "loading weights" in out.getvalue()
+
+
+def test_no_bar_without_a_terminal(monkeypatch):
+    from r1cli import progress
+
+    monkeypatch.delenv("R1_PROGRESS", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with progress.tracker("loading weights") as t:
+        t.start(100, 10)
+        t.advance(10)
+        assert t.bar is None
+
+
+@pytest.mark.slow
+def test_loading_shows_a_bar_on_a_terminal_and_nothing_in_a_pipe(steered_dir, tmp_path):
+    import pexpect
+
+    env = r1_env(tmp_path, TERM="xterm-256color")
+    child = pexpect.spawn(sys.executable, ["-m", "r1cli", "run", str(steered_dir), "--max-tokens", "3", "hi"],
+                          env=env, encoding="utf-8", timeout=120, dimensions=(24, 120))
+    child.expect("loading weights")
+    child.expect(r"\d+/\d+ tensors")
+    child.expect(pexpect.EOF)
+    piped = run_r1("run", str(steered_dir), "--max-tokens", "3", "hi", env=env)
+    assert "loading weights" not in piped.stderr and "tensors" not in piped.stderr
