@@ -105,7 +105,9 @@ class Checkpoint:
                 raise UsageError(f"{self.path.name}: GGUF files run in one process; use the safetensors repo across ranks")
             from . import gguf
 
-            return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size, fuse=fuse)
+            with tracker("loading weights" if quant == "none" else f"loading and quantizing to {quant}") as report:
+                return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size,
+                                       fuse=fuse, progress=report)
         with torch.device("meta"):
             model = build_model(self.args, shard)
         if quant == "none":
