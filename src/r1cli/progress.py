@@ -18,10 +18,13 @@ _active = False  # one bar at a time: a nested task (e.g. the cache written afte
 
 
 def enabled() -> bool:
-    """A terminal on stderr (and not TERM=dumb); R1_PROGRESS=0 turns bars off, =1 forces them (tests)."""
+    """A terminal on stderr (and not TERM=dumb), on rank 0 only under torchrun (the ranks share one terminal);
+    R1_PROGRESS=0 turns bars off, =1 forces them."""
     forced = os.environ.get("R1_PROGRESS")
     if forced in ("0", "1"):
         return forced == "1"
+    if os.environ.get("RANK", "0") != "0":
+        return False
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
 
