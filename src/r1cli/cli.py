@@ -7,10 +7,9 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import R1Error, UsageError
-
-from typer.core import TyperGroup
 
 
 class _Group(TyperGroup):
