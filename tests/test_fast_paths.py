@@ -154,9 +154,13 @@ def test_cpu_float32_kv_cache_for_bf16_models(monkeypatch, tmp_path, name):
             return cache.layers[0][0].dtype, m(torch.tensor([[7]]), start_pos=prompt.shape[1], cache=cache)[0, -1]
 
     _, exact = decode(exact_model)
+    from r1cli import cpu
+
     monkeypatch.setattr(layers, "CPU_BF16_UPCAST_ROWS", 32)
+    monkeypatch.setattr(cpu, "BF16_UPCAST_ROWS", 32)  # the CPU module decides the cache dtype
     dtype32, logits32 = decode(model)
     monkeypatch.setattr(layers, "CPU_BF16_UPCAST_ROWS", None)
+    monkeypatch.setattr(cpu, "BF16_UPCAST_ROWS", None)
     dtype16, logits16 = decode(model)
     assert (dtype32, dtype16) == (torch.float32, torch.bfloat16)
     err32, err16 = (logits32 - exact).abs().max(), (logits16 - exact).abs().max()

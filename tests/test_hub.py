@@ -333,7 +333,11 @@ def test_list_show_rm_on_pulled_repos(fake, env):
     assert p.returncode == 0 and "freed 220.0 KB" in p.stderr
     assert not any(b.exists() for b in blobs) and not (cache(env) / "models--test--tiny").exists()
     assert [m["repo"] for m in json.loads(r1(env, "list", "--json").stdout)] == [ALIAS_REPO]
-    assert_one_line_error(r1(env, "show", "test/tiny"), 3, "`r1 pull test/tiny`")
+    # Not downloaded any more: show answers from the Hub's config.json and file list (tests/test_first_minutes.py)
+    after = json.loads(r1(env, "show", "test/tiny", "--json").stdout)
+    assert after["downloaded"] is False and after["download_size"] == run_bytes
+    assert after["parameters"] == info["parameters"] and after["memory"]["kv_cache"] == 4096 * kv_per_token
+    assert after["memory"]["weights"] == info["memory"]["weights"]
 
 
 def assert_parameter_counts(info: dict) -> None:

@@ -7,25 +7,80 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import R1Error, UsageError
+
+
+class _Group(TyperGroup):
+    """The `r1` group: plain metavars in every command's help (NAME, INTEGER, TEXT; none for flags) instead of
+    typer's `<bool>`/`<str>` type labels, and an argument's own metavar kept as written in the usage line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in [self, *self.commands.values()]:
+            params = command.get_params  # params and the help option, as help and parsing see them
+
+            command.get_params = lambda ctx, params=params: [_plain_metavar(p) for p in params(ctx)]
+
+
+def _plain_metavar(param):
+    if getattr(param, "_r1_plain", False):
+        return param
+    param._r1_plain = True
+    if param.param_type_name == "argument":
+        if param.metavar:  # e.g. run's "[MODEL] [PROMPT]...": typer would wrap it again as [...]...
+            usage = param.metavar
+        else:  # NAME when required (typer writes {NAME}), [MODEL] when optional
+            param.metavar = param.name.upper()
+            usage = (param.metavar if param.required else f"[{param.metavar}]") + ("..." if param.nargs != 1 else "")
+        param._usage_display_name = lambda: usage
+        param.display_type_rich = lambda ctx: None
+    elif getattr(param, "is_flag", False):
+        param.metavar = ""
+    elif param.metavar is None:
+        # typer >= 0.2x keeps the annotation in type_descriptor; older typer has click's param.type
+        kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        kind = getattr(kind, "__name__", None) or getattr(getattr(param, "type", None), "name", "text").split()[0]
+        param.metavar = {"int": "INTEGER", "integer": "INTEGER", "float": "FLOAT"}.get(kind, "TEXT")
+    return param
+
 
 app = typer.Typer(
     name="r1",
     help="Run DeepSeek-R1 and its distilled models locally.",
-    no_args_is_help=True,
+    cls=_Group,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command's context
 )
 
-# Set by the --debug root option: show tracebacks instead of one-line errors.
+# Set by --debug (before or after the command; main() takes it out of argv) or R1_DEBUG=1: tracebacks instead of
+# one-line errors.
 _DEBUG_ENV = "R1_DEBUG"
+_DEBUG_FLAG = "--debug"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"r1 {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, _DEBUG_FLAG, help="Show full tracebacks on errors (anywhere on the line; or R1_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     if debug:
         os.environ[_DEBUG_ENV] = "1"
+    if ctx.invoked_subcommand is None:  # bare `r1`: the help, and success
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 # Options shared by `run` and `chat`.
@@ -266,7 +321,7 @@ def show(
     gpus: int = typer.Option(None, "--gpus", min=1, help="Plan weights and KV cache per GPU over N GPUs."),
     gpu_mem: float = typer.Option(None, "--gpu-mem", min=0.1, help="Memory of one GPU in GB (default: this machine's first GPU) to say whether it fits."),
 ) -> None:
-    """Architecture, parameters, context length, dtype, sizes and memory estimate of a downloaded model."""
+    """Architecture, parameters, context length, dtype, sizes and memory estimate: before a download too."""
     import json
 
     from . import hub
@@ -287,7 +342,9 @@ def show(
         ("parameters", f"{hub.human_count(params['total'])} total, {hub.human_count(params['activated'])} activated"),
         ("context length", f"{info['context_length']} tokens"),
         ("dtype", info["dtype"]),
-        ("size on disk", hub.format_size(info["size_on_disk"])),
+        ("size on disk", hub.format_size(info["size_on_disk"]) if info.get("downloaded", True) else
+         f"not downloaded; {hub.format_size(info['download_size'])} to download" if info["download_size"] is not None
+         else "not downloaded; the download size is not known yet"),
         (
             f"memory @{mem['context']}",
             f"{hub.format_size(mem['total'])} (weights {hub.format_size(mem['weights'])}"
@@ -296,14 +353,24 @@ def show(
                if "kv_cache_here" in mem else ""),
         ),
         ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
-        ("chat template", "yes" if info["chat_template"] else "no"),
-        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling else "unknown: no readable tokenizer"),
-        ("path", info["path"]),
+        ("chat template", "unknown before download" if info["chat_template"] is None
+         else "yes" if info["chat_template"] else "no"),
+        ("sampling", f"{sampling_text} ({sampling['source']})" if sampling
+         else "unknown before download" if info["path"] is None else "unknown: no readable tokenizer"),
+        ("fastest here", _fastest_text(info["cpu"])),
+        ("path", info["path"] or f"not downloaded: `r1 pull {name}`"),
     ]
     if "plan" in info:
-        lines.insert(-3, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
+        lines.insert(-4, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
     for key, value in lines:
         print(f"{key:<16}{value}")
+    if info.get("unknown"):
+        print(f"{'before download':<16}from config.json alone; not known yet: {', '.join(info['unknown'])}")
+
+
+def _fastest_text(cpu: dict) -> str:
+    head = f"{cpu['fastest']} on this {cpu['cpu_class']} CPU" if cpu["fastest"] else f"{cpu['cpu_class']} CPU"
+    return f"{head} ({', '.join(cpu['flags']) or 'no named flags'}): {cpu['why']}"
 
 
 def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
@@ -315,7 +382,7 @@ def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
     from .hub import format_size
     from .parallel import describe_plan, plan_memory
 
-    args = load_config(Path(info["path"]))
+    args = load_config(Path(info.get("config_folder") or info["path"]))
     mem = int(gpu_mem * 1e9) if gpu_mem else None
     if mem is None:
         import torch
@@ -356,8 +423,9 @@ def bench(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: R1Error -> one line on stderr and its exit code."""
+    argv = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="r1", standalone_mode=False)
         if isinstance(code, int) and code:  # click returns a typer.Exit's code instead of raising it here
             sys.exit(code)
     except R1Error as e:
@@ -390,6 +458,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"r1: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _take_debug_flag(argv: list[str]) -> list[str]:
+    """--debug anywhere before a `--`: set R1_DEBUG and drop it, so that it works after the command too."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if _DEBUG_FLAG in argv[:end]:
+        os.environ[_DEBUG_ENV] = "1"
+        return [a for a in argv[:end] if a != _DEBUG_FLAG] + argv[end:]
+    return argv
 
 
 def _click_exception_types() -> tuple[tuple, tuple]:

@@ -443,7 +443,8 @@ def linear_codes(f: GGUFFile, name: str, args: ModelArgs) -> dict | None:
 
 
 def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-               args: ModelArgs | None = None, quant: str = "none", group_size: int = 32, fuse: bool = True):
+               args: ModelArgs | None = None, quant: str = "none", group_size: int = 32, fuse: bool = True,
+               progress=None):
     """Build the model on the meta device and fill it from the file, one dequantized tensor at a time.
     quant int4 (group 32): Q4_0, Q4_1 and Q4_K blocks are repacked into the int4 Linear as they are, without a
     float round trip; any other tensor (and every tensor for int8 or int4 g64/g128) is dequantized, then quantized
@@ -475,7 +476,11 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
             raise CheckpointError(f"tensor {gguf_names.get(param, param)} is missing from {f.path.name}")
     quantizer = Quantizer(quant, group_size, device, collect=False) if quant != "none" else None
     repacked = 0
+    if progress is not None:  # (progress.Tracker) bytes as stored in the file, tensors
+        progress.start(sum(f.tensors[n].nbytes or 0 for n in plan), len(plan))
     for name, param in plan.items():
+        if progress is not None:
+            progress.advance(f.tensors[name].nbytes or 0)
         want = tuple(targets[param].shape)
         if f.tensors[name].shape != want:
             raise CheckpointError(

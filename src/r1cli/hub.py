@@ -482,17 +482,85 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 
 
 def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dict:
-    """What `r1 show` prints: architecture, parameters, context, dtype, sizes, memory at `ctx` tokens, sampling."""
-    folder = local_path(ref, token)
+    """What `r1 show` prints: architecture, parameters, context, dtype, sizes, memory at `ctx` tokens, sampling.
+    A Hub model not (fully) downloaded is answered from its config.json alone (_show_before_download)."""
+    try:
+        folder = local_path(ref, token)
+    except ModelNotFoundError:
+        if ref.path is not None or ref.gguf:
+            raise
+        return _show_before_download(ref, ctx, token)
     if folder.is_file():
         return _show_gguf(ref, folder, ctx)
-    cfg = _read_json(folder / "config.json")
+    return _show_folder(ref, folder, ctx)
+
+
+def bundled_config(ref: ModelRef) -> Path | None:
+    """The config.json shipped in r1cli/hub_configs for an alias's repo at its default revision, else None."""
+    if ref.alias is None or ref.revision is not None:
+        return None
+    path = Path(__file__).parent / "hub_configs" / ref.repo.split("/")[1] / "config.json"
+    return path if path.is_file() else None
+
+
+def _show_before_download(ref: ModelRef, ctx: int, token: str | None) -> dict:
+    """`r1 show` of a model that is not downloaded: the config of an alias ships with r1 (no network); any other
+    repo's config.json alone is fetched (into the HF cache). The download size comes from the Hub's file list when
+    it answers; what cannot be known before the download is listed under "unknown"."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    config = bundled_config(ref)
+    if config is None:
+        if constants.is_offline_mode():
+            raise ModelNotFoundError(f"{ref.repo} is not downloaded and offline mode is on (HF_HUB_OFFLINE): "
+                                     f"unset it, or run `r1 pull {ref.name}` where the Hub is reachable")
+        with hub_errors(ref, token):
+            config = Path(hf_hub_download(ref.repo, "config.json", revision=ref.revision, token=token,
+                                          cache_dir=cache_dir()))
+    info = _show_config(ref, _read_json(config), ctx)
+    unknown = ["chat template (in the tokenizer files)"]
+    download, revision = None, None
+    if not constants.is_offline_mode():
+        try:
+            with hub_errors(ref, token):
+                remote = HfApi().model_info(ref.repo, revision=ref.revision, files_metadata=True, token=token)
+            sizes = [s.size for s in remote.siblings or [] if is_run_file(s.rfilename)]
+            download = sum(sizes) if sizes and None not in sizes else None
+            revision = (remote.sha or "")[:7] or None
+        except R1Error:
+            pass
+    if download is None:
+        why = "offline mode" if constants.is_offline_mode() else "the Hub's file list did not answer"
+        unknown.insert(0, f"exact file sizes ({why})")
+    info.update(path=None, revision=revision, size_on_disk=None, download_size=download, chat_template=None,
+                downloaded=False, unknown=unknown, config_folder=str(config.parent))
+    return info
+
+
+def _show_folder(ref: ModelRef, folder: Path, ctx: int) -> dict:
+    from .tokenizer import Tokenizer
+
+    info = _show_config(ref, _read_json(folder / "config.json"), ctx)
+    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    info.update(
+        path=str(folder),
+        revision=folder.name[:7] if ref.path is None else None,
+        size_on_disk=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        chat_template=bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
+        sampling=_sampling(ref, lambda: Tokenizer.from_folder(folder)),
+        downloaded=True,
+        config_folder=str(folder),
+    )
+    return info
+
+
+def _show_config(ref: ModelRef, cfg: dict, ctx: int) -> dict:
+    """The fields of `r1 show` that config.json alone decides."""
     quant = cfg.get("quantization_config") or {}
     # transformers 5 writes "dtype" where older configs say "torch_dtype".
     dtype = "fp8" if quant.get("quant_method") == "fp8" else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     from .config import args_from_dict
     from .models import count_parameters
-    from .tokenizer import Tokenizer
 
     args = args_from_dict(cfg)  # also refuses an architecture r1 cannot run
     total, activated = count_parameters(args)
@@ -502,22 +570,29 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
     memory = _memory(ctx, weight_bytes, kv_per_token)
     if dtype != "float32":
         memory.update(_kv_here(args, ctx))
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
     return {
         "name": ref.name,
         "repo": ref.repo,
-        "path": str(folder),
-        "revision": folder.name[:7] if ref.path is None else None,
+        "path": None,
+        "revision": None,
         "architecture": (cfg.get("architectures") or [None])[0],
         "parameters": {"total": total, "activated": activated},
         "context_length": cfg.get("max_position_embeddings"),
         "dtype": dtype,
-        "size_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "size_on_disk": None,
         "memory": memory,
-        "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
-        "sampling": _sampling(ref, lambda: Tokenizer.from_folder(folder)),
+        "chat_template": None,
+        "sampling": _sampling(ref, lambda: None),
         "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
+        "cpu": _cpu_advice(),
     }
+
+
+def _cpu_advice() -> dict:
+    """Which weight format decodes fastest on this machine's CPU class, and why (cpu.fastest_format)."""
+    from .cpu import fastest_format
+
+    return fastest_format()
 
 
 def _kv_here(args, ctx: int) -> dict:
@@ -525,7 +600,7 @@ def _kv_here(args, ctx: int) -> dict:
     (models.layers.kv_cache_dtype): twice the bytes of the 16-bit figure. Empty elsewhere."""
     import torch
 
-    from .models.layers import kv_cache_dtype
+    from .cpu import kv_cache_dtype
 
     if torch.cuda.is_available() or kv_cache_dtype(torch.bfloat16, torch.device("cpu")) != torch.float32:
         return {}
@@ -571,6 +646,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "memory": memory,
         "chat_template": isinstance(template, str),
         "sampling": _sampling(ref, lambda: gguf_tokenizer(f)),
+        "cpu": _cpu_advice(),
     }
 
 

@@ -8,6 +8,7 @@ import torch
 
 from .config import ModelArgs, load_config
 from .models import CausalLM, build_model
+from .progress import tracker
 from .weights import load_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -104,12 +105,15 @@ class Checkpoint:
                 raise UsageError(f"{self.path.name}: GGUF files run in one process; use the safetensors repo across ranks")
             from . import gguf
 
-            return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size, fuse=fuse)
+            with tracker("loading weights" if quant == "none" else f"loading and quantizing to {quant}") as report:
+                return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size,
+                                       fuse=fuse, progress=report)
         with torch.device("meta"):
             model = build_model(self.args, shard)
         if quant == "none":
-            return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard,
-                                fuse=fuse)
+            with tracker("loading weights") as report:
+                return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8,
+                                    shard=shard, fuse=fuse, progress=report)
         return _load_quantized(model, self.path, self.args, device, torch_dtype, fp8, shard, quant, group_size,
                                cache and shard is None, fuse)  # a rank's slices are not cached (the cache holds whole tensors)
 
@@ -151,15 +155,18 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
                 if fuse:
                     fuse_when_loaded(model, module_name)
         del cached
-        model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip),
-                             fuse=fuse)
+        with tracker("loading weights") as report:
+            model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip),
+                                 fuse=fuse, progress=report)
         model.quant_notice = q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", []))
         return model
     quantizer = q.Quantizer(quant, group_size, device, collect=cache)
-    model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard, quantizer=quantizer,
-                         fuse=fuse)
+    with tracker(f"loading and quantizing to {quant}") as report:
+        model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard,
+                             quantizer=quantizer, fuse=fuse, progress=report)
     if cache:
-        q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow})
+        with tracker(f"writing the {quant} cache") as report:
+            q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow}, progress=report)
     model.quant_notice = q.shape_notice(quant, group_size, quantizer.slow)
     return model
 

@@ -430,9 +430,10 @@ def cache_path(folder: Path, scheme: str, group_size: int) -> Path:
 _DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
-def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: dict, extra: dict | None = None) -> None:
+def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: dict, extra: dict | None = None,
+                progress=None) -> None:
     """Write atomically (a temporary file, then rename), the JSON last: a cache is complete when both exist.
-    A read-only place just means no cache (never an error)."""
+    A read-only place just means no cache (never an error). `progress` (progress.Tracker): bytes and tensors."""
     tensors = {f"{module}.{key}": t for module, d in exports.items() for key, t in d.items()}
     header, offset = {}, 0
     for name, t in tensors.items():
@@ -446,8 +447,12 @@ def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: d
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
+            if progress is not None:
+                progress.start(offset, len(tensors))
             for t in tensors.values():
                 f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+                if progress is not None:
+                    progress.advance(t.numel() * t.element_size())
         os.replace(tmp, path)
         meta_path = path.with_suffix(".json")
         tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")

@@ -68,6 +68,12 @@ def resolve_name(name: str | None) -> ModelRef:
     p = Path(name).expanduser()
     if p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf"):
         return ModelRef(name=name, path=p.resolve())
+    if name.startswith((".", "/", "~")):  # a path, never a Hub name (`./x` would otherwise parse as the repo "./x")
+        if p.exists():
+            raise UsageError(f"{name} is a file, not a model: give a model folder or a .gguf file")
+        from .errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"no such file or folder: {name}")
     if name in ALIASES:
         a = ALIASES[name]
         return ModelRef(name=name, repo=a.repo, alias=a)
@@ -81,7 +87,11 @@ def resolve_name(name: str | None) -> ModelRef:
         raise UsageError(f"bad GGUF quant type '{tag}' in {name}: use org/name:TYPE, e.g. org/name:Q4_K_M")
     if repo.count("/") == 1 and all(repo.split("/")):
         return ModelRef(name=name, repo=repo, revision=revision or None, alias=alias_for_repo(repo), gguf=tag or None)
-    if name.startswith((".", "/", "~")) or p.suffix:
+    if p.suffix.lower() == ".gguf":
+        from .errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"no such file or folder: {name}")
+    if p.suffix:
         raise UsageError(f"no such folder or .gguf file: {name}")
     known = ", ".join(sorted(k for k in ALIASES if k != "deepseek-r1"))
     raise UsageError(f"unknown model '{name}': use one of {known}, a Hub repo id org/name[@revision], or a folder")

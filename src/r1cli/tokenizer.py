@@ -139,14 +139,15 @@ class StreamDecoder:
         return text[len(done) :]
 
     def flush(self) -> str:
-        """The text still held back at the end of the stream (an incomplete character comes out as U+FFFD)."""
+        """The text still held back at the end of the stream, cut at the last whole character: a stream stopped
+        inside a character (max tokens in the middle of an emoji) ends before it, not with U+FFFD."""
         if self._stream is not None:
             held, self._held = self._held, []
             self._stream = DecodeStream(skip_special_tokens=self._skip)
-            return self._decode(held) if held else ""
+            return self._decode(held).rstrip("\ufffd") if held else ""
         rest = self._decode(self._ids)[len(self._decode(self._ids[: self._prefix_len])) :]
         self._ids, self._prefix_len = [], 0
-        return rest
+        return rest.rstrip("\ufffd")
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)

@@ -152,12 +152,14 @@ def load_weights(
     quantizer=None,
     skip: frozenset[str] = frozenset(),
     fuse: bool = True,
+    progress=None,
 ) -> nn.Module:
     """Fill a meta-device model from the checkpoint in `folder`, one tensor at a time. With a parallel.Shard (the
     model built with it): only this rank's slice of each tensor is read, as parallel.placement says. `quantizer`
     (quant.Quantizer) quantizes each linear weight as it lands (after slicing); `skip`: parameters already filled
     (from the quantized cache), whose checkpoint tensors are not read. `fuse`: join each layer's q|k|v and gate|up
-    as soon as they are in (models.base.fuse_when_loaded)."""
+    as soon as they are in (models.base.fuse_when_loaded). `progress` (progress.Tracker): told the bytes and
+    tensors to read, then each tensor read."""
     from .models.base import fuse_when_loaded
     from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
 
@@ -206,8 +208,11 @@ def load_weights(
     for name in plan:
         by_file[files[name]].append(name)
     experts_seen: dict[str, set[int]] = defaultdict(set)
+    handles = {path: SafetensorsFile(path) for path in by_file}
+    if progress is not None:
+        progress.start(sum(_stored_bytes(handles[files[n]], n) for n in plan), len(plan))
     for path, names in by_file.items():
-        handle = SafetensorsFile(path)
+        handle = handles[path]
         for name in names:
             param, expert = plan[name]
             target = targets[param]
@@ -266,6 +271,8 @@ def load_weights(
                     _assign_expert(model, param, expert, tensor.to(device), scale, n)
                 experts_seen[param].add(expert)
             del tensor
+            if progress is not None:
+                progress.advance(_stored_bytes(handle, name))
     for param, seen in experts_seen.items():
         n = targets[param].shape[0]
         if len(seen) != n:
@@ -275,6 +282,14 @@ def load_weights(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.freqs = torch.empty(0, 0, 2, device=device)
     return model.eval()
+
+
+def _stored_bytes(handle: SafetensorsFile, name: str) -> int:
+    entry = handle.entries.get(name)
+    if entry is None:
+        return 0
+    begin, end = entry["data_offsets"]
+    return end - begin
 
 
 def _checkpoint_name(param: str) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs, RopeArgs, yarn_mscale
+from ..cpu import BF16_UPCAST_ROWS, kv_cache_dtype  # noqa: F401  (kv_cache_dtype: imported from here by the models)
 
 
 class RMSNorm(nn.Module):
@@ -39,29 +40,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     return (weight.float() * s).to(dtype)
 
 
-def _cpu_lacks_bf16_math() -> bool:
-    try:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return True
-
-
-# CPUs without native bf16 math (no AVX512-BF16/AMX) run bf16 matmuls at a fraction of their float32 rate. For
-# inputs of at least this many rows (a prompt) converting the weight to float32 first pays: measured on the
-# project's AVX2 machine, [128 x 1536] @ [1536 x 8960]: 187 ms in bf16, 65 ms through float32; break-even ~32.
-CPU_BF16_UPCAST_ROWS = 32 if _cpu_lacks_bf16_math() else None
-
-
-def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the KV cache (dense k/v, MLA's latent and rope key): float32 for a bf16/fp16 model on a CPU
-    without bf16 math, where attention over a half-precision cache is the slow part of a long reply (measured on
-    the project's AVX2 machine, one query, 9 heads over 512 slots: 376 us in bf16, 63 us in float32; a 4-layer
-    V2-Lite decode at 2048 cached tokens: 3.7 tok/s with a bf16 latent cache, 10-12 with float32); else the
-    model's dtype."""
-    device = torch.device(device)
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and CPU_BF16_UPCAST_ROWS:
-        return torch.float32
-    return dtype
+# Which CPUs lack bf16 math, and what follows (prompt matmuls through float32, a float32 KV cache): cpu.py.
+CPU_BF16_UPCAST_ROWS = BF16_UPCAST_ROWS
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

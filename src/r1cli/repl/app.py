@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.text import Text
@@ -16,6 +17,32 @@ from . import commands
 from .render import TurnView
 
 PROMPT = ">>> "
+
+
+@contextmanager
+def keys_held():
+    """While a reply streams, the terminal neither echoes nor line-edits what is typed (ECHO and ICANON off; ISIG
+    stays, so Ctrl-C still stops the reply). Echoed keys would land inside the live display, which then redraws
+    over the wrong lines (a duplicated line; a typed-ahead `/clear` or ^L shown inside the answer). The keys wait
+    in the terminal's input queue, unread, and the next prompt starts with them (docs/chat.md, "Typing ahead")."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    import termios
+
+    fd = sys.stdin.fileno()
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW: keys already typed stay queued
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class Chat:
@@ -44,12 +71,13 @@ class Chat:
             stream = stream_events(self.model.generator, self.model.tokenizer, prompt,
                                    self.model.sampling(self.sampling))
             starts_in_thinking = prompt.starts_in_thinking
-        view = TurnView(self.console, self.think, self.model.generator, starts_in_thinking)
-        try:
-            stats = drive(stream, view.on_event)
-        finally:
-            view.live.stop()
-        view.finish(stats)
+        with keys_held():
+            view = TurnView(self.console, self.think, self.model.generator, starts_in_thinking)
+            try:
+                stats = drive(stream, view.on_event)
+            finally:
+                view.live.stop()
+            view.finish(stats)
         self.session.add(user, stats)
 
     # --- input ---------------------------------------------------------------------------------------------------
@@ -134,7 +162,11 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
     if think not in ("show", "hide", "collapse"):
         think = "collapse"
     announce = lambda line: console.print(Text(line, style="dim"))  # noqa: E731
-    with console.status("loading the model…", spinner="dots") if console.is_terminal else _nothing():
+    from .. import progress
+
+    # A local model's load draws its own progress bars on stderr (progress.py): one live display at a time.
+    spinner = console.is_terminal and (url or not progress.enabled())
+    with console.status("loading the model…", spinner="dots") if spinner else _nothing():
         if url:
             from ..remote import RemoteModel
 

@@ -23,7 +23,8 @@ SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, 
 
 def cmd_help(chat: Chat, arg: str):
     for name, (_, usage, text) in COMMANDS.items():
-        chat.console.print(f"  [bold]{usage or '/' + name}[/bold]  {text}", highlight=False)
+        # Text, not markup: "[show|hide|collapse]" would be read as a style tag and vanish
+        chat.console.print(Text.assemble("  ", (usage or "/" + name, "bold"), f"  {text}"), highlight=False)
     chat.console.print("  Enter sends · Alt+Enter or Esc Enter: new line · Ctrl-T: show the last reasoning · "
                        "Ctrl-C: stop generating / clear the line · Ctrl-D: quit", style="dim")
 

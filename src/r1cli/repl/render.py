@@ -67,6 +67,7 @@ class TurnView:
         self.t0 = time.perf_counter()
         self.tokens_at_last_reasoning = 0
         self.summary: str | None = None  # the collapsed line, once the answer began
+        self.thought_s: float | None = None  # thinking time as the collapsed line says it; the footer says the same
         self.live = self._live(self._thinking_panel, transient=True)
 
     # --- phases ------------------------------------------------------------------------------------------------
@@ -101,7 +102,8 @@ class TurnView:
         self.live.stop()  # transient: the panel disappears
         if self.reasoning:
             tokens = self.tokens_at_last_reasoning + 1  # and the </think> token
-            self.summary = thought_summary(time.perf_counter() - self.t0, tokens)
+            self.thought_s = time.perf_counter() - self.t0
+            self.summary = thought_summary(self.thought_s, tokens)
             if self.think == "show":
                 self.console.print(reasoning_panel(self.reasoning, self.summary))
             else:
@@ -125,7 +127,11 @@ class TurnView:
                 self.printed = len(done)
 
     def finish(self, stats: TurnStats) -> None:
+        """Ends the turn on screen. The thinking time shown when the panel collapsed becomes the turn's (stats, so
+        the footer, /think and saved transcripts repeat that one measurement)."""
         self.live.stop()
+        if self.thought_s is not None:
+            stats.thinking_ms = 1000 * self.thought_s
         if not self.console.is_terminal and self.answer[self.printed :]:
             self.console.print(self._answer_tail())
         if not self.answer and stats.reasoning:

@@ -1,0 +1,161 @@
+"""This machine's CPU: its instruction-set features, read once, and every choice that depends on them (the KV cache
+dtype, when prompt matmuls go through float32, which weight format decodes fastest). The one place that asks.
+
+Sources, all local: torch.cpu's probes (cpuinfo, what PyTorch's kernels dispatch on), the oneDNN bf16 check (what
+its bf16 matmuls use), torch.backends.cpu.get_cpu_capability() (the ATen kernel level), and /proc/cpuinfo's flags
+on Linux (shown to the user; also the fallback when a probe is missing from this torch build).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Flags worth naming to a user (as /proc/cpuinfo spells them on x86 Linux).
+NAMED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+               "asimd", "bf16", "i8mm", "sve")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    machine: str  # platform.machine(): x86_64, aarch64, arm64...
+    capability: str  # ATen's kernel level: DEFAULT, AVX2, AVX512, ZVECTOR, SVE256...
+    avx2: bool
+    avx512: bool
+    avx512_bf16: bool
+    amx: bool
+    vnni: bool
+    neon: bool
+    bf16_math: bool  # oneDNN runs bf16 matmuls natively (AVX512-BF16, AMX, or Arm bf16)
+    flags: frozenset[str] = frozenset()  # /proc/cpuinfo's, when readable
+
+    @property
+    def cpu_class(self) -> str:
+        """The class the advice is measured for: amx, avx512-bf16, avx512, avx2, neon, or other."""
+        if self.amx:
+            return "amx"
+        if self.avx512_bf16:
+            return "avx512-bf16"
+        if self.avx512:
+            return "avx512"
+        if self.avx2:
+            return "avx2"
+        if self.neon:
+            return "neon"
+        return "other"
+
+    @property
+    def flags_seen(self) -> list[str]:
+        """The named flags this CPU has (from /proc/cpuinfo, else from the probes)."""
+        if self.flags:
+            return [f for f in NAMED_FLAGS if f in self.flags]
+        probed = {"avx2": self.avx2, "avx512f": self.avx512, "avx512_bf16": self.avx512_bf16, "amx_tile": self.amx,
+                  "avx512_vnni": self.vnni, "asimd": self.neon}
+        return [f for f, on in probed.items() if on]
+
+
+def parse_cpuinfo_flags(text: str) -> frozenset[str]:
+    """The feature flags of /proc/cpuinfo's first processor: `flags` on x86, `Features` on Arm."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _probe(name: str, fallback: bool) -> bool:
+    fn = getattr(torch.cpu, name, None)
+    if fn is None:
+        return fallback
+    try:
+        return bool(fn())
+    except (RuntimeError, AttributeError):
+        return fallback
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def features() -> CpuFeatures:
+    """This machine's CPU features (read once per process)."""
+    try:
+        flags = parse_cpuinfo_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        flags = frozenset()
+    machine = platform.machine().lower()
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "DEFAULT"
+    neon = machine in ("arm64", "aarch64") and ("asimd" in flags or not flags)  # Apple silicon has no cpuinfo
+    return CpuFeatures(
+        machine=machine,
+        capability=capability,
+        avx2=_probe("_is_avx2_supported", "avx2" in flags),
+        avx512=_probe("_is_avx512_supported", "avx512f" in flags),
+        avx512_bf16=_probe("_is_avx512_bf16_supported", "avx512_bf16" in flags),
+        amx=_probe("_is_amx_tile_supported", "amx_tile" in flags),
+        vnni=_probe("_is_vnni_supported", bool({"avx512_vnni", "avx_vnni"} & flags)),
+        neon=neon,
+        bf16_math=_onednn_bf16(),
+        flags=flags,
+    )
+
+
+# --- the choices -----------------------------------------------------------------------------------------------
+
+
+def lacks_bf16_math() -> bool:
+    """A CPU without native bf16 math (no AVX512-BF16/AMX): bf16 matmuls run at a fraction of the float32 rate."""
+    return not features().bf16_math
+
+
+# CPUs without native bf16 math run bf16 matmuls at a fraction of their float32 rate. For inputs of at least this
+# many rows (a prompt) converting the weight to float32 first pays: measured on the project's AVX2 machine,
+# [128 x 1536] @ [1536 x 8960]: 187 ms in bf16, 65 ms through float32; break-even ~32. None: keep bf16.
+BF16_UPCAST_ROWS = 32 if lacks_bf16_math() else None
+
+
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the KV cache (dense k/v, MLA's latent and rope key): float32 for a bf16/fp16 model on a CPU
+    without bf16 math, where attention over a half-precision cache is the slow part of a long reply (measured on
+    the project's AVX2 machine, one query, 9 heads over 512 slots: 376 us in bf16, 63 us in float32; a 4-layer
+    V2-Lite decode at 2048 cached tokens: 3.7 tok/s with a bf16 latent cache, 10-12 with float32); else the
+    model's dtype."""
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and BF16_UPCAST_ROWS:
+        return torch.float32
+    return dtype
+
+
+# Decode speed by weight format, per CPU class: what was measured (docs/performance.md, "Weight formats by CPU
+# class"), fastest first. A class absent here was never measured.
+MEASURED_ORDER = {
+    "avx2": (("int8", "int4 g32", "bf16"), "R1-Distill-Qwen-1.5B shape decode: int8 1.60x bf16, int4 1.42x"),
+    "avx512-bf16": (("int4 g32", "int8", "bf16", "float32"),
+                    "SmolLM2-135M decode, formats alternated in one process: int4 > int8 > bf16 > float32"),
+}
+
+
+def fastest_format(f: CpuFeatures | None = None) -> dict:
+    """{'cpu_class', 'flags', 'fastest', 'order', 'why'}: the weight format that decodes fastest on this CPU class
+    and the measurement behind it, or fastest None where the class was never measured."""
+    f = f or features()
+    order, why = MEASURED_ORDER.get(f.cpu_class, ((), None))
+    if not order:
+        why = f"not measured on a {f.cpu_class} CPU: bf16 is the checkpoint's format; try --quant int8 and int4"
+    elif f.cpu_class == "avx2":
+        why += " (no bf16 math: bf16 matmuls are slow, int8's kernel reads at memory speed)"
+    else:
+        why += " (bf16 math in hardware: bf16 beats float32, and fewer bytes per weight win)"
+    return {"cpu_class": f.cpu_class, "flags": f.flags_seen, "fastest": order[0] if order else None,
+            "order": list(order), "why": why}
