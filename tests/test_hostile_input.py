@@ -364,10 +364,13 @@ def test_the_chat_goes_on_after_refused_set_and_save(steered_dir, tmp_path):
     (tmp_path / "real.md").write_text("keep me\n")
     (tmp_path / "link.md").symlink_to(tmp_path / "real.md")
     script = "\n".join(["/set seed 99999999999999999999999", "/set temperature nan", "/set max_tokens -5",
-                        "How many pears?", f"/save {fifo}", f"/save {tmp_path / 'link.md'}",
-                        f"/save {tmp_path / 'chat.json'}", ""])
-    p = run_r1("chat", steered_dir, "--no-history", "--temperature", "0", input=script, env=r1_env(tmp_path))
-    out = strip_ansi(p.stdout + p.stderr)
+                        "caf\udce9", "How many pears?", f"/save {fifo}", f"/save {tmp_path / 'link.md'}",
+                        f"/save {tmp_path / 'chat.json'}", ""]).encode("utf-8", "surrogateescape")  # b"caf\xe9"
+    for locale in ("C.UTF-8", "C"):  # stdin strict, and with Python's surrogateescape
+        p = run_r1("chat", steered_dir, "--no-history", "--temperature", "0", input=script,
+                   env=r1_env(tmp_path, LC_ALL=locale, LANG=locale))
+        out = strip_ansi((p.stdout + p.stderr).decode("utf-8", "replace"))
+        assert p.returncode == 0 and "this message is not valid UTF-8 (byte 3" in out, out
     assert p.returncode == 0, out
     assert "/set seed: 99999999999999999999999 is out of range" in out
     assert "/set temperature: nan is not a finite number" in out and "/set max_tokens: -5 is out of range" in out

@@ -252,11 +252,14 @@ def read_prompt(words: list[str], stdin: TextIO) -> str:
     words = [w for w in words if w != "-"]
     piped = ""
     if explicit or not _isatty(stdin):
+        try:  # a bad byte then reads as a lone surrogate, which check_text finds and places exactly
+            stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass
         try:
             piped = stdin.read().rstrip("\n")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}: {e.object[e.start:e.start + 1]!r}):"
-                             " convert it first, e.g. iconv -f latin1 -t utf-8") from None
+        except UnicodeDecodeError:
+            raise UsageError("the prompt on stdin is not valid UTF-8: convert it first, e.g. iconv -f latin1 -t utf-8") from None
         check_text(piped, "the prompt on stdin")
     for i, word in enumerate(words, 1):
         check_text(word, f"prompt argument {i}")
