@@ -73,6 +73,16 @@ HOSTILE_TEMPLATES = {
     "nested loops over a string": BIG + "{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
     "recursive loop": "{% set l = [[1, 2], [3, 4]] %}{% for x in l recursive %}{{ loop(l) }}{% endfor %}",
     "tojson indent": "{{ messages|tojson(indent=100000000) }}",
+    # a list of a million references to one long string is small, but not once printed
+    "printing a big list": "{% set l = ['x' * 900000] * 1000000 %}{{ l }}",
+    "~ on a big list": "{% set l = ['x' * 900000] * 1000000 %}{{ l ~ '' }}",
+    "string filter on a big list": "{% set l = ['x' * 900000] * 1000000 %}{{ l|string }}",
+    "tojson on a big list": "{% set l = ['x' * 900000] * 1000000 %}{{ l|tojson }}",
+    "printf of a big list": "{% set l = ['x' * 900000] * 1000000 %}{{ '%s' % (l,) }}",
+    # output captured by a block or a macro is joined later, past the output limit
+    "set block": BIG + "{% set b %}{% for i in range(100000) %}{{ s }}{% endfor %}{% endset %}{{ b|length }}",
+    "set block of literal text": "{% set b %}{% for i in range(100000) %}" + "y" * 900000 + "{% endfor %}{% endset %}",
+    "macro output": BIG + "{% macro f() %}{% for i in range(100000) %}{{ s }}{% endfor %}{% endmacro %}{{ f()|length }}",
 }
 
 

@@ -88,6 +88,14 @@ class _Budget:
         if estimate > self.size:
             raise TemplateLimitError(f"{self.size} characters for one value ({what} would make about {estimate})")
 
+    def check_printed(self, value, what: str) -> int:
+        """Before `value` is turned into text (output, `~`, formatting, a string filter): its printed size, which
+        for a list of references to one long string is far more than its length."""
+        n = _printed(value, self.size + 1)
+        if n > self.size:
+            raise TemplateLimitError(f"{self.size} characters for one value ({what} would print about {n} or more)")
+        return n
+
     def charge(self, value, what: str):
         """After computing `value`: count it against the per-value and total allocation limits."""
         n = _size(value)
@@ -111,6 +119,29 @@ def _size(value) -> int:
     return 0
 
 
+def _printed(value, limit: int, depth: int = 0) -> int:
+    """About how many characters str(value) makes, counting up to `limit` (then it stops: it is past it)."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 1  # decimal digits, about
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return 16
+    total = 2
+    for item in value:
+        total += 4 + (_printed(item, limit - total, depth + 1) if depth < 32 else 16)
+        if total > limit:
+            break
+    return total
+
+
+def _print_limit() -> int:
+    budget = _BUDGET.get()
+    return budget.size + 1 if budget is not None else 1 << 62
+
+
 def _input_size(value) -> int:
     if isinstance(value, str):
         return len(value)
@@ -127,7 +158,7 @@ def _format_estimate(fmt: str, values) -> int:
     digits = [d for spec in specs for d in re.findall(r"\d+", spec)]
     if any(len(d) >= _BIG_DIGITS for d in digits):
         return 10**_BIG_DIGITS * max(1, len(digits))
-    return len(fmt) + sum(int(d) for d in digits) + sum(_size(v) or 16 for v in values)
+    return len(fmt) + sum(int(d) for d in digits) + sum(_printed(v, _print_limit()) for v in values)
 
 
 def _replace_estimate(s: str, old: str, new: str) -> int:
@@ -139,7 +170,7 @@ def _replace_estimate(s: str, old: str, new: str) -> int:
 def _join_estimate(sep, items) -> int | None:
     if not isinstance(items, (list, tuple, str)):
         return None  # a generator: its items are counted as they come, the result after the join
-    return sum(_size(v) or 16 for v in items) + _size(sep) * max(0, len(items) - 1)
+    return sum(_printed(v, _print_limit()) for v in items) + _size(sep) * max(0, len(items) - 1)
 
 
 def _estimate_call(name: str, owner, args, kwargs) -> int | None:
@@ -171,6 +202,12 @@ def _estimate_call(name: str, owner, args, kwargs) -> int | None:
     return None
 
 
+# Filters that never turn their (container) input into text; every other one may (lower, trim, string, tojson...).
+_STRUCTURAL_FILTERS = frozenset({"attr", "batch", "count", "d", "default", "dictsort", "first", "groupby", "items",
+                                 "last", "length", "list", "map", "max", "min", "random", "reject", "rejectattr",
+                                 "reverse", "select", "selectattr", "slice", "sort", "sum", "unique", "join"})
+
+
 def _budgeted_filter(name: str, f):
     # Every filter's result is counted; those that can blow up their input are estimated before they run.
     @functools.wraps(f)
@@ -182,6 +219,8 @@ def _budgeted_filter(name: str, f):
         pass_arg = getattr(f, "jinja_pass_arg", None)
         value_args = args[1:] if pass_arg is not None else args  # after the context/environment argument
         if value_args:
+            if name not in _STRUCTURAL_FILTERS and isinstance(value_args[0], (list, tuple, dict, set, frozenset)):
+                budget.check_printed(value_args[0], f"the {name} filter")
             if name == "join":
                 estimate = _join_estimate(value_args[1] if len(value_args) > 1 else kwargs.get("d", ""), value_args[0])
             elif name == "tojson":
@@ -219,6 +258,25 @@ def _sized(value):
     # The result of a `~` or a slice (see _wrap_sized).
     budget = _BUDGET.get()
     return value if budget is None else budget.charge(value, "~ or a slice")
+
+
+def _printable(value):
+    # What is about to become text: an operand of `~` (see _wrap_sized).
+    budget = _BUDGET.get()
+    if budget is not None and not isinstance(value, str):
+        budget.check_printed(value, "~")
+    return value
+
+
+def _emitted(value):
+    # Each piece of output, also inside `{% set %}` blocks and macros, whose pieces are joined later: its printed
+    # size counts toward the one-value and total limits (see _wrap_sized).
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.allocated += budget.check_printed(value, "output")
+        if budget.allocated > budget.allocation:
+            raise TemplateLimitError(f"{budget.allocation} characters computed in all")
+    return value
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -323,6 +381,8 @@ def _compile(template: str) -> jinja2.Template:
         range=_range,
         _r1_counted=_counted,
         _r1_sized=_sized,
+        _r1_printable=_printable,
+        _r1_emitted=_emitted,
     )
     env.filters = {name: _budgeted_filter(name, f) for name, f in env.filters.items()}
     tree = env.parse(template)
@@ -341,16 +401,23 @@ def _compile(template: str) -> jinja2.Template:
 
 def _wrap_sized(tree: nodes.Template) -> None:
     """Put every `~` (Concat) and every slice `x[a:b]` (which jinja compiles without the sandbox's getitem) inside
-    a call of _r1_sized."""
-    wrap = lambda node: nodes.Call(nodes.Name("_r1_sized", "load"), [node], [], None, None)  # noqa: E731
+    a call of _r1_sized, each operand of a `~` inside _r1_printable, and each piece of output inside _r1_emitted."""
+    call = lambda fn, node: nodes.Call(nodes.Name(fn, "load"), [node], [], None, None)  # noqa: E731
     sized = lambda v: isinstance(v, nodes.Concat) or (isinstance(v, nodes.Getitem) and isinstance(v.arg, nodes.Slice))  # noqa: E731
-    for parent in [tree, *tree.find_all(nodes.Node)]:
+    every = [tree, *tree.find_all(nodes.Node)]  # before any change
+    for node in every:
+        if isinstance(node, nodes.Concat):
+            node.nodes = [call("_r1_printable", v) for v in node.nodes]
+        elif isinstance(node, nodes.Output):
+            node.nodes = [call("_r1_emitted", nodes.Const(v.data) if isinstance(v, nodes.TemplateData) else v)
+                          for v in node.nodes]
+    for parent in every:
         for name in parent.fields:
             value = getattr(parent, name, None)
             if sized(value):
-                setattr(parent, name, wrap(value))
+                setattr(parent, name, call("_r1_sized", value))
             elif isinstance(value, list):
-                value[:] = [wrap(v) if sized(v) else v for v in value]
+                value[:] = [call("_r1_sized", v) if sized(v) else v for v in value]
 
 
 def _plain(value):
