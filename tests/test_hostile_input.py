@@ -392,3 +392,27 @@ def test_the_chat_goes_on_after_refused_set_and_save(steered_dir, tmp_path):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     turns = json.loads((tmp_path / "chat.json").read_text())["turns"]
     assert len(turns) == 1 and turns[0]["answer"] == steered.ANSWER
+
+
+@pytest.mark.slow
+def test_r1_run_with_a_hostile_template_is_one_line_exit_1(steered_dir, tmp_path):
+    """The steered model with its chat template replaced by a loop of 10**9 (a hard link to its weights)."""
+    import json
+    import os
+    import shutil
+
+    from helpers import one_line_error, r1_env, run_r1
+
+    model = tmp_path / "hostile-model"
+    model.mkdir()
+    for f in steered_dir.iterdir():
+        try:
+            os.link(f, model / f.name)
+        except OSError:
+            shutil.copy(f, model / f.name)
+    config = json.loads((steered_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for i in range(10**9) %}{{ i }}{% endfor %}"
+    (model / "tokenizer_config.json").unlink()
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    p = run_r1("run", model, "hi", env=r1_env(tmp_path), timeout=120)
+    assert one_line_error(p, 1).startswith("r1: the chat template of this model exceeded 100000 items of range()")
