@@ -2,20 +2,29 @@
 
 R1 rules (DeepSeek's usage recommendations): no system prompt (its text goes to the start of the first user
 message), the reply begins with "<think>\\n", and earlier assistant turns are sent back with their answer only.
+
+A template comes from an untrusted repo: it renders in jinja2's immutable sandbox with bounds on time, steps,
+sizes and recursion (`RenderLimits`, docs/security.md); crossing one is a CheckpointError.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
+import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
 import jinja2
 import jinja2.ext
+from jinja2 import nodes
+from jinja2.runtime import LoopContext, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import R1Error
+from .errors import CheckpointError, R1Error
 from .tokenizer import Tokenizer
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -39,11 +48,290 @@ class PromptBuild:
 # --- the sandbox -------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RenderLimits:
+    """What one rendering of a chat template may spend. Sizes count characters (a list: its items; an int: its
+    bytes); the size limits grow with the input so that long conversations still render."""
+
+    seconds: float = 5.0  # wall clock for the whole render
+    steps: int = 1_000_000  # loop iterations plus calls, over the whole render
+    range_items: int = 100_000  # items of all range() calls together
+    depth: int = 64  # calls inside calls (macros calling macros, recursive loops)
+    base_size: int = 1_000_000  # one value, and the whole output: this plus 4 x the input's characters
+    allocation_factor: int = 32  # all values the template computes, together: this many times the size limit
+
+
+LIMITS = RenderLimits()
+
+
+class TemplateLimitError(jinja2.exceptions.SecurityError):
+    """A chat template went past one of RenderLimits."""
+
+
+class _Budget:
+    """The running account of one render (a context variable: renders in several threads stay apart)."""
+
+    def __init__(self, limits: RenderLimits, input_size: int):
+        self.limits = limits
+        self.size = limits.base_size + 4 * input_size
+        self.allocation = self.size * limits.allocation_factor
+        self.deadline = time.monotonic() + limits.seconds
+        self.steps = self.range_items = self.depth = self.allocated = 0
+
+    def step(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > self.limits.steps:
+            raise TemplateLimitError(f"{self.limits.steps} loop iterations and calls")
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"{self.limits.seconds:g} seconds of rendering")
+
+    def check_size(self, estimate: int, what: str) -> None:
+        """Before computing a value of about `estimate` characters (items, bits)."""
+        if estimate > self.size:
+            raise TemplateLimitError(f"{self.size} characters for one value ({what} would make about {estimate})")
+
+    def check_printed(self, value, what: str) -> int:
+        """Before `value` is turned into text (output, `~`, formatting, a string filter): its printed size, which
+        for a list of references to one long string is far more than its length."""
+        n = _printed(value, self.size + 1)
+        if n > self.size:
+            raise TemplateLimitError(f"{self.size} characters for one value ({what} would print about {n} or more)")
+        return n
+
+    def charge(self, value, what: str):
+        """After computing `value`: count it against the per-value and total allocation limits."""
+        n = _size(value)
+        if n:
+            self.check_size(n, what)
+            self.allocated += n
+            if self.allocated > self.allocation:
+                raise TemplateLimitError(f"{self.allocation} characters computed in all")
+        return value
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("r1_template_budget", default=None)
+_BIG_DIGITS = 7  # a width or count written with this many digits is past every size limit anyway
+
+
+def _size(value) -> int:
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 8  # in bytes: an int's memory
+    return 0
+
+
+def _printed(value, limit: int, depth: int = 0) -> int:
+    """About how many characters str(value) makes, counting up to `limit` (then it stops: it is past it)."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 1  # decimal digits, about
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return 16
+    total = 2
+    for item in value:
+        total += 4 + (_printed(item, limit - total, depth + 1) if depth < 32 else 16)
+        if total > limit:
+            break
+    return total
+
+
+def _print_limit() -> int:
+    budget = _BUDGET.get()
+    return budget.size + 1 if budget is not None else 1 << 62
+
+
+def _input_size(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_input_size(k) + _input_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_input_size(v) for v in value)
+    return 0
+
+
+def _format_estimate(fmt: str, values) -> int:
+    """The most characters `fmt % values` or `fmt.format(*values)` can make: its widths and precisions count."""
+    specs = re.findall(r"%[^a-zA-Z%]*|\{[^{}]*\}", fmt)
+    digits = [d for spec in specs for d in re.findall(r"\d+", spec)]
+    if any(len(d) >= _BIG_DIGITS for d in digits):
+        return 10**_BIG_DIGITS * max(1, len(digits))
+    return len(fmt) + sum(int(d) for d in digits) + sum(_printed(v, _print_limit()) for v in values)
+
+
+def _replace_estimate(s: str, old: str, new: str) -> int:
+    if len(new) <= len(old):
+        return len(s)
+    return len(s) + (s.count(old) if old else len(s) + 1) * (len(new) - len(old))
+
+
+def _join_estimate(sep, items) -> int | None:
+    if not isinstance(items, (list, tuple, str)):
+        return None  # a generator: its items are counted as they come, the result after the join
+    return sum(_printed(v, _print_limit()) for v in items) + _size(sep) * max(0, len(items) - 1)
+
+
+def _estimate_call(name: str, owner, args, kwargs) -> int | None:
+    """Characters a str method or a filter may make, for the ones that can make far more than they read."""
+    arg = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
+    if not isinstance(owner, str):
+        return None
+    if name in ("center", "ljust", "rjust", "zfill"):
+        width = arg(0, "width", 0)
+        return max(len(owner), width if isinstance(width, int) else 0)
+    if name == "expandtabs":
+        tabsize = arg(0, "tabsize", 8)
+        return len(owner) * max(1, tabsize if isinstance(tabsize, int) else 1)
+    if name == "replace":
+        old, new = arg(0, "old", ""), arg(1, "new", "")
+        if isinstance(old, str) and isinstance(new, str):
+            return _replace_estimate(owner, old, new)
+    if name == "join" and args:
+        return _join_estimate(owner, args[0])
+    if name == "indent":
+        width = arg(0, "width", 4)
+        width = width if isinstance(width, int) else len(str(width))
+        return len(owner) + (owner.count("\n") + 1) * width
+    if name == "wordwrap":
+        wrap = arg(2, "wrapstring", "\n")
+        return len(owner) * (1 + len(wrap if isinstance(wrap, str) else "\n"))
+    if name == "format":
+        return _format_estimate(owner, list(args) + list(kwargs.values()))
+    return None
+
+
+# Filters that never turn their (container) input into text; every other one may (lower, trim, string, tojson...).
+_STRUCTURAL_FILTERS = frozenset({"attr", "batch", "count", "d", "default", "dictsort", "first", "groupby", "items",
+                                 "last", "length", "list", "map", "max", "min", "random", "reject", "rejectattr",
+                                 "reverse", "select", "selectattr", "slice", "sort", "sum", "unique", "join"})
+
+
+def _budgeted_filter(name: str, f):
+    # Every filter's result is counted; those that can blow up their input are estimated before they run.
+    @functools.wraps(f)
+    def run(*args, **kwargs):
+        budget = _BUDGET.get()
+        if budget is None:
+            return f(*args, **kwargs)
+        budget.step()
+        pass_arg = getattr(f, "jinja_pass_arg", None)
+        value_args = args[1:] if pass_arg is not None else args  # after the context/environment argument
+        if value_args:
+            if name not in _STRUCTURAL_FILTERS and isinstance(value_args[0], (list, tuple, dict, set, frozenset)):
+                budget.check_printed(value_args[0], f"the {name} filter")
+            if name == "join":
+                estimate = _join_estimate(value_args[1] if len(value_args) > 1 else kwargs.get("d", ""), value_args[0])
+            elif name == "tojson":
+                indent = value_args[2] if len(value_args) > 2 else kwargs.get("indent")
+                estimate = 0 if not isinstance(indent, int) or indent <= 16 else budget.size + 1
+            else:
+                estimate = _estimate_call(name, value_args[0], value_args[1:], kwargs)
+            if estimate is not None:
+                budget.check_size(estimate, f"the {name} filter")
+        return budget.charge(f(*args, **kwargs), f"the {name} filter")
+
+    return run
+
+
+def _counted(iterable):
+    """A loop's items, each one a step of the budget."""
+    budget = _BUDGET.get()
+    for item in iterable:
+        if budget is not None:
+            budget.step()
+        yield item
+
+
+def _range(*args):
+    r = range(*args)
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.range_items += len(r)
+        if budget.range_items > budget.limits.range_items:
+            raise TemplateLimitError(f"{budget.limits.range_items} items of range() in all")
+    return r
+
+
+def _sized(value):
+    # The result of a `~` or a slice (see _wrap_sized).
+    budget = _BUDGET.get()
+    return value if budget is None else budget.charge(value, "~ or a slice")
+
+
+def _printable(value):
+    # What is about to become text: an operand of `~` (see _wrap_sized).
+    budget = _BUDGET.get()
+    if budget is not None and not isinstance(value, str):
+        budget.check_printed(value, "~")
+    return value
+
+
+def _emitted(value):
+    # Each piece of output, also inside `{% set %}` blocks and macros, whose pieces are joined later: its printed
+    # size counts toward the one-value and total limits (see _wrap_sized).
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.allocated += budget.check_printed(value, "output")
+        if budget.allocated > budget.allocation:
+            raise TemplateLimitError(f"{budget.allocation} characters computed in all")
+    return value
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     # Jinja's sandbox answers an unsafe attribute (`''.__class__`) with an Undefined that only fails when used
     # further; fail at once instead, so probing a template is always an error and never a silent empty string.
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+    # Operators that can make huge values from small ones: checked before they run.
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context, op, left, right):
+        budget = _BUDGET.get()
+        if budget is None:
+            return super().call_binop(context, op, left, right)
+        budget.step()
+        is_int = lambda v: isinstance(v, int)  # noqa: E731 - bool too
+        if op == "*":
+            if is_int(left) and is_int(right):
+                budget.check_size((left.bit_length() + right.bit_length()) // 8, "*")
+            elif is_int(right) or is_int(left):
+                count, seq = (right, left) if is_int(right) else (left, right)
+                budget.check_size(_size(seq) * max(count, 0), "*")
+        elif op == "**" and is_int(left) and is_int(right) and right > 0 and abs(left) > 1:
+            budget.check_size(left.bit_length() * right // 8, "**")
+        elif op == "+" and not (is_int(left) or isinstance(left, float)):
+            budget.check_size(_size(left) + _size(right), "+")
+        elif op == "%" and isinstance(left, str):
+            values = right if isinstance(right, tuple) else (right,)
+            budget.check_size(_format_estimate(left, values), "%")
+        return budget.charge(super().call_binop(context, op, left, right), op)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - the sandbox's own signature
+        budget = _BUDGET.get()
+        if budget is None:
+            return super().call(__context, __obj, *args, **kwargs)
+        budget.step()
+        target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        estimate = _estimate_call(getattr(target, "__name__", ""), getattr(target, "__self__", None), args, kwargs)
+        if estimate is not None:
+            budget.check_size(estimate, f"{target.__name__}()")
+        if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level: its items count too
+            args = (_counted(args[0]), *args[1:])
+        nested = isinstance(__obj, (Macro, LoopContext))
+        if nested:
+            budget.depth += 1
+            if budget.depth > budget.limits.depth:
+                raise TemplateLimitError(f"a depth of {budget.limits.depth} nested macro calls")
+        try:
+            return budget.charge(super().call(__context, __obj, *args, **kwargs), "a call")
+        finally:
+            if nested:
+                budget.depth -= 1
 
 
 class _TemplateNamespace(jinja2.utils.Namespace):
@@ -92,8 +380,46 @@ def _compile(template: str) -> jinja2.Template:
         strftime_now=lambda fmt: datetime.now().strftime(fmt),
         dict=_TemplateDict(),
         namespace=_TemplateNamespace,
+        range=_range,
+        _r1_counted=_counted,
+        _r1_sized=_sized,
+        _r1_printable=_printable,
+        _r1_emitted=_emitted,
     )
-    return env.from_string(template)
+    env.filters = {name: _budgeted_filter(name, f) for name, f in env.filters.items()}
+    tree = env.parse(template)
+    # Every loop's items, `~` result and slice go through the budget: jinja's sandbox has no hook for them.
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name("_r1_counted", "load"), [loop.iter], [], None, None)
+    _wrap_sized(tree)
+    # Jinja folds constant expressions while compiling (filters included): under a budget, so a fold that would
+    # cross a limit is left to the render, which then stops.
+    token = _BUDGET.set(_Budget(LIMITS, 0))
+    try:
+        return env.from_string(tree)
+    finally:
+        _BUDGET.reset(token)
+
+
+def _wrap_sized(tree: nodes.Template) -> None:
+    """Put every `~` (Concat) and every slice `x[a:b]` (which jinja compiles without the sandbox's getitem) inside
+    a call of _r1_sized, each operand of a `~` inside _r1_printable, and each piece of output inside _r1_emitted."""
+    call = lambda fn, node: nodes.Call(nodes.Name(fn, "load"), [node], [], None, None)  # noqa: E731
+    sized = lambda v: isinstance(v, nodes.Concat) or (isinstance(v, nodes.Getitem) and isinstance(v.arg, nodes.Slice))  # noqa: E731
+    every = [tree, *tree.find_all(nodes.Node)]  # before any change
+    for node in every:
+        if isinstance(node, nodes.Concat):
+            node.nodes = [call("_r1_printable", v) for v in node.nodes]
+        elif isinstance(node, nodes.Output):
+            node.nodes = [call("_r1_emitted", nodes.Const(v.data) if isinstance(v, nodes.TemplateData) else v)
+                          for v in node.nodes]
+    for parent in every:
+        for name in parent.fields:
+            value = getattr(parent, name, None)
+            if sized(value):
+                setattr(parent, name, call("_r1_sized", value))
+            elif isinstance(value, list):
+                value[:] = [call("_r1_sized", v) if sized(v) else v for v in value]
 
 
 def _plain(value):
@@ -137,6 +463,22 @@ def _fallback_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_
     return "".join(parts)
 
 
+def _render_bounded(template: jinja2.Template, context: dict, limits: RenderLimits | None = None) -> str:
+    """template.render(context) within `limits` (default LIMITS): the output counts toward the size limit."""
+    budget = _Budget(limits or LIMITS, _input_size(context))
+    token = _BUDGET.set(budget)
+    try:
+        parts, length = [], 0
+        for part in template.generate(context):
+            length += len(part)
+            if length > budget.size:
+                raise TemplateLimitError(f"{budget.size} characters of output")
+            parts.append(part)
+        return "".join(parts)
+    finally:
+        _BUDGET.reset(token)
+
+
 def render_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render `messages` with the model's chat template exactly as transformers' apply_chat_template does."""
     if tokenizer.chat_template is None:
@@ -144,9 +486,15 @@ def render_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_pro
     variables = {**tokenizer.special_tokens, "tools": None, "documents": None}
     try:
         template = _compile(tokenizer.chat_template)
-        return template.render(
-            messages=_template_messages(messages), add_generation_prompt=add_generation_prompt, **_plain(variables)
-        )
+        context = dict(messages=_template_messages(messages), add_generation_prompt=add_generation_prompt,
+                       **_plain(variables))
+        return _render_bounded(template, context)
+    except TemplateLimitError as e:
+        raise CheckpointError(f"the chat template of this model exceeded {e} and was stopped: "
+                              f"a template from a model repo may not loop, recurse or allocate without bound") from None
+    except (MemoryError, OverflowError, RecursionError) as e:
+        raise CheckpointError(f"the chat template of this model exceeded what it may compute and was stopped "
+                              f"({type(e).__name__}{': ' + str(e) if str(e) else ''})") from None
     except jinja2.exceptions.SecurityError as e:
         raise R1Error(f"the chat template tried something unsafe and was stopped: {e}") from None
     except jinja2.exceptions.TemplateError as e:

@@ -88,13 +88,13 @@ _DEVICE = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU)
 _DTYPE = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32.")
 _CONTEXT = typer.Option(None, "--max-context", min=16, help="KV cache length in tokens (default: model max, at most 8192 on CPU/MPS, 32768 on CUDA).")
 _SYSTEM = typer.Option(None, "--system", help="System prompt (R1 models: put at the start of the first user message).")
-_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Most tokens to generate, reasoning included (default: 32768 for R1 models, DeepSeek's evaluation setting; 4096 for others; capped by the context).")
-_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: 0.6 for R1 models, else generation_config.json's, else 0; `r1 show` prints them).")
-_TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: 0.95 for R1 models, else generation_config.json's, else 1).")
-_REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalise every token already in the prompt or reply (CTRL, as llama.cpp's repeat_penalty; 1 = off, 1.1 a usual value; default: generation_config.json's, else 1).")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", help="Most tokens to generate, reasoning included (default: 32768 for R1 models, DeepSeek's evaluation setting; 4096 for others; capped by the context).")
+_TEMPERATURE = typer.Option(None, "--temperature", help="0 = greedy (default: 0.6 for R1 models, else generation_config.json's, else 0; `r1 show` prints them).")
+_TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling (default: 0.95 for R1 models, else generation_config.json's, else 1).")
+_REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", help="Penalise every token already in the prompt or reply (CTRL, as llama.cpp's repeat_penalty; 1 = off, 1.1 a usual value; default: generation_config.json's, else 1).")
 _NO_REPEAT_GUARD = typer.Option(False, "--no-repeat-guard", help="Let a reply that loops (the same cycle of up to 256 tokens, verbatim for 1024 tokens) go on instead of stopping it.")
-_TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
-_MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p times the top probability.")
+_TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
+_MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
 _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (re-runs under torchrun; docs/distributed.md).")
 _QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
@@ -107,8 +107,10 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
     """--gpus N: re-execute under torchrun. Under torchrun: run body(shard, device) on every rank (its exit code).
     Otherwise None: the caller runs in this process."""
     from . import parallel
+    from .runner import check_device
 
     if gpus and gpus > 1 and not parallel.launched():
+        check_device(device, ranks=gpus)  # before torchrun starts N processes that would each fail
         parallel.relaunch(gpus, sys.argv[1:])
     if parallel.launched():
         return parallel.run_ranks(body, device)
@@ -116,10 +118,23 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty=None, no_repeat_guard=False) -> dict:
-    if repeat_penalty is not None and repeat_penalty <= 0:
-        raise UsageError(f"--repeat-penalty must be above 0 (1 = off), not {repeat_penalty}")
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                repetition_penalty=repeat_penalty, repeat_guard=False if no_repeat_guard else None)
+    """The sampling options given, checked by the rules /set uses too (runner.check_sampling)."""
+    from .runner import check_sampling
+
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                 repetition_penalty=repeat_penalty)
+    checked = {k: None if v is None else check_sampling(k, v, "--repeat-penalty" if k == "repetition_penalty" else None)
+               for k, v in given.items()}
+    return {**checked, "repeat_guard": False if no_repeat_guard else None}
+
+
+def _check_text_options(device: str | None, system: str | None) -> None:
+    """Before anything loads: a --device that is not there, a --system that is not UTF-8."""
+    from .runner import check_device, check_text
+
+    if device is not None:
+        check_device(device)
+    check_text(system, "--system")
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,13 +158,14 @@ def run(
 
     if json_out and jsonl:
         raise UsageError("--json and --jsonl exclude each other")
+    _check_text_options(device, system)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard)
     words = list(words or [])
     model = words.pop(0) if words and looks_like_model(words[0]) else None
 
     def options(prompt: str) -> RunOptions:
         return RunOptions(model=model, prompt=prompt, system=system, device=device, dtype=dtype,
-                          max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed,
-                                                                      repeat_penalty, no_repeat_guard),
+                          max_context=max_context, sampling=sampling,
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, quant=quant, group_size=group_size,
                           decode_mode=decode_mode, quant_head=quant_head)
@@ -188,6 +204,7 @@ def chat(
         raise UsageError("--model goes with --url (a local model is the MODEL argument)")
     if gpus and gpus > 1 and url:
         raise UsageError("--gpus runs a local model; --url talks to a server")
+    _check_text_options(None if url else device, system)
     chat_args = (remote_model or model, device, dtype, max_context,
                  _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
                  system, think)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -49,6 +50,62 @@ def model_folder(ref: ModelRef, name: str, interactive: bool) -> Path:
     print(f"{ref.identity} is not downloaded yet.", file=sys.stderr)
     # hub.pull shows the total size and free disk, then asks (confirm_above=0: always ask here).
     return hub.pull(ref, confirm=lambda q: typer.confirm(q, default=True, err=True), confirm_above=0)
+
+
+def check_device(device: str, ranks: int = 1) -> None:
+    """A UsageError, before anything loads, for a --device this torch or machine does not have; with ranks > 1
+    (--gpus N) also for one that cannot run N ranks (auto means CUDA when there is one, else CPU processes)."""
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device not in ("auto", "cpu", "mps") and not match:
+        raise UsageError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError("--device mps: this torch has no MPS device (Apple GPUs only): use cpu or auto")
+        if ranks > 1:
+            raise UsageError(f"--gpus {ranks} runs on CUDA GPUs (or CPU processes), not mps: use --device cuda or cpu")
+        return
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    if not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU visible"
+        raise UsageError(f"--device {device}: torch {torch.__version__} sees no CUDA device ({why}): use cpu or auto")
+    count = torch.cuda.device_count()
+    if match and match.group(1) is not None and int(match.group(1)) >= count:
+        raise UsageError(f"--device {device}: this machine shows {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if ranks > count:
+        raise UsageError(f"--gpus {ranks}: this machine shows {count} CUDA GPU(s): use --gpus {count} or fewer, "
+                         f"or --device cpu for {ranks} CPU processes")
+
+
+# The sampling options' rules, one place for the command line (--top-p) and the chat's /set (top_p): the type,
+# the lowest and highest value (None: no bound). A seed is what torch.Generator.manual_seed takes.
+SAMPLING_RULES = {"temperature": (float, 0.0, None), "top_p": (float, 0.0, 1.0), "top_k": (int, 0, None),
+                  "min_p": (float, 0.0, 1.0), "max_tokens": (int, 1, None), "seed": (int, -(1 << 63), (1 << 64) - 1),
+                  "repetition_penalty": (float, 0.0, None)}  # above 0, not at it: checked below
+
+
+def check_sampling(name: str, value, spelled: str | None = None):
+    """`value` (a number, or text to parse) for sampling option `name`, checked against SAMPLING_RULES; returns
+    the number. A UsageError names the option as `spelled` (default: --name-with-dashes)."""
+    kind, lowest, highest = SAMPLING_RULES[name]
+    spelled = spelled or "--" + name.replace("_", "-")
+    kind_name = "an integer" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            raise UsageError(f"{spelled}: '{value}' is not {kind_name}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise UsageError(f"{spelled}: {value!r} is not {kind_name}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{spelled}: {value} is not a finite number")
+    if (lowest is not None and value < lowest) or (highest is not None and value > highest):
+        span = (f"from {lowest:g} to {highest:g}" if highest is not None and kind is float else
+                f"from {lowest} to {highest}" if highest is not None else f"of at least {lowest:g}")
+        raise UsageError(f"{spelled}: {value} is out of range: use a value {span}")
+    if name == "repetition_penalty" and value == 0:
+        raise UsageError(f"{spelled}: must be above 0 (1 = off), not 0")
+    return value
 
 
 def default_context(model_max: int, device: torch.device) -> int:
@@ -138,11 +195,11 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     check_scheme(quant, group_size)  # before any download
     if decode_mode not in DECODE_MODES:
         raise UsageError(f"unknown --decode-mode '{decode_mode}': use {', '.join(DECODE_MODES)}")
+    if torch_device is None:
+        check_device(device)  # before any download
     name = name or DEFAULT_MODEL
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
-    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device '{device}': use auto, cpu, cuda or mps")
     torch_device = torch_device or pick_device(device)
     checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
     args = checkpoint.args
@@ -227,11 +284,36 @@ def read_prompt(words: list[str], stdin: TextIO) -> str:
     words = [w for w in words if w != "-"]
     piped = ""
     if explicit or not _isatty(stdin):
-        piped = stdin.read().rstrip("\n")
+        try:  # a bad byte then reads as a lone surrogate, which check_text finds and places exactly
+            stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass
+        try:
+            piped = stdin.read().rstrip("\n")
+        except UnicodeDecodeError:
+            raise UsageError("the prompt on stdin is not valid UTF-8: convert it first, e.g. iconv -f latin1 -t utf-8") from None
+        check_text(piped, "the prompt on stdin")
+    for i, word in enumerate(words, 1):
+        check_text(word, f"prompt argument {i}")
     text = "\n\n".join(part for part in (piped, " ".join(words)) if part.strip())
     if not text.strip():
         raise UsageError("no prompt: give it after the model name, or pipe it on stdin")
     return text
+
+
+def check_text(text: str | None, where: str) -> None:
+    """A UsageError when `text` holds bytes that were not UTF-8: Python keeps them from argv and (in a C locale)
+    stdin as lone surrogates, which no tokenizer takes."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        offset = len(text[: e.start].encode("utf-8"))  # e.start is the first bad character
+        bad = text[e.start]
+        raw = repr(bad.encode("utf-8", "surrogateescape")) if "\udc80" <= bad <= "\udcff" else f"U+{ord(bad):04X}"
+        raise UsageError(f"{where} is not valid UTF-8 (byte {offset}: {raw}): convert it first, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _isatty(stream) -> bool:

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from ..errors import R1Error
 from ..events import stream_events
-from ..runner import OpenModel, drive
+from ..runner import OpenModel, check_text, drive
 from ..session import ChatSession
 from ..settings import state_dir
 from . import commands
@@ -114,6 +114,10 @@ class Chat:
 
     def _read_lines(self):
         """Messages without a terminal: one per line of stdin."""
+        try:  # a line that is not UTF-8 then reaches check_text (one refused turn) instead of ending the chat
+            sys.stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError):
+            pass
         for line in sys.stdin:
             yield line.rstrip("\n")
 
@@ -137,6 +141,7 @@ class Chat:
                     if commands.dispatch(self, text) is commands.EXIT:
                         break
                 else:
+                    check_text(text, "this message")  # bytes that are not UTF-8 (a piped file) end only this turn
                     self.turn(text)
             except R1Error as e:
                 self.console.print(Text(f"r1: {e}", style="red"))

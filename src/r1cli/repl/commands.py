@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 from rich.text import Text
 
 from ..errors import R1Error
+from ..runner import SAMPLING_RULES, check_sampling
 from ..session import ChatSession
 from ..settings import save_setting
 from .render import THINK_MODES, reasoning_panel, thought_summary
@@ -17,8 +18,7 @@ if TYPE_CHECKING:
     from .app import Chat
 
 EXIT = object()  # returned by /exit
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int,
-            "repetition_penalty": float}
+SETTABLE = tuple(SAMPLING_RULES)  # checked by the command line's rules (runner.check_sampling)
 
 
 def cmd_help(chat: Chat, arg: str):
@@ -83,10 +83,7 @@ def cmd_set(chat: Chat, arg: str):
     if value.lower() in ("none", "default"):
         chat.sampling[key] = None
     else:
-        try:
-            chat.sampling[key] = SETTABLE[key](value)
-        except ValueError:
-            raise R1Error(f"/set {key}: '{value}' is not a {SETTABLE[key].__name__}") from None
+        chat.sampling[key] = check_sampling(key, value, f"/set {key}")
     chat.info(f"{key} = {chat.sampling[key] if chat.sampling[key] is not None else 'default'}")
 
 
