@@ -104,7 +104,7 @@ def check_sampling(name: str, value, spelled: str | None = None):
                 f"from {lowest} to {highest}" if highest is not None else f"of at least {lowest:g}")
         raise UsageError(f"{spelled}: {value} is out of range: use a value {span}")
     if name == "repetition_penalty" and value == 0:
-        raise UsageError(f"{spelled}: must be above 0 (1 = off), not 0")
+        raise UsageError(f"{spelled} must be above 0 (1 = off), not 0")
     return value
 
 
