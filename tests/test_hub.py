@@ -414,7 +414,10 @@ def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_to
     folder = tmp_path / name
     folder.mkdir()
     shutil.copy(config, folder / "config.json")
-    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    # show reads no weights, only which layers the checkpoint has: an index naming one tensor per layer.
+    n_layers = json.loads(config.read_text())["num_hidden_layers"]
+    weight_map = {f"model.layers.{i}.input_layernorm.weight": "model.safetensors" for i in range(n_layers)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     info = r1hub.show(resolve_name(str(folder)), ctx=1000)
     assert info["dtype"] == dtype and info["context_length"] == context
     assert info["memory"]["kv_cache_per_token"] == kv_per_token

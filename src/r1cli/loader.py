@@ -70,7 +70,10 @@ class Checkpoint:
             self.gguf = GGUFFile(self.path)
             self.args = model_args(self.gguf)
         else:
+            from .weights import check_layers
+
             self.args = load_config(self.path)
+            check_layers(self.path, self.args)  # before anything is built from the config's sizes
 
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
@@ -137,7 +140,8 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
 
     path = q.cache_path(folder, quant, group_size)
     meta = {"scheme": quant, "group_size": group_size, "source": q.source_key(folder)}
-    cached = q.read_cache(path, meta) if cache else None
+    notices: list[str] = []  # a corrupt or unwritable cache: said once, the run goes on
+    cached = q.read_cache(path, meta, notices) if cache else None
     if cached is not None:
         skip = set()
         for module_name, tensors in cached.items():
@@ -153,15 +157,21 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
         del cached
         model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip),
                              fuse=fuse)
-        model.quant_notice = q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", []))
+        model.quant_notice = _notices(notices, q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", [])))
         return model
     quantizer = q.Quantizer(quant, group_size, device, collect=cache)
     model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, shard=shard, quantizer=quantizer,
                          fuse=fuse)
-    if cache:
-        q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow})
-    model.quant_notice = q.shape_notice(quant, group_size, quantizer.slow)
+    if cache and (failed := q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow})):
+        notices.append(failed)
+    model.quant_notice = _notices(notices, q.shape_notice(quant, group_size, quantizer.slow))
     return model
+
+
+def _notices(*parts) -> str | None:
+    """The quantized load's notices as one text, each line of it an `r1: ` notice once announced."""
+    lines = [p for part in parts for p in ([part] if isinstance(part, str) else part or [])]
+    return "\nr1: ".join(lines) or None
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",

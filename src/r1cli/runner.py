@@ -56,9 +56,11 @@ def default_context(model_max: int, device: torch.device) -> int:
 def generation_defaults(folder: Path, family: str) -> dict:
     """Sampling defaults: DeepSeek's for R1 models, then the checkpoint's generation_config.json over them."""
     defaults = dict(R1_SAMPLING_DEFAULTS) if family == "r1" else {}
+    from .files import read_json
+
     try:
-        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(folder / "generation_config.json") or {}  # regular files of bounded size only
+    except (OSError, R1Error):
         config = {}
     for key in ("temperature", "top_p", "top_k", "min_p"):
         if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
