@@ -54,7 +54,7 @@ def read_bytes(path: Path, max_bytes: int) -> bytes | None:
     with f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
-            raise CheckpointError(f"{path} is {size} bytes, more than the {max_bytes} r1 reads from such a file")
+            raise CheckpointError(f"{path} is {size} bytes, more than the {max_bytes} bytes r1 reads from such a file")
         data = f.read(max_bytes + 1)  # the size may have grown since fstat
     if len(data) > max_bytes:
         raise CheckpointError(f"{path} is more than the {max_bytes} bytes r1 reads from such a file")

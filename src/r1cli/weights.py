@@ -128,7 +128,12 @@ class SafetensorsFile:
                 want = math.prod(shape) * SAFETENSORS_DTYPES[e["dtype"]].itemsize
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path.name} has a corrupt entry for {name}: delete it and re-run `r1 pull`") from None
-            if end - begin != want or self.data_start + end > size:
+            if end - begin != want:
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} spans {end - begin} bytes where its shape and dtype need {want}: "
+                    "the file is corrupt, delete it and re-run `r1 pull`"
+                )
+            if self.data_start + end > size:
                 raise CheckpointError(
                     f"tensor {name} in {path.name} runs past the end of the file: it is truncated, re-run `r1 pull`"
                 )
