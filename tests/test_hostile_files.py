@@ -492,3 +492,13 @@ def test_a_planted_link_in_the_quant_cache_is_not_followed(tiny_qwen2, tmp_path)
     model = load_model(folder, dtype="float32", quant="int8")
     assert "cannot write" in model.quant_notice and not any(elsewhere.iterdir())
     assert q.read_cache(q.cache_path(folder, "int8", 32), {}) is None
+
+
+def test_list_shows_a_revision_with_a_broken_index_as_incomplete(hub_cache):
+    from r1cli import hub as r1hub
+
+    hub, _ = hub_cache
+    repo = cached_repo(hub, [SHA_A], {"main": SHA_A})
+    _write(repo / "snapshots" / SHA_A / "model.safetensors.index.json", {"weight_map": {"x": "/etc/passwd"}})
+    [row] = r1hub.list_models()
+    assert row["revision"] == SHA_A[:7] and row["complete"] is False

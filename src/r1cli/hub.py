@@ -447,10 +447,17 @@ def list_models() -> list[dict]:
                 "refs": sorted(rev.refs),
                 "size": rev.size_on_disk,
                 "architecture": arch,
-                "complete": not missing_weights(rev.snapshot_path),
+                "complete": _complete(rev.snapshot_path),
                 "path": str(rev.snapshot_path),
             })
     return rows
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        return not missing_weights(folder)
+    except R1Error:  # a broken index: listed as incomplete, `r1 show` or `r1 run` says what is wrong
+        return False
 
 
 def _gguf_rows(repo_id: str, rev) -> list[dict]:
