@@ -14,12 +14,14 @@ import json
 import math
 import os
 import resource
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import one_line_error, r1_env, run_r1
+from paths import R1_TOKENIZER
 
 # --- builders ------------------------------------------------------------------------------------------------------
 
@@ -212,6 +214,7 @@ ROWS = [
     ("config-rope-inf", "config", json.dumps(_config(rope_theta=float("inf"))).encode(), "show", 1, ["rope_theta"]),
     ("config-rope-zero", "config", _config(rope_theta=0), "show", 1, ["RoPE base"]),
     ("config-rope-negative", "config", _config(rope_theta=-10000.0), "run", 1, ["RoPE base"]),
+    ("tokenizer-past-the-embedding", "config", _config(), "run", 1, ["does not belong to this model"]),
     ("index-list", "index", [["model.norm.weight", "model.safetensors"]], "show", 1, ["JSON array"]),
     ("index-absolute-shard", "index", {"weight_map": {"model.norm.weight": "/etc/passwd"}}, "show", 1, ["/etc/passwd"]),
     ("index-dotdot-shard", "index", {"weight_map": {"model.norm.weight": "../model/model.safetensors"}}, "run", 1,
@@ -271,6 +274,9 @@ def build(row, tmp_path: Path) -> list[str]:
         target = _write(tmp_path / "model.gguf", content)
     else:
         target = model_folder(tmp_path)
+        if command == "run":  # the real R1 tokenizer: a run gets as far as the model's files let it
+            for f in R1_TOKENIZER.iterdir():
+                shutil.copy(f, target / f.name)
         if kind == "config":
             _replace_config(target, content if callable(content) else lambda p: _write(p, content))
         elif kind == "st":
@@ -432,8 +438,6 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 

@@ -122,8 +122,19 @@ class Checkpoint:
         if self.gguf is not None:
             from . import gguf
 
-            return gguf.tokenizer(self.gguf)
-        return Tokenizer.from_folder(self.path)
+            tok = gguf.tokenizer(self.gguf)
+        else:
+            tok = Tokenizer.from_folder(self.path)
+        # A token id past the embedding would fail inside the model's first forward: refuse the pair here.
+        last = max(tok.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+        if last >= self.args.vocab_size:
+            from .errors import CheckpointError
+
+            raise CheckpointError(
+                f"the tokenizer of {self.path} has token ids up to {last}, but the model's embedding has only "
+                f"{self.args.vocab_size} rows: the tokenizer does not belong to this model"
+            )
+        return tok
 
 
 def load_model(
