@@ -265,6 +265,11 @@ def _limit_memory():
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
+def _env(tmp_path: Path) -> dict[str, str]:
+    # No GPU: a CUDA context reserves far more address space than the limit, and no row needs one.
+    return r1_env(tmp_path, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+
 def build(row, tmp_path: Path) -> list[str]:
     """The command line for a row, with its files written under tmp_path."""
     _, kind, content, command, _, _ = row
@@ -294,7 +299,7 @@ def build(row, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_malformed_input_is_one_line_error(row, tmp_path):
     args = build(row, tmp_path)
-    p = run_r1(*args, env=r1_env(tmp_path, HF_HUB_OFFLINE="1"), timeout=TIMEOUT_S, preexec_fn=_limit_memory)
+    p = run_r1(*args, env=_env(tmp_path), timeout=TIMEOUT_S, preexec_fn=_limit_memory)
     line = one_line_error(p, row[4])
     for word in row[5]:
         assert word in line, line
@@ -306,8 +311,7 @@ def test_malformed_input_is_one_line_error(row, tmp_path):
 def test_the_builders_valid_files_are_accepted(kind, tmp_path):
     """The control: the table's files differ from these only by the row's damage."""
     target = model_folder(tmp_path) if kind == "folder" else _write(tmp_path / "model.gguf", gguf_bytes())
-    p = run_r1("show", target, "--json", env=r1_env(tmp_path, HF_HUB_OFFLINE="1"), timeout=TIMEOUT_S,
-               preexec_fn=_limit_memory)
+    p = run_r1("show", target, "--json", env=_env(tmp_path), timeout=TIMEOUT_S, preexec_fn=_limit_memory)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["architecture"] == ("Qwen2ForCausalLM" if kind == "folder" else "LlamaForCausalLM")
