@@ -106,7 +106,11 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            with open_regular(path) as f:
+            f = open_regular(path)  # a FIFO, a folder, a device: its own one line, raised as is
+        except OSError as e:
+            raise CheckpointError(f"cannot open {path}: {e.strerror or e}") from None
+        try:
+            with f:
                 size = os.fstat(f.fileno()).st_size
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > min(size - 8, MAX_HEADER_BYTES):
