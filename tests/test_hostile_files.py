@@ -110,7 +110,7 @@ def gguf_bytes(meta: dict | None = None, tensors=None, offsets: list[int] | None
     pairs = [*(LLAMA_META if meta is None else meta).items(), *extra_kv]
     kv = b"".join(gguf_string(k) + struct.pack("<I", t) + v for k, (t, v) in ((k, gguf_value(v)) for k, v in pairs))
     tensors = LLAMA_TENSORS if tensors is None else tensors
-    infos, data, pos = b"", b"", 0
+    infos, pos = b"", 0
     for i, (name, shape) in enumerate(tensors):
         size = math.prod(shape) * 4
         offset = offsets[i] if offsets is not None else pos

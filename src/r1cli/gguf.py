@@ -26,6 +26,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ class GGUFFile:
                     )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
-        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        for (_, end, first), (begin, _, second) in pairwise(spans):
             if begin < end:
                 raise CheckpointError(f"tensors {first} and {second} overlap in {self.path.name}: the file is corrupt")
 

@@ -18,6 +18,7 @@ import re
 import struct
 import warnings
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ class SafetensorsFile:
             if end > begin:
                 spans.append((begin, end, name))
         spans.sort()
-        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        for (_, end, first), (begin, _, second) in pairwise(spans):
             if begin < end:
                 raise CheckpointError(f"tensors {first} and {second} overlap in {path.name}: the file is corrupt")
 
@@ -187,7 +188,7 @@ def tensor_names(folder: Path) -> list[str]:
     weight_map = read_index(folder)
     if weight_map is not None:
         return list(weight_map)
-    return [name for path in sorted(Path(folder).glob("*.safetensors")) for name in SafetensorsFile(path).keys()]
+    return [name for path in sorted(Path(folder).glob("*.safetensors")) for name in SafetensorsFile(path).entries]
 
 
 def check_layers(folder: Path, args: ModelArgs) -> None:
