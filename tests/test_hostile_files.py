@@ -335,6 +335,24 @@ def test_json_reads_are_bounded_and_typed(tmp_path):
         files.read_json(tmp_path / "fifo.json")
 
 
+NO_MERGES = (ARR, struct.pack("<IQ", STR, 0))
+
+
+@pytest.mark.parametrize("tokenizer", [
+    {"tokenizer.ggml.tokens": 7, "tokenizer.ggml.merges": NO_MERGES},
+    {"tokenizer.ggml.tokens": (ARR, struct.pack("<IQI", U32, 1, 5)), "tokenizer.ggml.merges": NO_MERGES},
+    {"tokenizer.ggml.tokens": "abc", "tokenizer.ggml.merges": "a b"},
+], ids=["tokens-a-number", "tokens-numbers", "strings-not-arrays"])
+def test_malformed_gguf_tokenizer_metadata_is_a_checkpoint_error(tokenizer, tmp_path):
+    from r1cli import gguf
+    from r1cli.errors import CheckpointError
+
+    meta = {**LLAMA_META, "tokenizer.ggml.model": "gpt2", **tokenizer}
+    f = gguf.GGUFFile(_write(tmp_path / "m.gguf", gguf_bytes(meta)))
+    with pytest.raises(CheckpointError, match="malformed tokenizer metadata"):
+        gguf.tokenizer(f)
+
+
 # --- r1 rm: the cache may hold links that lead out of it ------------------------------------------------------------
 
 SHA_A, SHA_B, SHA_C = "abcd1" + "0" * 35, "abcd2" + "0" * 35, "ef012" + "0" * 35

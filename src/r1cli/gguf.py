@@ -615,7 +615,14 @@ def tokenizer(f: GGUFFile):
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise CheckpointError(f"{f.path.name} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    good = isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
+    types = meta.get("tokenizer.ggml.token_type") or ([1] * len(tokens) if good else None)
+    if not (good and isinstance(merges, list) and all(isinstance(m, str) for m in merges)
+            and isinstance(types, list) and len(types) == len(tokens) and all(isinstance(t, int) for t in types)):
+        raise CheckpointError(
+            f"{f.path.name} has malformed tokenizer metadata: tokens and merges must be arrays of strings, "
+            "token_type an array of integers, one per token"
+        )
     vocab = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
