@@ -238,8 +238,9 @@ def test_a_terminal_is_asked_before_a_big_pull_and_before_rm(fake, env):
         (["pull", "test/big"], {}, 2, ["3.0 GB", "--yes"]),
         (["pull", "test/no-weights"], {}, 1, ["safetensors"]),
         (["pull", "src"], {}, 2, ["local folder"]),
-        (["show", "test/tiny"], {}, 3, ["not downloaded", "`r1 pull test/tiny`"]),
-        (["show", ALIAS], {}, 3, [f"`r1 pull {ALIAS}`"]),
+        # (show answers before a download: from the config.json alone, issue #17; only a repo it cannot find fails)
+        (["show", "test/missing"], {}, 3, ["no model test/missing on the Hub"]),
+        (["show", "test/tiny"], {"HF_HUB_OFFLINE": "1"}, 3, ["test/tiny"]),
         (["rm", "test/tiny", "--yes"], {}, 3, ["not in the cache"]),
     ],
 )
@@ -432,7 +433,10 @@ def test_show_on_local_folders_with_hub_configs(tmp_path, name, dtype, kv_per_to
     folder = tmp_path / name
     folder.mkdir()
     shutil.copy(config, folder / "config.json")
-    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    # show reads no weights, only which layers the checkpoint has: an index naming one tensor per layer.
+    n_layers = json.loads(config.read_text())["num_hidden_layers"]
+    weight_map = {f"model.layers.{i}.input_layernorm.weight": "model.safetensors" for i in range(n_layers)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     if "R1" in name:  # R1's tokenizer and template (the distills'), which make a folder an R1 model
         for file in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(R1_TOKENIZER / file, folder / file)

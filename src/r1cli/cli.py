@@ -328,6 +328,8 @@ def rm(
     done = hub.remove(ref, yes=yes, confirm=_terminal_confirm())
     print(f"removed {done['repo']} ({len(done['revisions'])} revision(s)), freed {hub.format_size(done['freed'])}",
           file=sys.stderr)
+    for path in done["skipped"]:
+        print(f"r1: left {path} alone: it lies outside the cache or is reached through a link", file=sys.stderr)
 
 
 @app.command()

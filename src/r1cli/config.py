@@ -2,16 +2,20 @@
 
 Both config layouts are accepted: the Hub's (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`)
 and transformers 5's (`rope_parameters`), which `save_pretrained` writes.
+
+A config.json is untrusted input: every size is checked to be an integer within `INT_BOUNDS` and every float to be
+finite and in range before anything is computed from it (docs/security.md, "Model files"); `check_args` applies the
+same rules to a ModelArgs from any source (a GGUF's metadata too).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, UnsupportedArchitectureError
+from .files import read_json
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -140,11 +144,18 @@ def _rope_args(cfg: dict) -> RopeArgs:
     else:
         theta = cfg.get("rope_theta", 10000.0)
         scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"config.json: rope scaling is {scaling!r}; r1 expects a JSON object")
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind not in ("default", "llama3", "yarn", "linear"):
         raise UnsupportedArchitectureError(f"unsupported rope scaling '{kind}' (supported: default, linear, llama3, yarn)")
+    _check_numbers({"rope_theta": theta, **scaling}, "config.json", ("rope_theta", "factor", "low_freq_factor",
+                   "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"))
     factor = scaling.get("factor")
     orig = scaling.get("original_max_position_embeddings")
+    _check_ints({"original_max_position_embeddings": orig}, "config.json")
+    if kind in ("yarn", "llama3") and orig is None:
+        raise CheckpointError(f"config.json: {kind} rope scaling without original_max_position_embeddings")
     if kind == "yarn" and factor is None:
         factor = cfg["max_position_embeddings"] / orig
     return RopeArgs(
@@ -163,13 +174,96 @@ def _rope_args(cfg: dict) -> RopeArgs:
     )
 
 
+# Sane bounds on config.json's integer sizes (the largest real models are far inside them: Llama 3.1 405B has 126
+# layers, hidden 16384; DeepSeek-V3 256 experts; the largest vocabularies about 256k). A model is built on the meta
+# device from these before any weight is read, so an absurd size must be refused here, not discovered by the OOM
+# killer.
+INT_BOUNDS = {
+    "vocab_size": (1, 2**22), "hidden_size": (1, 2**16), "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (1, 1024),
+    "intermediate_size": (1, 2**20), "max_position_embeddings": (1, 2**24), "sliding_window": (1, 2**24),
+    "max_window_layers": (0, 1024), "q_lora_rank": (1, 2**16), "kv_lora_rank": (1, 2**16),
+    "qk_nope_head_dim": (0, 1024), "qk_rope_head_dim": (0, 1024), "v_head_dim": (1, 1024),
+    "n_routed_experts": (0, 4096), "n_shared_experts": (0, 64), "num_experts_per_tok": (0, 4096),
+    "moe_intermediate_size": (0, 2**20), "first_k_dense_replace": (0, 1024), "moe_layer_freq": (1, 1024),
+    "n_group": (1, 4096), "topk_group": (1, 4096), "original_max_position_embeddings": (1, 2**24),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ints(cfg: dict, where: str) -> None:
+    for key, (lo, hi) in INT_BOUNDS.items():
+        value = cfg.get(key)
+        if value is not None and not (_is_int(value) and lo <= value <= hi):
+            raise CheckpointError(f"{where}: {key} is {value!r}; r1 accepts an integer from {lo} to {hi}")
+
+
+def _check_numbers(cfg: dict, where: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise CheckpointError(f"{where}: {key} is {value!r}; r1 expects a finite number")
+
+
+def check_args(args: ModelArgs, where: str = "config.json") -> ModelArgs:
+    """Refuse a ModelArgs whose sizes or floats r1 cannot build a sane model from (one line naming the field)."""
+    ints = {
+        "vocab_size": args.vocab_size, "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "intermediate_size": args.inter_dim, "max_position_embeddings": args.max_seq_len,
+        "sliding_window": args.sliding_window, "kv_lora_rank": args.kv_lora_rank or None,
+        "q_lora_rank": args.q_lora_rank, "qk_rope_head_dim": args.qk_rope_head_dim, "n_routed_experts": args.n_routed_experts,
+        "num_experts_per_tok": args.n_activated_experts, "moe_intermediate_size": args.moe_inter_dim,
+        "first_k_dense_replace": args.first_k_dense_replace, "original_max_position_embeddings":
+        args.rope.original_max_position_embeddings,
+    }
+    _check_ints(ints, where)
+    if args.n_heads % args.n_kv_heads:
+        raise CheckpointError(f"{where}: {args.n_heads} attention heads do not share {args.n_kv_heads} key/value heads evenly")
+    if args.rope_dim % 2:
+        raise CheckpointError(f"{where}: the rotary dimension {args.rope_dim} is odd; RoPE rotates pairs")
+    if args.n_activated_experts > args.n_routed_experts:
+        raise CheckpointError(f"{where}: {args.n_activated_experts} experts per token of {args.n_routed_experts}")
+    if not (_is_number(args.norm_eps) and math.isfinite(args.norm_eps) and 0 < args.norm_eps < 1):
+        raise CheckpointError(f"{where}: the RMSNorm epsilon is {args.norm_eps!r}; r1 expects a number in (0, 1)")
+    r = args.rope
+    for name, value in (("rope theta (the RoPE base)", r.theta), ("rope scaling factor", r.factor)):
+        if not (math.isfinite(value) and value > 0):
+            raise CheckpointError(f"{where}: the {name} is {value}; r1 expects a finite positive number")
+    if r.kind in ("yarn", "llama3") and r.original_max_position_embeddings is None:
+        raise CheckpointError(f"{where}: {r.kind} rope scaling without original_max_position_embeddings")
+    if r.kind == "llama3" and r.high_freq_factor == r.low_freq_factor:
+        raise CheckpointError(f"{where}: llama3 rope scaling with equal high_freq_factor and low_freq_factor")
+    for name in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                 "attention_factor"):
+        value = getattr(r, name)
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise CheckpointError(f"{where}: rope scaling {name} is {value!r}; r1 expects a finite number")
+    if r.freq_factors is not None and not all(math.isfinite(v) and v > 0 for v in r.freq_factors):
+        raise CheckpointError(f"{where}: the RoPE frequency factors are not all finite and positive")
+    return args
+
+
 def args_from_dict(cfg: dict) -> ModelArgs:
+    if not isinstance(cfg, dict):
+        raise CheckpointError("config.json is not a JSON object")
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json: architectures is {archs!r}; r1 expects a list of names")
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {arch or '(none in config.json)'}; r1 runs {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    _check_ints(cfg, "config.json")
+    _check_numbers(cfg, "config.json", ("rms_norm_eps", "rope_theta", "routed_scaling_factor"))
     try:
         n_heads = cfg["num_attention_heads"]
         common = dict(
@@ -225,9 +319,11 @@ def args_from_dict(cfg: dict) -> ModelArgs:
             )
             # transformers' V2 and V3 make every layer from first_k_dense_replace on MoE; so do the Hub configs
             # (moe_layer_freq 1). We honour a larger freq the way DeepSeek's own code does.
-        return ModelArgs(**common)
+        return check_args(ModelArgs(**common))
     except KeyError as e:
         raise CheckpointError(f"config.json lacks the field {e.args[0]!r} that {arch} needs") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type anywhere else
+        raise CheckpointError(f"config.json has a value r1 cannot use ({e})") from None
 
 
 def load_config(folder: str | Path) -> ModelArgs:
@@ -236,9 +332,7 @@ def load_config(folder: str | Path) -> ModelArgs:
 
 def read_config_json(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: not a model folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    cfg = read_json(path)
+    if cfg is None:
+        raise CheckpointError(f"{path} is missing: not a model folder")
+    return cfg

@@ -19,20 +19,23 @@ adjacent pairs where Hugging Face rotates halves; `_unpermute` puts them back.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
 import struct
 import warnings
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
 
-from .config import ModelArgs, RopeArgs
+from .config import ModelArgs, RopeArgs, check_args
 from .errors import CheckpointError, UnsupportedArchitectureError
+from .files import open_regular
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED = "r1 runs GGUF files of llama and qwen2 models (the R1 distills)"
@@ -66,6 +69,9 @@ class TensorInfo:
 
 
 # Value types of GGUF metadata: struct formats of the scalars; 8 is a string, 9 an array.
+# Bounds on a hostile header: ggml's GGML_MAX_DIMS, and arrays of arrays (no real file nests them at all).
+MAX_DIMS = 4
+MAX_NESTING = 8
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
@@ -75,7 +81,7 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 self.size = os.fstat(f.fileno()).st_size
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
@@ -88,22 +94,35 @@ class GGUFFile:
             if version not in (2, 3):
                 endian = " (a big-endian file?)" if version > 0xFFFF else ""
                 raise CheckpointError(f"{self.path.name} is GGUF version {version}{endian}; r1 reads versions 2 and 3")
-            n_tensors, n_kv = self._scalar("Q"), self._scalar("Q")
+            # Counts are checked against the bytes left before looping (each entry takes at least 12 or 24 bytes), so
+            # a huge count is refused at once instead of spinning.
+            n_tensors, n_kv = self._count(self._scalar("Q"), 24), self._count(self._scalar("Q"), 12)
             self.metadata: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = self._string()
+                if key in self.metadata:
+                    raise struct.error(f"the metadata key {key} appears twice")
                 self.metadata[key] = self._value(self._scalar("I"))
             infos = []
             for _ in range(n_tensors):
                 name = self._string()
-                dims = [self._scalar("Q") for _ in range(self._scalar("I"))]
+                n_dims = self._scalar("I")
+                if not 1 <= n_dims <= MAX_DIMS:
+                    raise struct.error(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+                dims = [self._scalar("Q") for _ in range(n_dims)]
                 infos.append((name, tuple(reversed(dims)), self._scalar("I"), self._scalar("Q")))
         except (struct.error, IndexError, UnicodeDecodeError, KeyError) as e:
             raise CheckpointError(
                 f"{self.path.name} has a truncated or corrupt GGUF header ({e}): download it again"
             ) from None
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if not (isinstance(align, int) and not isinstance(align, bool) and 0 < align <= 2**16 and align & (align - 1) == 0):
+            raise CheckpointError(
+                f"{self.path.name} has general.alignment {align!r}; GGUF needs a power of two: download it again"
+            )
         data_start = -(-self._pos // align) * align
+        if len({info[0] for info in infos}) != len(infos):
+            raise CheckpointError(f"{self.path.name} lists a tensor name twice: the file is corrupt")
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, ggml_type, offset in infos:
             nbytes = None
@@ -113,12 +132,25 @@ class GGUFFile:
                     raise CheckpointError(
                         f"tensor {name} in {self.path.name} has rows of {shape[-1]}, not whole {per_block}-value blocks"
                     )
-                nbytes = torch.Size(shape).numel() // per_block * block_bytes
+                nbytes = math.prod(shape) // per_block * block_bytes  # Python ints: a 2^63 dimension cannot wrap
+                if offset % align:
+                    raise CheckpointError(
+                        f"tensor {name} in {self.path.name} starts at {offset}, not a multiple of the alignment {align}"
+                    )
                 if data_start + offset + nbytes > self.size:
                     raise CheckpointError(
                         f"tensor {name} runs past the end of {self.path.name}: the file is truncated, download it again"
                     )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end, first), (begin, _, second) in pairwise(spans):
+            if begin < end:
+                raise CheckpointError(f"tensors {first} and {second} overlap in {self.path.name}: the file is corrupt")
+
+    def _count(self, n: int, min_bytes: int) -> int:
+        if n * min_bytes > self.size - self._pos:
+            raise struct.error(f"a count of {n} entries cannot fit in the file")
+        return n
 
     # Header parsing: a cursor over the map.
     def _scalar(self, fmt: str):
@@ -134,14 +166,17 @@ class GGUFFile:
         self._pos += n
         return text
 
-    def _value(self, value_type: int):
+    def _value(self, value_type: int, depth: int = 0):
         if value_type == 8:
             return self._string()
         if value_type != 9:
             return self._scalar(_SCALARS[value_type])
+        if depth >= MAX_NESTING:
+            raise struct.error(f"arrays nested more than {MAX_NESTING} deep")
         item_type, n = self._scalar("I"), self._scalar("Q")
         if item_type in (8, 9):
-            return [self._value(item_type) for _ in range(n)]
+            self._count(n, 8 if item_type == 8 else 12)  # a string takes 8 bytes or more, an array 12
+            return [self._value(item_type, depth + 1) for _ in range(n)]
         fmt = f"<{n}{_SCALARS[item_type]}"
         if self._pos + n * struct.calcsize("<" + _SCALARS[item_type]) > self.size:
             raise struct.error("array runs past the end of the file")
@@ -298,44 +333,65 @@ def model_args(f: GGUFFile) -> ModelArgs:
             "safetensors repos (deepseek-r1:671b)"
         )
 
-    def need(key):
-        value = f.arch_key(key)
+    def need(key, default=None, kind=int):
+        value = f.arch_key(key, default)
         if value is None:
             raise CheckpointError(f"{f.path.name} lacks the GGUF metadata {arch}.{key}")
         if isinstance(value, list):
             raise UnsupportedArchitectureError(f"{f.path.name} sets {arch}.{key} per layer; r1 supports one value")
+        # Integers for sizes (positive: a head count of 0 would divide by zero), finite numbers for floats.
+        ok = (isinstance(value, int) and value > 0) if kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or (kind is float and not math.isfinite(value)):
+            raise CheckpointError(
+                f"{f.path.name} has {arch}.{key} = {value!r}; r1 expects a {'positive integer' if kind is int else 'number'}"
+            )
         return value
 
     if "token_embd.weight" not in f.tensors:
         raise CheckpointError(f"tensor token_embd.weight is missing from {f.path.name}")
     dim, n_heads = need("embedding_length"), need("attention.head_count")
-    head_dim = f.arch_key("attention.key_length") or dim // n_heads
-    rope_dim = f.arch_key("rope.dimension_count") or head_dim
+    head_dim = need("attention.key_length", dim // n_heads)
+    rope_dim = need("rope.dimension_count", head_dim)
+    n_layers = need("block_count")
+    blocks = {int(m.group(1)) for n in f.tensors if (m := re.match(r"blk\.(\d+)\.", n))}
+    if n_layers > len(blocks) or any(i not in blocks for i in range(n_layers)):
+        have = len(blocks)
+        raise CheckpointError(
+            f"{f.path.name} says {arch}.block_count is {n_layers}, but it holds tensors for {have} blocks"
+        )
     if rope_dim != head_dim:
         raise UnsupportedArchitectureError(f"{f.path.name} rotates {rope_dim} of {head_dim} head dims; r1 rotates all")
-    return ModelArgs(
+    return check_args(ModelArgs(
         architecture=ARCHITECTURES[arch],
         vocab_size=f.tensors["token_embd.weight"].shape[0],  # the embedding, not the tokenizer, sizes the model
         dim=dim,
-        n_layers=need("block_count"),
+        n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=f.arch_key("attention.head_count_kv") or n_heads,
+        n_kv_heads=need("attention.head_count_kv", n_heads),
         head_dim=head_dim,
         inter_dim=need("feed_forward_length"),
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        norm_eps=float(need("attention.layer_norm_rms_epsilon", kind=float)),
         max_seq_len=need("context_length"),
         rope=_rope_args(f, head_dim),
         tie_embeddings="output.weight" not in f.tensors,  # llama.cpp writes no head when it is the embedding
         qkv_bias=arch == "qwen2",
         attention_bias=arch == "llama" and "blk.0.attn_output.bias" in f.tensors,
         torch_dtype="bfloat16",  # the dtype of every R1 distill; a GGUF's own types say nothing about it
-    )
+    ), f.path.name)
+
+
+def _number(f: GGUFFile, key: str, default=None):
+    """A float hyperparameter of the metadata (None when absent and no default); one line when not a number."""
+    value = f.arch_key(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CheckpointError(f"{f.path.name} has {key} = {value!r}; r1 expects a number")
+    return value
 
 
 def _rope_args(f: GGUFFile, head_dim: int) -> RopeArgs:
-    theta = float(f.arch_key("rope.freq_base", 10000.0))
-    kind = f.arch_key("rope.scaling.type") or ("linear" if f.arch_key("rope.scale_linear") else "none")
-    factor = float(f.arch_key("rope.scaling.factor") or f.arch_key("rope.scale_linear") or 1.0)
+    theta = float(_number(f, "rope.freq_base", 10000.0))
+    kind = f.arch_key("rope.scaling.type") or ("linear" if _number(f, "rope.scale_linear") else "none")
+    factor = float(_number(f, "rope.scaling.factor") or _number(f, "rope.scale_linear") or 1.0)
     # llama.cpp turns Llama 3.1's "llama3" scaling into a tensor of per-frequency divisors (rope_freqs).
     factors = None
     if "rope_freqs.weight" in f.tensors:
@@ -351,8 +407,8 @@ def _rope_args(f: GGUFFile, head_dim: int) -> RopeArgs:
         return RopeArgs(
             theta=theta, kind="yarn", factor=factor, freq_factors=factors,
             original_max_position_embeddings=f.arch_key("rope.scaling.original_context_length"),
-            beta_fast=float(f.arch_key("rope.scaling.yarn_beta_fast") or 32),
-            beta_slow=float(f.arch_key("rope.scaling.yarn_beta_slow") or 1),
+            beta_fast=float(_number(f, "rope.scaling.yarn_beta_fast") or 32),
+            beta_slow=float(_number(f, "rope.scaling.yarn_beta_slow") or 1),
         )
     raise UnsupportedArchitectureError(
         f"{f.path.name} uses rope scaling '{kind}'; r1 supports none, linear and yarn in GGUF files"
@@ -564,7 +620,14 @@ def tokenizer(f: GGUFFile):
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise CheckpointError(f"{f.path.name} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    good = isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
+    types = meta.get("tokenizer.ggml.token_type") or ([1] * len(tokens) if good else None)
+    if not (good and isinstance(merges, list) and all(isinstance(m, str) for m in merges)
+            and isinstance(types, list) and len(types) == len(tokens) and all(isinstance(t, int) for t in types)):
+        raise CheckpointError(
+            f"{f.path.name} has malformed tokenizer metadata: tokens and merges must be arrays of strings, "
+            "token_type an array of integers, one per token"
+        )
     vocab = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)

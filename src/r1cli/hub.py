@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import ModelNotFoundError, R1Error, UsageError
+from .files import read_json
 from .registry import ModelRef, alias_for_repo
 
 # What `r1 pull` downloads: top-level files only (subfolders hold other formats or originals).
@@ -72,6 +72,7 @@ def local_path(ref: ModelRef, token: str | None = None) -> Path:
     """
     if ref.path is not None:
         return ref.path
+    check_repo_id(ref)
     folder = _cached_snapshot(ref, token)
     what = f"{ref.repo}:{ref.gguf}" if ref.gguf else ref.repo
     if folder is None:
@@ -108,21 +109,63 @@ def _cached_snapshot(ref: ModelRef, token: str | None) -> Path | None:
     except (LocalEntryNotFoundError, HFValidationError):
         pass
     # `r1 list` shows short commits: accept them as revisions too.
-    if ref.revision and re.fullmatch(r"[0-9a-f]{4,39}", ref.revision):
-        snapshots = _storage_folder(ref.repo) / "snapshots"
-        found = sorted(snapshots.glob(f"{ref.revision}*")) if snapshots.is_dir() else []
-        if len(found) == 1:
-            return found[0]
+    snapshots = _storage_folder(ref.repo) / "snapshots"
+    if ref.revision and snapshots.is_dir():
+        found = match_revisions(ref.revision, {p.name: set() for p in snapshots.iterdir()})
+        if found:
+            return snapshots / found[0]
     return None
+
+
+_SHORT_COMMIT = re.compile(r"[0-9a-f]{4,40}")
+
+
+def match_revisions(revision: str, commits: dict[str, set[str]]) -> list[str]:
+    """The cached commits `revision` names, by one rule for run, show and rm: a ref (branch or tag) recorded in the
+    cache, else a commit hash or a unique prefix of it of at least 4 hex digits. `commits`: commit -> its refs.
+    A prefix matching several commits is a usage error listing them."""
+    named = sorted(c for c, refs in commits.items() if revision in refs)
+    if named or not _SHORT_COMMIT.fullmatch(revision):
+        return named
+    found = sorted(c for c in commits if c.startswith(revision))
+    if len(found) > 1:
+        raise UsageError(
+            f"revision '{revision}' matches {len(found)} cached commits ({', '.join(c[:12] for c in found)}): "
+            "give more of its digits"
+        )
+    return found
+
+
+def check_repo_id(ref: ModelRef) -> None:
+    """Refuse (exit 2) a repo id or revision that the Hub would not accept and that could name a path elsewhere
+    in the cache: `..`, `.`, odd characters."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(ref.repo)
+        if any(part in ("", ".", "..") for part in ref.repo.split("/")):
+            raise HFValidationError(ref.repo)
+    except HFValidationError:
+        raise UsageError(
+            f"'{ref.repo}' is not a Hub repo id: use org/name (letters, digits, '-', '_' and '.', no '..' or '--')"
+        ) from None
+    rev = ref.revision
+    if rev is not None and (
+        not re.fullmatch(r"[A-Za-z0-9._/-]+", rev) or rev.startswith("/") or ".." in rev.split("/")
+    ):
+        raise UsageError(f"'{rev}' is not a revision: use a branch, a tag or a commit hash (`r1 list` shows them)")
 
 
 def missing_weights(folder: Path) -> list[str]:
     """Files a run needs that are absent from `folder`: config.json and every shard the index names."""
     if not (folder / "config.json").is_file():
         return ["config.json"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    from .weights import read_index
+
+    weight_map = read_index(folder)  # shard names confined to the folder
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(p.name for p in folder.glob("*.safetensors")) or ["model.safetensors"]
     return [s for s in shards if not (folder / s).is_file()]  # is_file follows the snapshot's symlinks to blobs
@@ -207,6 +250,7 @@ def pull(
     say = _printer(console)
     if ref.path is not None:
         raise UsageError(f"{ref.name} is a local folder: there is nothing to pull")
+    check_repo_id(ref)
     if constants.is_offline_mode():
         try:
             return local_path(ref, token)  # already complete: nothing to download
@@ -402,10 +446,17 @@ def list_models() -> list[dict]:
                 "refs": sorted(rev.refs),
                 "size": rev.size_on_disk,
                 "architecture": arch,
-                "complete": not missing_weights(rev.snapshot_path),
+                "complete": _complete(rev.snapshot_path),
                 "path": str(rev.snapshot_path),
             })
     return rows
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        return not missing_weights(folder)
+    except R1Error:  # a broken index: listed as incomplete, `r1 show` or `r1 run` says what is wrong
+        return False
 
 
 def _gguf_rows(repo_id: str, rev) -> list[dict]:
@@ -432,15 +483,17 @@ def _gguf_rows(repo_id: str, rev) -> list[dict]:
 
 def _architecture(folder: Path) -> str | None:
     try:
-        return (json.loads((folder / "config.json").read_text()).get("architectures") or [None])[0]
-    except (OSError, ValueError):
+        archs = (read_json(folder / "config.json") or {}).get("architectures")
+    except (OSError, R1Error):
         return None
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
 def remove(ref: ModelRef, yes: bool = False, confirm: Confirm | None = None) -> dict:
     """Delete `ref`'s cached revisions (all of them, or the one named by @revision) and the blobs only they use."""
     if ref.path is not None:
         raise UsageError(f"{ref.name} is a local folder: r1 rm only removes models from the Hugging Face cache")
+    check_repo_id(ref)
     info = _scan()
     repo = next(
         (r for r in (info.repos if info else []) if r.repo_type == "model" and r.repo_id.lower() == ref.repo.lower()),
@@ -448,32 +501,76 @@ def remove(ref: ModelRef, yes: bool = False, confirm: Confirm | None = None) -> 
     )
     if repo is None:
         raise ModelNotFoundError(f"{ref.repo} is not in the cache ({cache_dir()}): nothing to remove")
-    revisions = sorted(
-        r.commit_hash
-        for r in repo.revisions
-        if ref.revision is None or ref.revision in r.refs or r.commit_hash.startswith(ref.revision)
-    )
+    commits = {r.commit_hash: set(r.refs) for r in repo.revisions}
+    revisions = sorted(commits) if ref.revision is None else match_revisions(ref.revision, commits)
     if not revisions:
         raise ModelNotFoundError(f"{ref.repo} has no cached revision '{ref.revision}': see `r1 list`")
     # delete_revisions matches commit hashes across all repos, and two repos can share one (a duplicated repo):
     # give it a view of this repo only.
     strategy = dataclasses.replace(info, repos=frozenset([repo])).delete_revisions(*revisions)
+    strategy, links, skipped = _confined(strategy, cache_dir(), Path(repo.repo_path))
     # the quantized weights r1 cached for these revisions (quant.cache_path) go with them
     from .quant import CACHE_DIR
 
-    quant_dirs = [d for d in (Path(repo.repo_path) / CACHE_DIR / rev for rev in revisions) if d.is_dir()]
-    freed = strategy.expected_freed_size + sum(p.stat().st_size for d in quant_dirs for p in d.rglob("*") if p.is_file())
+    quant_dirs = []
+    for d in (Path(repo.repo_path) / CACHE_DIR / rev for rev in revisions):
+        if d.parent.is_symlink():
+            skipped.append(d)  # a linked r1-quant folder: what it leads to is not ours
+        elif d.is_symlink():
+            links.append(d)  # the link goes, never what it points at
+        elif d.is_dir() and _inside(d, cache_dir()):
+            quant_dirs.append(d)
+    freed = strategy.expected_freed_size + sum(p.stat().st_size for d in quant_dirs for p in d.rglob("*")
+                                               if p.is_file() and not p.is_symlink())
     if not yes:
         if confirm is None:
             raise UsageError(f"removing {ref.repo} needs confirmation: pass --yes to remove it without a terminal")
         if not confirm(f"Remove {ref.repo} ({len(revisions)} revision(s), {format_size(freed)})?"):
             raise R1Error("nothing removed")
+    for link in links:
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
     strategy.execute()
     for d in quant_dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)  # rmtree removes links inside, never their targets
     with contextlib.suppress(OSError):  # the cache folder itself, once empty
         (Path(repo.repo_path) / CACHE_DIR).rmdir()
-    return {"repo": repo.repo_id, "revisions": revisions, "freed": freed}
+    return {"repo": repo.repo_id, "revisions": revisions, "freed": freed, "skipped": [str(p) for p in skipped]}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, every link on the way resolved, lies in `root` (resolved too)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _confined(strategy, root: Path, repo_path: Path):
+    """huggingface_hub's deletion plan, kept to the cache: a blob is deleted only in this repo's blobs folder (a
+    snapshot entry linking to a file elsewhere loses its link, never the file), a snapshot, repo or ref folder that is itself a
+    link is unlinked rather than followed, and an entry reached through a linked folder is skipped. Returns the plan,
+    the links to unlink, and what was skipped (said to the user)."""
+    links, skipped = [], []
+
+    def keep(paths, whole: bool):
+        kept = set()
+        for p in paths:
+            if whole and p.is_symlink() and _inside(p.parent, root):
+                links.append(p)
+            elif _inside(p if whole else p.parent, root) and (whole or p.is_symlink() or _inside(p, root)):
+                kept.add(p)
+            else:
+                skipped.append(p)
+        return frozenset(kept)
+
+    # A blob is the first hop of a snapshot entry's link: one of this repo's blobs, or anything a planted link names.
+    own_blobs = os.path.realpath(repo_path / "blobs")
+    blobs = set()
+    for b in strategy.blobs:
+        (blobs.add(b) if os.path.realpath(b.parent) == own_blobs else skipped.append(b))
+    strategy = dataclasses.replace(
+        strategy, blobs=frozenset(blobs), repos=keep(strategy.repos, True), snapshots=keep(strategy.snapshots, True),
+        refs=keep(strategy.refs, False), files=keep(strategy.files, False),
+    )
+    return strategy, links, skipped
 
 
 # -- show --------------------------------------------------------------------------------------------------------
@@ -540,7 +637,7 @@ def _show_before_download(ref: ModelRef, ctx: int, token: str | None) -> dict:
 def _show_folder(ref: ModelRef, folder: Path, ctx: int) -> dict:
     from .tokenizer import Tokenizer
 
-    info = _show_config(ref, _read_json(folder / "config.json"), ctx)
+    info = _show_config(ref, _read_json(folder / "config.json"), ctx, folder)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     info.update(
         path=str(folder),
@@ -554,7 +651,7 @@ def _show_folder(ref: ModelRef, folder: Path, ctx: int) -> dict:
     return info
 
 
-def _show_config(ref: ModelRef, cfg: dict, ctx: int) -> dict:
+def _show_config(ref: ModelRef, cfg: dict, ctx: int, folder: Path | None = None) -> dict:
     """The fields of `r1 show` that config.json alone decides."""
     quant = cfg.get("quantization_config") or {}
     # transformers 5 writes "dtype" where older configs say "torch_dtype".
@@ -563,6 +660,10 @@ def _show_config(ref: ModelRef, cfg: dict, ctx: int) -> dict:
     from .models import count_parameters
 
     args = args_from_dict(cfg)  # also refuses an architecture r1 cannot run
+    from .weights import check_layers
+
+    if folder is not None:  # before a download config.py's bounds on sizes are what holds
+        check_layers(folder, args)  # before count_parameters builds the config's layers (on the meta device)
     total, activated = count_parameters(args)
     # Weights at the checkpoint's dtype (FP8: one byte each; the block scales are negligible).
     weight_bytes = total * _DTYPE_BYTES.get(dtype, 2)
@@ -674,12 +775,7 @@ def _sampling(ref: ModelRef, read_tokenizer) -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as e:
-        raise R1Error(f"{path} is not valid JSON: {e}") from e
+    return read_json(path) or {}  # regular files of bounded size only (files.py)
 
 
 def human_count(n: int) -> str:

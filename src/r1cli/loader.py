@@ -71,7 +71,10 @@ class Checkpoint:
             self.gguf = GGUFFile(self.path)
             self.args = model_args(self.gguf)
         else:
+            from .weights import check_layers
+
             self.args = load_config(self.path)
+            check_layers(self.path, self.args)  # before anything is built from the config's sizes
 
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
@@ -123,8 +126,19 @@ class Checkpoint:
         if self.gguf is not None:
             from . import gguf
 
-            return gguf.tokenizer(self.gguf)
-        return Tokenizer.from_folder(self.path)
+            tok = gguf.tokenizer(self.gguf)
+        else:
+            tok = Tokenizer.from_folder(self.path)
+        # A token id past the embedding would fail inside the model's first forward: refuse the pair here.
+        last = max(tok.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+        if last >= self.args.vocab_size:
+            from .errors import CheckpointError
+
+            raise CheckpointError(
+                f"the tokenizer of {self.path} has token ids up to {last}, but the model's embedding has only "
+                f"{self.args.vocab_size} rows: the tokenizer does not belong to this model"
+            )
+        return tok
 
 
 def load_model(
@@ -141,7 +155,8 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
 
     path = q.cache_path(folder, quant, group_size)
     meta = {"scheme": quant, "group_size": group_size, "source": q.source_key(folder)}
-    cached = q.read_cache(path, meta) if cache else None
+    notices: list[str] = []  # a corrupt or unwritable cache: said once, the run goes on
+    cached = q.read_cache(path, meta, notices) if cache else None
     if cached is not None:
         skip = set()
         for module_name, tensors in cached.items():
@@ -158,7 +173,7 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
         with tracker("loading weights") as report:
             model = load_weights(model, folder, args, device=device, dtype=torch_dtype, fp8=fp8, skip=frozenset(skip),
                                  fuse=fuse, progress=report)
-        model.quant_notice = q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", []))
+        model.quant_notice = _notices(notices, q.shape_notice(quant, group_size, q.read_cache_meta(path).get("slow", [])))
         return model
     quantizer = q.Quantizer(quant, group_size, device, collect=cache)
     with tracker(f"loading and quantizing to {quant}") as report:
@@ -166,9 +181,17 @@ def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant,
                              quantizer=quantizer, fuse=fuse, progress=report)
     if cache:
         with tracker(f"writing the {quant} cache") as report:
-            q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow}, progress=report)
-    model.quant_notice = q.shape_notice(quant, group_size, quantizer.slow)
+            failed = q.write_cache(path, quantizer.exports, meta, extra={"slow": quantizer.slow}, progress=report)
+        if failed:
+            notices.append(failed)
+    model.quant_notice = _notices(notices, q.shape_notice(quant, group_size, quantizer.slow))
     return model
+
+
+def _notices(*parts) -> str | None:
+    """The quantized load's notices as one text, each line of it an `r1: ` notice once announced."""
+    lines = [p for part in parts for p in ([part] if isinstance(part, str) else part or [])]
+    return "\nr1: ".join(lines) or None
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",

@@ -21,12 +21,14 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
+import zlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import R1Error
 
 SCHEMES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -401,7 +403,7 @@ def restore(module: nn.Module, attr: str | None, scheme: str, tensors: dict[str,
 
 # --- the disk cache ---------------------------------------------------------------------------------------------
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: written by safetensors, with a CRC-32 per tensor
 CACHE_DIR = "r1-quant"  # <hf cache>/models--org--name/r1-quant/<revision>/ or <folder>/.r1-quant/<key>/
 
 
@@ -427,69 +429,90 @@ def cache_path(folder: Path, scheme: str, group_size: int) -> Path:
     return folder / f".{CACHE_DIR}" / source_key(folder) / f"{name}.safetensors"
 
 
-_DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16"}
+def _crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+def _unsafe_place(path: Path) -> bool:
+    """A cache folder or file that is a link: the Hub cache may be shared, and r1 never follows a link out of it,
+    neither to write its cache nor to read one."""
+    return any(p.is_symlink() for p in (path, path.with_suffix(".json"), path.parent, path.parent.parent))
 
 
 def write_cache(path: Path, exports: dict[str, dict[str, torch.Tensor]], meta: dict, extra: dict | None = None,
-                progress=None) -> None:
-    """Write atomically (a temporary file, then rename), the JSON last: a cache is complete when both exist.
-    A read-only place just means no cache (never an error). `progress` (progress.Tracker): bytes and tensors."""
-    tensors = {f"{module}.{key}": t for module, d in exports.items() for key, t in d.items()}
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
+                progress=None) -> str | None:
+    """Write with safetensors' own writer, atomically (a temporary file, then rename), the JSON last: a cache is
+    complete when both exist. The JSON holds a CRC-32 of every tensor's bytes, checked on reading (a checksum
+    against corruption, not a signature: whoever can write the cache can write its JSON). Returns None when
+    written, else a notice saying why there is no cache (a read-only folder is no error). `progress`
+    (progress.Tracker): bytes and tensors, reported as one step (safetensors writes the file in one call)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{module}.{key}": t.detach().contiguous().cpu() for module, d in exports.items() for key, t in d.items()}
+    crc = {name: _crc32(t) for name, t in tensors.items()}
+    tmp = None
     try:
+        if _unsafe_place(path):
+            raise OSError(f"{path.parent} is reached through a link")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            if progress is not None:
-                progress.start(offset, len(tensors))
-            for t in tensors.values():
-                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-                if progress is not None:
-                    progress.advance(t.numel() * t.element_size())
+        if progress is not None:
+            progress.start(sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))
+        save_file(tensors, str(tmp))
+        if progress is not None:
+            progress.advance(sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))
         os.replace(tmp, path)
         meta_path = path.with_suffix(".json")
         tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**meta, **(extra or {}), "version": CACHE_VERSION, "modules": sorted(exports)}, indent=1))
+        tmp.write_text(json.dumps({**meta, **(extra or {}), "version": CACHE_VERSION, "modules": sorted(exports),
+                                   "crc32": crc}, indent=1))
         os.replace(tmp, meta_path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return (f"cannot write the quantized weights' cache in {path.parent} ({e.strerror or e}): they are "
+                "quantized again at each start")
+    return None
 
 
 def read_cache_meta(path: Path) -> dict:
+    from .files import read_json
+
     try:
-        return json.loads(path.with_suffix(".json").read_text())
-    except (OSError, ValueError):
+        return read_json(path.with_suffix(".json")) or {}
+    except (OSError, ValueError, R1Error):
         return {}
 
 
-def read_cache(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]] | None:
+def read_cache(path: Path, meta: dict, notices: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
     """The cached tensors per module, or None when absent, for other settings, partial or corrupt (then the
-    caller quantizes again and overwrites it)."""
-    from .errors import CheckpointError
+    caller quantizes again and overwrites it). A tensor whose bytes fail their CRC-32 (or a cache that cannot be
+    read) adds a notice to `notices`."""
     from .weights import SafetensorsFile
 
-    meta_path = path.with_suffix(".json")
+    if not path.with_suffix(".json").exists() or _unsafe_place(path):
+        return None
+    saved = read_cache_meta(path)
+    if saved.get("version") != CACHE_VERSION or any(saved.get(k) != v for k, v in meta.items()):
+        return None
     try:
-        saved = json.loads(meta_path.read_text())
-        if saved.get("version") != CACHE_VERSION or any(saved.get(k) != v for k, v in meta.items()):
-            return None
         handle = SafetensorsFile(path)
+        crc = saved["crc32"]
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name in handle.entries:
             module, _, key = name.rpartition(".")
-            out.setdefault(module, {})[key] = handle.read(name)
-        if sorted(out) != saved["modules"]:
-            return None
+            tensor = handle.read(name)
+            if _crc32(tensor) != crc[name]:
+                raise ValueError(f"{name} fails its checksum")
+            out.setdefault(module, {})[key] = tensor
+        if sorted(out) != saved["modules"] or set(handle.entries) != set(crc):
+            raise ValueError("its tensors are not the ones its index lists")
         return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, R1Error) as e:
+        if notices is not None:
+            reason = "its file is truncated or corrupt" if isinstance(e, R1Error) else e
+            notices.append(f"the quantized weights' cache {path} is corrupt ({reason}): quantizing again")
         return None
 
 

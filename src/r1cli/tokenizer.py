@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import tokenizers
 
 from .errors import CheckpointError
+from .files import MAX_TOKENIZER_BYTES, read_json, read_text
 
 try:  # tokenizers >= 0.21
     from tokenizers.decoders import DecodeStream
@@ -19,12 +19,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return read_json(path) or {}  # regular files of bounded size only (files.py)
 
 
 def _token_text(value) -> str | None:
@@ -37,9 +32,9 @@ def _token_text(value) -> str | None:
 def _chat_template(folder: Path, config: dict) -> str | None:
     # transformers 5 saves the template as chat_template.jinja; older repos keep it in tokenizer_config.json,
     # either as a string or as a list of named templates.
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    text = read_text(folder / "chat_template.jinja")
+    if text is not None:
+        return text
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -79,10 +74,11 @@ class Tokenizer:
     def from_folder(cls, path: str | Path) -> Tokenizer:
         folder = Path(path)
         tokenizer_file = folder / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        text = read_text(tokenizer_file, MAX_TOKENIZER_BYTES)
+        if text is None:
             raise CheckpointError(f"{tokenizer_file} is missing: r1 needs the model's tokenizer.json")
         try:
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+            backend = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises plain Exceptions
             raise CheckpointError(f"cannot read {tokenizer_file}: {e}") from None
         config = _read_json(folder / "tokenizer_config.json")

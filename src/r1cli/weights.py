@@ -11,13 +11,14 @@ either dequantized here (fp8="dequant") or kept in FP8 with its scales (fp8="kee
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
 import os
 import re
 import struct
 import warnings
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .errors import CheckpointError
+from .files import open_regular, parse_json, read_json
 from .models.layers import dequantize_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,15 +35,33 @@ EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|
 HARMLESS_RE = re.compile(r"rotary_emb\.inv_freq$")
 
 
+def read_index(folder: Path) -> dict[str, str] | None:
+    """The index's weight_map (tensor name -> shard file name), or None without an index. Shard names must be
+    plain file names in the folder: an absolute path, a `..` or a subfolder is refused, so an index never makes r1
+    open (or advise deleting) a file elsewhere."""
+    index = Path(folder) / INDEX_FILE
+    data = read_json(index)
+    if data is None:
+        return None
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not _PLAIN_NAME.fullmatch(file) or file in (".", ".."):
+            raise CheckpointError(
+                f"{index} names the shard {file!r} for {name}; r1 reads only shards that are files of that folder"
+            )
+    return weight_map
+
+
+_PLAIN_NAME = re.compile(r"[^/\\\0]+")
+
+
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (from the index when there is one)."""
     folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+    weight_map = read_index(folder)
+    if weight_map is not None:
         files = {}
         for name, file in weight_map.items():
             path = folder / file
@@ -73,34 +93,61 @@ SAFETENSORS_DTYPES = {
 }
 
 
+# The safetensors package's own bound on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
     """A memory-mapped .safetensors file (8-byte header length, JSON header, raw little-endian data)."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            with open(path, "rb") as f:
+            f = open_regular(path)  # a FIFO, a folder, a device: its own one line, raised as is
+        except OSError as e:
+            raise CheckpointError(f"cannot open {path}: {e.strerror or e}") from None
+        try:
+            with f:
                 size = os.fstat(f.fileno()).st_size
                 (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ValueError("header runs past the end of the file")
-                header = json.loads(f.read(n))
+                if n > min(size - 8, MAX_HEADER_BYTES):
+                    raise ValueError("the header length runs past the end of the file or above 100 MB")
+                header = parse_json(f.read(n), f"the header of {path.name}")
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        except (OSError, ValueError, struct.error, CheckpointError) as e:
             raise CheckpointError(f"{path.name} is truncated or corrupt ({e}): delete it and re-run `r1 pull`") from None
         header.pop("__metadata__", None)
         self.data_start = 8 + n
         self.entries = header
+        spans = []
         for name, e in header.items():
             try:
                 begin, end = e["data_offsets"]
-                want = torch.Size(e["shape"]).numel() * SAFETENSORS_DTYPES[e["dtype"]].itemsize
+                shape = e["shape"]
+                if not all(_is_count(v) for v in (begin, end, *shape)) or begin > end:
+                    raise ValueError
+                want = math.prod(shape) * SAFETENSORS_DTYPES[e["dtype"]].itemsize
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path.name} has a corrupt entry for {name}: delete it and re-run `r1 pull`") from None
-            if end - begin != want or self.data_start + end > size:
+            if end - begin != want:
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} spans {end - begin} bytes where its shape and dtype need {want}: "
+                    "the file is corrupt, delete it and re-run `r1 pull`"
+                )
+            if self.data_start + end > size:
                 raise CheckpointError(
                     f"tensor {name} in {path.name} runs past the end of the file: it is truncated, re-run `r1 pull`"
                 )
+            if end > begin:
+                spans.append((begin, end, name))
+        spans.sort()
+        for (_, end, first), (begin, _, second) in pairwise(spans):
+            if begin < end:
+                raise CheckpointError(f"tensors {first} and {second} overlap in {path.name}: the file is corrupt")
 
     def keys(self):
         return self.entries.keys()
@@ -134,6 +181,30 @@ class SafetensorsFile:
         start = begin // page * page
         self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
         return out
+
+
+def tensor_names(folder: Path) -> list[str]:
+    """The names of the checkpoint's tensors, from the index (no shard opened) or else the files' headers."""
+    weight_map = read_index(folder)
+    if weight_map is not None:
+        return list(weight_map)
+    return [name for path in sorted(Path(folder).glob("*.safetensors")) for name in SafetensorsFile(path).entries]
+
+
+def check_layers(folder: Path, args: ModelArgs) -> None:
+    """Refuse a config.json whose layer count the checkpoint's tensors do not have, before a model is built from
+    it. Layers past the count are allowed (DeepSeek's multi-token-prediction layer). Without weights, nothing to
+    compare: the load names what is missing."""
+    names = tensor_names(folder)
+    if not names:
+        return
+    layers = {int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    missing = sorted(set(range(args.n_layers)) - layers)
+    if missing:
+        raise CheckpointError(
+            f"config.json in {folder} says num_hidden_layers is {args.n_layers}, but the checkpoint has no tensors for "
+            f"layer {missing[0]}{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+        )
 
 
 def _is_mtp_or_beyond(name: str, n_layers: int) -> bool:
