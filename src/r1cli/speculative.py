@@ -1,0 +1,327 @@
+"""Speculative decoding: a cheap draft proposes up to k tokens, the target checks them all in one cached forward of
+k+1 tokens, and both caches roll back to the accepted prefix. The output is the target's own: greedy decoding
+gives the same tokens as `Generator`, sampling follows the target's distribution (the accept/resample rule of
+Leviathan et al. 2023 and Chen et al. 2023). `SpeculativeGenerator` yields token ids exactly as `Generator` does,
+so `events.stream_events` and run, chat, serve and bench consume it unchanged.
+
+Two drafts: `ModelDraft` (another model with the same tokenizer, e.g. deepseek-r1:1.5b for :7b) and `MTPDraft`
+(DeepSeek-V3/R1's multi-token-prediction layer, `models.deepseek.MTPLayer`, fed the target's hidden states).
+
+Rollback needs no copy: the cache is static, a forward at `start_pos` attends over slots before it plus its own,
+so moving the position back is enough and the stale slots are overwritten by the next forward."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from .generate import STOP, GenerationStats, Generator, SamplingParams, draw, sampling_probs
+from .models import CausalLM
+
+MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (quantized weights included): what a batch-1 step reads."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # int8/int4 weights live in a QuantWeight, not in a parameter
+        q = getattr(m, "qweight", None)
+        for t in getattr(q, "__dict__", {}).values():
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+class ModelDraft:
+    """A smaller model with the target's tokenizer, with its own cache. It holds the committed tokens'
+    keys and values up to `self.n`; each proposal feeds what it lacks, then one token per further draft."""
+
+    def __init__(self, model: CausalLM, max_len: int, prefill_chunk: int = 2048):
+        self.model, self.max_len, self.prefill_chunk = model, max_len, prefill_chunk
+        self.device = model.model.embed_tokens.weight.device
+        self.cache = None
+        self.ids: list[int] = []  # the tokens whose keys and values the cache holds (between turns)
+        self.n = 0
+
+    def cost(self, target: CausalLM) -> float:
+        """A draft step's cost in target decode steps: batch-1 decode reads every weight once."""
+        return weight_bytes(self.model) / max(weight_bytes(target), 1)
+
+    def start(self, tokens: list[int], reuse: int) -> int:
+        if self.cache is None:
+            self.cache = self.model.new_cache(1, self.max_len)
+            self.model.ensure_rope(self.max_len)
+        self.n = _common_prefix(self.ids, tokens[:-1])
+        return reuse
+
+    def target_hidden(self, hidden, start: int) -> None:
+        pass
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+        feed = torch.tensor([tokens[self.n:]], device=self.device)
+        for i in range(0, feed.shape[1], self.prefill_chunk):
+            logits = self.model(feed[:, i : i + self.prefill_chunk], start_pos=self.n + i, cache=self.cache,
+                                last_only=True)[:, -1]
+        self.n = len(tokens)
+        drafts, qs = [], []
+        for j in range(k):
+            if params.temperature <= 0:
+                token = logits.argmax(dim=-1)
+            else:
+                q = sampling_probs(logits, params)
+                qs.append(q)
+                token = draw(q, generator)
+            drafts.append(int(token))
+            if j + 1 < k:
+                logits = self.model(token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1]
+        return drafts, (torch.cat(qs) if qs else None)
+
+    def accepted(self, base: int, n: int, k: int) -> None:
+        """`base` committed tokens before the proposal, `n` of the k drafts accepted: the draft fed the first k-1."""
+        self.n = base + min(n, k - 1)
+
+    def finish(self, tokens: list[int]) -> None:
+        self.ids = tokens[: self.n]
+
+
+class MTPDraft:
+    """DeepSeek's multi-token-prediction layer as the draft (`model.mtp`). Its slot i holds (h_i, token i+1), h_i
+    the target's final hidden state at i, and predicts token i+2; after each target forward the new hidden states
+    wait in `pending` until the tokens after them are known. A second draft token feeds the layer its own output
+    hidden state (vLLM's and SGLang's way with one MTP layer)."""
+
+    def __init__(self, model: CausalLM, max_len: int):
+        if getattr(model, "mtp", None) is None:
+            raise ValueError("the model was loaded without its MTP layer (load_model(..., mtp=True))")
+        self.model, self.max_len = model, max_len
+        self.device = model.model.embed_tokens.weight.device
+        self.cache = None
+        self.n = 0  # slots holding exact inputs
+        self.pending: torch.Tensor | None = None  # target hidden states for positions self.n.., [1, T, dim]
+
+    def cost(self, target: CausalLM) -> float:
+        # one decoder layer of the target's and its head (MoE: the activated experts only, as in the main layers)
+        return 1.0 / (target.args.n_layers + 1) + 0.5 * weight_bytes(target.lm_head) / max(weight_bytes(target), 1)
+
+    def start(self, tokens: list[int], reuse: int) -> int:
+        if self.cache is None:
+            self.cache = self.model.new_mtp_cache(self.max_len)
+        self.model.keep_hidden = True
+        # Slot i holds token i+1: valid while that token is in the reused prefix. The target recomputes every
+        # hidden state the layer has not consumed.
+        reuse = max(min(reuse - 1, self.n), 0)
+        self.n, self.pending = reuse, None
+        return reuse
+
+    def target_hidden(self, hidden: torch.Tensor, start: int) -> None:
+        """The target's hidden states for positions start.. (exact ones only: the accepted prefix)."""
+        if self.pending is None:
+            assert start == self.n
+            self.pending = hidden
+        else:
+            assert start == self.n + self.pending.shape[1]
+            self.pending = torch.cat([self.pending, hidden], dim=1)
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+        start, T = self.n, self.pending.shape[1]
+        assert start + T == len(tokens) - 1, (start, T, len(tokens))
+        feed = torch.tensor([tokens[start + 1 :]], device=self.device)
+        logits, h = self.model.mtp_forward(feed, self.pending, start, self.cache)
+        logits, h = logits[:, -1], h[:, -1:]
+        self.n, self.pending = len(tokens) - 1, None
+        drafts, qs = [], []
+        for j in range(k):
+            if params.temperature <= 0:
+                token = logits.argmax(dim=-1)
+            else:
+                q = sampling_probs(logits, params)
+                qs.append(q)
+                token = draw(q, generator)
+            drafts.append(int(token))
+            if j + 1 < k:
+                logits, h = self.model.mtp_forward(token.view(1, 1), h, self.n + j, self.cache)
+                logits = logits[:, -1]
+        return drafts, (torch.cat(qs) if qs else None)
+
+    def accepted(self, base: int, n: int, k: int) -> None:
+        pass  # the slots past self.n hold drafted inputs; the next proposal overwrites them
+
+    def finish(self, tokens: list[int]) -> None:
+        self.model.keep_hidden = False
+
+
+class AdaptiveK:
+    """How many tokens to draft next: the k that maximises expected tokens per unit of cost, from the acceptance
+    rate seen so far (a per-token rate, decayed so it follows the text) and the draft's cost relative to a target
+    step. With acceptance rate a, k drafts yield (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one verify
+    of k+1 tokens (cost 1 + verify_slope * k)."""
+
+    def __init__(self, draft_cost: float, max_k: int = MAX_DRAFT, verify_slope: float = 0.05, decay: float = 0.9):
+        self.draft_cost, self.max_k, self.verify_slope, self.decay = draft_cost, max_k, verify_slope, decay
+        self.accepted, self.rejected = 3.0, 1.0  # a prior of 75%
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, n: int, k: int) -> None:
+        self.accepted = self.decay * self.accepted + n
+        self.rejected = self.decay * self.rejected + (1 if n < k else 0)
+
+    def choose(self) -> int:
+        a = min(self.rate, 0.999)
+        best, best_k = 0.0, 1
+        for k in range(1, self.max_k + 1):
+            value = (1 - a ** (k + 1)) / (1 - a) / (1 + self.verify_slope * k + self.draft_cost * k)
+            if value > best:
+                best, best_k = value, k
+        return best_k
+
+
+def accept(target_logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
+           generator: torch.Generator | None) -> tuple[int, int]:
+    """The verify rule. target_logits [k+1, V] at the last committed token and each draft; q [k, Vd] the
+    distributions the drafts were drawn from (None: greedy). Returns (n accepted, the token after them): the
+    target's choice at the first rejection, or a bonus token when all k are accepted."""
+    k = len(drafts)
+    if params.temperature <= 0:
+        best = target_logits.argmax(dim=-1).tolist()
+        n = 0
+        while n < k and drafts[n] == best[n]:
+            n += 1
+        return n, best[n]
+    p = sampling_probs(target_logits, params)
+    p = p / p.sum(dim=-1, keepdim=True)
+    if k:
+        q = q / q.sum(dim=-1, keepdim=True)
+        if q.shape[-1] < p.shape[-1]:  # a draft with fewer embedding rows (padding ids it never proposes)
+            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
+        idx = torch.tensor(drafts, device=p.device)
+        rows = torch.arange(k, device=p.device)
+        ratio = (p[rows, idx] / q[rows, idx]).tolist()
+        u = torch.rand(k, generator=generator, device=p.device).tolist()
+    for j in range(k):
+        if u[j] < ratio[j]:  # accept with probability min(1, p/q)
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)  # rejected: draw from the normalised max(0, p - q)
+        return j, int(draw(residual.unsqueeze(0), generator))
+    return k, int(draw(p[k : k + 1], generator))
+
+
+class SpeculativeGenerator:
+    """`Generator`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
+
+    def __init__(self, target: Generator, draft, max_k: int = MAX_DRAFT, adaptive: bool = True):
+        if target.shard is not None:
+            raise ValueError("speculative decoding runs in one process (tensor parallel is not supported yet)")
+        self.target = target
+        self.model = target.model
+        self.draft = draft
+        self.max_k, self.adaptive = max_k, adaptive
+        self.device = target.device
+        self.max_len = target.max_len
+        self.shard = None
+        self.stats = GenerationStats()
+        self.k = AdaptiveK(draft.cost(self.model), max_k)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return self.target.cached_ids
+
+    def reset(self) -> None:
+        self.target.reset()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            from .errors import R1Error
+
+            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids))
+
+    def follow(self) -> int:
+        raise RuntimeError("speculative decoding runs in one process")
+
+    @torch.inference_mode()
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids) -> Iterator[int]:
+        t = self.target
+        model, cache = self.model, t._ensure_cache()
+        reuse = _common_prefix(t.cached_ids, prompt_ids[:-1])
+        reuse = self.draft.start(prompt_ids, reuse)
+        self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_tokens=reuse)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        tokens = list(prompt_ids)  # committed: the prompt and every token yielded or about to be
+        t0 = time.perf_counter()
+        stats.finish_reason = "length"
+        pos = reuse  # target cache slots holding tokens[:pos]
+        try:
+            # prefill: the prompt's uncached tail, then the first token
+            feed = torch.tensor([prompt_ids[reuse:]], device=self.device)
+            hidden = []
+            for i in range(0, feed.shape[1], t.prefill_chunk):
+                logits = model(feed[:, i : i + t.prefill_chunk], start_pos=pos + i, cache=cache, last_only=True)[:, -1]
+                if model.keep_hidden:
+                    hidden.append(model.hidden)
+            if hidden:
+                self.draft.target_hidden(torch.cat(hidden, dim=1), pos)
+            pos = len(prompt_ids)
+            first = int(draw(sampling_probs(logits, params), generator)) if params.temperature > 0 else int(logits.argmax())
+            stats.target_steps += 1
+            stats.prefill_s = time.perf_counter() - t0
+            new = [first]
+            while True:
+                for tok in new:
+                    if tok in stop_ids:
+                        stats.finish_reason = "stop"
+                        return
+                    tokens.append(tok)
+                    stats.generated_tokens += 1
+                    yield tok
+                    if stats.generated_tokens >= budget:
+                        return
+                # tokens[-1] is not in the target cache yet (pos == len(tokens) - 1)
+                room = min(self.max_len - len(tokens), budget - stats.generated_tokens)
+                k = min(self.k.choose() if self.adaptive else self.max_k, room - 1 if room > 1 else 0)
+                drafts, q = self.draft.propose(tokens, k, params, generator) if k > 0 else ([], None)
+                feed = torch.tensor([[tokens[-1], *drafts]], device=self.device)
+                logits = model(feed, start_pos=pos, cache=cache)[0]
+                n, nxt = accept(logits, drafts, q, params, generator)
+                if model.keep_hidden:
+                    self.draft.target_hidden(model.hidden[:, : n + 1], pos)
+                stats.target_steps += 1
+                if k:
+                    self.draft.accepted(len(tokens), n, k)
+                    stats.draft_tokens += k
+                    stats.accepted_tokens += n
+                    self.k.update(n, k)
+                pos += n + 1
+                new = drafts[:n] + [nxt]
+        except GeneratorExit:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            t.cached_ids = tokens[:pos]
+            self.draft.finish(tokens)
