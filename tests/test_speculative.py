@@ -302,3 +302,44 @@ def test_sampled_generation_runs_and_is_seeded(qwen_pair):
     a = list(spec.generate(prompts()[0], params))
     b = list(spec.generate(prompts()[0], params))
     assert a == b and len(a) == 30 and 0 < spec.stats.accepted_tokens <= spec.stats.draft_tokens
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def test_run_with_a_draft_gives_the_same_answer_and_reports_acceptance(steered_dir):
+    import steered
+    from typer.testing import CliRunner
+
+    from r1cli.cli import app
+
+    plain_run = CliRunner().invoke(app, ["run", str(steered_dir), "--json", "--temperature", "0", "How many pears?"])
+    result = CliRunner().invoke(app, ["run", str(steered_dir), "--json", "--temperature", "0",
+                                      "--draft", str(steered_dir), "How many pears?"])
+    assert result.exit_code == 0, result.output
+    data, want = json.loads(result.stdout), json.loads(plain_run.stdout)
+    assert (data["reasoning"], data["content"]) == (steered.REASONING, steered.ANSWER)
+    assert data["usage"] == want["usage"]
+    t = data["timings"]
+    assert t["acceptance_rate"] == 1.0 and t["tokens_per_step"] > 1
+    assert "acceptance_rate" not in want["timings"]
+
+
+@pytest.mark.slow
+def test_a_draft_with_another_tokenizer_is_refused(steered_dir, tmp_path):
+    import shutil
+
+    from helpers import one_line_error, r1_env, run_r1
+
+    other = tmp_path / "other"
+    shutil.copytree(steered_dir, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same size, another vocabulary
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    p = run_r1("run", steered_dir, "--draft", other, "hi", env=r1_env(tmp_path))
+    line = one_line_error(p, 2)
+    assert "another tokenizer" in line and "--draft" in line
+    p = run_r1("run", steered_dir, "--mtp", "hi", env=r1_env(tmp_path))
+    assert "no multi-token-prediction layer" in one_line_error(p, 2)

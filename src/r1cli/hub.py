@@ -517,7 +517,19 @@ def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dic
         "chat_template": bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
         "sampling": recommended_sampling(ref, folder),
         "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
+        "mtp_layers": _mtp_layers(folder, args),
     }
+
+
+def _mtp_layers(folder: Path, args) -> int:
+    """Multi-token-prediction layers (`r1 run --mtp`): the config's num_nextn_predict_layers, when the index lists
+    their tensors (a folder without an index is trusted on its config)."""
+    if not args.n_mtp_layers:
+        return 0
+    index = _read_json(folder / "model.safetensors.index.json").get("weight_map")
+    if isinstance(index, dict) and not any(k.startswith(f"model.layers.{args.n_layers}.") for k in index):
+        return 0
+    return args.n_mtp_layers
 
 
 def _kv_here(args, ctx: int) -> dict:

@@ -446,7 +446,8 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "auto", dtype: str = "auto", max_context: int | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None, quant: str = "none",
-          group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False) -> None:
+          group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False,
+          speculative: dict | None = None) -> None:
     import uvicorn
 
     from .runner import open_model
@@ -460,7 +461,7 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
     sock = bind(host, port)  # before loading: a taken port fails at once
     m = open_model(model, device, dtype, max_context, interactive=sys.stdin.isatty() and sys.stderr.isatty(),
                    announce=note, quant=quant, group_size=group_size, decode_mode=decode_mode,
-                   quant_head=quant_head)
+                   quant_head=quant_head, **(speculative or {}))
     server = Server(m, api_key, max_queue, log_requests)
     shown = f"[{host}]" if ":" in host else host
     note(f"r1 serve: {m.name} on http://{shown}:{sock.getsockname()[1]}/v1 (model names: {', '.join(server.names)})")

@@ -211,8 +211,10 @@ def accept(target_logits: torch.Tensor, drafts: list[int], q: torch.Tensor | Non
     p = p / p.sum(dim=-1, keepdim=True)
     if k:
         q = q / q.sum(dim=-1, keepdim=True)
-        if q.shape[-1] < p.shape[-1]:  # a draft with fewer embedding rows (padding ids it never proposes)
-            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
+        # embedding sizes differ by padding rows (ids no text has): compare over the wider of the two
+        width = max(p.shape[-1], q.shape[-1])
+        p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+        q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
         idx = torch.tensor(drafts, device=p.device)
         rows = torch.arange(k, device=p.device)
         ratio = (p[rows, idx] / q[rows, idx]).tolist()
@@ -325,3 +327,37 @@ class SpeculativeGenerator:
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             t.cached_ids = tokens[:pos]
             self.draft.finish(tokens)
+
+
+def same_vocabulary(a, b) -> str | None:
+    """None when two tokenizers map the same strings to the same ids; else what differs, in a few words.
+    (Embedding sizes may differ: the 1.5B distill has 151,936 rows, the 7B 152,064, for one tokenizer.)"""
+    va, vb = a.backend.get_vocab(with_added_tokens=True), b.backend.get_vocab(with_added_tokens=True)
+    if va == vb:
+        return None
+    diff = next((t for t in sorted(va) if vb.get(t) != va[t]), None) or next(t for t in sorted(vb) if t not in va)
+    return f"{len(vb)} tokens against {len(va)}; {diff!r} is {vb.get(diff)} there, {va.get(diff)} here"
+
+
+def open_speculative(generator: Generator, tokenizer, draft: str | None, mtp: bool, find_folder, device, dtype: str,
+                     draft_quant: str, group_size: int, announce=None) -> SpeculativeGenerator:
+    """The CLI's speculative generator: `mtp` (the target was loaded with its MTP layer) or a draft model by
+    name, refused unless its tokenizer is the target's."""
+    from .errors import UsageError
+
+    if mtp:
+        return SpeculativeGenerator(generator, MTPDraft(generator.model, generator.max_len))
+    from .loader import Checkpoint, pick_dtype
+    from .registry import resolve_name
+
+    ref = resolve_name(draft)
+    checkpoint = Checkpoint(find_folder(ref, draft))
+    diff = same_vocabulary(tokenizer, checkpoint.tokenizer())
+    if diff is not None:
+        raise UsageError(f"--draft {draft} has another tokenizer than the model ({diff}): a draft must share the "
+                         "model's vocabulary, e.g. deepseek-r1:1.5b for the R1-Distill-Qwen models")
+    torch_dtype = pick_dtype(dtype, checkpoint.args, device)
+    model = checkpoint.load_model(device=device, dtype=torch_dtype, quant=draft_quant, group_size=group_size)
+    if announce:
+        announce(f"draft {ref.identity}" + (f" · {draft_quant}" if draft_quant != "none" else ""))
+    return SpeculativeGenerator(generator, ModelDraft(model, generator.max_len))
