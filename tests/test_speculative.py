@@ -343,3 +343,22 @@ def test_a_draft_with_another_tokenizer_is_refused(steered_dir, tmp_path):
     assert "another tokenizer" in line and "--draft" in line
     p = run_r1("run", steered_dir, "--mtp", "hi", env=r1_env(tmp_path))
     assert "no multi-token-prediction layer" in one_line_error(p, 2)
+
+
+def test_bench_with_a_draft_reports_acceptance(steered_dir):
+    from r1cli.bench import format_report, run_bench
+
+    report = run_bench(str(steered_dir), device="cpu", dtype="float32", prompt_lengths=(8,), new_tokens=12,
+                       draft=str(steered_dir))
+    plain_result, spec_result = report["results"]
+    assert spec_result["engine"] == "r1 + draft" and spec_result["acceptance_rate"] == 1.0
+    assert spec_result["tokens_per_step"] > 1 and "decode_with_draft" in report["ratios"]
+    assert "accepted" in format_report(report)
+
+
+def test_show_says_whether_a_checkpoint_has_an_mtp_layer(v3_mtp, qwen_pair):
+    from r1cli import hub
+    from r1cli.registry import resolve_name
+
+    assert hub.show(resolve_name(str(v3_mtp)))["mtp_layers"] == 1
+    assert hub.show(resolve_name(str(qwen_pair[0])))["mtp_layers"] == 0

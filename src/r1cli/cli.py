@@ -338,7 +338,7 @@ def bench(
     compare: str = typer.Option(None, "--compare", help="'hf': race transformers on the same weights."),
     decode_mode: str = typer.Option("auto", "--decode-mode", help="auto|eager|static|compile|graph"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    quant: str = _QUANT, group_size: int = _GROUP,
+    quant: str = _QUANT, group_size: int = _GROUP, draft: str = _DRAFT, mtp: bool = _MTP,
 ) -> None:
     """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
     from .bench import format_report, run_bench
@@ -350,7 +350,7 @@ def bench(
         raise UsageError("--compare takes 'hf' (transformers)")
     lengths = tuple(int(n) for n in prompt_lengths.split(",") if n.strip())
     report = run_bench(model, config, layers, dense_layers, device, dtype, lengths, new_tokens, compare == "hf", decode_mode,
-                       quant, group_size)
+                       quant, group_size, draft, mtp)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
