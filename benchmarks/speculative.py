@@ -107,6 +107,54 @@ def shapes(opts):
     print(json.dumps(results, indent=1))
 
 
+@torch.inference_mode()
+def mtp_shape(opts):
+    """DeepSeek-R1's shapes, --layers layers (the first 3 dense, as in R1) and the MTP layer, random weights:
+    decode, verify(k) and one MTP draft step (its block, eh_proj and the head), and the speedup they imply for
+    the model as built (at 61 layers a draft step is a far smaller share of a model step than here)."""
+    from r1cli.bench import random_model
+    from r1cli.config import load_config
+    from r1cli.hub_configs import __file__ as hub_configs
+
+    device, dtype = torch.device(opts.device), getattr(torch, opts.dtype)
+    full = load_config(Path(hub_configs).parent / "DeepSeek-R1")
+    changes = {"n_layers": opts.layers}
+    if opts.experts:
+        changes["n_routed_experts"] = opts.experts
+        changes["n_group"] = min(full.n_group, opts.experts // full.n_activated_experts) or 1
+        changes["topk_group"] = min(full.topk_group, changes["n_group"])
+    args = dataclasses.replace(full, **changes)
+    model = random_model(args, device, dtype, mtp=True)
+    position = opts.position
+    cache = model.new_cache(1, position + opts.max_k + 2)
+    mcache = model.new_mtp_cache(position + opts.max_k + 2)
+    model.ensure_rope(position + opts.max_k + 2)
+    vocab = args.vocab_size
+    model(torch.randint(0, vocab, (1, position), device=device), cache=cache, last_only=True)
+    hidden = torch.randn(1, 1, args.dim, device=device, dtype=dtype)
+    runs = {}
+    for _round in range(opts.rounds):
+        c = step_costs_on(model, cache, device, position, opts.max_k, opts.repeats)
+        c["mtp_step"] = timed(lambda: model.mtp_forward(torch.randint(0, vocab, (1, 1), device=device), hidden,
+                                                        position, mcache), device, opts.repeats)
+        for k, v in c.items():
+            runs.setdefault(k, []).append(v)
+    measured = {k: min(v) for k, v in runs.items()}
+    print(json.dumps({"layers_built": opts.layers, "experts": args.n_routed_experts, "measured": measured,
+                      "speedup_by_acceptance": speedups(measured, measured["mtp_step"], opts.max_k),
+                      "device": str(device), "threads": torch.get_num_threads()}, indent=1))
+
+
+def step_costs_on(model, cache, device, position, max_k, repeats):
+    vocab = model.args.vocab_size
+    out = {"decode": timed(lambda: model(torch.randint(0, vocab, (1, 1), device=device), start_pos=position,
+                                         cache=cache, last_only=True), device, repeats)}
+    for k in range(1, max_k + 1):
+        out[f"verify{k}"] = timed(lambda: model(torch.randint(0, vocab, (1, k + 1), device=device),
+                                                start_pos=position, cache=cache), device, repeats)
+    return out
+
+
 def smollm2(opts):
     sys.path.insert(0, str(ROOT / "tests"))
     from smollm2 import convert_smollm2
@@ -162,6 +210,15 @@ def main():
     s.add_argument("--max-k", type=int, default=8)
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--rounds", type=int, default=2)
+    r = sub.add_parser("mtp")
+    r.add_argument("--layers", type=int, default=4)
+    r.add_argument("--experts", type=int, default=0, help="routed experts per MoE layer (0: R1's 256)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--position", type=int, default=512)
+    r.add_argument("--max-k", type=int, default=3)
+    r.add_argument("--repeats", type=int, default=5)
+    r.add_argument("--rounds", type=int, default=2)
     m = sub.add_parser("smollm2")
     m.add_argument("--folder", default="/tmp/r1-bench-smollm2")
     m.add_argument("--dtype", default="bfloat16")
@@ -170,7 +227,7 @@ def main():
     m.add_argument("--rounds", type=int, default=3)
     m.add_argument("--prompt", default="Explain step by step why the sum of two odd numbers is always even.")
     opts = p.parse_args()
-    shapes(opts) if opts.what == "shapes" else smollm2(opts)
+    {"shapes": shapes, "mtp": mtp_shape, "smollm2": smollm2}[opts.what](opts)
 
 
 if __name__ == "__main__":

@@ -68,11 +68,12 @@ def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> float:
     return (activated - embedding + args.dim) * per
 
 
-def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0, mtp: bool = False) -> CausalLM:
     """Random weights in the real shapes (normal, std 0.02; norms at 1), allocated straight on the device in
-    their final dtype (the router in float32), so a model that fills most of a GPU fits once."""
+    their final dtype (the router in float32), so a model that fills most of a GPU fits once. `mtp`: DeepSeek's
+    multi-token-prediction layer too."""
     with torch.device("meta"):
-        model = build_model(args)
+        model = build_model(args, mtp=mtp)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in list(model.named_parameters()):

@@ -33,19 +33,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer (quantized weights included): what a batch-1 step reads."""
+    """Bytes of every parameter and buffer (int8/int4 codes are buffers of a QuantWeight submodule): about what a
+    batch-1 step reads."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() in seen or t.is_meta:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    for m in model.modules():  # int8/int4 weights live in a QuantWeight, not in a parameter
-        q = getattr(m, "qweight", None)
-        for t in getattr(q, "__dict__", {}).values():
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
     return total
 
 
