@@ -362,3 +362,11 @@ def test_show_says_whether_a_checkpoint_has_an_mtp_layer(v3_mtp, qwen_pair):
 
     assert hub.show(resolve_name(str(v3_mtp)))["mtp_layers"] == 1
     assert hub.show(resolve_name(str(qwen_pair[0])))["mtp_layers"] == 0
+
+
+def test_chat_footer_shows_acceptance_only_with_a_draft():
+    from r1cli.events import TurnStats
+    from r1cli.repl.render import footer
+
+    assert "draft 78% accepted, 2.41 tokens/step" in footer(TurnStats(acceptance_rate=0.78, tokens_per_step=2.41))
+    assert "draft" not in footer(TurnStats())
