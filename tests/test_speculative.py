@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import qwen2_config, v3_config, write_checkpoint
 
 from r1cli.generate import Generator, SamplingParams
 from r1cli.loader import Checkpoint, load_model
 from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeGenerator, accept
-from tiny import qwen2_config, v3_config, write_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -350,7 +350,7 @@ def test_bench_with_a_draft_reports_acceptance(steered_dir):
 
     report = run_bench(str(steered_dir), device="cpu", dtype="float32", prompt_lengths=(8,), new_tokens=12,
                        draft=str(steered_dir))
-    plain_result, spec_result = report["results"]
+    _, spec_result = report["results"]
     assert spec_result["engine"] == "r1 + draft" and spec_result["acceptance_rate"] == 1.0
     assert spec_result["tokens_per_step"] > 1 and "decode_with_draft" in report["ratios"]
     assert "accepted" in format_report(report)

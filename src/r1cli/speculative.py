@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .generate import STOP, GenerationStats, Generator, SamplingParams, draw, sampling_probs
+from .generate import GenerationStats, Generator, SamplingParams, draw, sampling_probs
 from .models import CausalLM
 
 MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
