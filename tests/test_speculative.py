@@ -370,3 +370,21 @@ def test_chat_footer_shows_acceptance_only_with_a_draft():
 
     assert "draft 78% accepted, 2.41 tokens/step" in footer(TurnStats(acceptance_rate=0.78, tokens_per_step=2.41))
     assert "draft" not in footer(TurnStats())
+
+
+def test_repetition_penalty_applies_per_verified_position(qwen_pair):
+    """Merged with generate.py's repetition penalty: each verify row is penalised by the tokens before it (the
+    committed ones and the drafts ahead of it), so greedy output stays plain decoding's."""
+    import dataclasses
+
+    if "repetition_penalty" not in {f.name for f in dataclasses.fields(SamplingParams)}:
+        pytest.skip("this branch predates generate.py's repetition_penalty (runs once merged with main)")
+    target_dir, _ = qwen_pair
+    target = load_model(target_dir, dtype="float32")
+    spec = SpeculativeGenerator(Generator(target, 256), ModelDraft(noisy_copy(target_dir, 0.3), 256), max_k=4,
+                                adaptive=False)
+    params = SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.5)
+    for prompt in prompts():
+        want = plain(target, prompt, params)
+        assert want != plain(target, prompt)  # the penalty changes the text
+        assert list(spec.generate(prompt, params)) == want

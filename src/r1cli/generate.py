@@ -30,6 +30,17 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = "length"  # stop | length | interrupted
+
+    @property
+    def ttft_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first token comes from the prefill; the decode rate counts the tokens after it.
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
     # speculative decoding (speculative.py): tokens the draft proposed, those the target accepted, target forwards
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -42,16 +53,6 @@ class GenerationStats:
     @property
     def tokens_per_step(self) -> float | None:
         return self.generated_tokens / self.target_steps if self.target_steps else None
-
-    @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        # The first token comes from the prefill; the decode rate counts the tokens after it.
-        n = self.generated_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -222,6 +222,15 @@ def accept(target_logits: torch.Tensor, drafts: list[int], q: torch.Tensor | Non
     return k, int(draw(p[k : k + 1], generator))
 
 
+def _repeat_masks(seen: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+    """[k+1, V] masks of the tokens before each verified position: the committed ones, then each draft in turn."""
+    masks = seen.expand(len(drafts) + 1, -1).clone()
+    for j, d in enumerate(drafts):
+        if d < masks.shape[1]:
+            masks[j + 1 :, d] = True
+    return masks
+
+
 class SpeculativeGenerator:
     """`Generator`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
 
@@ -269,6 +278,15 @@ class SpeculativeGenerator:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        # Generator's repetition penalty and loop guard (generate.py), when this version has them: the verify
+        # rows are penalised as plain decoding would penalise each position, and the guard sees every token
+        penalty = getattr(params, "repetition_penalty", 1.0)
+        guard = None
+        if getattr(params, "repeat_guard", False):
+            from .generate import RepetitionGuard
+
+            guard = RepetitionGuard()
+        seen = None
         tokens = list(prompt_ids)  # committed: the prompt and every token yielded or about to be
         t0 = time.perf_counter()
         stats.finish_reason = "length"
@@ -284,6 +302,12 @@ class SpeculativeGenerator:
             if hidden:
                 self.draft.target_hidden(torch.cat(hidden, dim=1), pos)
             pos = len(prompt_ids)
+            if penalty != 1.0:
+                from .generate import penalize_repeats
+
+                seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+                seen[torch.tensor([t for t in prompt_ids if t < seen.shape[0]], dtype=torch.long, device=self.device)] = True
+                logits = penalize_repeats(logits, seen, penalty)
             first = int(draw(sampling_probs(logits, params), generator)) if params.temperature > 0 else int(logits.argmax())
             stats.target_steps += 1
             stats.prefill_s = time.perf_counter() - t0
@@ -293,7 +317,12 @@ class SpeculativeGenerator:
                     if tok in stop_ids:
                         stats.finish_reason = "stop"
                         return
+                    if guard is not None and guard.add(tok):
+                        stats.finish_reason = "repetition"
+                        return
                     tokens.append(tok)
+                    if seen is not None and tok < seen.shape[0]:
+                        seen[tok] = True
                     stats.generated_tokens += 1
                     yield tok
                     if stats.generated_tokens >= budget:
@@ -304,6 +333,10 @@ class SpeculativeGenerator:
                 drafts, q = self.draft.propose(tokens, k, params, generator) if k > 0 else ([], None)
                 feed = torch.tensor([[tokens[-1], *drafts]], device=self.device)
                 logits = model(feed, start_pos=pos, cache=cache)[0]
+                if seen is not None:
+                    from .generate import penalize_repeats
+
+                    logits = penalize_repeats(logits, _repeat_masks(seen, drafts), penalty)
                 n, nxt = accept(logits, drafts, q, params, generator)
                 if model.keep_hidden:
                     self.draft.target_hidden(model.hidden[:, : n + 1], pos)
