@@ -26,6 +26,8 @@ class BenchResult:
     decode_tokens_per_s: float = 0.0
     bandwidth_gb_s: float = 0.0
     bandwidth_ratio: float = 0.0
+    acceptance_rate: float | None = None  # speculative decoding (--draft, --mtp)
+    tokens_per_step: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -66,11 +68,12 @@ def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> float:
     return (activated - embedding + args.dim) * per
 
 
-def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0, mtp: bool = False) -> CausalLM:
     """Random weights in the real shapes (normal, std 0.02; norms at 1), allocated straight on the device in
-    their final dtype (the router in float32), so a model that fills most of a GPU fits once."""
+    their final dtype (the router in float32), so a model that fills most of a GPU fits once. `mtp`: DeepSeek's
+    multi-token-prediction layer too."""
     with torch.device("meta"):
-        model = build_model(args)
+        model = build_model(args, mtp=mtp)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in list(model.named_parameters()):
@@ -154,6 +157,27 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
     return r
 
 
+def bench_speculative(model: CausalLM, draft, prompt_len: int, new_tokens: int, device) -> BenchResult:
+    """Greedy decode with a draft (speculative.py) on the prompt bench_ours decodes from."""
+    from .speculative import SpeculativeGenerator
+
+    r = BenchResult(engine="r1 + draft" if draft is not None else "r1 + mtp")
+    prompt = torch.randint(0, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    gen = SpeculativeGenerator(Generator(model, max_len=len(prompt) + new_tokens + 8), draft)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    best = None
+    for _ in range(2):
+        gen.reset()
+        for _ in gen.generate(prompt, params):
+            pass
+        if best is None or gen.stats.decode_tokens_per_s > best.decode_tokens_per_s:
+            best = gen.stats
+    r.ttft_ms = best.prefill_s * 1000
+    r.decode_tokens_per_s = best.decode_tokens_per_s
+    r.acceptance_rate, r.tokens_per_step = best.acceptance_rate, best.tokens_per_step
+    return r
+
+
 @torch.inference_mode()
 def bench_hf(hf_model, prompt_lengths, new_tokens: int, device) -> BenchResult:
     r = BenchResult(engine="transformers")
@@ -198,10 +222,16 @@ def run_bench(
     decode_mode: str = "auto",
     quant: str = "none",
     group_size: int = 32,
+    draft: str | None = None,
+    mtp: bool = False,
 ) -> dict:
     from .quant import check_scheme, quantize_model, weight_bytes
 
     check_scheme(quant, group_size)
+    if (draft or mtp) and (config or compare_hf):
+        from .errors import UsageError
+
+        raise UsageError("--draft and --mtp measure real weights: give a MODEL, without --config or --compare")
     dev = pick_device(device)
     if config:
         cfg = read_config_json(Path(config).parent if Path(config).name == "config.json" else config)
@@ -241,7 +271,7 @@ def run_bench(
     else:
         from .loader import load_model
 
-        model = load_model(folder, device=dev, dtype=torch_dtype, quant=quant, group_size=group_size)
+        model = load_model(folder, device=dev, dtype=torch_dtype, quant=quant, group_size=group_size, mtp=mtp)
     if quant != "none" and (config or compare_hf):
         quantize_model(model, quant, group_size)
     _sync(dev)
@@ -253,14 +283,27 @@ def run_bench(
         per = torch.finfo(torch_dtype).bits // 8
         per_token = weight_bytes(args, quant, group_size, per) - (0 if args.tie_embeddings else args.vocab_size * args.dim * per)
     runs: dict[str, list[BenchResult]] = {"ours": [], "hf": []}
-    for _ in range(2 if compare_hf else 1):  # alternate the engines so drift hits both alike
+    drafter = None
+    if draft or mtp:
+        from .loader import Checkpoint, model_folder
+        from .speculative import open_speculative
+
+        room = Generator(model, prompt_lengths[0] + new_tokens + 8)  # the draft's cache is as long as this
+        spec = open_speculative(room, Checkpoint(folder).tokenizer(), draft, mtp, lambda ref, name: model_folder(name),
+                                dev, dtype, "none", group_size)
+        drafter = spec.draft
+        runs["hf"] = []
+    for _ in range(2 if compare_hf or drafter is not None else 1):  # alternate the engines so drift hits both alike
         runs["ours"].append(bench_ours(model, prompt_lengths, new_tokens, decode_mode, dev))
         if hf_model is not None:
             runs["hf"].append(bench_hf(hf_model, prompt_lengths, new_tokens, dev))
+        if drafter is not None:
+            runs["hf"].append(bench_speculative(model, drafter, prompt_lengths[0], new_tokens, dev))
 
     def best(rs: list[BenchResult]) -> BenchResult:
         out = max(rs, key=lambda r: r.decode_tokens_per_s)
-        out.prefill_tokens_per_s = {n: max(r.prefill_tokens_per_s[n] for r in rs) for n in prompt_lengths}
+        out.prefill_tokens_per_s = {n: max(r.prefill_tokens_per_s[n] for r in rs) for n in prompt_lengths
+                                    if all(n in r.prefill_tokens_per_s for r in rs)}  # (none with a draft)
         out.ttft_ms = min(r.ttft_ms for r in rs)
         out.bandwidth_gb_s = per_token * out.decode_tokens_per_s / 1e9
         out.bandwidth_ratio = out.bandwidth_gb_s / bandwidth
@@ -285,7 +328,9 @@ def run_bench(
         "torch": torch.__version__,
         "results": [asdict(r) for r in results],
     }
-    if len(results) == 2:
+    if drafter is not None:
+        report["ratios"] = {"decode_with_draft": results[1].decode_tokens_per_s / results[0].decode_tokens_per_s}
+    elif len(results) == 2:
         ours, hf = results
         report["ratios"] = {
             "decode": ours.decode_tokens_per_s / hf.decode_tokens_per_s,
@@ -309,8 +354,11 @@ def format_report(report: dict) -> str:
             f"  {r['engine']:<16} {extra}prefill tok/s {{{prefill}}}; ttft {r['ttft_ms']:.0f} ms; "
             f"decode {r['decode_tokens_per_s']:.1f} tok/s = {r['bandwidth_gb_s']:.1f} GB/s "
             f"({100 * r['bandwidth_ratio']:.0f}% of copy bandwidth)"
+            + (f"; draft {100 * r['acceptance_rate']:.0f}% accepted, {r['tokens_per_step']:.2f} tokens/step"
+               if r.get("acceptance_rate") is not None else "")
         )
     if "ratios" in report:
-        lines.append("  r1 / transformers: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+        label = "with the draft / without" if "decode_with_draft" in report["ratios"] else "r1 / transformers"
+        lines.append(f"  {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
     return "\n".join(lines)
 

@@ -100,6 +100,9 @@ _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of
 _QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
 _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
 _QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as int8 (read every token: over a third of the bytes an int4 1.5B reads per token).")
+_DRAFT = typer.Option(None, "--draft", help="Speculative decoding with a smaller model of the same tokenizer as the draft, e.g. deepseek-r1:1.5b for :7b (same output, faster decode).")
+_DRAFT_QUANT = typer.Option("none", "--draft-quant", help="none|int8|int4: the --draft model's weights.")
+_MTP = typer.Option(False, "--mtp", help="Speculative decoding with the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1) as the draft.")
 _DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU, eager on a CPU), eager, static, compile (torch.compile: slow first turn, fastest small-model CPU decode) or graph.")
 
 
@@ -115,6 +118,14 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
     if parallel.launched():
         return parallel.run_ranks(body, device)
     return None
+
+
+def _speculative(draft, draft_quant, mtp, gpus=None, url=None) -> dict:
+    if (draft or mtp) and gpus and gpus > 1:
+        raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
+    if (draft or mtp) and url:
+        raise UsageError("--draft and --mtp speed up a local model; --url talks to a server")
+    return {"draft": draft, "draft_quant": draft_quant, "mtp": mtp} if draft or mtp else {}
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty=None, no_repeat_guard=False) -> dict:
@@ -151,6 +162,7 @@ def run(
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
     from .runner import RunOptions, looks_like_model, read_prompt
@@ -160,6 +172,7 @@ def run(
         raise UsageError("--json and --jsonl exclude each other")
     _check_text_options(device, system)
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard)
+    speculative = _speculative(draft, draft_quant, mtp, gpus)
     words = list(words or [])
     model = words.pop(0) if words and looks_like_model(words[0]) else None
 
@@ -168,7 +181,8 @@ def run(
                           max_context=max_context, sampling=sampling,
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, quant=quant, group_size=group_size,
-                          decode_mode=decode_mode, quant_head=quant_head)
+                          decode_mode=decode_mode, quant_head=quant_head,
+                          speculative=speculative)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
         prompt = read_prompt(words, sys.stdin) if shard.leader else ""
@@ -194,6 +208,7 @@ def chat(
     api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="With --url: the server's API key (env R1_API_KEY)."),
     remote_model: str = typer.Option(None, "--model", help="With --url: the model to ask for (default: the first the server lists)."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
 ) -> None:
     """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
     from .repl import run_chat
@@ -205,15 +220,16 @@ def chat(
     if gpus and gpus > 1 and url:
         raise UsageError("--gpus runs a local model; --url talks to a server")
     _check_text_options(None if url else device, system)
+    speculative = _speculative(draft, draft_quant, mtp, gpus, url)
     chat_args = (remote_model or model, device, dtype, max_context,
                  _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
                  system, think)
     code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
         *chat_args, history=not no_history, shard=shard, torch_device=torch_device, quant=quant,
-        group_size=group_size, decode_mode=decode_mode, quant_head=quant_head))
+        group_size=group_size, decode_mode=decode_mode, quant_head=quant_head, speculative=speculative))
     if code is None:
         run_chat(*chat_args, history=not no_history, url=url, api_key=api_key, quant=quant, group_size=group_size,
-                 decode_mode=decode_mode, quant_head=quant_head)
+                 decode_mode=decode_mode, quant_head=quant_head, speculative=speculative)
     elif code:
         raise typer.Exit(code)
 
@@ -232,6 +248,7 @@ def serve(
     request_timeout: float = typer.Option(10.0, "--request-timeout", min=0.1, help="Seconds a client may take to send a request's headers, and then its body."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
     no_repeat_guard: bool = _NO_REPEAT_GUARD,
+    draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (with DeepSeek's reasoning_content) at http://HOST:PORT/v1."""
     from .serve import serve as run_server
@@ -240,7 +257,8 @@ def serve(
         api_key = [os.environ["R1_API_KEY"]]  # the whole value is one key (checked as --api-key is)
     run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size,
                decode_mode, quant_head, allow_host, max_request_bytes, request_timeout,
-               repeat_guard=not no_repeat_guard)
+               repeat_guard=not no_repeat_guard,
+               speculative=_speculative(draft, draft_quant, mtp))
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
@@ -376,6 +394,7 @@ def show(
          else "yes" if info["chat_template"] else "no"),
         ("sampling", f"{sampling_text} ({sampling['source']})" if sampling
          else "unknown before download" if info["path"] is None else "unknown: no readable tokenizer"),
+        ("MTP layer", "yes: --mtp drafts with it" if info.get("mtp_layers") else "no"),
         ("fastest here", _fastest_text(info["cpu"])),
         ("path", info["path"] or f"not downloaded: `r1 pull {name}`"),
     ]
@@ -424,7 +443,7 @@ def bench(
     compare: str = typer.Option(None, "--compare", help="'hf': race transformers on the same weights."),
     decode_mode: str = typer.Option("auto", "--decode-mode", help="auto|eager|static|compile|graph"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    quant: str = _QUANT, group_size: int = _GROUP,
+    quant: str = _QUANT, group_size: int = _GROUP, draft: str = _DRAFT, mtp: bool = _MTP,
 ) -> None:
     """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
     from .bench import format_report, run_bench
@@ -436,7 +455,7 @@ def bench(
         raise UsageError("--compare takes 'hf' (transformers)")
     lengths = tuple(int(n) for n in prompt_lengths.split(",") if n.strip())
     report = run_bench(model, config, layers, dense_layers, device, dtype, lengths, new_tokens, compare == "hf", decode_mode,
-                       quant, group_size)
+                       quant, group_size, draft, mtp)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

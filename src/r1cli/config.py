@@ -86,6 +86,8 @@ class ModelArgs:
     routed_scaling_factor: float = 1.0
     # FP8 block quantization of the checkpoint (DeepSeek-V3/R1): [128, 128]
     fp8_block: tuple[int, int] | None = None
+    # DeepSeek-V3/R1 `num_nextn_predict_layers`: multi-token-prediction layers stored after the last layer
+    n_mtp_layers: int = 0
 
     @property
     def is_deepseek(self) -> bool:
@@ -316,6 +318,7 @@ def args_from_dict(cfg: dict) -> ModelArgs:
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", v3)) and v3,
                 routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
                 fp8_block=fp8,
+                n_mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
             )
             # transformers' V2 and V3 make every layer from first_k_dense_replace on MoE; so do the Hub configs
             # (moe_layer_freq 1). We honour a larger freq the way DeepSeek's own code does.

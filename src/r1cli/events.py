@@ -43,6 +43,8 @@ class TurnStats:
     thinking_ms: float = 0.0
     total_ms: float = 0.0
     decode_tokens_per_s: float = 0.0
+    acceptance_rate: float | None = None  # speculative decoding: drafted tokens accepted / drafted
+    tokens_per_step: float | None = None  # and tokens per target forward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,5 +104,7 @@ def stream_events(
         thinking_ms=1000 * ((answer_at or end) - t0) if (prompt.starts_in_thinking or splitter.reasoning_tokens) else 0.0,
         total_ms=1000 * (end - t0),
         decode_tokens_per_s=g.decode_tokens_per_s,
+        acceptance_rate=getattr(g, "acceptance_rate", None),
+        tokens_per_step=getattr(g, "tokens_per_step", None) if getattr(g, "draft_tokens", 0) else None,
     )
     yield Done(stats)

@@ -47,11 +47,29 @@ class GenerationStats:
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
+    # speculative decoding (speculative.py): tokens the draft proposed, those the target accepted, target forwards
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        return self.generated_tokens / self.target_steps if self.target_steps else None
+
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B], on the device (no host sync)."""
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
+    return draw(sampling_probs(logits, params), generator)
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [B, V] -> the distribution `sample` draws from (temperature > 0), [B, V] float32."""
     probs = (logits / params.temperature).softmax(dim=-1)
     if params.top_k > 0:
         kth = probs.topk(min(params.top_k, probs.shape[-1]), dim=-1).values[..., -1:]
@@ -60,6 +78,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     if params.top_p < 1.0:
         probs = _top_p_filter(probs, params.top_p)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` [B, V] (need not sum to 1)."""
     # Gumbel-style draw: argmax(p / Exp(1)) samples from p without torch.multinomial's host sync.
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)

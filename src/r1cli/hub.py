@@ -686,6 +686,7 @@ def _show_config(ref: ModelRef, cfg: dict, ctx: int, folder: Path | None = None)
         "sampling": _sampling(ref, lambda: None),
         "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
         "cpu": _cpu_advice(),
+        "mtp_layers": _mtp_layers(folder, args),
     }
 
 
@@ -694,6 +695,17 @@ def _cpu_advice() -> dict:
     from .cpu import fastest_format
 
     return fastest_format()
+
+
+def _mtp_layers(folder: Path | None, args) -> int:
+    """Multi-token-prediction layers (`r1 run --mtp`): the config's num_nextn_predict_layers, when the index lists
+    their tensors (a folder without an index is trusted on its config)."""
+    if not args.n_mtp_layers or folder is None:  # before a download the config is all there is
+        return args.n_mtp_layers or 0
+    index = _read_json(folder / "model.safetensors.index.json").get("weight_map")
+    if isinstance(index, dict) and not any(k.startswith(f"model.layers.{args.n_layers}.") for k in index):
+        return 0
+    return args.n_mtp_layers
 
 
 def _kv_here(args, ctx: int) -> dict:

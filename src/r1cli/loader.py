@@ -79,17 +79,24 @@ class Checkpoint:
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
         quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False, fuse: bool = True,
+        mtp: bool = False,
     ) -> CausalLM:
         """`fuse`: join q|k|v and gate|up into one matmul each (CausalLM.fuse_projections); False keeps the
-        modules as the checkpoint names them."""
-        model = self._load(device, dtype, fp8, shard, quant, group_size, cache, fuse)
+        modules as the checkpoint names them. `mtp`: also load DeepSeek's multi-token-prediction layer
+        (`model.mtp`, the draft of speculative.py); refused when the checkpoint has none."""
+        if mtp and not self.args.n_mtp_layers:
+            from .errors import UsageError
+
+            raise UsageError(f"{self.path.name} has no multi-token-prediction layer (num_nextn_predict_layers is 0): "
+                             "drop --mtp, or use --draft MODEL")
+        model = self._load(device, dtype, fp8, shard, quant, group_size, cache, fuse, mtp)
         if quant_head:
             from .quant import quantize_head
 
             quantize_head(model)
         return model.fuse_projections() if fuse else model
 
-    def _load(self, device, dtype, fp8, shard, quant, group_size, cache, fuse) -> CausalLM:
+    def _load(self, device, dtype, fp8, shard, quant, group_size, cache, fuse, mtp=False) -> CausalLM:
         """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading).
         quant int8|int4: the linear layers quantized as they load (see quant.py); with `cache`, the quantized
         weights are read from (or written to) the disk cache beside the model, so a second start skips the work."""
@@ -102,6 +109,10 @@ class Checkpoint:
 
             check_scheme(quant, group_size)
         if self.gguf is not None:
+            if mtp:
+                from .errors import UsageError
+
+                raise UsageError(f"{self.path.name}: --mtp needs the safetensors checkpoint (GGUF files carry no MTP layer here)")
             if shard is not None:
                 from .errors import UsageError
 
@@ -112,13 +123,13 @@ class Checkpoint:
                 return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size,
                                        fuse=fuse, progress=report)
         with torch.device("meta"):
-            model = build_model(self.args, shard)
+            model = build_model(self.args, shard, mtp=mtp)
         if quant == "none":
             with tracker("loading weights") as report:
                 return load_weights(model, self.path, self.args, device=device, dtype=torch_dtype, fp8=fp8,
                                     shard=shard, fuse=fuse, progress=report)
         return _load_quantized(model, self.path, self.args, device, torch_dtype, fp8, shard, quant, group_size,
-                               cache and shard is None, fuse)  # a rank's slices are not cached (the cache holds whole tensors)
+                               cache and shard is None and not mtp, fuse)  # a rank's slices are not cached (the cache holds whole tensors)
 
     def tokenizer(self):
         from .tokenizer import Tokenizer
@@ -144,9 +155,9 @@ class Checkpoint:
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
     shard=None, quant: str = "none", group_size: int = 32, cache: bool = True, quant_head: bool = False,
-    fuse: bool = True,
+    fuse: bool = True, mtp: bool = False,
 ) -> CausalLM:
-    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache, quant_head, fuse)
+    return Checkpoint(folder).load_model(device, dtype, fp8, shard, quant, group_size, cache, quant_head, fuse, mtp)
 
 
 def _load_quantized(model, folder, args, device, torch_dtype, fp8, shard, quant, group_size, cache, fuse) -> CausalLM:

@@ -186,9 +186,12 @@ DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
 def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
                interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
                torch_device: torch.device | None = None, quant: str = "none", group_size: int = 32,
-               decode_mode: str = "auto", quant_head: bool = False) -> OpenModel:
+               decode_mode: str = "auto", quant_head: bool = False, draft: str | None = None,
+               draft_quant: str = "none", mtp: bool = False) -> OpenModel:
     """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both).
-    `decode_mode`: the Generator's decode step (auto, eager, static, compile, graph; see generate.py)."""
+    `decode_mode`: the Generator's decode step (auto, eager, static, compile, graph; see generate.py).
+    `draft` (a model name, quantized as `draft_quant`) or `mtp` (the checkpoint's multi-token-prediction layer):
+    speculative decoding (speculative.py)."""
     from .loader import Checkpoint, pick_device, pick_dtype
     from .quant import check_scheme
 
@@ -198,6 +201,10 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     if torch_device is None:
         check_device(device)  # before any download
     name = name or DEFAULT_MODEL
+    if draft and mtp:
+        raise UsageError("--draft and --mtp exclude each other: pick one draft")
+    if (draft or mtp) and shard is not None and shard.world > 1:
+        raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
     torch_device = torch_device or pick_device(device)
@@ -230,7 +237,7 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
             dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
     model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard, quant=quant,
-                                  group_size=group_size, quant_head=quant_head)
+                                  group_size=group_size, quant_head=quant_head, mtp=mtp)
     if announce and getattr(model, "quant_notice", None):
         announce(f"r1: {model.quant_notice}")
     if announce and decode_mode == "compile":  # else the first reply stops after a token, for no visible reason
@@ -238,8 +245,13 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
                  "(a minute or more the first time, seconds once its on-disk cache is warm)")
     tokenizer = checkpoint.tokenizer()
     family = family_for(tokenizer, ref.alias)
-    return OpenModel(name, ref, folder, tokenizer, Generator(model, context, decode_mode=decode_mode), family,
-                     generation_defaults(tokenizer, ref.alias))
+    generator = Generator(model, context, decode_mode=decode_mode)
+    if draft or mtp:
+        from .speculative import open_speculative
+
+        generator = open_speculative(generator, tokenizer, draft, mtp, lambda r, n: model_folder(r, n, interactive),
+                                     torch_device, dtype, draft_quant, group_size, announce)
+    return OpenModel(name, ref, folder, tokenizer, generator, family, generation_defaults(tokenizer, ref.alias))
 
 
 def drive(stream, handle: Callable[[Event], None]) -> TurnStats:
@@ -349,6 +361,7 @@ class RunOptions:
     group_size: int = 32
     decode_mode: str = "auto"
     quant_head: bool = False
+    speculative: dict = field(default_factory=dict)  # open_model's draft, draft_quant, mtp
 
 
 def _silence(stream: TextIO) -> None:
@@ -370,8 +383,17 @@ def result_object(m: OpenModel, stats: TurnStats) -> dict:
         "usage": {"prompt_tokens": stats.prompt_tokens, "reasoning_tokens": stats.reasoning_tokens,
                   "completion_tokens": stats.completion_tokens},
         "timings": {"ttft_ms": round(stats.ttft_ms, 1), "thinking_ms": round(stats.thinking_ms, 1),
-                    "total_ms": round(stats.total_ms, 1), "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2)},
+                    "total_ms": round(stats.total_ms, 1), "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+                    **speculative_timings(stats)},
     }
+
+
+def speculative_timings(stats: TurnStats) -> dict:
+    """Speculative decoding's figures (none without a draft): the share of drafted tokens the target accepted, and
+    tokens per target forward."""
+    if stats.acceptance_rate is None:
+        return {}
+    return {"acceptance_rate": round(stats.acceptance_rate, 3), "tokens_per_step": round(stats.tokens_per_step, 2)}
 
 
 def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = None, shard=None,
@@ -404,7 +426,7 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
                    interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
                    announce=note if show_header else None, shard=shard, torch_device=torch_device,
                    quant=opts.quant, group_size=opts.group_size, decode_mode=opts.decode_mode,
-                   quant_head=opts.quant_head)
+                   quant_head=opts.quant_head, **opts.speculative)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")

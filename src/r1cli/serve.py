@@ -786,7 +786,8 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
           max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None, quant: str = "none",
           group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False,
           allow_host: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, repeat_guard: bool = True) -> None:
+          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, repeat_guard: bool = True,
+          speculative: dict | None = None) -> None:
     import uvicorn
 
     from .runner import open_model
@@ -804,7 +805,7 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
     sock = bind(host, port)  # before loading: a taken port fails at once
     m = open_model(model, device, dtype, max_context, interactive=sys.stdin.isatty() and sys.stderr.isatty(),
                    announce=note, quant=quant, group_size=group_size, decode_mode=decode_mode,
-                   quant_head=quant_head)
+                   quant_head=quant_head, **(speculative or {}))
     m.defaults["repeat_guard"] = repeat_guard  # --no-repeat-guard
     server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout)
     shown = f"[{host}]" if ":" in host else host

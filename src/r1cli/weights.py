@@ -30,7 +30,7 @@ from .files import open_regular, parse_json, read_json
 from .models.layers import dequantize_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
-EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_RE = re.compile(r"^((?:model\.layers\.\d+|mtp)\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Tensors some checkpoints carry that no forward needs.
 HARMLESS_RE = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -206,6 +206,8 @@ def check_layers(folder: Path, args: ModelArgs) -> None:
             f"layer {missing[0]}{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}"
         )
 
+MTP_SHARED_RE = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.")
+
 
 def _is_mtp_or_beyond(name: str, n_layers: int) -> bool:
     m = re.match(r"^model\.layers\.(\d+)\.", name)
@@ -250,19 +252,24 @@ def load_weights(
     # Plan: which checkpoint tensor feeds which parameter (experts go into a slice of a stacked parameter).
     plan: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (parameter name, expert index)
     experts = shard.experts(args.n_routed_experts) if args.n_routed_experts else range(0)
+    mtp_prefix = f"model.layers.{args.n_layers}."  # the multi-token-prediction layer, loaded as `mtp.` when built
+    with_mtp = getattr(model, "mtp", None) is not None
     for name in files:
+        pname = name  # the parameter it feeds
         if _is_mtp_or_beyond(name, args.n_layers):
-            continue  # the multi-token-prediction layer: skipped, costs no memory
-        m = EXPERT_RE.match(name)
-        if (f"{m.group(1)}.{m.group(3)}" if m else name) in skip:
+            if not (with_mtp and name.startswith(mtp_prefix)) or MTP_SHARED_RE.search(name):
+                continue  # skipped, costs no memory (the MTP's embedding and head copies: the main ones serve)
+            pname = "mtp." + name[len(mtp_prefix):]
+        m = EXPERT_RE.match(pname)
+        if (f"{m.group(1)}.{m.group(3)}" if m else pname) in skip:
             continue
         if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < args.n_routed_experts:
             if int(m.group(2)) in experts:  # expert parallel: another rank's experts are never read
                 plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)) - experts.start)
         elif placement(name, shard) == SKIP:
             continue
-        elif name in targets:
-            plan[name] = (name, None)
+        elif pname in targets:
+            plan[name] = (pname, None)
         elif name.endswith("_scale_inv") and name[: -len("_scale_inv")] in files:
             continue  # read together with its weight
         elif HARMLESS_RE.search(name):

@@ -9,9 +9,10 @@ from .base import CausalLM
 from .cache import Cache
 
 
-def build_model(args: ModelArgs, shard=None) -> CausalLM:
+def build_model(args: ModelArgs, shard=None, mtp: bool = False) -> CausalLM:
     """Construct the architecture (call under `torch.device("meta")` to allocate nothing). With a
-    parallel.Shard of more than one rank: this rank's part only (sizes checked first, see parallel.check_sizes)."""
+    parallel.Shard of more than one rank: this rank's part only (sizes checked first, see parallel.check_sizes).
+    `mtp`: DeepSeek's multi-token-prediction layer too (`model.mtp`, the speculative draft)."""
     if shard is not None and shard.world == 1:
         shard = None
     if shard is not None:
@@ -21,7 +22,7 @@ def build_model(args: ModelArgs, shard=None) -> CausalLM:
     if args.is_deepseek:
         from .deepseek import DeepSeekLM
 
-        return DeepSeekLM(args, shard)
+        return DeepSeekLM(args, shard, mtp=mtp)
     from .dense import DenseLM
 
     return DenseLM(args, shard)

@@ -61,6 +61,7 @@ class CausalLM(nn.Module):
     runs the same forward in lockstep and returns the same full logits."""
 
     rope_interleaved = False  # RoPE's pairs: (x_i, x_{i+D/2}) (Llama, Qwen) or (x_2i, x_2i+1) (DeepSeek)
+    keep_hidden = False  # keep the final normed hidden states of every position in `self.hidden` (the MTP draft reads them)
 
     def __init__(self, args: ModelArgs, layers: list[Block], shard=None):
         super().__init__()
@@ -132,6 +133,8 @@ class CausalLM(nn.Module):
         rot = Rotation(freqs, self.rope_interleaved)  # once per forward, shared by the layers
         for i, layer in enumerate(self.model.layers):
             h = layer(h, start_pos, rot, masks[self._window(i)], cache)
+        if self.keep_hidden:
+            self.hidden = self.model.norm(h)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h)).float()

@@ -14,8 +14,8 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import (MLP, Linear, RMSNorm, apply_rope, column_linear, dequantize_fp8, kv_cache_dtype, linear,
-                     row_linear, sdpa)
+from .layers import (MLP, Linear, RMSNorm, Rotation, apply_rope, attention_mask, column_linear, dequantize_fp8,
+                     kv_cache_dtype, linear, row_linear, sdpa)
 
 # q_a_layernorm and kv_a_layernorm use transformers' default eps whatever rms_norm_eps says.
 LORA_NORM_EPS = 1e-6
@@ -291,16 +291,60 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
+class MTPLayer(Block):
+    """DeepSeek-V3/R1's multi-token-prediction module (checkpoint `model.layers.{n_layers}.*`): position i joins
+    the main model's final hidden state h_i with the embedding of token i+1,
+    eh_proj([enorm(embed(t_{i+1})) | hnorm(h_i)]), runs one full decoder block, and predicts token i+2 through
+    shared_head.norm and the main model's head. The checkpoint's own copies of the embedding and head
+    (`embed_tokens`, `shared_head.head`) equal the main ones and are not loaded. Attention is layer 0 of its own
+    one-layer cache."""
+
+    def __init__(self, args: ModelArgs, shard=None):
+        mlp = MoE(args, shard) if args.is_moe_layer(args.n_layers) else MLP(args.dim, args.inter_dim, shard=shard)
+        super().__init__(args, MLA(args, 0, shard), mlp)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = Linear(2 * args.dim, args.dim, False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(args.dim, args.norm_eps)
+
+
 class DeepSeekLM(CausalLM):
     rope_interleaved = True
 
-    def __init__(self, args: ModelArgs, shard=None):
+    def __init__(self, args: ModelArgs, shard=None, mtp: bool = False):
         layers = [
             Block(args, MLA(args, i, shard),
                   MoE(args, shard) if args.is_moe_layer(i) else MLP(args.dim, args.inter_dim, shard=shard))
             for i in range(args.n_layers)
         ]
         super().__init__(args, layers, shard)
+        self.mtp = MTPLayer(args, shard) if mtp else None  # loaded from model.layers.{n_layers}.* (weights.py)
+
+    def new_mtp_cache(self, max_len: int) -> Cache:
+        a = self.args
+        device = self.model.embed_tokens.weight.device
+        dtype = kv_cache_dtype(self.model.embed_tokens.weight.dtype, device)
+        layer = (torch.zeros(1, max_len, a.kv_lora_rank, dtype=dtype, device=device),
+                 torch.zeros(1, max_len, a.qk_rope_head_dim, dtype=dtype, device=device))
+        return Cache([layer], max_len, slot_dim=1)
+
+    def mtp_forward(self, tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int, cache: Cache):
+        """The MTP layer at slots start_pos..: `tokens` [1, T] are tokens i+1, `hidden` [1, T, dim] the final
+        hidden states at i (`keep_hidden`, or this layer's own output when it drafts further). Returns the
+        logits [1, T, vocab] for tokens i+2 and the layer's output hidden states."""
+        seqlen = tokens.shape[1]
+        end = start_pos + seqlen
+        self.ensure_rope(end)
+        rot = Rotation(self.freqs[start_pos:end].unsqueeze(0), self.rope_interleaved)
+        mask = attention_mask(start_pos, seqlen, None, tokens.device, None)
+        mtp = self.mtp
+        emb = self.model.embed_tokens(tokens)
+        if start_pos == 0:  # position 0 sees no embedding, as vLLM and SGLang run it
+            emb[:, 0] = 0
+        h = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden.to(emb.dtype))], dim=-1))
+        h = mtp(h, start_pos, rot, mask, cache)
+        return self.lm_head(mtp.shared_head.norm(h)).float(), h
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Cache:
         a = self.args

@@ -151,7 +151,7 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
              sampling: dict | None = None, system: str | None = None, think: str | None = None,
              history: bool = True, url: str | None = None, api_key: str | None = None, shard=None,
              torch_device=None, quant: str = "none", group_size: int = 32, decode_mode: str = "auto",
-             quant_head: bool = False) -> int:
+             quant_head: bool = False, speculative: dict | None = None) -> int:
     """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first).
     Tensor parallel (`shard`): rank 0 owns the terminal; the other ranks load their part and follow its turns
     (slash commands act on rank 0; what reaches the model travels with each turn's generation command)."""
@@ -180,7 +180,8 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
         else:
             model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty() and shard is None,
                                announce=announce, shard=shard, torch_device=torch_device, quant=quant,
-                               group_size=group_size, decode_mode=decode_mode, quant_head=quant_head)
+                               group_size=group_size, decode_mode=decode_mode, quant_head=quant_head,
+                               **(speculative or {}))
     Chat(model, console, think, sampling or {}, system, history).loop()
     return 0
 

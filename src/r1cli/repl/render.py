@@ -38,6 +38,8 @@ def footer(stats: TurnStats) -> str:
         parts.append(f"thought {stats.thinking_ms / 1000:.1f} s")
     parts.append(f"{stats.completion_tokens} tokens ({stats.reasoning_tokens} thinking)")
     parts.append(f"{stats.decode_tokens_per_s:.1f} tokens/s")
+    if stats.acceptance_rate is not None:  # speculative decoding (--draft, --mtp)
+        parts.append(f"draft {stats.acceptance_rate:.0%} accepted, {stats.tokens_per_step:.2f} tokens/step")
     parts.append(f"prompt {stats.prompt_tokens} ({stats.cached_tokens} cached)")
     return " · ".join(parts)
 

@@ -1,0 +1,391 @@
+"""Speculative decoding: a cheap draft proposes up to k tokens, the target checks them all in one cached forward of
+k+1 tokens, and both caches roll back to the accepted prefix. The output is the target's own: greedy decoding
+gives the same tokens as `Generator`, sampling follows the target's distribution (the accept/resample rule of
+Leviathan et al. 2023 and Chen et al. 2023). `SpeculativeGenerator` yields token ids exactly as `Generator` does,
+so `events.stream_events` and run, chat, serve and bench consume it unchanged.
+
+Two drafts: `ModelDraft` (another model with the same tokenizer, e.g. deepseek-r1:1.5b for :7b) and `MTPDraft`
+(DeepSeek-V3/R1's multi-token-prediction layer, `models.deepseek.MTPLayer`, fed the target's hidden states).
+
+Rollback needs no copy: the cache is static, a forward at `start_pos` attends over slots before it plus its own,
+so moving the position back is enough and the stale slots are overwritten by the next forward."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from .generate import GenerationStats, Generator, SamplingParams, draw, sampling_probs
+from .models import CausalLM
+
+MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (int8/int4 codes are buffers of a QuantWeight submodule): about what a
+    batch-1 step reads."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+class ModelDraft:
+    """A smaller model with the target's tokenizer, with its own cache. It holds the committed tokens'
+    keys and values up to `self.n`; each proposal feeds what it lacks, then one token per further draft."""
+
+    def __init__(self, model: CausalLM, max_len: int, prefill_chunk: int = 2048):
+        self.model, self.max_len, self.prefill_chunk = model, max_len, prefill_chunk
+        self.device = model.model.embed_tokens.weight.device
+        self.cache = None
+        self.ids: list[int] = []  # the tokens whose keys and values the cache holds (between turns)
+        self.n = 0
+
+    def cost(self, target: CausalLM) -> float:
+        """A draft step's cost in target decode steps: batch-1 decode reads every weight once."""
+        return weight_bytes(self.model) / max(weight_bytes(target), 1)
+
+    def start(self, tokens: list[int], reuse: int) -> int:
+        if self.cache is None:
+            self.cache = self.model.new_cache(1, self.max_len)
+            self.model.ensure_rope(self.max_len)
+        self.n = _common_prefix(self.ids, tokens[:-1])
+        return reuse
+
+    def target_hidden(self, hidden, start: int) -> None:
+        pass
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+        feed = torch.tensor([tokens[self.n:]], device=self.device)
+        for i in range(0, feed.shape[1], self.prefill_chunk):
+            logits = self.model(feed[:, i : i + self.prefill_chunk], start_pos=self.n + i, cache=self.cache,
+                                last_only=True)[:, -1]
+        self.n = len(tokens)
+        drafts, qs = [], []
+        for j in range(k):
+            if params.temperature <= 0:
+                token = logits.argmax(dim=-1)
+            else:
+                q = sampling_probs(logits, params)
+                qs.append(q)
+                token = draw(q, generator)
+            drafts.append(int(token))
+            if j + 1 < k:
+                logits = self.model(token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1]
+        return drafts, (torch.cat(qs) if qs else None)
+
+    def accepted(self, base: int, n: int, k: int) -> None:
+        """`base` committed tokens before the proposal, `n` of the k drafts accepted: the draft fed the first k-1."""
+        self.n = base + min(n, k - 1)
+
+    def finish(self, tokens: list[int]) -> None:
+        self.ids = tokens[: self.n]
+
+
+class MTPDraft:
+    """DeepSeek's multi-token-prediction layer as the draft (`model.mtp`). Its slot i holds (h_i, token i+1), h_i
+    the target's final hidden state at i, and predicts token i+2; after each target forward the new hidden states
+    wait in `pending` until the tokens after them are known. A second draft token feeds the layer its own output
+    hidden state (vLLM's and SGLang's way with one MTP layer)."""
+
+    def __init__(self, model: CausalLM, max_len: int):
+        if getattr(model, "mtp", None) is None:
+            raise ValueError("the model was loaded without its MTP layer (load_model(..., mtp=True))")
+        self.model, self.max_len = model, max_len
+        self.device = model.model.embed_tokens.weight.device
+        self.cache = None
+        self.n = 0  # slots holding exact inputs
+        self.pending: torch.Tensor | None = None  # target hidden states for positions self.n.., [1, T, dim]
+
+    def cost(self, target: CausalLM) -> float:
+        # one decoder layer of the target's and its head (MoE: the activated experts only, as in the main layers)
+        return 1.0 / (target.args.n_layers + 1) + 0.5 * weight_bytes(target.lm_head) / max(weight_bytes(target), 1)
+
+    def start(self, tokens: list[int], reuse: int) -> int:
+        if self.cache is None:
+            self.cache = self.model.new_mtp_cache(self.max_len)
+        self.model.keep_hidden = True
+        # Slot i holds token i+1: valid while that token is in the reused prefix. The target recomputes every
+        # hidden state the layer has not consumed.
+        reuse = max(min(reuse - 1, self.n), 0)
+        self.n, self.pending = reuse, None
+        return reuse
+
+    def target_hidden(self, hidden: torch.Tensor, start: int) -> None:
+        """The target's hidden states for positions start.. (exact ones only: the accepted prefix)."""
+        if self.pending is None:
+            assert start == self.n
+            self.pending = hidden
+        else:
+            assert start == self.n + self.pending.shape[1]
+            self.pending = torch.cat([self.pending, hidden], dim=1)
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+        start, T = self.n, self.pending.shape[1]
+        assert start + T == len(tokens) - 1, (start, T, len(tokens))
+        feed = torch.tensor([tokens[start + 1 :]], device=self.device)
+        logits, h = self.model.mtp_forward(feed, self.pending, start, self.cache)
+        logits, h = logits[:, -1], h[:, -1:]
+        self.n, self.pending = len(tokens) - 1, None
+        drafts, qs = [], []
+        for j in range(k):
+            if params.temperature <= 0:
+                token = logits.argmax(dim=-1)
+            else:
+                q = sampling_probs(logits, params)
+                qs.append(q)
+                token = draw(q, generator)
+            drafts.append(int(token))
+            if j + 1 < k:
+                logits, h = self.model.mtp_forward(token.view(1, 1), h, self.n + j, self.cache)
+                logits = logits[:, -1]
+        return drafts, (torch.cat(qs) if qs else None)
+
+    def accepted(self, base: int, n: int, k: int) -> None:
+        pass  # the slots past self.n hold drafted inputs; the next proposal overwrites them
+
+    def finish(self, tokens: list[int]) -> None:
+        self.model.keep_hidden = False
+
+
+class AdaptiveK:
+    """How many tokens to draft next: the k that maximises expected tokens per unit of cost, from the acceptance
+    rate seen so far (a per-token rate, decayed so it follows the text) and the draft's cost relative to a target
+    step. With acceptance rate a, k drafts yield (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one verify
+    of k+1 tokens (cost 1 + verify_slope * k)."""
+
+    def __init__(self, draft_cost: float, max_k: int = MAX_DRAFT, verify_slope: float = 0.05, decay: float = 0.9):
+        self.draft_cost, self.max_k, self.verify_slope, self.decay = draft_cost, max_k, verify_slope, decay
+        self.accepted, self.rejected = 3.0, 1.0  # a prior of 75%
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, n: int, k: int) -> None:
+        self.accepted = self.decay * self.accepted + n
+        self.rejected = self.decay * self.rejected + (1 if n < k else 0)
+
+    def choose(self) -> int:
+        a = min(self.rate, 0.999)
+        best, best_k = 0.0, 1
+        for k in range(1, self.max_k + 1):
+            value = (1 - a ** (k + 1)) / (1 - a) / (1 + self.verify_slope * k + self.draft_cost * k)
+            if value > best:
+                best, best_k = value, k
+        return best_k
+
+
+def accept(target_logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
+           generator: torch.Generator | None) -> tuple[int, int]:
+    """The verify rule. target_logits [k+1, V] at the last committed token and each draft; q [k, Vd] the
+    distributions the drafts were drawn from (None: greedy). Returns (n accepted, the token after them): the
+    target's choice at the first rejection, or a bonus token when all k are accepted."""
+    k = len(drafts)
+    if params.temperature <= 0:
+        best = target_logits.argmax(dim=-1).tolist()
+        n = 0
+        while n < k and drafts[n] == best[n]:
+            n += 1
+        return n, best[n]
+    p = sampling_probs(target_logits, params)
+    p = p / p.sum(dim=-1, keepdim=True)
+    if k:
+        q = q / q.sum(dim=-1, keepdim=True)
+        # embedding sizes differ by padding rows (ids no text has): compare over the wider of the two
+        width = max(p.shape[-1], q.shape[-1])
+        p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+        q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+        idx = torch.tensor(drafts, device=p.device)
+        rows = torch.arange(k, device=p.device)
+        ratio = (p[rows, idx] / q[rows, idx]).tolist()
+        u = torch.rand(k, generator=generator, device=p.device).tolist()
+    for j in range(k):
+        if u[j] < ratio[j]:  # accept with probability min(1, p/q)
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)  # rejected: draw from the normalised max(0, p - q)
+        return j, int(draw(residual.unsqueeze(0), generator))
+    return k, int(draw(p[k : k + 1], generator))
+
+
+def _repeat_masks(seen: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+    """[k+1, V] masks of the tokens before each verified position: the committed ones, then each draft in turn."""
+    masks = seen.expand(len(drafts) + 1, -1).clone()
+    for j, d in enumerate(drafts):
+        if d < masks.shape[1]:
+            masks[j + 1 :, d] = True
+    return masks
+
+
+class SpeculativeGenerator:
+    """`Generator`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
+
+    def __init__(self, target: Generator, draft, max_k: int = MAX_DRAFT, adaptive: bool = True):
+        if target.shard is not None:
+            raise ValueError("speculative decoding runs in one process (tensor parallel is not supported yet)")
+        self.target = target
+        self.model = target.model
+        self.draft = draft
+        self.max_k, self.adaptive = max_k, adaptive
+        self.device = target.device
+        self.max_len = target.max_len
+        self.shard = None
+        self.stats = GenerationStats()
+        self.k = AdaptiveK(draft.cost(self.model), max_k)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return self.target.cached_ids
+
+    def reset(self) -> None:
+        self.target.reset()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            from .errors import R1Error
+
+            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids))
+
+    def follow(self) -> int:
+        raise RuntimeError("speculative decoding runs in one process")
+
+    @torch.inference_mode()
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids) -> Iterator[int]:
+        t = self.target
+        model, cache = self.model, t._ensure_cache()
+        reuse = _common_prefix(t.cached_ids, prompt_ids[:-1])
+        reuse = self.draft.start(prompt_ids, reuse)
+        self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_tokens=reuse)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        # Generator's repetition penalty and loop guard (generate.py), when this version has them: the verify
+        # rows are penalised as plain decoding would penalise each position, and the guard sees every token
+        penalty = getattr(params, "repetition_penalty", 1.0)
+        guard = None
+        if getattr(params, "repeat_guard", False):
+            from .generate import RepetitionGuard
+
+            guard = RepetitionGuard()
+        seen = None
+        tokens = list(prompt_ids)  # committed: the prompt and every token yielded or about to be
+        t0 = time.perf_counter()
+        stats.finish_reason = "length"
+        pos = reuse  # target cache slots holding tokens[:pos]
+        try:
+            # prefill: the prompt's uncached tail, then the first token
+            feed = torch.tensor([prompt_ids[reuse:]], device=self.device)
+            hidden = []
+            for i in range(0, feed.shape[1], t.prefill_chunk):
+                logits = model(feed[:, i : i + t.prefill_chunk], start_pos=pos + i, cache=cache, last_only=True)[:, -1]
+                if model.keep_hidden:
+                    hidden.append(model.hidden)
+            if hidden:
+                self.draft.target_hidden(torch.cat(hidden, dim=1), pos)
+            pos = len(prompt_ids)
+            if penalty != 1.0:
+                from .generate import penalize_repeats
+
+                seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+                seen[torch.tensor([t for t in prompt_ids if t < seen.shape[0]], dtype=torch.long, device=self.device)] = True
+                logits = penalize_repeats(logits, seen, penalty)
+            first = int(draw(sampling_probs(logits, params), generator)) if params.temperature > 0 else int(logits.argmax())
+            stats.target_steps += 1
+            stats.prefill_s = time.perf_counter() - t0
+            new = [first]
+            while True:
+                for tok in new:
+                    if tok in stop_ids:
+                        stats.finish_reason = "stop"
+                        return
+                    if guard is not None and guard.add(tok):
+                        stats.finish_reason = "repetition"
+                        return
+                    tokens.append(tok)
+                    if seen is not None and tok < seen.shape[0]:
+                        seen[tok] = True
+                    stats.generated_tokens += 1
+                    yield tok
+                    if stats.generated_tokens >= budget:
+                        return
+                # tokens[-1] is not in the target cache yet (pos == len(tokens) - 1)
+                room = min(self.max_len - len(tokens), budget - stats.generated_tokens)
+                k = min(self.k.choose() if self.adaptive else self.max_k, room - 1 if room > 1 else 0)
+                drafts, q = self.draft.propose(tokens, k, params, generator) if k > 0 else ([], None)
+                feed = torch.tensor([[tokens[-1], *drafts]], device=self.device)
+                logits = model(feed, start_pos=pos, cache=cache)[0]
+                if seen is not None:
+                    from .generate import penalize_repeats
+
+                    logits = penalize_repeats(logits, _repeat_masks(seen, drafts), penalty)
+                n, nxt = accept(logits, drafts, q, params, generator)
+                if model.keep_hidden:
+                    self.draft.target_hidden(model.hidden[:, : n + 1], pos)
+                stats.target_steps += 1
+                if k:
+                    self.draft.accepted(len(tokens), n, k)
+                    stats.draft_tokens += k
+                    stats.accepted_tokens += n
+                    self.k.update(n, k)
+                pos += n + 1
+                new = drafts[:n] + [nxt]
+        except GeneratorExit:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            t.cached_ids = tokens[:pos]
+            self.draft.finish(tokens)
+
+
+def same_vocabulary(a, b) -> str | None:
+    """None when two tokenizers map the same strings to the same ids; else what differs, in a few words.
+    (Embedding sizes may differ: the 1.5B distill has 151,936 rows, the 7B 152,064, for one tokenizer.)"""
+    va, vb = a.backend.get_vocab(with_added_tokens=True), b.backend.get_vocab(with_added_tokens=True)
+    if va == vb:
+        return None
+    diff = next((t for t in sorted(va) if vb.get(t) != va[t]), None) or next(t for t in sorted(vb) if t not in va)
+    return f"{len(vb)} tokens against {len(va)}; {diff!r} is {vb.get(diff)} there, {va.get(diff)} here"
+
+
+def open_speculative(generator: Generator, tokenizer, draft: str | None, mtp: bool, find_folder, device, dtype: str,
+                     draft_quant: str, group_size: int, announce=None) -> SpeculativeGenerator:
+    """The CLI's speculative generator: `mtp` (the target was loaded with its MTP layer) or a draft model by
+    name, refused unless its tokenizer is the target's."""
+    from .errors import UsageError
+
+    if mtp:
+        return SpeculativeGenerator(generator, MTPDraft(generator.model, generator.max_len))
+    from .loader import Checkpoint, pick_dtype
+    from .registry import resolve_name
+
+    ref = resolve_name(draft)
+    checkpoint = Checkpoint(find_folder(ref, draft))
+    diff = same_vocabulary(tokenizer, checkpoint.tokenizer())
+    if diff is not None:
+        raise UsageError(f"--draft {draft} has another tokenizer than the model ({diff}): a draft must share the "
+                         "model's vocabulary, e.g. deepseek-r1:1.5b for the R1-Distill-Qwen models")
+    torch_dtype = pick_dtype(dtype, checkpoint.args, device)
+    model = checkpoint.load_model(device=device, dtype=torch_dtype, quant=draft_quant, group_size=group_size)
+    if announce:
+        announce(f"draft {ref.identity}" + (f" · {draft_quant}" if draft_quant != "none" else ""))
+    return SpeculativeGenerator(generator, ModelDraft(model, generator.max_len))
