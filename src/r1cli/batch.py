@@ -1,0 +1,217 @@
+"""Many sequences at once (continuous batching): the batched engine behind `r1 run -n` and `r1 eval`.
+
+One KV cache with a row per sequence, each row at its own length. A step decodes one token for every sequence
+that has one to feed, in one forward (`CausalLM.decode_rows`: the weights are read once for all of them), and
+prefills at most `prefill_chunk` prompt tokens of the sequences still reading their prompts, so a long prompt
+never stalls the others for more than a chunk. Sequences join when a row is free and leave when they stop, at
+step boundaries. Each samples with its own parameters and seed through `generate.sample`, so a sequence gives
+the tokens it would give alone in `generate.Generator` (greedy, float32: tested). Sequences submitted with the
+same prompt at the same time share its prefill: the first one's cache row is copied to the others.
+
+The batch-1 `Generator` is untouched; this engine is built beside it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import R1Error
+from .generate import GenerationStats, SamplingParams, sample
+from .models import CausalLM
+from .models.cache import RowCache, row_view
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt's generation. `tokens` grows as the engine samples (a stop token is not added); when it ends,
+    `finish_reason` is stop | length | interrupted and `stats` is complete."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()
+    tag: object = None  # the caller's (an index, a request)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    # engine state
+    row: int = -1
+    pos: int = 0  # cache slots this sequence has filled
+    pending: int | None = None  # the last sampled token, fed at the next decode step
+    sampled: int = 0  # draws so far, a stop token included (the budget counts it, as Generator's does)
+    budget: int = 0
+    generator: torch.Generator | None = None
+    t_submit: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BatchEngine:
+    """`submit` sequences, then `step()` (or iterate `run()`) until `idle`. At most `max_batch` decode together;
+    more wait in a queue, in order."""
+
+    def __init__(self, model: CausalLM, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256):
+        if model.shard is not None:
+            raise R1Error("several sequences at once do not run tensor parallel yet (--gpus); run them one by one")
+        self.model = model
+        self.device = model.model.embed_tokens.weight.device
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.cache = None  # allocated on first use: max_batch rows of max_len slots
+        self.free_rows = list(range(max_batch))  # a heap: the lowest free row first keeps the decoded rows packed
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=frozenset(), tag=None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        seq = Sequence(list(prompt_ids), params, frozenset(stop_ids), tag)
+        seq.budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        seq.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.t_submit = time.perf_counter()
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now (its reader went away); its row is free at once."""
+        if seq.done:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "interrupted")
+
+    def run(self) -> Iterator[tuple[Sequence, int | None]]:
+        """Step until idle; yields (sequence, token) per new token and (sequence, None) when one ends."""
+        while not self.idle:
+            yield from self.step()
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int | None]]:
+        """One decode forward for every sequence with a token to feed, then up to `prefill_chunk` prompt tokens
+        of the sequences still prefilling. Returns the events, as `run` yields them."""
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.max_batch, self.max_len)
+            self.model.ensure_rope(self.max_len)
+        events: list[tuple[Sequence, int | None]] = []
+        while self.waiting and self.free_rows:
+            seq = self.waiting.popleft()
+            seq.row, seq.pos, seq.pending = heapq.heappop(self.free_rows), 0, None
+            self.running.append(seq)
+        self._decode(events)
+        self._prefill(events)
+        return events
+
+    def _decode(self, events) -> None:
+        decoding = [s for s in self.running if s.pending is not None]
+        if not decoding:
+            return
+        by_row = {s.row: s for s in self.running}
+        rows = max(s.row for s in decoding) + 1
+        # Rows in range that do not decode (free, or still prefilling) get a dummy token at their next free slot,
+        # which their next write overwrites: the step keeps one [rows] shape without gathering the cache.
+        tokens = [0] * rows
+        positions = [0] * rows
+        for r in range(rows):
+            s = by_row.get(r)
+            if s is not None:
+                positions[r] = s.pos
+                if s.pending is not None:
+                    tokens[r] = s.pending
+        attend = max(positions) + 1
+        cache = RowCache(self.cache, rows, attend)
+        t0 = time.perf_counter()
+        logits = self.model.decode_rows(
+            torch.tensor(tokens, device=self.device).view(rows, 1), torch.tensor(positions, device=self.device), cache
+        )
+        draws = self._sample(logits, decoding)
+        dt = time.perf_counter() - t0
+        for s, tok in zip(decoding, draws):
+            s.pos += 1
+            s.stats.decode_s += dt
+            self._emit(s, tok, events)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One draw per sequence with its own parameters and generator; greedy rows in one argmax."""
+        out: dict[int, int] = {}
+        greedy = [s for s in seqs if s.params.temperature <= 0]
+        if greedy:
+            rows = torch.tensor([s.row for s in greedy], device=logits.device)
+            for s, tok in zip(greedy, logits.index_select(0, rows).argmax(dim=-1).tolist()):
+                out[s.row] = tok
+        for s in seqs:
+            if s.params.temperature > 0:
+                out[s.row] = int(sample(logits[s.row : s.row + 1], s.params, s.generator))
+        return [out[s.row] for s in seqs]
+
+    def _prefill(self, events) -> None:
+        budget = self.prefill_chunk
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.done or seq.pending is not None or seq.pos >= len(seq.prompt_ids):
+                continue
+            t0 = time.perf_counter()
+            part = seq.prompt_ids[seq.pos : seq.pos + budget]
+            feed = torch.tensor([part], device=self.device)
+            logits = self.model(feed, start_pos=seq.pos, cache=row_view(self.cache, seq.row), last_only=True)[:, -1]
+            seq.pos += len(part)
+            budget -= len(part)
+            seq.stats.prefill_s += time.perf_counter() - t0
+            if seq.pos < len(seq.prompt_ids):
+                continue
+            twins = [seq] + self._share_prefill(seq)
+            for s, tok in zip(twins, self._sample(logits.expand(self.max_batch, -1), twins)):
+                s.stats.prefill_s = time.perf_counter() - s.t_submit  # time to first token, queue included
+                self._emit(s, tok, events)
+
+    def _share_prefill(self, seq: Sequence) -> list[Sequence]:
+        """Sequences admitted with the same prompt and not started yet take a copy of `seq`'s filled cache row."""
+        twins = [s for s in self.running if s is not seq and s.pos == 0 and s.pending is None and not s.done
+                 and s.prompt_ids == seq.prompt_ids]
+        n, d = seq.pos, self.cache.slot_dim
+        for s in twins:
+            for layer in self.cache.layers:
+                for buf in layer:
+                    buf[s.row].narrow(d - 1, 0, n).copy_(buf[seq.row].narrow(d - 1, 0, n))
+            s.pos = n
+        return twins
+
+    def _emit(self, seq: Sequence, tok: int, events) -> None:
+        seq.sampled += 1
+        if tok in seq.stop_ids:
+            self._finish(seq, "stop")
+        else:
+            seq.tokens.append(tok)
+            seq.stats.generated_tokens += 1
+            events.append((seq, tok))
+            if seq.sampled >= seq.budget:
+                self._finish(seq, "length")
+            else:
+                seq.pending = tok
+                return
+        events.append((seq, None))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.stats.finish_reason = reason
+        seq.pending = None
+        if seq.row >= 0:
+            self.running.remove(seq)
+            heapq.heappush(self.free_rows, seq.row)
+            seq.row = -1
