@@ -114,3 +114,44 @@ def test_decode_rows_logits_match_the_single_sequence_forward(model):
             model(torch.tensor([s.prompt_ids]), start_pos=0, cache=cache)
             want = model(torch.tensor([[s.pending]]), start_pos=len(s.prompt_ids), cache=cache)[:, -1]
             assert (got[i] - want[0]).abs().max().item() <= 1e-5
+
+
+# --- r1 run -n ---------------------------------------------------------------------------------------------------
+
+
+def test_run_n_prints_each_sample(steered_dir):
+    import steered
+    from typer.testing import CliRunner
+
+    from r1cli.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(steered_dir), "-n", "3", "How many pears?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "".join(f"--- sample {i}/3 ---\n{steered.ANSWER}\n" for i in (1, 2, 3))
+
+
+def test_run_n_json_and_jsonl_one_record_each(steered_dir):
+    import json
+
+    import steered
+    from typer.testing import CliRunner
+
+    from r1cli.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(steered_dir), "-n", "2", "--json", "How many pears?"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [d["index"] for d in data] == [0, 1]
+    assert all((d["reasoning"], d["content"], d["finish_reason"]) == (steered.REASONING, steered.ANSWER, "stop")
+               for d in data)
+    single = json.loads(CliRunner().invoke(app, ["run", str(steered_dir), "--json", "How many pears?"]).stdout)
+    assert data[0]["usage"] == single["usage"]
+
+    result = CliRunner().invoke(app, ["run", str(steered_dir), "-n", "2", "--jsonl", "How many pears?"])
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0]["event"] == "start"
+    for i in (0, 1):
+        mine = [e for e in events[1:] if e["index"] == i]
+        assert "".join(e["text"] for e in mine if e["event"] == "answer") == steered.ANSWER
+        assert "".join(e["text"] for e in mine if e["event"] == "reasoning") == steered.REASONING
+        assert [e["event"] for e in mine].count("done") == 1 and mine[-1]["event"] == "done"

@@ -215,3 +215,55 @@ class BatchEngine:
             self.running.remove(seq)
             heapq.heappush(self.free_rows, seq.row)
             seq.row = -1
+
+
+def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingParams]):
+    """`events.stream_events` for several samples of one rendered prompt, decoded together: yields
+    (index, ReasoningDelta | AnswerDelta | Done) as the batch steps, each sample split into reasoning and answer on
+    its own. Ctrl-C ends every unfinished sample with finish_reason 'interrupted' (its partial text kept)."""
+    from .events import AnswerDelta, Done, ReasoningDelta, TurnStats
+    from .reasoning import ReasoningSplitter
+
+    t0 = time.perf_counter()
+    seqs = [engine.submit(prompt.ids, p, tokenizer.eos_ids, tag=i) for i, p in enumerate(params)]
+    state = {}
+    for seq in seqs:
+        splitter = ReasoningSplitter(start_in_thinking=prompt.starts_in_thinking, think_start_id=tokenizer.think_start_id,
+                                     think_end_id=tokenizer.think_end_id)
+        state[seq.tag] = dict(splitter=splitter, decoder=tokenizer.stream_decoder(), first=None, answer=None)
+
+    def deltas(i, parts):
+        for delta in parts:
+            if delta.kind == "answer" and state[i]["answer"] is None:
+                state[i]["answer"] = time.perf_counter()
+            yield i, AnswerDelta(delta.text) if delta.kind == "answer" else ReasoningDelta(delta.text)
+
+    def done(seq):
+        s = state[seq.tag]
+        yield from deltas(seq.tag, s["splitter"].finish(s["decoder"].flush()))
+        end, sp = time.perf_counter(), s["splitter"]
+        n = seq.stats.generated_tokens
+        decode_s = end - (s["first"] or end)
+        yield seq.tag, Done(TurnStats(
+            reasoning=sp.reasoning_text, content=sp.answer_text, finish_reason=seq.finish_reason,
+            truncated_in_thinking=sp.truncated_in_thinking, prompt_tokens=seq.stats.prompt_tokens,
+            reasoning_tokens=sp.reasoning_tokens, completion_tokens=n,
+            ttft_ms=1000 * ((s["first"] or end) - t0),
+            thinking_ms=1000 * ((s["answer"] or end) - t0) if (prompt.starts_in_thinking or sp.reasoning_tokens) else 0.0,
+            total_ms=1000 * (end - t0), decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0))
+
+    try:
+        while not engine.idle:
+            for seq, token in engine.step():
+                if token is None:
+                    yield from done(seq)
+                    continue
+                s = state[seq.tag]
+                if s["first"] is None:
+                    s["first"] = time.perf_counter()
+                yield from deltas(seq.tag, s["splitter"].feed(s["decoder"].add(token), token_id=token))
+    except KeyboardInterrupt:
+        for seq in seqs:
+            if not seq.done:
+                engine.cancel(seq)
+                yield from done(seq)

@@ -75,6 +75,7 @@ def run(
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    n: int = typer.Option(1, "-n", "--samples", min=1, max=256, help="Sample the prompt N times, decoded together in one batch (seed+i each with --seed)."),
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
     from .runner import RunOptions, looks_like_model, read_prompt
@@ -82,6 +83,8 @@ def run(
 
     if json_out and jsonl:
         raise UsageError("--json and --jsonl exclude each other")
+    if n > 1 and gpus:
+        raise UsageError("-n runs on one device for now: drop --gpus, or run the samples one by one")
     words = list(words or [])
     model = words.pop(0) if words and looks_like_model(words[0]) else None
 
@@ -90,7 +93,7 @@ def run(
                           max_context=max_context, sampling=_sampling(max_tokens, temperature, top_p, top_k, min_p, seed),
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, quant=quant, group_size=group_size,
-                          decode_mode=decode_mode, quant_head=quant_head)
+                          decode_mode=decode_mode, quant_head=quant_head, n=n)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
         prompt = read_prompt(words, sys.stdin) if shard.leader else ""
