@@ -155,3 +155,22 @@ def test_run_n_json_and_jsonl_one_record_each(steered_dir):
         assert "".join(e["text"] for e in mine if e["event"] == "answer") == steered.ANSWER
         assert "".join(e["text"] for e in mine if e["event"] == "reasoning") == steered.REASONING
         assert [e["event"] for e in mine].count("done") == 1 and mine[-1]["event"] == "done"
+
+
+def test_next_turn_reuses_its_row_prefix_within_its_share_group(model):
+    """A finished sequence's row keeps its tokens: a later prompt that extends them (a conversation's next turn)
+    prefills only the rest, and gives the tokens it gives alone; another share group never reuses it."""
+    engine = BatchEngine(model, max_batch=2, max_len=128, prefill_chunk=4)
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    first = engine.submit(PROMPTS[0], greedy, share="a")
+    other = engine.submit(PROMPTS[1], greedy, share="b")
+    list(engine.run())
+    turn = PROMPTS[0] + first.tokens + [77, 78, 79]
+    stranger = engine.submit(turn, greedy, share="b")
+    mine = engine.submit(turn, greedy, share="a")
+    list(engine.run())
+    assert stranger.stats.cached_tokens == 0
+    assert mine.stats.cached_tokens == len(PROMPTS[0]) + len(first.tokens) - 1  # the last sampled token was never fed
+    want = alone(model, turn, greedy, 4)[0]
+    assert mine.tokens == stranger.tokens == want
+    assert other.tokens == alone(model, PROMPTS[1], greedy, 4)[0]

@@ -6,14 +6,15 @@ prefills at most `prefill_chunk` prompt tokens of the sequences still reading th
 never stalls the others for more than a chunk. Sequences join when a row is free and leave when they stop, at
 step boundaries. Each samples with its own parameters and seed through `generate.sample`, so a sequence gives
 the tokens it would give alone in `generate.Generator` (greedy, float32: tested). Sequences submitted with the
-same prompt at the same time share its prefill: the first one's cache row is copied to the others.
+same prompt at the same time share its prefill: the first one's cache row is copied to the others; a new
+sequence takes the free row whose cached tokens share the longest prefix with its prompt (a conversation's next
+turn), but only within one `share` group (serve: one API key).
 
 The batch-1 `Generator` is untouched; this engine is built beside it.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int] = frozenset()
     tag: object = None  # the caller's (an index, a request)
+    share: object = None  # who may share KV with this sequence (serve: the API key): prefill copies, row prefixes
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -66,7 +68,10 @@ class BatchEngine:
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         self.prefill_chunk = prefill_chunk
         self.cache = None  # allocated on first use: max_batch rows of max_len slots
-        self.free_rows = list(range(max_batch))  # a heap: the lowest free row first keeps the decoded rows packed
+        self.free_rows = set(range(max_batch))
+        # per row: the tokens its cache slots hold, in order, and the share group that wrote them
+        self.row_ids: list[list[int]] = [[] for _ in range(max_batch)]
+        self.row_share: list[object] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
 
@@ -74,12 +79,13 @@ class BatchEngine:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=frozenset(), tag=None) -> Sequence:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=frozenset(), tag=None,
+               share=None) -> Sequence:
         if not prompt_ids:
             raise ValueError("empty prompt")
         if len(prompt_ids) >= self.max_len:
             raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
-        seq = Sequence(list(prompt_ids), params, frozenset(stop_ids), tag)
+        seq = Sequence(list(prompt_ids), params, frozenset(stop_ids), tag, share)
         seq.budget = min(params.max_tokens, self.max_len - len(prompt_ids))
         seq.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         if params.seed is not None:
@@ -110,12 +116,31 @@ class BatchEngine:
             self.model.ensure_rope(self.max_len)
         events: list[tuple[Sequence, int | None]] = []
         while self.waiting and self.free_rows:
-            seq = self.waiting.popleft()
-            seq.row, seq.pos, seq.pending = heapq.heappop(self.free_rows), 0, None
-            self.running.append(seq)
+            self._admit(self.waiting.popleft())
         self._decode(events)
         self._prefill(events)
         return events
+
+    def _admit(self, seq: Sequence) -> None:
+        """Into the free row holding the longest prefix of its prompt (same share group)."""
+        def reuse(row: int) -> int:
+            if self.row_share[row] != seq.share:
+                return 0
+            n = 0
+            for a, b in zip(self.row_ids[row], seq.prompt_ids[:-1]):  # one prompt token must run for the logits
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        # ties: the row holding the fewest tokens (the least to lose), then the lowest
+        row = max(self.free_rows, key=lambda r: (reuse(r), -len(self.row_ids[r]), -r))
+        seq.row, seq.pos, seq.pending = row, reuse(row), None
+        seq.stats.cached_tokens = seq.pos
+        self.free_rows.discard(row)
+        self.row_ids[row] = self.row_ids[row][: seq.pos]
+        self.row_share[row] = seq.share
+        self.running.append(seq)
 
     def _decode(self, events) -> None:
         decoding = [s for s in self.running if s.pending is not None]
@@ -123,8 +148,8 @@ class BatchEngine:
             return
         by_row = {s.row: s for s in self.running}
         rows = max(s.row for s in decoding) + 1
-        # Rows in range that do not decode (free, or still prefilling) get a dummy token at their next free slot,
-        # which their next write overwrites: the step keeps one [rows] shape without gathering the cache.
+        # Rows in range that do not decode (free, or still prefilling) get a dummy token past the tokens they hold
+        # (a prefilling row's next chunk overwrites it): the step keeps one [rows] shape without gathering the cache.
         tokens = [0] * rows
         positions = [0] * rows
         for r in range(rows):
@@ -133,7 +158,9 @@ class BatchEngine:
                 positions[r] = s.pos
                 if s.pending is not None:
                     tokens[r] = s.pending
-        attend = max(positions) + 1
+            else:
+                positions[r] = len(self.row_ids[r])
+        attend = max(s.pos for s in decoding) + 1  # a row past it sees garbage it does not use
         cache = RowCache(self.cache, rows, attend)
         t0 = time.perf_counter()
         logits = self.model.decode_rows(
@@ -182,8 +209,8 @@ class BatchEngine:
 
     def _share_prefill(self, seq: Sequence) -> list[Sequence]:
         """Sequences admitted with the same prompt and not started yet take a copy of `seq`'s filled cache row."""
-        twins = [s for s in self.running if s is not seq and s.pos == 0 and s.pending is None and not s.done
-                 and s.prompt_ids == seq.prompt_ids]
+        twins = [s for s in self.running if s is not seq and s.pos < seq.pos and s.pending is None and not s.done
+                 and s.prompt_ids == seq.prompt_ids and s.share == seq.share]
         n, d = seq.pos, self.cache.slot_dim
         for s in twins:
             for layer in self.cache.layers:
@@ -213,7 +240,10 @@ class BatchEngine:
         seq.pending = None
         if seq.row >= 0:
             self.running.remove(seq)
-            heapq.heappush(self.free_rows, seq.row)
+            self.free_rows.add(seq.row)
+            # what the row's slots hold: the prompt's tokens up to pos, then each sampled token fed back
+            fed = (seq.prompt_ids + seq.tokens)[: seq.pos]
+            self.row_ids[seq.row] = fed
             seq.row = -1
 
 
