@@ -235,7 +235,7 @@ def test_sampling_fields_and_stop(server):
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "stop"),
-    ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
     ([1, 2], None),

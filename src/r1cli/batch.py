@@ -297,3 +297,27 @@ def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingPar
             if not seq.done:
                 engine.cancel(seq)
                 yield from done(seq)
+
+
+MAX_DEFAULT_PARALLEL = {"cpu": 8, "cuda": 64}  # a CPU's decode stops gaining well before 16 streams
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may still take on `device`: the GPU's free memory, or MemAvailable on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_parallel(kv_bytes_per_sequence: int, free_bytes: int, device_type: str) -> int:
+    """`r1 serve --parallel` by default: as many sequences as half the free memory holds KV caches for (each a
+    whole context long), at least 1 and at most MAX_DEFAULT_PARALLEL for the device."""
+    fit = int(free_bytes * 0.5 // max(kv_bytes_per_sequence, 1))
+    return max(1, min(MAX_DEFAULT_PARALLEL.get(device_type, 8), fit))
