@@ -121,6 +121,7 @@ def main() -> None:
                 r["hf"] = max(r["hf"], hf_batched(hf, ps, a.new_tokens, dev))
             if n == 1:
                 r["single"] = max(r["single"], ours_single(model, ps[0], a.new_tokens, dev))
+            print(f"# round: {n} streams {r}", file=sys.stderr, flush=True)  # progress on a slow machine
     single = rows.get(1, {}).get("single") or None
     what = Path(a.model).name if a.model else f"{Path(a.config).name} (random weights)"
     print(f"{what}{f', {a.layers} layers' if a.layers else ''} · {dev} {str(dtype).removeprefix('torch.')} · "
