@@ -78,7 +78,7 @@ def server(steered_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def looping_server(looping_dir, tmp_path_factory):
     s = ServeProcess(looping_dir, tmp_path_factory.mktemp("serve") / "requests.jsonl", "--max-queue", "1",
-                     "--api-key", KEY, "--max-context", "4096")
+                     "--api-key", KEY, "--max-context", "4096", "--parallel", "2")
     yield s
     s.stop()
 
@@ -324,11 +324,14 @@ def test_queue_limit_is_429(looping_server):
     body = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stream": True,
             "max_tokens": 3000}
     url = looping_server.url + "/chat/completions"
-    with httpx.Client(timeout=60, headers=headers) as running, httpx.Client(timeout=60, headers=headers) as waiting:
-        with running.stream("POST", url, json=body) as a:
+    with httpx.Client(timeout=60, headers=headers) as running, httpx.Client(timeout=60, headers=headers) as running2, \
+            httpx.Client(timeout=60, headers=headers) as waiting:
+        with running.stream("POST", url, json=body) as a, running2.stream("POST", url, json=body) as a2:
             lines = a.iter_lines()  # kept: a dropped line iterator would close the connection
             next(x for x in lines if '"reasoning_content": "' in x)  # a is generating
-            with waiting.stream("POST", url, json=body) as b:  # queued behind a: its headers come at once
+            lines2 = a2.iter_lines()
+            next(x for x in lines2 if '"reasoning_content": "' in x)  # and a2 beside it (--parallel 2)
+            with waiting.stream("POST", url, json=body) as b:  # queued behind them: its headers come at once
                 assert b.status_code == 200
                 client = OpenAI(api_key=KEY, base_url=looping_server.url, max_retries=0)
                 with pytest.raises(openai.RateLimitError) as e:
