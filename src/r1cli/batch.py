@@ -48,6 +48,8 @@ class Sequence:
     sampled: int = 0  # draws so far, a stop token included (the budget counts it, as Generator's does)
     budget: int = 0
     generator: torch.Generator | None = None
+    guard: object = None  # generate.RepetitionGuard when params.repeat_guard (main's repetition guard)
+    seen: torch.Tensor | None = None  # [vocab] mask of the tokens repetition_penalty applies to
     t_submit: float = 0.0
 
     @property
@@ -90,6 +92,11 @@ class BatchEngine:
         seq.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        # The repetition guard and penalty of generate.py, read with getattr: this engine was written beside them.
+        if getattr(params, "repeat_guard", False):
+            from .generate import RepetitionGuard
+
+            seq.guard = RepetitionGuard()
         seq.t_submit = time.perf_counter()
         self.waiting.append(seq)
         return seq
@@ -176,15 +183,30 @@ class BatchEngine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """One draw per sequence with its own parameters and generator; greedy rows in one argmax."""
         out: dict[int, int] = {}
-        greedy = [s for s in seqs if s.params.temperature <= 0]
+        plain = lambda s: s.params.temperature <= 0 and getattr(s.params, "repetition_penalty", 1.0) == 1.0  # noqa: E731
+        greedy = [s for s in seqs if plain(s)]
         if greedy:
             rows = torch.tensor([s.row for s in greedy], device=logits.device)
             for s, tok in zip(greedy, logits.index_select(0, rows).argmax(dim=-1).tolist()):
                 out[s.row] = tok
         for s in seqs:
-            if s.params.temperature > 0:
-                out[s.row] = int(sample(logits[s.row : s.row + 1], s.params, s.generator))
+            if not plain(s):
+                out[s.row] = int(sample(self._penalized(s, logits[s.row : s.row + 1]), s.params, s.generator))
         return [out[s.row] for s in seqs]
+
+    def _penalized(self, s: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """repetition_penalty over the prompt and every token fed since, as Generator applies it."""
+        penalty = getattr(s.params, "repetition_penalty", 1.0)
+        if penalty == 1.0:
+            return logits
+        from .generate import penalize_repeats
+
+        if s.seen is None:
+            s.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            s.seen[torch.tensor([t for t in s.prompt_ids if t < logits.shape[-1]], device=logits.device)] = True
+        elif s.pending is not None:
+            s.seen[s.pending] = True  # the token this step fed
+        return penalize_repeats(logits, s.seen, penalty)
 
     def _prefill(self, events) -> None:
         budget = self.prefill_chunk
@@ -223,6 +245,8 @@ class BatchEngine:
         seq.sampled += 1
         if tok in seq.stop_ids:
             self._finish(seq, "stop")
+        elif seq.guard is not None and seq.guard.add(tok):  # a reply stuck in a loop, as Generator stops it
+            self._finish(seq, "repetition")
         else:
             seq.tokens.append(tok)
             seq.stats.generated_tokens += 1
