@@ -283,6 +283,11 @@ def main(model: str | None, file: str, k: int, sampling: dict, out: str | None, 
     stdout = stdout or sys.stdout
     path = Path(file)
     problems = read_problems(path)  # every line checked before any model loads
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"--pattern is not a regular expression: {e}") from None
     results = Path(out) if out else path.with_name(path.stem + ".results.jsonl")
     m = open_model(model, device, dtype, max_context, announce=lambda s: print(s, file=sys.stderr, flush=True))
     params = m.sampling(sampling)
