@@ -174,3 +174,12 @@ def test_next_turn_reuses_its_row_prefix_within_its_share_group(model):
     want = alone(model, turn, greedy, 4)[0]
     assert mine.tokens == stranger.tokens == want
     assert other.tokens == alone(model, PROMPTS[1], greedy, 4)[0]
+
+
+def test_default_parallel_from_free_memory_and_kv_size():
+    from r1cli.batch import default_parallel
+
+    gb = 1 << 30
+    assert default_parallel(gb, 10 * gb, "cpu") == 5  # half of 10 GB holds five 1 GB caches
+    assert default_parallel(gb, 100 * gb, "cpu") == 8 and default_parallel(gb, 1000 * gb, "cuda") == 64
+    assert default_parallel(gb, gb, "cpu") == 1 and default_parallel(gb, 0, "cuda") == 1
