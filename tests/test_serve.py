@@ -78,7 +78,7 @@ def server(steered_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def looping_server(looping_dir, tmp_path_factory):
     s = ServeProcess(looping_dir, tmp_path_factory.mktemp("serve") / "requests.jsonl", "--max-queue", "1",
-                     "--api-key", KEY, "--max-context", "4096", "--no-repeat-guard")
+                     "--api-key", KEY, "--max-context", "4096", "--no-repeat-guard", "--parallel", "2")
     yield s
     s.stop()
 
@@ -235,7 +235,7 @@ def test_sampling_fields_and_stop(server):
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "stop"),
-    ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
     ({"model": "deepseek-reasoner", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
     ([1, 2], None),
@@ -324,11 +324,14 @@ def test_queue_limit_is_429(looping_server):
     body = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}], "stream": True,
             "max_tokens": 3000}
     url = looping_server.url + "/chat/completions"
-    with httpx.Client(timeout=60, headers=headers) as running, httpx.Client(timeout=60, headers=headers) as waiting:
-        with running.stream("POST", url, json=body) as a:
+    with httpx.Client(timeout=60, headers=headers) as running, httpx.Client(timeout=60, headers=headers) as running2, \
+            httpx.Client(timeout=60, headers=headers) as waiting:
+        with running.stream("POST", url, json=body) as a, running2.stream("POST", url, json=body) as a2:
             lines = a.iter_lines()  # kept: a dropped line iterator would close the connection
             next(x for x in lines if '"reasoning_content": "' in x)  # a is generating
-            with waiting.stream("POST", url, json=body) as b:  # queued behind a: its headers come at once
+            lines2 = a2.iter_lines()
+            next(x for x in lines2 if '"reasoning_content": "' in x)  # and a2 beside it (--parallel 2)
+            with waiting.stream("POST", url, json=body) as b:  # queued behind them: its headers come at once
                 assert b.status_code == 200
                 client = OpenAI(api_key=KEY, base_url=looping_server.url, max_retries=0)
                 with pytest.raises(openai.RateLimitError) as e:
@@ -452,3 +455,40 @@ def test_remote_reads_reasoning_fields_or_think_tags(chunks):
     stats = events[-1].stats
     assert isinstance(events[-1], Done) and (stats.reasoning, stats.content) == ("Hmm, two.", "Two pears.")
     assert stats.finish_reason == "stop" and stats.reasoning_tokens >= 1
+
+
+@pytest.mark.slow
+def test_n_choices_decode_together(steered_dir, tmp_path):
+    """--parallel 3: n=3 gives three choices (the steered answer each), usage counts the prompt once and every
+    completion; streamed, each delta names its choice. --parallel 1 refuses n > 1."""
+    s = ServeProcess(steered_dir, tmp_path / "requests.jsonl", "--max-context", "512", "--parallel", "3")
+    try:
+        client = OpenAI(api_key="unused", base_url=s.url)
+        messages = [{"role": "user", "content": "How many pears?"}]
+        one = client.chat.completions.create(model="deepseek-reasoner", messages=messages)
+        many = client.chat.completions.create(model="deepseek-reasoner", messages=messages, n=3, seed=7)
+        assert [c.index for c in many.choices] == [0, 1, 2]
+        assert all((c.message.content, c.message.reasoning_content, c.finish_reason)
+                   == (steered.ANSWER, steered.REASONING, "stop") for c in many.choices)
+        assert many.usage.prompt_tokens == one.usage.prompt_tokens
+        assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
+        stream = client.chat.completions.create(model="deepseek-reasoner", messages=messages, n=2, stream=True,
+                                                stream_options={"include_usage": True})
+        content, finish, usage = ["", ""], [None, None], None
+        for chunk in stream:
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                content[c.index] += c.delta.content or ""
+                finish[c.index] = c.finish_reason or finish[c.index]
+        assert content == [steered.ANSWER] * 2 and finish == ["stop"] * 2
+        assert usage.completion_tokens == 2 * one.usage.completion_tokens
+    finally:
+        s.stop()
+    s = ServeProcess(steered_dir, tmp_path / "requests1.jsonl", "--max-context", "512", "--parallel", "1")
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            OpenAI(api_key="unused", base_url=s.url).chat.completions.create(
+                model="deepseek-reasoner", messages=[{"role": "user", "content": "hi"}], n=2)
+        assert e.value.body["param"] == "n" and "--parallel" in e.value.body["message"]
+    finally:
+        s.stop()

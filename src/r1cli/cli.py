@@ -163,6 +163,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
     quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
     draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
+    n: int = typer.Option(1, "-n", "--samples", min=1, max=256, help="Sample the prompt N times, decoded together in one batch (seed+i each with --seed)."),
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
     from .runner import RunOptions, looks_like_model, read_prompt
@@ -173,6 +174,8 @@ def run(
     _check_text_options(device, system)
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard)
     speculative = _speculative(draft, draft_quant, mtp, gpus)
+    if n > 1 and gpus:
+        raise UsageError("-n runs on one device for now: drop --gpus, or run the samples one by one")
     words = list(words or [])
     model = words.pop(0) if words and looks_like_model(words[0]) else None
 
@@ -182,7 +185,7 @@ def run(
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, quant=quant, group_size=group_size,
                           decode_mode=decode_mode, quant_head=quant_head,
-                          speculative=speculative)
+                          speculative=speculative, n=n)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
         prompt = read_prompt(words, sys.stdin) if shard.leader else ""
@@ -241,7 +244,8 @@ def serve(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed at start)."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'; repeat for several keys, each its own trust domain (default: env R1_API_KEY, one key)."),
     device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
-    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running one; more get 429."),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running ones; more get 429."),
+    parallel: int = typer.Option(None, "--parallel", min=1, max=256, help="Requests decoded together in one batch (default: what half the free memory holds KV caches for, at most 8 on a CPU; `r1 show` prints it; 1: one at a time)."),
     log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging; created 0600)."),
     allow_host: list[str] = typer.Option(None, "--allow-host", help="Also accept this name in the Host header (repeatable; default: localhost and loopback addresses only)."),
     max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", min=1024, help="Largest request body; larger ones get 413."),
@@ -258,7 +262,7 @@ def serve(
     run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size,
                decode_mode, quant_head, allow_host, max_request_bytes, request_timeout,
                repeat_guard=not no_repeat_guard,
-               speculative=_speculative(draft, draft_quant, mtp))
+               speculative=_speculative(draft, draft_quant, mtp), parallel=parallel)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
@@ -367,6 +371,7 @@ def show(
     info = hub.show(ref, ctx=ctx)
     if gpus:
         _plan(info, ref, ctx, gpus, gpu_mem)
+    info["serve_parallel"] = _serve_parallel(info)
     if json_out:
         print(json.dumps(info, indent=2))
         return
@@ -390,6 +395,8 @@ def show(
                if "kv_cache_here" in mem else ""),
         ),
         ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
+        ("serve parallel", f"{info['serve_parallel']} by default here (r1 serve --parallel; KV cache per request at "
+                           f"{mem['context']} tokens, half the free memory after the weights)"),
         ("chat template", "unknown before download" if info["chat_template"] is None
          else "yes" if info["chat_template"] else "no"),
         ("sampling", f"{sampling_text} ({sampling['source']})" if sampling
@@ -411,6 +418,18 @@ def _fastest_text(cpu: dict) -> str:
     return f"{head} ({', '.join(cpu['flags']) or 'no named flags'}): {cpu['why']}"
 
 
+def _serve_parallel(info: dict) -> int:
+    """r1 serve's default --parallel on this machine, at `info`'s context (batch.default_parallel)."""
+    import torch
+
+    from .batch import default_parallel, free_memory
+
+    mem = info["memory"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kv = mem.get("kv_cache_here", mem["kv_cache"])
+    return default_parallel(kv, max(free_memory(device) - mem["weights"], 0), device.type)
+
+
 def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
     """`r1 show --gpus N`: the per-GPU plan (parallel.plan_memory) added to hub.show's info."""
     from dataclasses import asdict
@@ -429,6 +448,28 @@ def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
             mem = torch.cuda.get_device_properties(0).total_memory
     plan = plan_memory(args, gpus, ctx, mem, 4 if info["dtype"] == "float32" else 2)
     info["plan"] = {**asdict(plan), "total": plan.total, "fits": plan.fits, "text": describe_plan(plan, format_size)}
+
+@app.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+def eval_(
+    model: str = typer.Argument(..., help="Alias, org/name@rev or folder."),
+    file: str = typer.Argument(..., help="JSONL: one {\"problem\": ..., \"answer\": ...} per line."),
+    samples: int = typer.Option(4, "-k", "--samples", min=1, max=1024, help="Samples per problem (pass@1 is averaged over them)."),
+    out: str = typer.Option(None, "--out", help="Per-sample results JSONL, appended to and resumed from (default: FILE.results.jsonl beside FILE)."),
+    suffix: str = typer.Option(None, "--suffix", help="Added after each problem on a new line (default: DeepSeek's \"Please reason step by step, and put your final answer within \\boxed{}.\"; '' for none)."),
+    pattern: str = typer.Option(None, "--pattern", help="A regular expression for the answer in the reply (its first group); default: the last \\boxed{}."),
+    parallel: int = typer.Option(8, "--parallel", min=1, max=256, help="Samples decoded together."),
+    device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
+    min_p: float = _MIN_P, seed: int = _SEED,
+) -> None:
+    """Sample each problem K times and score the answers: pass@1 (with its standard error) and majority vote."""
+    from .evaluate import MATH_SUFFIX, main
+
+    code = main(model, file, samples, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), out,
+                MATH_SUFFIX if suffix is None else suffix, pattern, parallel, device, dtype, max_context)
+    if code:
+        raise typer.Exit(code)
+
 
 @app.command()
 def bench(

@@ -25,6 +25,7 @@ REPETITION_EXIT = 6  # `r1 run` stopped by the repetition guard (docs/exit-codes
 REPETITION_NOTICE = "stopped: the output was repeating itself in a loop"
 CPU_CONTEXT = 8192  # default KV cache length on CPU and MPS: memory and speed there are tight
 ACCEL_CONTEXT = 32768  # on CUDA: room for R1's long reasoning
+MAX_RUN_BATCH = 16  # `r1 run -n`: rows of KV cache at once (each holds --max-context tokens); more samples queue
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 
 
@@ -362,6 +363,7 @@ class RunOptions:
     decode_mode: str = "auto"
     quant_head: bool = False
     speculative: dict = field(default_factory=dict)  # open_model's draft, draft_quant, mtp
+    n: int = 1  # samples of the prompt, decoded together (batch.py)
 
 
 def _silence(stream: TextIO) -> None:
@@ -431,6 +433,8 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     for notice in prompt.notices:
         note(f"r1: {notice}")
     params = m.sampling(opts.sampling)
+    if opts.n > 1:
+        return run_many(m, prompt, params, opts, out, err, note, thinking)
 
     def write(stream: TextIO, text: str) -> None:
         stream.write(text)
@@ -496,4 +500,57 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
         return 4
     if stats.finish_reason == "length":
         note(f"r1: the answer was cut off after {stats.completion_tokens} tokens (--max-tokens {params.max_tokens})")
+    return 0
+
+
+def run_many(m: OpenModel, prompt, params: SamplingParams, opts: RunOptions, out: TextIO, err: TextIO,
+             note: Callable[[str], None], thinking: str) -> int:
+    """`r1 run -n K`: K samples of one prompt in one batch (one prefill, shared). Sample i draws with seed
+    `--seed + i` when a seed is given. text: each answer after a `--- sample i/K ---` line, once it is complete
+    (its reasoning as <think> first with --thinking stdout); --json: an array of K result objects; --jsonl: the
+    events of every sample as they come, each with its "index"."""
+    from dataclasses import replace
+
+    from .batch import BatchEngine, stream_many
+
+    engine = BatchEngine(m.generator.model, max_batch=min(opts.n, MAX_RUN_BATCH), max_len=m.generator.max_len)
+    seeds = [None if params.seed is None else params.seed + i for i in range(opts.n)]
+    results: list[dict | None] = [None] * opts.n
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    if opts.output == "jsonl":
+        write(json.dumps({"event": "start", "model": m.name, "repo": m.ref.repo, "revision": m.revision}) + "\n")
+    interrupted = cut = 0
+    try:
+        for i, event in stream_many(engine, m.tokenizer, prompt, [replace(params, seed=s) for s in seeds]):
+            if opts.output == "jsonl":
+                if isinstance(event, (ReasoningDelta, AnswerDelta)):
+                    kind = "reasoning" if isinstance(event, ReasoningDelta) else "answer"
+                    write(json.dumps({"event": kind, "index": i, "text": event.text}, ensure_ascii=False) + "\n")
+                else:
+                    write(json.dumps({"event": "done", "index": i, **result_object(m, event.stats)}, ensure_ascii=False) + "\n")
+            if not isinstance(event, Done):
+                continue
+            stats = event.stats
+            results[i] = {"index": i, **result_object(m, stats)}
+            interrupted += stats.finish_reason == "interrupted"
+            cut += stats.finish_reason == "length"
+            if opts.output == "text":
+                write(f"--- sample {i + 1}/{opts.n} ---\n")
+                if thinking == "stdout" and stats.reasoning:
+                    write(f"<think>\n{stats.reasoning}\n</think>\n\n")
+                write(stats.content + ("" if stats.content.endswith("\n") else "\n"))
+    except BrokenPipeError:
+        _silence(out)
+        return 0
+    if opts.output == "json":
+        write(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    if interrupted:
+        note("r1: interrupted")
+        return 130
+    if cut:
+        note(f"r1: {cut} of {opts.n} answers were cut off (--max-tokens {params.max_tokens})")
     return 0

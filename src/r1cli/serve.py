@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -55,6 +55,7 @@ _SHUTDOWN = object()  # put into an open request's event queue when the server i
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # "repetition": the repetition guard stopped a reply stuck in a loop (docs/serve.md).
 FINISH = {"stop": "stop", "length": "length", "interrupted": "stop", "repetition": "repetition"}
+MAX_CHOICES = 16  # 'n' at most
 
 
 class ApiError(Exception):
@@ -95,6 +96,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices: more than one needs r1 serve --parallel > 1 (they share the prompt's prefill)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
@@ -137,8 +139,7 @@ def parse_request(body) -> ChatRequest:
         messages.append({"role": role, "content": answer_only(content) if role == "assistant" else content})
     if not any(m["role"] == "user" for m in messages):
         raise bad("'messages' must hold at least one user message", "messages")
-    if body.get("n") not in (None, 1):
-        raise bad("'n' must be 1: one choice per request", "n")
+    n = _number(body, "n", 1, MAX_CHOICES, integer=True) or 1
     if body.get("tools"):
         raise bad("r1 serve does not support tools", "tools")
     sampling = {
@@ -162,7 +163,7 @@ def parse_request(body) -> ChatRequest:
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise bad("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
     return ChatRequest(model, messages, {k: v for k, v in sampling.items() if v is not None},
-                       [s for s in stop if s], bool(stream), options.get("include_usage", False))
+                       [s for s in stop if s], bool(stream), options.get("include_usage", False), n)
 
 
 class StopScanner:
@@ -191,20 +192,33 @@ class StopScanner:
 class Job:
     """One request: its prompt and parameters, the asyncio queue its events go to, and a cancel flag."""
 
-    def __init__(self, prompt, params, stop: list[str], tenant: int | None = None):
+    def __init__(self, prompt, params, stop: list[str], tenant: int | None = None, n: int = 1):
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.prompt, self.params, self.stop = prompt, params, stop
+        self.prompt, self.params, self.stop, self.n = prompt, params, stop, n
         self.tenant = tenant  # which API key sent it (None: no keys): the KV cache's prefix is reused only within one
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
 
     def put(self, item) -> None:
-        """From the worker thread: an event, an Exception, or None (cancelled: nothing more comes)."""
+        """From the worker thread: an event (a `Choice` when n > 1), an Exception, or None (cancelled: nothing
+        more comes)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the event loop is gone
             self.cancelled.set()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An event of choice `index` of a request with n > 1 (the batched worker)."""
+
+    index: int
+    event: object
+
+
+def _choice(item) -> tuple[int, object]:
+    return (item.index, item.event) if isinstance(item, Choice) else (0, item)
 
 
 class Server:
@@ -216,8 +230,9 @@ class Server:
     def __init__(self, model: OpenModel, api_keys: list[str] | str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                  log_path: str | Path | None = None, allowed_hosts: set[str] | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S):
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, parallel: int = 1):
         self.model = model
+        self.parallel = parallel  # sequences decoded together (batch.py); 1: the Generator, one at a time
         self.api_keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
         self.allowed_hosts = allowed_hosts
         self.max_request_bytes, self.request_timeout = max_request_bytes, request_timeout
@@ -240,7 +255,8 @@ class Server:
         names = [model.name, model.ref.repo, model.ref.alias.name if model.ref.alias else None, folder_name,
                  "deepseek-reasoner"]
         self.names = list(dict.fromkeys(n for n in names if n))
-        self.worker = threading.Thread(target=self._work, name="r1-serve-worker", daemon=True)
+        self.worker = threading.Thread(target=self._work if parallel == 1 else self._work_batched,
+                                       name="r1-serve-worker", daemon=True)
         self.worker.start()
         self.app = Starlette(
             routes=[Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -276,6 +292,66 @@ class Server:
                 self._generate(job)
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 job.put(e)
+
+    def _work_batched(self) -> None:
+        """--parallel N > 1: up to N sequences decode together in a BatchEngine (the same KV row prefixes reused,
+        and a request's n choices sharing its prefill, only within one API key). Jobs are taken from the queue only
+        while a row is free, so --max-queue still counts the requests waiting beyond the running ones."""
+        from .batch import BatchEngine
+
+        m = self.model
+        engine = BatchEngine(m.generator.model, max_batch=self.parallel, max_len=m.generator.max_len)
+        live: dict = {}  # Sequence -> _Live
+        while True:
+            while len(engine.running) + len(engine.waiting) < self.parallel:
+                try:
+                    job = self.jobs.get(block=engine.idle)
+                except queue.Empty:
+                    break
+                if job is None:  # finish(): the server stops
+                    for seq in list(live):
+                        engine.cancel(seq)
+                        self._end_choice(live.pop(seq), seq)
+                    return
+                self._release()
+                if job.cancelled.is_set():
+                    self.log({"id": job.id, "event": "done", "finish_reason": "interrupted", "completion_tokens": 0})
+                    job.put(None)
+                    continue
+                try:
+                    for i in range(job.n):
+                        params = job.params if job.params.seed is None or i == 0 else replace(job.params, seed=job.params.seed + i)
+                        seq = engine.submit(job.prompt.ids, params, m.tokenizer.eos_ids, tag=(job, i), share=job.tenant)
+                        live[seq] = _Live(job, i, job.prompt, m.tokenizer)
+                except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
+                    job.put(e)
+            try:
+                events = engine.step()
+            except Exception as e:  # noqa: BLE001 - every running request gets the error; the server goes on
+                for seq in list(live):
+                    engine.cancel(seq)
+                    live.pop(seq).job.put(e)
+                continue
+            for seq, token in events:
+                state = live.get(seq)
+                if state is None:
+                    continue
+                if token is None:
+                    self._end_choice(live.pop(seq), seq)
+                elif state.feed(token) and not seq.done:  # a stop string: this choice ends here
+                    engine.cancel(seq)
+                    seq.finish_reason = "stop"
+                    self._end_choice(live.pop(seq), seq)
+            for seq in [s for s, st in live.items() if st.job.cancelled.is_set()]:
+                engine.cancel(seq)
+                self._end_choice(live.pop(seq), seq, gone=True)
+
+    def _end_choice(self, state: "_Live", seq, gone: bool = False) -> None:
+        stats = state.finish(seq)
+        self.log({"id": state.job.id, "event": "done", "index": state.index, "finish_reason": stats.finish_reason,
+                  "completion_tokens": stats.completion_tokens, "reasoning_tokens": stats.reasoning_tokens,
+                  "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens})
+        state.put(None if gone else Done(stats))
 
     def begin_shutdown(self) -> None:
         """On the event loop, when SIGTERM or SIGINT came: refuse new requests, end the open ones now."""
@@ -478,6 +554,8 @@ class Server:
         if req.model not in self.names:
             raise ApiError(404, f"The model '{req.model}' does not exist: this server runs {', '.join(self.names)}",
                            "model", "model_not_found")
+        if req.n > 1 and self.parallel == 1:
+            raise bad(f"'n' is {req.n}: more than one choice needs r1 serve --parallel 2 or more", "n")
         self._admit(req)
         queued = False
         try:
@@ -493,7 +571,7 @@ class Server:
                 raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your "
                                f"messages resulted in {len(prompt.ids)} tokens (at least one more is needed for "
                                f"the reply).", "messages", "context_length_exceeded")
-            job = Job(prompt, params, req.stop, request.scope.get("r1_tenant"))
+            job = Job(prompt, params, req.stop, request.scope.get("r1_tenant"), req.n)
             self.active.add(job)
             self.jobs.put(job)
             queued = True
@@ -508,16 +586,19 @@ class Server:
 
     async def _complete(self, job: Job, req: ChatRequest, request: Request) -> dict:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-        reasoning, content = [], []
+        reasoning, content = [[] for _ in range(job.n)], [[] for _ in range(job.n)]
+        done: dict[int, TurnStats] = {}
         try:
             while True:
-                item = await job.events.get()
+                i, item = _choice(await job.events.get())
                 if isinstance(item, ReasoningDelta):
-                    reasoning.append(item.text)
+                    reasoning[i].append(item.text)
                 elif isinstance(item, AnswerDelta):
-                    content.append(item.text)
+                    content[i].append(item.text)
                 elif isinstance(item, Done):
-                    break
+                    done[i] = item.stats
+                    if len(done) == job.n:
+                        break
                 elif item is _SHUTDOWN:
                     raise ApiError(503, "the server is shutting down; retry later", code="server_shutting_down",
                                    headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -526,34 +607,38 @@ class Server:
         finally:
             watcher.cancel()
             job.cancelled.set()
-        message = {"role": "assistant", "content": "".join(content), "reasoning_content": "".join(reasoning) or None}
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(content[i]),
+                                             "reasoning_content": "".join(reasoning[i]) or None},
+                    "logprobs": None, "finish_reason": FINISH[done[i].finish_reason]} for i in range(job.n)]
         return {"id": job.id, "object": "chat.completion", "created": int(time.time()), "model": req.model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": FINISH[item.stats.finish_reason]}],
-                "usage": usage(item.stats)}
+                "system_fingerprint": None, "choices": choices, "usage": usage(*done.values())}
 
     async def _sse(self, job: Job, req: ChatRequest):
         head = {"id": job.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": None}
 
-        def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        def chunk(delta: dict | None, finish: str | None = None, index: int = 0, **extra) -> str:
+            choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
             body = {**head, "choices": choices, **({"usage": None} if req.include_usage else {}), **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         # Every delta names both fields, so `delta.reasoning_content` and `delta.content` can always be read.
-        yield chunk({"role": "assistant", "content": "", "reasoning_content": None})
+        for i in range(job.n):
+            yield chunk({"role": "assistant", "content": "", "reasoning_content": None}, index=i)
+        done: dict[int, TurnStats] = {}
         while True:
-            item = await job.events.get()
+            i, item = _choice(await job.events.get())
             if isinstance(item, ReasoningDelta):
-                yield chunk({"content": None, "reasoning_content": item.text})
+                yield chunk({"content": None, "reasoning_content": item.text}, index=i)
             elif isinstance(item, AnswerDelta):
-                yield chunk({"content": item.text, "reasoning_content": None})
+                yield chunk({"content": item.text, "reasoning_content": None}, index=i)
             elif isinstance(item, Done):
-                yield chunk({"content": "", "reasoning_content": None}, FINISH[item.stats.finish_reason])
+                yield chunk({"content": "", "reasoning_content": None}, FINISH[item.stats.finish_reason], index=i)
+                done[i] = item.stats
+                if len(done) < job.n:
+                    continue
                 if req.include_usage:
-                    yield chunk(None, usage=usage(item.stats))
+                    yield chunk(None, usage=usage(*done.values()))
                 yield "data: [DONE]\n\n"
                 return
             elif item is _SHUTDOWN:
@@ -566,6 +651,61 @@ class Server:
                 if item is not None:
                     yield f"data: {json.dumps(_server_error(item).body())}\n\n"
                 return
+
+
+class _Live:
+    """One choice being decoded by the batched worker: its reasoning/answer split, stop strings and timings."""
+
+    def __init__(self, job: Job, index: int, prompt, tokenizer):
+        from .reasoning import ReasoningSplitter
+
+        self.job, self.index = job, index
+        self.splitter = ReasoningSplitter(start_in_thinking=prompt.starts_in_thinking,
+                                          think_start_id=tokenizer.think_start_id, think_end_id=tokenizer.think_end_id)
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = StopScanner(job.stop)
+        self.starts_in_thinking = prompt.starts_in_thinking
+        self.t0 = time.perf_counter()
+        self.first = self.answer = None
+
+    def put(self, item) -> None:
+        self.job.put(item if self.job.n == 1 or item is None else Choice(self.index, item))
+
+    def _deltas(self, parts) -> bool:
+        """Send the deltas on; True when a stop string ended the answer."""
+        for delta in parts:
+            if delta.kind != "answer":
+                self.put(ReasoningDelta(delta.text))
+                continue
+            if self.answer is None:
+                self.answer = time.perf_counter()
+            text, hit = self.stop.feed(delta.text) if self.job.stop else (delta.text, False)
+            if text:
+                self.put(AnswerDelta(text))
+            if hit:
+                return True
+        return False
+
+    def feed(self, token: int) -> bool:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return self._deltas(self.splitter.feed(self.decoder.add(token), token_id=token))
+
+    def finish(self, seq) -> TurnStats:
+        more = seq.finish_reason != "stop" or not self.job.stop  # a stop string ended it: nothing more is sent
+        if more and self._deltas(self.splitter.finish(self.decoder.flush())):
+            seq.finish_reason = "stop"
+        if self.stop.held:
+            self.put(AnswerDelta(self.stop.flush()))
+        end, sp, n = time.perf_counter(), self.splitter, seq.stats.generated_tokens
+        decode_s = end - (self.first or end)
+        return TurnStats(
+            reasoning=sp.reasoning_text, content=sp.answer_text, finish_reason=seq.finish_reason,
+            truncated_in_thinking=sp.truncated_in_thinking, prompt_tokens=seq.stats.prompt_tokens,
+            cached_tokens=seq.stats.cached_tokens, reasoning_tokens=sp.reasoning_tokens, completion_tokens=n,
+            ttft_ms=1000 * ((self.first or end) - self.t0),
+            thinking_ms=1000 * ((self.answer or end) - self.t0) if (self.starts_in_thinking or sp.reasoning_tokens) else 0.0,
+            total_ms=1000 * (end - self.t0), decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
 
 
 class _CancelOnExit(StreamingResponse):
@@ -600,11 +740,14 @@ def _server_error(item) -> ApiError:
     return ApiError(500, f"generation failed: {type(item).__name__}: {item}")
 
 
-def usage(stats: TurnStats) -> dict:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+def usage(stats: TurnStats, *more: TurnStats) -> dict:
+    """One request's usage; with n choices (`more`), the prompt once and the completions summed, as OpenAI counts."""
+    completion = stats.completion_tokens + sum(s.completion_tokens for s in more)
+    reasoning = stats.reasoning_tokens + sum(s.reasoning_tokens for s in more)
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": stats.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
             # DeepSeek's names for the same numbers
             "prompt_cache_hit_tokens": stats.cached_tokens,
             "prompt_cache_miss_tokens": stats.prompt_tokens - stats.cached_tokens}
@@ -787,7 +930,7 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
           group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False,
           allow_host: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, repeat_guard: bool = True,
-          speculative: dict | None = None) -> None:
+          speculative: dict | None = None, parallel: int | None = None) -> None:
     import uvicorn
 
     from .runner import open_model
@@ -802,12 +945,25 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
     warning = exposure_warning(host, keys)
     if warning:
         note(warning)
+    if speculative and parallel not in (None, 1):
+        raise UsageError("--draft and --mtp decode one request at a time: drop --parallel or use --parallel 1")
     sock = bind(host, port)  # before loading: a taken port fails at once
     m = open_model(model, device, dtype, max_context, interactive=sys.stdin.isatty() and sys.stderr.isatty(),
                    announce=note, quant=quant, group_size=group_size, decode_mode=decode_mode,
                    quant_head=quant_head, **(speculative or {}))
     m.defaults["repeat_guard"] = repeat_guard  # --no-repeat-guard
-    server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout)
+    if speculative:
+        parallel = 1  # the speculative generator is batch-1 (refused with --parallel N above)
+    if parallel is None:
+        from .batch import default_parallel, free_memory
+        from .models.layers import kv_cache_dtype
+
+        weights = m.generator.model.model.embed_tokens.weight
+        kv = m.generator.model.args.kv_cache_bytes_per_token(kv_cache_dtype(weights.dtype, weights.device).itemsize)
+        parallel = default_parallel(kv * m.generator.max_len, free_memory(weights.device), weights.device.type)
+    if parallel > 1:
+        note(f"r1 serve: {parallel} requests decode together (--parallel), {max_queue} more may wait (--max-queue)")
+    server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout, parallel)
     shown = f"[{host}]" if ":" in host else host
     note(f"r1 serve: {m.name} on http://{shown}:{sock.getsockname()[1]}/v1 (model names: {', '.join(server.names)})")
     config = uvicorn.Config(server, log_level="warning", timeout_graceful_shutdown=2, lifespan="off",

@@ -125,6 +125,19 @@ class CausalLM(nn.Module):
         }
         return self._layers(tokens, start_pos, freqs, masks, cache, last_only)
 
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One token per row, each row at its own slot (a batch of independent sequences: batch.py).
+        tokens [R, 1], positions [R] (long, on the device), cache a `cache.RowCache` of R rows -> logits [R, vocab].
+        Row b attends over its slots 0..positions[b] only. The caller sizes the rotary table first."""
+        freqs = self.freqs[positions].unsqueeze(1)  # [R, 1, D/2, 2]
+        slots = torch.arange(cache.attend_len, device=tokens.device)[None, :]
+        pos = positions[:, None]
+        masks = {}
+        for window in {self._window(i) for i in range(self.args.n_layers)}:
+            m = slots <= pos if window is None else (slots <= pos) & (pos - slots < window)
+            masks[window] = m[:, None, None, :]
+        return self._layers(tokens, positions, freqs, masks, cache, last_only=False)[:, -1]
+
     def _window(self, layer: int) -> int | None:
         return self.args.sliding_window if self.args.uses_sliding_window(layer) else None
 

@@ -57,3 +57,33 @@ class Cache:
 
     def reset(self) -> None:
         self.key_valid = None
+
+
+class RowCache(Cache):
+    """One row of `rows` per sequence, each at its own length (the batched engine, batch.py): a decode step feeds
+    one token per row and `write` stores row b's at slot positions[b] (start_pos is that [rows] tensor), then
+    returns the first `rows` rows over the first `attend_len` slots; the caller's mask hides each row's slots past
+    its own position. Shares the buffers of the cache it is made from."""
+
+    def __init__(self, cache: Cache, rows: int, attend_len: int):
+        super().__init__(cache.layers, cache.max_len, cache.slot_dim)
+        self.rows, self.attend_len = rows, attend_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows
+
+    def write(self, layer: int, start_pos, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        d = self.slot_dim
+        index = (torch.arange(self.rows, device=start_pos.device),) + (slice(None),) * (d - 1) + (start_pos,)
+        out = []
+        for buf, val in zip(self.layers[layer], values):
+            buf[index] = val.select(d, 0).to(buf.dtype)
+            out.append(buf.narrow(0, 0, self.rows).narrow(d, 0, self.attend_len))
+        return tuple(out)
+
+
+def row_view(cache: Cache, row: int) -> Cache:
+    """Row `row` of a batched cache as a batch-1 cache (views: writes land in the shared buffers), for the
+    ordinary forward (a prompt's prefill)."""
+    return Cache([tuple(buf.narrow(0, row, 1) for buf in layer) for layer in cache.layers], cache.max_len, cache.slot_dim)

@@ -1,0 +1,347 @@
+"""Many sequences at once (continuous batching): the batched engine behind `r1 run -n` and `r1 eval`.
+
+One KV cache with a row per sequence, each row at its own length. A step decodes one token for every sequence
+that has one to feed, in one forward (`CausalLM.decode_rows`: the weights are read once for all of them), and
+prefills at most `prefill_chunk` prompt tokens of the sequences still reading their prompts, so a long prompt
+never stalls the others for more than a chunk. Sequences join when a row is free and leave when they stop, at
+step boundaries. Each samples with its own parameters and seed through `generate.sample`, so a sequence gives
+the tokens it would give alone in `generate.Generator` (greedy, float32: tested). Sequences submitted with the
+same prompt at the same time share its prefill: the first one's cache row is copied to the others; a new
+sequence takes the free row whose cached tokens share the longest prefix with its prompt (a conversation's next
+turn), but only within one `share` group (serve: one API key).
+
+The batch-1 `Generator` is untouched; this engine is built beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import R1Error
+from .generate import GenerationStats, SamplingParams, sample
+from .models import CausalLM
+from .models.cache import RowCache, row_view
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt's generation. `tokens` grows as the engine samples (a stop token is not added); when it ends,
+    `finish_reason` is stop | length | interrupted and `stats` is complete."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()
+    tag: object = None  # the caller's (an index, a request)
+    share: object = None  # who may share KV with this sequence (serve: the API key): prefill copies, row prefixes
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    # engine state
+    row: int = -1
+    pos: int = 0  # cache slots this sequence has filled
+    pending: int | None = None  # the last sampled token, fed at the next decode step
+    sampled: int = 0  # draws so far, a stop token included (the budget counts it, as Generator's does)
+    budget: int = 0
+    generator: torch.Generator | None = None
+    guard: object = None  # generate.RepetitionGuard when params.repeat_guard (main's repetition guard)
+    seen: torch.Tensor | None = None  # [vocab] mask of the tokens repetition_penalty applies to
+    t_submit: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BatchEngine:
+    """`submit` sequences, then `step()` (or iterate `run()`) until `idle`. At most `max_batch` decode together;
+    more wait in a queue, in order."""
+
+    def __init__(self, model: CausalLM, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256):
+        if model.shard is not None:
+            raise R1Error("several sequences at once do not run tensor parallel yet (--gpus); run them one by one")
+        self.model = model
+        self.device = model.model.embed_tokens.weight.device
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.cache = None  # allocated on first use: max_batch rows of max_len slots
+        self.free_rows = set(range(max_batch))
+        # per row: the tokens its cache slots hold, in order, and the share group that wrote them
+        self.row_ids: list[list[int]] = [[] for _ in range(max_batch)]
+        self.row_share: list[object] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=frozenset(), tag=None,
+               share=None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        seq = Sequence(list(prompt_ids), params, frozenset(stop_ids), tag, share)
+        seq.budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        seq.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        # The repetition guard and penalty of generate.py, read with getattr: this engine was written beside them.
+        if getattr(params, "repeat_guard", False):
+            from .generate import RepetitionGuard
+
+            seq.guard = RepetitionGuard()
+        seq.t_submit = time.perf_counter()
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now (its reader went away); its row is free at once."""
+        if seq.done:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "interrupted")
+
+    def run(self) -> Iterator[tuple[Sequence, int | None]]:
+        """Step until idle; yields (sequence, token) per new token and (sequence, None) when one ends."""
+        while not self.idle:
+            yield from self.step()
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int | None]]:
+        """One decode forward for every sequence with a token to feed, then up to `prefill_chunk` prompt tokens
+        of the sequences still prefilling. Returns the events, as `run` yields them."""
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.max_batch, self.max_len)
+            self.model.ensure_rope(self.max_len)
+        events: list[tuple[Sequence, int | None]] = []
+        while self.waiting and self.free_rows:
+            self._admit(self.waiting.popleft())
+        self._decode(events)
+        self._prefill(events)
+        return events
+
+    def _admit(self, seq: Sequence) -> None:
+        """Into the free row holding the longest prefix of its prompt (same share group)."""
+        def reuse(row: int) -> int:
+            if self.row_share[row] != seq.share:
+                return 0
+            n = 0
+            for a, b in zip(self.row_ids[row], seq.prompt_ids[:-1]):  # one prompt token must run for the logits
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        # ties: the row holding the fewest tokens (the least to lose), then the lowest
+        row = max(self.free_rows, key=lambda r: (reuse(r), -len(self.row_ids[r]), -r))
+        seq.row, seq.pos, seq.pending = row, reuse(row), None
+        seq.stats.cached_tokens = seq.pos
+        self.free_rows.discard(row)
+        self.row_ids[row] = self.row_ids[row][: seq.pos]
+        self.row_share[row] = seq.share
+        self.running.append(seq)
+
+    def _decode(self, events) -> None:
+        decoding = [s for s in self.running if s.pending is not None]
+        if not decoding:
+            return
+        by_row = {s.row: s for s in self.running}
+        rows = max(s.row for s in decoding) + 1
+        # Rows in range that do not decode (free, or still prefilling) get a dummy token past the tokens they hold
+        # (a prefilling row's next chunk overwrites it): the step keeps one [rows] shape without gathering the cache.
+        tokens = [0] * rows
+        positions = [0] * rows
+        for r in range(rows):
+            s = by_row.get(r)
+            if s is not None:
+                positions[r] = s.pos
+                if s.pending is not None:
+                    tokens[r] = s.pending
+            else:
+                positions[r] = len(self.row_ids[r])
+        attend = max(s.pos for s in decoding) + 1  # a row past it sees garbage it does not use
+        cache = RowCache(self.cache, rows, attend)
+        t0 = time.perf_counter()
+        logits = self.model.decode_rows(
+            torch.tensor(tokens, device=self.device).view(rows, 1), torch.tensor(positions, device=self.device), cache
+        )
+        draws = self._sample(logits, decoding)
+        dt = time.perf_counter() - t0
+        for s, tok in zip(decoding, draws):
+            s.pos += 1
+            s.stats.decode_s += dt
+            self._emit(s, tok, events)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One draw per sequence with its own parameters and generator; greedy rows in one argmax."""
+        out: dict[int, int] = {}
+        plain = lambda s: s.params.temperature <= 0 and getattr(s.params, "repetition_penalty", 1.0) == 1.0  # noqa: E731
+        greedy = [s for s in seqs if plain(s)]
+        if greedy:
+            rows = torch.tensor([s.row for s in greedy], device=logits.device)
+            for s, tok in zip(greedy, logits.index_select(0, rows).argmax(dim=-1).tolist()):
+                out[s.row] = tok
+        for s in seqs:
+            if not plain(s):
+                out[s.row] = int(sample(self._penalized(s, logits[s.row : s.row + 1]), s.params, s.generator))
+        return [out[s.row] for s in seqs]
+
+    def _penalized(self, s: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """repetition_penalty over the prompt and every token fed since, as Generator applies it."""
+        penalty = getattr(s.params, "repetition_penalty", 1.0)
+        if penalty == 1.0:
+            return logits
+        from .generate import penalize_repeats
+
+        if s.seen is None:
+            s.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            s.seen[torch.tensor([t for t in s.prompt_ids if t < logits.shape[-1]], device=logits.device)] = True
+        elif s.pending is not None:
+            s.seen[s.pending] = True  # the token this step fed
+        return penalize_repeats(logits, s.seen, penalty)
+
+    def _prefill(self, events) -> None:
+        budget = self.prefill_chunk
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.done or seq.pending is not None or seq.pos >= len(seq.prompt_ids):
+                continue
+            t0 = time.perf_counter()
+            part = seq.prompt_ids[seq.pos : seq.pos + budget]
+            feed = torch.tensor([part], device=self.device)
+            logits = self.model(feed, start_pos=seq.pos, cache=row_view(self.cache, seq.row), last_only=True)[:, -1]
+            seq.pos += len(part)
+            budget -= len(part)
+            seq.stats.prefill_s += time.perf_counter() - t0
+            if seq.pos < len(seq.prompt_ids):
+                continue
+            twins = [seq] + self._share_prefill(seq)
+            for s, tok in zip(twins, self._sample(logits.expand(self.max_batch, -1), twins)):
+                s.stats.prefill_s = time.perf_counter() - s.t_submit  # time to first token, queue included
+                self._emit(s, tok, events)
+
+    def _share_prefill(self, seq: Sequence) -> list[Sequence]:
+        """Sequences admitted with the same prompt and not started yet take a copy of `seq`'s filled cache row."""
+        twins = [s for s in self.running if s is not seq and s.pos < seq.pos and s.pending is None and not s.done
+                 and s.prompt_ids == seq.prompt_ids and s.share == seq.share]
+        n, d = seq.pos, self.cache.slot_dim
+        for s in twins:
+            for layer in self.cache.layers:
+                for buf in layer:
+                    buf[s.row].narrow(d - 1, 0, n).copy_(buf[seq.row].narrow(d - 1, 0, n))
+            s.pos = n
+        return twins
+
+    def _emit(self, seq: Sequence, tok: int, events) -> None:
+        seq.sampled += 1
+        if tok in seq.stop_ids:
+            self._finish(seq, "stop")
+        elif seq.guard is not None and seq.guard.add(tok):  # a reply stuck in a loop, as Generator stops it
+            self._finish(seq, "repetition")
+        else:
+            seq.tokens.append(tok)
+            seq.stats.generated_tokens += 1
+            events.append((seq, tok))
+            if seq.sampled >= seq.budget:
+                self._finish(seq, "length")
+            else:
+                seq.pending = tok
+                return
+        events.append((seq, None))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.stats.finish_reason = reason
+        seq.pending = None
+        if seq.row >= 0:
+            self.running.remove(seq)
+            self.free_rows.add(seq.row)
+            # what the row's slots hold: the prompt's tokens up to pos, then each sampled token fed back
+            fed = (seq.prompt_ids + seq.tokens)[: seq.pos]
+            self.row_ids[seq.row] = fed
+            seq.row = -1
+
+
+def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingParams]):
+    """`events.stream_events` for several samples of one rendered prompt, decoded together: yields
+    (index, ReasoningDelta | AnswerDelta | Done) as the batch steps, each sample split into reasoning and answer on
+    its own. Ctrl-C ends every unfinished sample with finish_reason 'interrupted' (its partial text kept)."""
+    from .events import AnswerDelta, Done, ReasoningDelta, TurnStats
+    from .reasoning import ReasoningSplitter
+
+    t0 = time.perf_counter()
+    seqs = [engine.submit(prompt.ids, p, tokenizer.eos_ids, tag=i) for i, p in enumerate(params)]
+    state = {}
+    for seq in seqs:
+        splitter = ReasoningSplitter(start_in_thinking=prompt.starts_in_thinking, think_start_id=tokenizer.think_start_id,
+                                     think_end_id=tokenizer.think_end_id)
+        state[seq.tag] = dict(splitter=splitter, decoder=tokenizer.stream_decoder(), first=None, answer=None)
+
+    def deltas(i, parts):
+        for delta in parts:
+            if delta.kind == "answer" and state[i]["answer"] is None:
+                state[i]["answer"] = time.perf_counter()
+            yield i, AnswerDelta(delta.text) if delta.kind == "answer" else ReasoningDelta(delta.text)
+
+    def done(seq):
+        s = state[seq.tag]
+        yield from deltas(seq.tag, s["splitter"].finish(s["decoder"].flush()))
+        end, sp = time.perf_counter(), s["splitter"]
+        n = seq.stats.generated_tokens
+        decode_s = end - (s["first"] or end)
+        yield seq.tag, Done(TurnStats(
+            reasoning=sp.reasoning_text, content=sp.answer_text, finish_reason=seq.finish_reason,
+            truncated_in_thinking=sp.truncated_in_thinking, prompt_tokens=seq.stats.prompt_tokens,
+            reasoning_tokens=sp.reasoning_tokens, completion_tokens=n,
+            ttft_ms=1000 * ((s["first"] or end) - t0),
+            thinking_ms=1000 * ((s["answer"] or end) - t0) if (prompt.starts_in_thinking or sp.reasoning_tokens) else 0.0,
+            total_ms=1000 * (end - t0), decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0))
+
+    try:
+        while not engine.idle:
+            for seq, token in engine.step():
+                if token is None:
+                    yield from done(seq)
+                    continue
+                s = state[seq.tag]
+                if s["first"] is None:
+                    s["first"] = time.perf_counter()
+                yield from deltas(seq.tag, s["splitter"].feed(s["decoder"].add(token), token_id=token))
+    except KeyboardInterrupt:
+        for seq in seqs:
+            if not seq.done:
+                engine.cancel(seq)
+                yield from done(seq)
+
+
+MAX_DEFAULT_PARALLEL = {"cpu": 8, "cuda": 64}  # a CPU's decode stops gaining well before 16 streams
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may still take on `device`: the GPU's free memory, or MemAvailable on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_parallel(kv_bytes_per_sequence: int, free_bytes: int, device_type: str) -> int:
+    """`r1 serve --parallel` by default: as many sequences as half the free memory holds KV caches for (each a
+    whole context long), at least 1 and at most MAX_DEFAULT_PARALLEL for the device."""
+    fit = int(free_bytes * 0.5 // max(kv_bytes_per_sequence, 1))
+    return max(1, min(MAX_DEFAULT_PARALLEL.get(device_type, 8), fit))
