@@ -109,7 +109,10 @@ def test_show_an_alias_before_download_equals_show_after(offline_empty_cache, tm
     folder = tmp_path / repo_name
     folder.mkdir()
     shutil.copy(HUB_CONFIGS / repo_name / "config.json", folder / "config.json")
-    (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    # show reads no weights, only which layers the checkpoint has: an index naming one tensor per layer
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    weight_map = {f"model.layers.{i}.input_layernorm.weight": "model.safetensors" for i in range(layers)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     after = r1hub.show(resolve_name(str(folder)), ctx=2048)
     same = ("architecture", "parameters", "context_length", "dtype", "memory", "quantized_weights", "cpu")
     assert {k: before[k] for k in same} == {k: after[k] for k in same}
