@@ -93,6 +93,40 @@ def raw_blocks(qtype, rows=8, cols=512, seed=0) -> np.ndarray:
     return quantize(values, qtype)
 
 
+EVERY_TYPE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+              T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]
+
+
+# Where each block keeps its float16 scales (and mins), by ggml's block layouts; IQ1_M spreads its scale over four
+# words, F32/F16/BF16 have none.
+HALVES = {T.Q4_1: (0, 2), T.Q5_1: (0, 2), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q2_K: (80, 82), T.Q3_K: (108,),
+          T.Q6_K: (208,), T.F32: (), T.F16: (), T.BF16: (), T.IQ1_M: ()}
+
+
+@pytest.mark.parametrize("qtype", EVERY_TYPE, ids=lambda t: t.name)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_blocks_of_every_type_decode_exactly_like_gguf_quants(qtype, seed):
+    """Random bytes, so every bit pattern of scales, signs and grid indices occurs (NaN and inf halves included:
+    compared NaN for NaN); sane float16 scales in a second half, so finite values are checked everywhere too."""
+    from gguf import GGML_QUANT_SIZES
+
+    per_block, block_bytes = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(24, 4 * block_bytes), dtype=np.uint8)
+    blocks = raw[12:].reshape(-1, block_bytes)
+    for at in HALVES.get(qtype, (0,)):  # the float16 scales (and mins) of each block
+        blocks[:, at : at + 2] = rng.uniform(-1e-2, 1e-2, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    with np.errstate(all="ignore"):
+        oracle = torch.from_numpy(gguf_dequantize(raw, qtype).reshape(24, -1))
+    if qtype in G.FLOATS:
+        ours = G.dequantize(torch.from_numpy(raw).view(G.FLOATS[qtype]), qtype)
+    else:
+        ours = G.dequantize(torch.from_numpy(raw), qtype)
+    assert ours.dtype == torch.float32 and ours.shape == oracle.shape == (24, 4 * per_block)
+    assert torch.isfinite(ours[12:]).all() or qtype in (T.F32, T.F16, T.BF16, T.IQ1_M)
+    torch.testing.assert_close(ours, oracle, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_blocks_decode_bit_identically_to_gguf_quants(qtype):
     raw = raw_blocks(qtype)

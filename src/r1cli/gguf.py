@@ -6,7 +6,7 @@ GGUFReader builds a numpy view per vocabulary string: seconds for a 150k-token v
 fraction of one) and take the format's constants from the `gguf` package. Nothing in the file is ever executed;
 the chat template renders in chat_format's sandbox.
 
-Weights: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K (everything a Q4_K_M, Q4_0 or Q8_0 file mixes).
+Weights: every type llama.cpp's quantizer writes for these models (gguf_quants.py decodes them).
 - `load_model` dequantizes them into a model built on the meta device, one tensor at a time and in row chunks,
   so peak memory stays close to the loaded model.
 - `linear_codes` hands a Linear's blocks over unchanged as integer codes and scales, for the int4/int8 Linear:
@@ -29,21 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
+from gguf import GGMLQuantizationType, TokenType
 
 from .config import ModelArgs, RopeArgs
 from .errors import CheckpointError, UnsupportedArchitectureError
+from .gguf_quants import BLOCKS, FLOATS, dequantize  # noqa: F401  (dequantize: this module's API too)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED = "r1 runs GGUF files of llama and qwen2 models (the R1 distills)"
 
-# The tensor types r1 reads -> (values per block, bytes per block).
 F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K = (
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K,
 )
-BLOCKS = {t: GGML_QUANT_SIZES[t] for t in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)}
-FLOATS = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 
 
 def type_name(ggml_type: int) -> str:
@@ -261,29 +259,6 @@ def q6_k_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes in -32..31 [N, K], scales = d * sc [N, K/16]."""
     n, b = raw.shape[0], raw.reshape(-1, 210)
     return _q6_k_codes(b).reshape(n, -1), _q6_k_scales(b).reshape(n, -1)
-
-
-def dequantize(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    """Block-quantized rows uint8 [N, bytes per row] (or a float tensor) -> float32 [N, K]."""
-    if ggml_type in FLOATS:
-        return raw.float()
-    if ggml_type not in BLOCKS:
-        raise CheckpointError(f"r1 cannot dequantize GGUF {type_name(ggml_type)} blocks")
-    n, b = raw.shape[0], raw.reshape(-1, BLOCKS[ggml_type][1])
-    nb = b.shape[0]
-    if ggml_type == Q8_0:
-        out = b[:, 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0))
-    elif ggml_type == Q4_0:
-        out = _unpack4(b[:, 2:], torch.empty(nb, 2, 16)).view(nb, 32).sub_(8).mul_(_half(b, 0))
-    elif ggml_type == Q4_1:
-        out = _unpack4(b[:, 4:], torch.empty(nb, 2, 16)).view(nb, 32).mul_(_half(b, 0)).add_(_half(b, 2))
-    elif ggml_type == Q4_K:
-        scale, minimum = _q4_k_scales(b)
-        out = _unpack4(b[:, 16:].reshape(nb, 4, 32), torch.empty(nb, 4, 2, 32)).view(nb, 8, 32)
-        out = out.mul_(scale).sub_(minimum)
-    else:  # Q6_K
-        out = _q6_k_codes(b).float().mul_(_q6_k_scales(b))
-    return out.reshape(n, -1)
 
 
 # --- metadata -> ModelArgs -----------------------------------------------------------------------------------------
