@@ -17,7 +17,7 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
 from gguf_files import T, header_only_gguf, llama3_rope_freqs, random_k_blocks, small_tokenizer_metadata
-from gguf_files import smollm2_gguf, tokenizer_metadata, write_gguf
+from gguf_files import smollm2_gguf, tokenizer_metadata, write_deepseek2_gguf, write_gguf
 from hf_server import FakeHub, Repo
 from memprobe import measure_load
 
@@ -366,6 +366,88 @@ def test_run_r1_gguf_file_starts_in_thinking(r1_gguf):
     assert "stopped while thinking" in one_line_error(p, 4)
 
 
+# --- deepseek2: DeepSeek-V2/V3/R1 as llama.cpp's converter writes them ------------------------------------------------
+
+DEEPSEEK2 = {  # tiny checkpoint, converter form: kv_b split per head (newer files) or joined (older), shards
+    "v3-split-kv-b-3-shards": (lambda: tiny.v3_config(), dict(split_kv_b=True, split_max_tensors=20)),
+    "v2-lite-joined-kv-b": (lambda: tiny.v2_config(), dict(split_kv_b=False)),
+    "v2-group-limited": (lambda: tiny.v2_config(topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                                routed_scaling_factor=1.5), dict(split_kv_b=True)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DEEPSEEK2))
+def deepseek2(request, tmp_path_factory):
+    from r1cli.loader import load_model as load_safetensors
+
+    config, form = DEEPSEEK2[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = tiny.write_checkpoint(config(), folder / "hf", hub_layout=True)
+    files = write_deepseek2_gguf(folder / "tiny.gguf", folder / "hf", **form)
+    return request.param, files, hf, load_safetensors(folder / "hf", dtype="float32")
+
+
+def test_deepseek2_gguf_gives_the_logits_of_its_safetensors_checkpoint(deepseek2):
+    name, files, hf, safetensors_model = deepseek2
+    assert len(files) == (3 if "3-shards" in name else 1)
+    f = G.open_gguf(files[-1])  # any part names the whole split
+    args = G.model_args(f)
+    want = safetensors_model.args
+    # The same config, but for float32 metadata (eps, yarn's mscale) and the dtype a GGUF cannot say.
+    assert dataclasses.replace(args, norm_eps=want.norm_eps, rope=want.rope, torch_dtype=want.torch_dtype) == want
+    assert args.norm_eps == pytest.approx(want.norm_eps) and args.rope.mscale_all_dim == pytest.approx(want.rope.mscale_all_dim)
+    ours = G.load_model(f, "cpu", torch.float32)
+    tokens = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, same, oracle = ours(tokens), safetensors_model(tokens), hf(tokens).logits
+    assert (got - same).abs().max() <= 1e-5
+    assert (got - oracle).abs().max() <= 1e-4  # transformers
+
+
+def test_deepseek2_quantized_tensors_load_as_gguf_quants_decodes_them(tmp_path):
+    """Q8_0/Q4_0/Q5_1 MLA, stacked experts and shared experts: each parameter is the oracle's decode of its tensor
+    (kv_b_proj rebuilt from k_b and v_b), and --quant int4 repacks and quantizes them (experts one at a time)."""
+    from gguf_files import deepseek2_tensors
+
+    folder = tmp_path / "hf"
+    tiny.write_checkpoint(tiny.v3_config(qk_nope_head_dim=32), folder, hub_layout=True)  # k_b rows of 32
+    cfg = json.loads((folder / "config.json").read_text())
+    types = {"blk.1.ffn_up_exps.weight": T.Q4_0, "blk.1.ffn_down_exps.weight": T.Q5_1, "blk.2.attn_k_b.weight": T.Q4_0,
+             "blk.0.attn_output.weight": T.Q4_1}
+    (path,) = write_deepseek2_gguf(tmp_path / "q.gguf", folder, types=types, default=T.Q8_0)
+    f = G.GGUFFile(path)
+    model = G.load_model(f, "cpu", torch.float32, fuse=False)
+    params = dict(model.named_parameters())
+    for name in deepseek2_tensors(folder, cfg):
+        info = f.tensors[name]
+        if info.ggml_type == T.F32 or ".attn_v_b." in name:
+            continue
+        oracle = torch.from_numpy(gguf_dequantize(f.raw(name).numpy(), info.ggml_type)).reshape(info.shape)
+        if ".attn_k_b." in name:
+            h, nope = cfg["num_attention_heads"], cfg["qk_nope_head_dim"]
+            got = params[G.parameter_name(name)].view(h, -1, cfg["kv_lora_rank"])[:, :nope].transpose(1, 2)
+        else:
+            got = params[G.parameter_name(name)]
+        assert torch.equal(got, oracle), name
+    tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(2))
+    int4 = G.load_model(G.GGUFFile(path), "cpu", torch.float32, quant="int4")
+    assert int4.gguf_repacked > 0 and "int4" in str(type(int4.model.layers[1].mlp.experts.quant["up_proj"])).lower()
+    with torch.no_grad():
+        p, q = model(tokens).log_softmax(-1), int4(tokens).log_softmax(-1)
+    assert (p.exp() * (p - q)).sum(-1).mean() < 0.05  # KL of next-token distributions
+
+
+def test_a_split_gguf_with_a_missing_part_is_one_line(tmp_path):
+    tiny.write_checkpoint(tiny.v2_config(), tmp_path / "hf", hub_layout=True)
+    files = write_deepseek2_gguf(tmp_path / "m.gguf", tmp_path / "hf", split_max_tensors=16)
+    assert len(files) == 3
+    files[1].unlink()
+    with pytest.raises(R1Error, match=f"{files[1].name} is missing"):
+        G.open_gguf(files[2])
+    line = one_line_error(r1("show", str(files[0])), 1)
+    assert "split into 3 files" in line and files[1].name in line
+
+
 # --- names, pull, list, show, run -------------------------------------------------------------------------------------
 
 GGUF_REPO = "test/SmolLM2-135M-Instruct-GGUF"
@@ -403,13 +485,39 @@ def test_pick_gguf_by_quant_type():
 
 
 def test_unsupported_gguf_architecture_is_one_line(tmp_path):
-    path = header_only_gguf(tmp_path / "DeepSeek-V3-Q2_K.gguf", "deepseek2")
-    with pytest.raises(UnsupportedArchitectureError, match="llama and qwen2"):
+    path = header_only_gguf(tmp_path / "gemma-3-4b-Q2_K.gguf", "gemma3")
+    with pytest.raises(UnsupportedArchitectureError, match="llama, qwen2 .* and deepseek2"):
         G.model_args(G.GGUFFile(path))
     line = one_line_error(r1("run", str(path), "Hi"), 1)
-    assert "deepseek2" in line and "llama and qwen2" in line
+    assert "gemma3" in line and "deepseek2" in line
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     assert "not a GGUF file" in one_line_error(r1("show", str(tmp_path / "junk.gguf")), 1)
+
+
+@pytest.mark.slow
+def test_show_a_gguf_file_in_text_and_json(tmp_path):
+    info = json.loads(r1("show", str(SMOL), "--json").stdout)
+    f = G.GGUFFile(SMOL)
+    mix = info["gguf"]["tensor_types"]
+    assert info["gguf"]["architecture"] == "llama" and info["gguf"]["parts"] == 1
+    assert sum(v["tensors"] for v in mix.values()) == len(f.tensors)
+    assert sum(v["bytes"] for v in mix.values()) == sum(t.nbytes for t in f.tensors.values())
+    assert set(mix) == {G.type_name(t.ggml_type) for t in f.tensors.values()}
+    p = r1("show", str(SMOL))
+    assert p.returncode == 0, p.stderr
+    text = dict(line.split(None, 1) if not line.startswith(("memory", "context", "size", "chat")) else
+                (line[:16].strip(), line[16:]) for line in p.stdout.splitlines())
+    assert text["architecture"] == "LlamaForCausalLM"
+    assert text["GGUF"].startswith("llama ") and all(f"{t} " in text["GGUF"] for t in mix), text["GGUF"]
+    assert "int4 g32" in text["quantized"] and text["dtype"].startswith("GGUF")
+    # A split deepseek2 file: shown as one, from any part.
+    tiny.write_checkpoint(tiny.v2_config(), tmp_path / "hf", hub_layout=True)
+    files = write_deepseek2_gguf(tmp_path / "m.gguf", tmp_path / "hf", split_max_tensors=16, default=T.Q8_0)
+    info = json.loads(r1("show", str(files[1]), "--json").stdout)
+    assert info["architecture"] == "DeepseekV2ForCausalLM" and info["gguf"]["parts"] == 3
+    assert info["size_on_disk"] == sum(p.stat().st_size for p in files)
+    assert "Q8_0" in info["gguf"]["tensor_types"] and "F32" in info["gguf"]["tensor_types"]
+    assert "3 parts" in r1("show", str(files[0])).stdout
 
 
 @pytest.fixture(scope="module")

@@ -411,22 +411,25 @@ def list_models() -> list[dict]:
 
 def _gguf_rows(repo_id: str, rev) -> list[dict]:
     """One row per runnable GGUF file of a cached revision (`r1 run org/name:TYPE` names it)."""
-    from .gguf import ARCHITECTURES, GGUFFile
+    from .gguf import GGUFFile, architecture_of, split_parts
 
     rows = []
     for path in sorted(rev.snapshot_path.rglob("*.gguf")):
         if not path.is_file() or path.name.lower().startswith("mmproj"):
             continue
+        parts = split_parts(path) or [path]  # a split file: one row, named by its first part
+        if path != parts[0]:
+            continue
         try:
-            arch = ARCHITECTURES.get(GGUFFile(path).metadata.get("general.architecture"))
+            arch = architecture_of(GGUFFile(path))
         except R1Error:
             arch = None
         if arch is None:
             continue
         rows.append({
             "alias": None, "repo": repo_id, "gguf": quant_type(path.name), "revision": rev.commit_hash[:7],
-            "refs": sorted(rev.refs), "size": path.stat().st_size, "architecture": arch, "complete": True,
-            "path": str(path),
+            "refs": sorted(rev.refs), "size": sum(p.stat().st_size for p in parts if p.is_file()),
+            "architecture": arch, "complete": all(p.is_file() for p in parts), "path": str(path),
         })
     return rows
 
@@ -542,10 +545,10 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
     to bfloat16)."""
     from gguf import LlamaFileType
 
-    from .gguf import GGUFFile, model_args
+    from .gguf import model_args, open_gguf, tensor_types
     from .models import count_parameters
 
-    f = GGUFFile(path)
+    f = open_gguf(path)
     args = model_args(f)  # also refuses an architecture r1 cannot run
     total, activated = count_parameters(args)
     try:
@@ -567,9 +570,12 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "parameters": {"total": total, "activated": activated},
         "context_length": args.max_seq_len,
         "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
-        "size_on_disk": path.stat().st_size,
+        "size_on_disk": f.size,
         "memory": memory,
         "chat_template": isinstance(template, str),
+        "quantized_weights": _quantized_sizes(args, 2),
+        "gguf": {"architecture": f.metadata.get("general.architecture"), "file_type": file_type,
+                 "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f)},
         # As `r1 run` decides: an R1 chat template means R1's sampling (a GGUF has no generation_config.json).
         "sampling": {**R1_SAMPLING, "source": "DeepSeek's R1 usage recommendations"} if r1 else {},
     }
