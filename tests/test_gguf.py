@@ -21,6 +21,7 @@ from gguf_files import smollm2_gguf, tokenizer_metadata, write_deepseek2_gguf, w
 from hf_server import FakeHub, Repo
 from memprobe import measure_load
 
+import steered
 import tiny
 from r1cli import gguf as G
 from r1cli.chat_format import build_prompt, family_for
@@ -437,6 +438,7 @@ def test_deepseek2_quantized_tensors_load_as_gguf_quants_decodes_them(tmp_path):
     assert (p.exp() * (p - q)).sum(-1).mean() < 0.05  # KL of next-token distributions
 
 
+@pytest.mark.slow
 def test_a_split_gguf_with_a_missing_part_is_one_line(tmp_path):
     tiny.write_checkpoint(tiny.v2_config(), tmp_path / "hf", hub_layout=True)
     files = write_deepseek2_gguf(tmp_path / "m.gguf", tmp_path / "hf", split_max_tensors=16)
@@ -479,8 +481,7 @@ def test_pick_gguf_by_quant_type():
         pick_gguf(files, "Q4_K", "o/M")  # no file is exactly "Q4_K": three contain it
     with pytest.raises(ModelNotFoundError, match="has: F16, Q4_K_M, Q4_K_S, Q6_K, Q8_0, UD-Q4_K_XL"):
         pick_gguf(files, "Q5_K_M", "o/M")
-    with pytest.raises(R1Error, match="split into 2 files"):
-        pick_gguf(files, "Q6_K", "o/M")
+    assert pick_gguf(files, "Q6_K", "o/M") == "big/M-Q6_K-00001-of-00002.gguf"  # a split file: its first part
     assert quant_type("SmolLM2-135M-Instruct.Q4_1.gguf") == "Q4_1"
 
 
@@ -520,12 +521,24 @@ def test_show_a_gguf_file_in_text_and_json(tmp_path):
     assert "3 parts" in r1("show", str(files[0])).stdout
 
 
+SPLIT_REPO = "test/DeepSeek-R1-GGUF"
+
+
 @pytest.fixture(scope="module")
-def gguf_hub():
+def gguf_hub(tmp_path_factory):
     hub = FakeHub().start()
     hub.add(GGUF_REPO, Repo({SMOL.name: SMOL.read_bytes(), "SmolLM2-135M-Instruct.Q8_0.gguf": b"never downloaded",
                              "README.md": b"# GGUF\n"}))
     hub.add("test/ambiguous-GGUF", Repo({"a-Q4_K_M.gguf": b"a", "b-Q4_K_M.gguf": b"b"}))
+    # A deepseek2 GGUF split in three, in a folder, as unsloth/DeepSeek-R1-GGUF lays out its UD-IQ1_S.
+    folder = tmp_path_factory.mktemp("split")
+    tiny.write_checkpoint(tiny.v2_config(), folder / "hf", hub_layout=True)
+    tok = small_tokenizer_metadata(steered.r1_tokenizer_dir(), 320)
+    (folder / "UD-IQ1_S").mkdir()
+    parts = write_deepseek2_gguf(folder / "UD-IQ1_S" / "DeepSeek-R1-UD-IQ1_S.gguf", folder / "hf", default=T.Q8_0,
+                                 tokenizer=tok, split_max_tensors=16)
+    hub.add(SPLIT_REPO, Repo({**{f"UD-IQ1_S/{p.name}": p.read_bytes() for p in parts},
+                              "DeepSeek-R1-Q2_K_XS.gguf": b"never downloaded", "README.md": b"# R1\n"}))
     yield hub
     hub.stop()
 
@@ -570,3 +583,28 @@ def test_gguf_tag_errors_are_one_line(gguf_hub, hub_env):
     assert "matches 2 GGUF files" in one_line_error(r1("pull", "test/ambiguous-GGUF:Q4_K_M", env=hub_env), 2)
     line = one_line_error(r1("run", f"{GGUF_REPO}:Q4_1", "Hi", env=hub_env), 3)
     assert f"r1 pull {GGUF_REPO}:Q4_1" in line
+
+
+@pytest.mark.slow
+def test_pull_and_run_a_split_gguf_of_a_hub_repo(gguf_hub, hub_env):
+    p = r1("pull", f"{SPLIT_REPO}:UD-IQ1_S", env=hub_env)
+    assert p.returncode == 0, p.stderr
+    first = Path(p.stdout.strip())
+    assert first.name == "DeepSeek-R1-UD-IQ1_S-00001-of-00003.gguf"
+    assert sorted(f.name for f in first.parent.iterdir()) == [f"DeepSeek-R1-UD-IQ1_S-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    fetched = {r["path"] for r in gguf_hub.requests if r["method"] == "GET"}
+    assert not any(x.endswith(("Q2_K_XS.gguf", "README.md")) for x in fetched), fetched
+    rows = json.loads(r1("list", "--json", env=hub_env).stdout)
+    assert [(r["gguf"], r["architecture"], r["complete"]) for r in rows] == [("UD-IQ1_S", "DeepseekV2ForCausalLM", True)]
+    assert rows[0]["size"] == sum(f.stat().st_size for f in first.parent.iterdir())
+    offline = {**hub_env, "HF_HUB_OFFLINE": "1"}
+    p = r1("run", f"{SPLIT_REPO}:UD-IQ1_S", "--temperature", "0", "--max-tokens", "3", "--dtype", "float32", "Hi",
+           env=offline)
+    assert p.returncode == 0, p.stderr
+    # Named without a tag: the repo's GGUF files by tag, in one line (usage), not "missing config.json".
+    line = one_line_error(r1("run", SPLIT_REPO, "Hi", env=offline), 2)
+    assert f"{SPLIT_REPO}:TYPE" in line and "UD-IQ1_S" in line
+    # A part lost from the cache: partly downloaded, pull again.
+    next(first.parent.glob("*-00002-of-00003.gguf")).unlink()
+    line = one_line_error(r1("run", f"{SPLIT_REPO}:UD-IQ1_S", "Hi", env=offline), 3)
+    assert "partly downloaded" in line and "00002-of-00003" in line
