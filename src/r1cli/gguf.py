@@ -19,6 +19,7 @@ adjacent pairs where Hugging Face rotates halves; `_unpermute` puts them back.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import re
@@ -26,7 +27,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from gguf import GGMLQuantizationType, TokenType
@@ -618,6 +619,22 @@ def _plan(f: GGUFFile, args: ModelArgs, targets: dict) -> dict[str, str]:
     return plan
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or a no-op where there is none (not Linux/glibc)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+# glibc keeps the heap that each tensor's freed scratch (the row chunks' float32 temporaries, in every thread's
+# arena) leaves between the parameters allocated after it, so the resident set crept up tensor by tensor: trimming
+# after each tensor hands those pages back (peak figures in docs/gguf.md).
+_trim_heap = _malloc_trim()
+
+
 def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                args: ModelArgs | None = None, quant: str = "none", group_size: int = 32, fuse: bool = True):
     """Build the model on the meta device and fill it from the file, one dequantized tensor at a time.
@@ -668,6 +685,7 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
             quantizer.linear(module, module_name)
         if fuse:
             fuse_when_loaded(model, module_name)
+        _trim_heap()
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.freqs = torch.empty(0, 0, 2, device=device)
@@ -688,6 +706,7 @@ def _load_experts(f: GGUFFile, name: str, module, module_name: str, attr: str, d
             tensor = read_rows(f, name, dtype, e * rows, (e + 1) * rows).to(device)
             if not quantizer.expert(module, module_name, attr, e, tensor, n):
                 break  # a shape the int kernels cannot take: kept in full precision below
+            _trim_heap()
         else:
             f.release(name)
             return
