@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import ExpertGatingFuncType, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
 T = GGMLQuantizationType
@@ -201,3 +202,120 @@ def header_only_gguf(path: Path, arch: str, **kv) -> Path:
 
 def to_torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# --- deepseek2 (DeepSeek-V2/V3/R1), as llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model) writes it --------------
+
+DEEPSEEK2_NAMES = {  # Hugging Face module -> llama.cpp tensor (gguf-py's tensor_mapping for MODEL_ARCH.DEEPSEEK2)
+    "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.kv_b_proj": "attn_kv_b", "self_attn.o_proj": "attn_output",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+}
+
+
+def deepseek2_tensors(folder: Path, cfg: dict, split_kv_b: bool = True) -> dict[str, np.ndarray]:
+    """The checkpoint's safetensors -> llama.cpp's deepseek2 tensors (float32): routed experts stacked per layer
+    into ffn_{gate,up,down}_exps [E, out, in], e_score_correction_bias as exp_probs_b.bias, and (split_kv_b, as
+    converters since the MLA rework write it) kv_b_proj split per head into attn_k_b (transposed) and attn_v_b."""
+    from safetensors.numpy import load_file
+
+    state = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update({k: v.astype(np.float32) for k, v in load_file(path).items()})
+    out: dict[str, np.ndarray] = {}
+    experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+    for name, value in state.items():
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            out[gguf_name(name)] = value
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        if m := re.fullmatch(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", rest):
+            experts.setdefault((int(layer), m.group(2)), {})[int(m.group(1))] = value
+        elif rest == "mlp.gate.e_score_correction_bias":
+            out[f"blk.{layer}.exp_probs_b.bias"] = value
+        elif rest == "self_attn.kv_b_proj.weight" and split_kv_b:
+            h, nope, v = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+            kv_b = value.reshape(h, nope + v, value.shape[-1])
+            out[f"blk.{layer}.attn_k_b.weight"] = np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1))
+            out[f"blk.{layer}.attn_v_b.weight"] = np.ascontiguousarray(kv_b[:, nope:])
+        else:
+            module, _, kind = rest.rpartition(".")
+            out[f"blk.{layer}.{DEEPSEEK2_NAMES[module]}.{kind}"] = value
+    for (layer, proj), by_expert in experts.items():
+        out[f"blk.{layer}.ffn_{proj}_exps.weight"] = np.stack([by_expert[e] for e in sorted(by_expert)])
+    return out
+
+
+def write_deepseek2_gguf(path: Path, folder: Path, types: dict[str, object] | None = None, default=T.F32,
+                         split_kv_b: bool = True, tokenizer: dict | None = None, split_max_tensors: int = 0,
+                         seed: int = 0) -> list[Path]:
+    """A tiny DeepSeek-V2/V3 checkpoint folder (tests/tiny.py) -> a deepseek2 GGUF (or its shards), with the
+    converter's metadata keys. `types`: GGUF tensor name -> type; router and 1-D tensors stay F32 as llama.cpp
+    keeps them. Returns the files written."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, "deepseek2", split_max_tensors=split_max_tensors)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(1 if split_kv_b else cfg["num_attention_heads"])  # MLA as MQA since the rework
+    w.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta"))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_group_count(cfg["n_group"])
+    w.add_expert_group_used_count(cfg["topk_group"])
+    v3 = cfg["architectures"][0] == "DeepseekV3ForCausalLM"  # (transformers' V3 config says sigmoid by default)
+    sigmoid = (cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax")) == "sigmoid"
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if sigmoid else ExpertGatingFuncType.SOFTMAX)
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("q_lora_rank"):
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(cfg["kv_lora_rank"])
+    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    if split_kv_b:
+        w.add_key_length(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+        w.add_value_length(cfg["kv_lora_rank"])
+        w.add_key_length_mla(qk)
+        w.add_value_length_mla(cfg["v_head_dim"])
+    else:  # older converters: per-head sizes in key_length/value_length
+        w.add_key_length(qk)
+        w.add_value_length(cfg["v_head_dim"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_shared_count(cfg["n_shared_experts"])
+    w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    for key, value in (tokenizer or {}).items():
+        _add(w, key, value)
+    for name, values in deepseek2_tensors(folder, cfg, split_kv_b).items():
+        keep_f32 = values.ndim == 1 or ".ffn_gate_inp." in name
+        qtype = T.F32 if keep_f32 else (types or {}).get(name, default)
+        if values.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+            qtype = T.F16  # rows of no whole block: llama.cpp's quantizer falls back likewise
+        data = encode(values.reshape(-1, values.shape[-1]), qtype, rng).reshape(*values.shape[:-1], -1) \
+            if qtype not in (T.F32, T.F16) else encode(values, qtype, rng)
+        w.add_tensor(name, data, raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if split_max_tensors:
+        return w.format_shard_names(Path(path))
+    return [Path(path)]

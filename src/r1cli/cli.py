@@ -394,7 +394,7 @@ def show(
             + (f"; KV cache {hub.format_size(mem['kv_cache_here'])} on this CPU ({mem['kv_cache_here_dtype']})"
                if "kv_cache_here" in mem else ""),
         ),
-        ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info["quantized_weights"].items())),
+        ("quantized", ", ".join(f"{k} {hub.format_size(v)}" for k, v in info.get("quantized_weights", {}).items())),
         ("serve parallel", f"{info['serve_parallel']} by default here (r1 serve --parallel; KV cache per request at "
                            f"{mem['context']} tokens, half the free memory after the weights)"),
         ("chat template", "unknown before download" if info["chat_template"] is None
@@ -407,6 +407,11 @@ def show(
     ]
     if "plan" in info:
         lines.insert(-4, (f"on {info['plan']['gpus']} GPUs", info["plan"]["text"]))
+    if "gguf" in info:  # the file's own make-up: llama.cpp architecture, parts, tensor types by size
+        g = info["gguf"]
+        mix = ", ".join(f"{t} {hub.format_size(v['bytes'])} ({v['tensors']})" for t, v in g["tensor_types"].items())
+        parts = f", {g['parts']} parts" if g["parts"] > 1 else ""
+        lines.insert(4, ("GGUF", f"{g['architecture']} {g['file_type']}{parts}: {mix}"))
     for key, value in lines:
         print(f"{key:<16}{value}")
     if info.get("unknown"):

@@ -6,7 +6,7 @@ GGUFReader builds a numpy view per vocabulary string: seconds for a 150k-token v
 fraction of one) and take the format's constants from the `gguf` package. Nothing in the file is ever executed;
 the chat template renders in chat_format's sandbox.
 
-Weights: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K (everything a Q4_K_M, Q4_0 or Q8_0 file mixes).
+Weights: every type llama.cpp's quantizer writes for these models (gguf_quants.py decodes them).
 - `load_model` dequantizes them into a model built on the meta device, one tensor at a time and in row chunks,
   so peak memory stays close to the loaded model.
 - `linear_codes` hands a Linear's blocks over unchanged as integer codes and scales, for the int4/int8 Linear:
@@ -19,6 +19,7 @@ adjacent pairs where Hugging Face rotates halves; `_unpermute` puts them back.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
@@ -28,25 +29,32 @@ import warnings
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
+from gguf import GGMLQuantizationType, TokenType
 
 from .config import ModelArgs, RopeArgs, check_args
 from .errors import CheckpointError, UnsupportedArchitectureError
 from .files import open_regular
+from .gguf_quants import BLOCKS, FLOATS, dequantize  # noqa: F401  (dequantize: this module's API too)
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_SUPPORTED = "r1 runs GGUF files of llama and qwen2 models (the R1 distills)"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "deepseek2": "DeepseekV3ForCausalLM"}
+_SUPPORTED = "r1 runs GGUF files of llama, qwen2 (the R1 distills) and deepseek2 (DeepSeek-V2/V3/R1) models"
+_SIGMOID = 2  # llama.cpp's expert_gating_func: 1 softmax (V2), 2 sigmoid (V3/R1)
 
-# The tensor types r1 reads -> (values per block, bytes per block).
+
+def architecture_of(f: GGUFFile) -> str | None:
+    """The transformers architecture a GGUF holds (deepseek2: V3 when its router scores by sigmoid, else V2)."""
+    arch = f.metadata.get("general.architecture")
+    if arch == "deepseek2" and f.arch_key("expert_gating_func") != _SIGMOID:
+        return "DeepseekV2ForCausalLM"
+    return ARCHITECTURES.get(arch)
+
 F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K = (
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K,
 )
-BLOCKS = {t: GGML_QUANT_SIZES[t] for t in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)}
-FLOATS = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 
 
 def type_name(ggml_type: int) -> str:
@@ -215,6 +223,82 @@ class GGUFFile:
             self.map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
+# --- split files ---------------------------------------------------------------------------------------------------
+
+SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
+class GGUFSplit:
+    """A GGUF split into parts (`name-00001-of-00003.gguf`, as llama.cpp's gguf-split and converter write them)
+    read as one file: the first part's metadata, every part's tensors. Same interface as GGUFFile."""
+
+    def __init__(self, parts: list[GGUFFile]):
+        self.parts = parts
+        self.path = parts[0].path
+        self.size = sum(p.size for p in parts)
+        self.metadata = parts[0].metadata
+        self.tensors: dict[str, TensorInfo] = {}
+        self._owner: dict[str, GGUFFile] = {}
+        for part in parts:
+            for name, info in part.tensors.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"tensor {name} is in two parts of {self.path.name}: the split is corrupt")
+                self.tensors[name] = info
+                self._owner[name] = part
+        expected = self.metadata.get("split.tensors.count")
+        if isinstance(expected, int) and expected != len(self.tensors):
+            raise CheckpointError(
+                f"the {len(parts)} parts of {self.path.name} hold {len(self.tensors)} tensors, its header says "
+                f"{expected}: a part is damaged, download it again"
+            )
+
+    arch_key = GGUFFile.arch_key
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self._owner[name].raw(name)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        self._owner[name].release(name, begin, end)
+
+
+def split_parts(path: str | Path) -> list[Path] | None:
+    """All parts of the split GGUF that `path` (any of its parts) belongs to, in order; None if not split."""
+    path = Path(path)
+    m = SPLIT_RE.match(path.name)
+    if not m or int(m.group("count")) < 2:
+        return None
+    count = int(m.group("count"))
+    return [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def open_gguf(path: str | Path) -> GGUFFile | GGUFSplit:
+    """A GGUF file, or every part of a split one (named by any part) read as one."""
+    parts = split_parts(path)
+    if parts is None:
+        return GGUFFile(path)
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{Path(path).name} is part of a GGUF split into {len(parts)} files and {missing[0]} is missing "
+            f"({len(missing)} missing): download every part into the same folder"
+        )
+    files = [GGUFFile(p) for p in parts]
+    for i, f in enumerate(files):
+        if f.metadata.get("split.no", i) != i or f.metadata.get("split.count", len(parts)) != len(parts):
+            raise CheckpointError(f"{f.path.name} says it is not part {i + 1} of {len(parts)}: the split is mixed up")
+    return GGUFSplit(files)
+
+
+def tensor_types(f: GGUFFile | GGUFSplit) -> dict[str, dict[str, int]]:
+    """The file's type mix: type name -> {"tensors": count, "bytes": bytes on disk}, largest first."""
+    mix: dict[str, dict[str, int]] = {}
+    for info in f.tensors.values():
+        row = mix.setdefault(type_name(info.ggml_type), {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += info.nbytes or 0
+    return dict(sorted(mix.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
 # --- blocks -> codes and values ------------------------------------------------------------------------------------
 # Each takes raw uint8 [N, bytes per row] and follows ggml's dequantize_row_* (and gguf.quants) operation for
 # operation, so the dequantized values are bit-identical to llama.cpp's reference and to transformers' loader.
@@ -298,40 +382,14 @@ def q6_k_codes(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _q6_k_codes(b).reshape(n, -1), _q6_k_scales(b).reshape(n, -1)
 
 
-def dequantize(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    """Block-quantized rows uint8 [N, bytes per row] (or a float tensor) -> float32 [N, K]."""
-    if ggml_type in FLOATS:
-        return raw.float()
-    if ggml_type not in BLOCKS:
-        raise CheckpointError(f"r1 cannot dequantize GGUF {type_name(ggml_type)} blocks")
-    n, b = raw.shape[0], raw.reshape(-1, BLOCKS[ggml_type][1])
-    nb = b.shape[0]
-    if ggml_type == Q8_0:
-        out = b[:, 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0))
-    elif ggml_type == Q4_0:
-        out = _unpack4(b[:, 2:], torch.empty(nb, 2, 16)).view(nb, 32).sub_(8).mul_(_half(b, 0))
-    elif ggml_type == Q4_1:
-        out = _unpack4(b[:, 4:], torch.empty(nb, 2, 16)).view(nb, 32).mul_(_half(b, 0)).add_(_half(b, 2))
-    elif ggml_type == Q4_K:
-        scale, minimum = _q4_k_scales(b)
-        out = _unpack4(b[:, 16:].reshape(nb, 4, 32), torch.empty(nb, 4, 2, 32)).view(nb, 8, 32)
-        out = out.mul_(scale).sub_(minimum)
-    else:  # Q6_K
-        out = _q6_k_codes(b).float().mul_(_q6_k_scales(b))
-    return out.reshape(n, -1)
-
-
 # --- metadata -> ModelArgs -----------------------------------------------------------------------------------------
 
 
 def model_args(f: GGUFFile) -> ModelArgs:
-    """The config a GGUF's metadata describes (llama.cpp's keys), refusing anything but llama and qwen2."""
+    """The config a GGUF's metadata describes (llama.cpp's keys), refusing anything but llama, qwen2, deepseek2."""
     arch = f.metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{f.path.name} is a GGUF of architecture {arch or '(none)'}; {_SUPPORTED}: for DeepSeek-V3/R1 use the "
-            "safetensors repos (deepseek-r1:671b)"
-        )
+        raise UnsupportedArchitectureError(f"{f.path.name} is a GGUF of architecture {arch or '(none)'}; {_SUPPORTED}")
 
     def need(key, default=None, kind=int):
         value = f.arch_key(key, default)
@@ -349,6 +407,8 @@ def model_args(f: GGUFFile) -> ModelArgs:
 
     if "token_embd.weight" not in f.tensors:
         raise CheckpointError(f"tensor token_embd.weight is missing from {f.path.name}")
+    if arch == "deepseek2":
+        return _deepseek2_args(f, need)
     dim, n_heads = need("embedding_length"), need("attention.head_count")
     head_dim = need("attention.key_length", dim // n_heads)
     rope_dim = need("rope.dimension_count", head_dim)
@@ -388,6 +448,52 @@ def _number(f: GGUFFile, key: str, default=None):
     return value
 
 
+def _deepseek2_args(f: GGUFFile, need) -> ModelArgs:
+    """deepseek2 as llama.cpp's converter writes DeepSeek-V2/V3/R1. Files since its MLA rework say head_count_kv 1,
+    key_length = kv_lora_rank + rope dims and keep the per-head sizes in key_length_mla/value_length_mla; older
+    ones have the per-head sizes in key_length/value_length. The router: expert_gating_func (sigmoid: V3's
+    noaux_tc, with the exp_probs_b bias; softmax: V2's, group-limited when there are groups)."""
+    n_heads, rope_dim = need("attention.head_count"), need("rope.dimension_count")
+    qk_head = f.arch_key("attention.key_length_mla") or need("attention.key_length")
+    v_head = f.arch_key("attention.value_length_mla") or need("attention.value_length")
+    architecture = architecture_of(f)
+    v3 = architecture == "DeepseekV3ForCausalLM"
+    n_group = f.arch_key("expert_group_count") or 1
+    n_experts = f.arch_key("expert_count") or 0
+    method = "noaux_tc" if v3 else ("group_limited_greedy" if n_group > 1 else "greedy")
+    return ModelArgs(
+        architecture=architecture,
+        vocab_size=f.tensors["token_embd.weight"].shape[0],
+        dim=need("embedding_length"),
+        n_layers=need("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=rope_dim,
+        inter_dim=need("feed_forward_length"),
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        max_seq_len=need("context_length"),
+        rope=_rope_args(f, rope_dim),
+        tie_embeddings="output.weight" not in f.tensors,
+        torch_dtype="bfloat16",
+        q_lora_rank=f.arch_key("attention.q_lora_rank") or None,
+        kv_lora_rank=need("attention.kv_lora_rank"),
+        qk_nope_head_dim=qk_head - rope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=v_head,
+        n_routed_experts=n_experts,
+        n_shared_experts=f.arch_key("expert_shared_count") or 0,
+        n_activated_experts=f.arch_key("expert_used_count") or 0,
+        moe_inter_dim=f.arch_key("expert_feed_forward_length") or 0,
+        first_k_dense_replace=f.arch_key("leading_dense_block_count") or 0,
+        n_group=n_group,
+        topk_group=f.arch_key("expert_group_used_count") or 1,
+        topk_method=method,
+        scoring_func="sigmoid" if v3 else "softmax",
+        norm_topk_prob=bool(f.arch_key("expert_weights_norm", False)),
+        routed_scaling_factor=float(f.arch_key("expert_weights_scale") or 1.0),
+    )
+
+
 def _rope_args(f: GGUFFile, head_dim: int) -> RopeArgs:
     theta = float(_number(f, "rope.freq_base", 10000.0))
     kind = f.arch_key("rope.scaling.type") or ("linear" if _number(f, "rope.scale_linear") else "none")
@@ -404,11 +510,16 @@ def _rope_args(f: GGUFFile, head_dim: int) -> RopeArgs:
     if kind == "linear":
         return RopeArgs(theta=theta, kind="linear", factor=factor, freq_factors=factors)
     if kind == "yarn":
+        # DeepSeek's mscale_all_dim arrives as yarn_log_multiplier = 0.1 * mscale_all_dim; its `mscale` is not
+        # written, and equals mscale_all_dim in every DeepSeek config (their ratio, 1, scales the rotation).
+        log_mul = f.arch_key("rope.scaling.yarn_log_multiplier")
+        mscale = float(log_mul) / 0.1 if log_mul else None
         return RopeArgs(
             theta=theta, kind="yarn", factor=factor, freq_factors=factors,
             original_max_position_embeddings=f.arch_key("rope.scaling.original_context_length"),
             beta_fast=float(_number(f, "rope.scaling.yarn_beta_fast") or 32),
             beta_slow=float(_number(f, "rope.scaling.yarn_beta_slow") or 1),
+            mscale=mscale, mscale_all_dim=mscale,
         )
     raise UnsupportedArchitectureError(
         f"{f.path.name} uses rope scaling '{kind}'; r1 supports none, linear and yarn in GGUF files"
@@ -423,6 +534,19 @@ _BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # deepseek2 (gguf-py's tensor names for DeepSeek-V2/V3): MLA, the router, shared experts
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+# deepseek2 tensors whose parameter is not `{module}.{weight|bias}`: the routed experts stacked per layer, the
+# router's bias, and kv_b_proj split per head into k_b (transposed) and v_b, as newer converters write it.
+_STACKED = {
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj", "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj", "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    "attn_k_b.weight": "self_attn.kv_b_proj.weight", "attn_v_b.weight": "self_attn.kv_b_proj.weight",
 }
 _CONSUMED = {"rope_freqs.weight"}  # read into ModelArgs, not a parameter
 
@@ -430,6 +554,8 @@ _CONSUMED = {"rope_freqs.weight"}  # read into ModelArgs, not a parameter
 def parameter_name(name: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None: not a tensor of ours)."""
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
+        if stacked := _STACKED.get(f"{m.group(2)}.{m.group(3)}"):
+            return f"model.layers.{m.group(1)}.{stacked}"
         part = _BLOCK.get(m.group(2))
         return f"model.layers.{m.group(1)}.{part}.{m.group(3)}" if part else None
     if m := re.fullmatch(r"(\w+)\.(weight|bias)", name):
@@ -459,23 +585,52 @@ def _heads_to_unpermute(f: GGUFFile, args: ModelArgs, name: str) -> int | None:
 _CHUNK_VALUES = 2**20
 
 
-def read_dense(f: GGUFFile, name: str, dtype: torch.dtype, args: ModelArgs) -> torch.Tensor:
-    """The tensor dequantized into `dtype` (rows in Hugging Face order), its mapped pages released."""
+def read_rows(f: GGUFFile, name: str, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the tensor seen as [rows, innermost dim], dequantized into `dtype` in chunks, their
+    mapped pages released as they are read."""
     info = f.tensors[name]
     raw = f.raw(name)
+    width = info.shape[-1] if info.shape else 1
+    raw = raw.reshape(-1, width) if info.ggml_type in FLOATS else raw
+    stop = raw.shape[0] if stop is None else stop
     if info.ggml_type in FLOATS:
-        out = raw.to(dtype) if raw.dtype != dtype else raw.clone()
-    else:
-        rows, row_bytes = raw.shape
-        out = torch.empty(rows, info.shape[-1], dtype=dtype)
-        step = max(1, _CHUNK_VALUES // info.shape[-1])
-        for r in range(0, rows, step):
-            out[r : r + step] = dequantize(raw[r : r + step], info.ggml_type)
-            f.release(name, r * row_bytes, min(r + step, rows) * row_bytes)
-        out = out.view(info.shape)
+        part = raw[start:stop]
+        out = part.to(dtype) if part.dtype != dtype else part.clone()
+        row_bytes = width * part.element_size()
+        f.release(name, start * row_bytes, stop * row_bytes)
+        return out
+    row_bytes = raw.shape[1]
+    out = torch.empty(stop - start, width, dtype=dtype)
+    step = max(1, _CHUNK_VALUES // width)
+    for r in range(start, stop, step):
+        end = min(r + step, stop)
+        out[r - start : end - start] = dequantize(raw[r:end], info.ggml_type)
+        f.release(name, r * row_bytes, end * row_bytes)
+    return out
+
+
+def read_dense(f: GGUFFile, name: str, dtype: torch.dtype, args: ModelArgs) -> torch.Tensor:
+    """The tensor dequantized into `dtype` (rows in Hugging Face order), its mapped pages released."""
+    out = read_rows(f, name, dtype).view(f.tensors[name].shape)
     f.release(name)
     heads = _heads_to_unpermute(f, args, name)
     return _unpermute(out, heads) if heads else out
+
+
+def _kv_b(f: GGUFFile, k_b: str, dtype: torch.dtype, args: ModelArgs) -> torch.Tensor:
+    """kv_b_proj [heads * (nope + v), kv_lora_rank] from the converter's split form: k_b [heads, rank, nope]
+    (each head's block transposed) and v_b [heads, v, rank]."""
+    v_b = k_b.replace(".attn_k_b.", ".attn_v_b.")
+    if v_b not in f.tensors:
+        raise CheckpointError(f"tensor {v_b} is missing from {f.path.name}")
+    h, rank, nope, v = args.n_heads, args.kv_lora_rank, args.qk_nope_head_dim, args.v_head_dim
+    for name, want in ((k_b, (h, rank, nope)), (v_b, (h, v, rank))):
+        if f.tensors[name].shape != want:
+            raise CheckpointError(
+                f"tensor {name} in {f.path.name} has shape {list(f.tensors[name].shape)}, expected {list(want)}"
+            )
+    k = read_dense(f, k_b, dtype, args).transpose(1, 2)
+    return torch.cat([k, read_dense(f, v_b, dtype, args)], dim=1).reshape(h * (nope + v), rank)
 
 
 def linear_codes(f: GGUFFile, name: str, args: ModelArgs) -> dict | None:
@@ -498,13 +653,52 @@ def linear_codes(f: GGUFFile, name: str, args: ModelArgs) -> dict | None:
     return {"bits": 8, "group": 16 if info.ggml_type == Q6_K else 32, "codes": parts[0], "scales": parts[1]}
 
 
+def _plan(f: GGUFFile, args: ModelArgs, targets: dict) -> dict[str, str]:
+    """GGUF tensor -> the parameter it fills, refusing strangers and reporting missing tensors by GGUF name.
+    A kv_b_proj comes from attn_kv_b, or from attn_k_b (which reads attn_v_b with it)."""
+    plan = {}
+    for name in f.tensors:
+        if name in _CONSUMED:
+            continue
+        param = parameter_name(name)
+        layer = re.match(r"model\.layers\.(\d+)\.", param or "")
+        if param not in targets or (layer and int(layer.group(1)) >= args.n_layers):
+            raise CheckpointError(f"unexpected tensor {name} in {f.path.name}: r1 does not know where it goes")
+        if ".attn_v_b." in name or (".attn_k_b." in name and name.replace("_k_b.", "_kv_b.") in f.tensors):
+            continue  # read with attn_k_b; or the file has the joined attn_kv_b too
+        plan[name] = param
+    fed = set(plan.values())
+    gguf_names = {parameter_name(n): n for n in _all_names(args)}
+    for param in targets:
+        if param not in fed and not (args.tie_embeddings and param == "lm_head.weight"):
+            raise CheckpointError(f"tensor {gguf_names.get(param, param)} is missing from {f.path.name}")
+    return plan
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or a no-op where there is none (not Linux/glibc)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+# glibc keeps the heap that each tensor's freed scratch (the row chunks' float32 temporaries, in every thread's
+# arena) leaves between the parameters allocated after it, so the resident set crept up tensor by tensor: trimming
+# after each tensor hands those pages back (peak figures in docs/gguf.md).
+_trim_heap = _malloc_trim()
+
+
 def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                args: ModelArgs | None = None, quant: str = "none", group_size: int = 32, fuse: bool = True,
                progress=None):
     """Build the model on the meta device and fill it from the file, one dequantized tensor at a time.
     quant int4 (group 32): Q4_0, Q4_1 and Q4_K blocks are repacked into the int4 Linear as they are, without a
     float round trip; any other tensor (and every tensor for int8 or int4 g64/g128) is dequantized, then quantized
-    as it lands, like a safetensors checkpoint. `fuse`: q|k|v and gate|up joined layer by layer (fuse_when_loaded)."""
+    as it lands, like a safetensors checkpoint (routed experts one expert at a time). `fuse`: q|k|v and gate|up
+    joined layer by layer (fuse_when_loaded)."""
     from torch import nn
 
     from .models import build_model
@@ -516,20 +710,7 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
     with torch.device("meta"):
         model = build_model(args)
     targets = dict(model.named_parameters())
-    plan = {}
-    for name in f.tensors:
-        if name in _CONSUMED:
-            continue
-        param = parameter_name(name)
-        layer = re.match(r"model\.layers\.(\d+)\.", param or "")
-        if param not in targets or (layer and int(layer.group(1)) >= args.n_layers):
-            raise CheckpointError(f"unexpected tensor {name} in {f.path.name}: r1 does not know where it goes")
-        plan[name] = param
-    fed = set(plan.values())
-    gguf_names = {parameter_name(n): n for n in _all_names(args)}
-    for param in targets:
-        if param not in fed and not (args.tie_embeddings and param == "lm_head.weight"):
-            raise CheckpointError(f"tensor {gguf_names.get(param, param)} is missing from {f.path.name}")
+    plan = _plan(f, args, targets)
     quantizer = Quantizer(quant, group_size, device, collect=False) if quant != "none" else None
     repacked = 0
     if progress is not None:  # (progress.Tracker) bytes as stored in the file, tensors
@@ -538,14 +719,20 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
         if progress is not None:
             progress.advance(f.tensors[name].nbytes or 0)
         want = tuple(targets[param].shape)
-        if f.tensors[name].shape != want:
+        joined = ".attn_k_b." in name
+        if f.tensors[name].shape != want and not joined:
             raise CheckpointError(
                 f"tensor {name} in {f.path.name} has shape {list(f.tensors[name].shape)}, expected {list(want)}"
             )
         module_name, _, attr = param.rpartition(".")
         module = model.get_submodule(module_name)
+        # the router stays float32 (Gate.keep_float32), as the safetensors loader keeps it
+        this_dtype = torch.float32 if getattr(module, "keep_float32", False) else dtype
+        if module_name.endswith(".experts"):
+            _load_experts(f, name, module, module_name, attr, this_dtype, device, quantizer)
+            continue
         quantize = quantizer is not None and attr == "weight" and quantizer.wants(module, module_name)
-        if quantize and quant == "int4" and group_size == 32:
+        if quantize and quant == "int4" and group_size == 32 and not joined:
             codes = linear_codes(f, name, args)
             if codes is not None and codes["bits"] == 4:
                 module.quantize(Int4Weight.from_codes(codes["codes"], codes["scales"], codes["zeros"], 32, device))
@@ -553,12 +740,13 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
                 if fuse:
                     fuse_when_loaded(model, module_name)
                 continue
-        tensor = read_dense(f, name, dtype, args).to(device)
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        tensor = _kv_b(f, name, this_dtype, args) if joined else read_dense(f, name, this_dtype, args)
+        module._parameters[attr] = nn.Parameter(tensor.to(device), requires_grad=False)
         if quantize:
             quantizer.linear(module, module_name)
         if fuse:
             fuse_when_loaded(model, module_name)
+        _trim_heap()
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.freqs = torch.empty(0, 0, 2, device=device)
@@ -568,9 +756,30 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
     return model.eval()
 
 
+def _load_experts(f: GGUFFile, name: str, module, module_name: str, attr: str, dtype, device, quantizer) -> None:
+    """A layer's routed experts stacked [E, out, in] (ffn_*_exps): dequantized whole, or with --quant one expert
+    at a time, each quantized as it is read, so at most one expert's float copy is alive."""
+    from torch import nn
+
+    n, rows = f.tensors[name].shape[0], f.tensors[name].shape[1]
+    if quantizer is not None:
+        for e in range(n):
+            tensor = read_rows(f, name, dtype, e * rows, (e + 1) * rows).to(device)
+            if not quantizer.expert(module, module_name, attr, e, tensor, n):
+                break  # a shape the int kernels cannot take: kept in full precision below
+            _trim_heap()
+        else:
+            f.release(name)
+            return
+    tensor = read_rows(f, name, dtype).view(f.tensors[name].shape)
+    f.release(name)
+    module._parameters[attr] = nn.Parameter(tensor.to(device), requires_grad=False)
+
+
 def _all_names(args: ModelArgs):
     yield from (f"{top}.weight" for top in _TOP)
     for i in range(args.n_layers):
+        yield from (f"blk.{i}.{stacked}" for stacked in _STACKED)  # (attn_kv_b below names a missing kv_b_proj)
         for part in _BLOCK:
             yield f"blk.{i}.{part}.weight"
             if part in ("attn_q", "attn_k", "attn_v", "attn_output"):

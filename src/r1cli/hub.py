@@ -77,15 +77,25 @@ def local_path(ref: ModelRef, token: str | None = None) -> Path:
     what = f"{ref.repo}:{ref.gguf}" if ref.gguf else ref.repo
     if folder is None:
         raise ModelNotFoundError(f"{what} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`")
-    if ref.gguf:  # the one .gguf file of the snapshot that the tag names
+    if ref.gguf:  # the one .gguf file of the snapshot that the tag names (a split one: its first part)
         local = [p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf") if p.is_file()]
         try:
-            return folder / pick_gguf(local, ref.gguf, ref.repo)
+            first = pick_gguf(local, ref.gguf, ref.repo)
         except R1Error:
             raise ModelNotFoundError(
                 f"{what} is not downloaded (cache: {cache_dir()}): run `r1 pull {ref.name}`"
             ) from None
+        absent = [n for n in split_names(first) if not (folder / n).is_file()]
+        if absent:
+            raise ModelNotFoundError(f"{what} is only partly downloaded (missing {Path(absent[0]).name}"
+                                     f"{f' and {len(absent) - 1} more' if len(absent) > 1 else ''}): "
+                                     f"run `r1 pull {ref.name}` to finish")
+        return folder / first
     missing = missing_weights(folder)
+    ggufs = gguf_files([p.name for p in folder.rglob("*.gguf")]) if missing == ["config.json"] else []
+    if ggufs:  # a repo of GGUF files, named without a tag
+        types = ", ".join(sorted({quant_type(n) for n in ggufs}))
+        raise UsageError(f"{ref.repo} holds GGUF files: name one as {ref.repo}:TYPE (TYPE: {types})")
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelNotFoundError(
@@ -210,15 +220,23 @@ def pick_gguf(names: list[str], tag: str, repo: str) -> str:
     if not matches:
         raise ModelNotFoundError(f"{repo} has no GGUF file for '{tag}'; it has: {available}")
     if len(matches) > 1 and all(_SPLIT_RE.search(n) for n in matches):
-        raise R1Error(
-            f"{repo}:{tag} is split into {len(matches)} files; r1 reads single-file GGUFs: merge them with "
-            "`llama-gguf-split --merge` and run the merged file"
-        )
+        sets = {_SPLIT_RE.sub("", n) for n in matches}
+        if len(sets) == 1:  # the parts of one split file: named by its first part
+            return sorted(matches)[0]
     if len(matches) > 1:
         raise UsageError(
             f"'{tag}' matches {len(matches)} GGUF files in {repo} ({', '.join(matches)}); name one of: {available}"
         )
     return matches[0]
+
+
+def split_names(name: str) -> list[str]:
+    """Every part of the split GGUF whose part `name` is (`X-00001-of-00003.gguf` -> the three), else [name]."""
+    m = re.search(r"-(\d{5})-of-(\d{5})\.gguf$", name, re.IGNORECASE)
+    if not m or int(m.group(2)) < 2:
+        return [name]
+    stem = name[: m.start()]
+    return [f"{stem}-{i:05d}-of-{int(m.group(2)):05d}.gguf" for i in range(1, int(m.group(2)) + 1)]
 
 
 def _storage_folder(repo: str) -> Path:
@@ -262,7 +280,10 @@ def pull(
         siblings = info.siblings or []
         if ref.gguf:  # one GGUF file: it holds the config, tokenizer and template too
             gguf_name = pick_gguf([s.rfilename for s in siblings], ref.gguf, ref.repo)
-            files = [s for s in siblings if s.rfilename == gguf_name]
+            parts = split_names(gguf_name)  # a split file: all its parts
+            files = [s for s in siblings if s.rfilename in parts]
+            if len(files) != len(parts):
+                raise R1Error(f"{ref.repo} lacks parts of the split GGUF {gguf_name}: it has {len(files)} of {len(parts)}")
         else:
             files = [s for s in siblings if is_run_file(s.rfilename)]
         names = sorted(s.rfilename for s in files)
@@ -461,22 +482,25 @@ def _complete(folder: Path) -> bool:
 
 def _gguf_rows(repo_id: str, rev) -> list[dict]:
     """One row per runnable GGUF file of a cached revision (`r1 run org/name:TYPE` names it)."""
-    from .gguf import ARCHITECTURES, GGUFFile
+    from .gguf import GGUFFile, architecture_of, split_parts
 
     rows = []
     for path in sorted(rev.snapshot_path.rglob("*.gguf")):
         if not path.is_file() or path.name.lower().startswith("mmproj"):
             continue
+        parts = split_parts(path) or [path]  # a split file: one row, named by its first part
+        if path != parts[0]:
+            continue
         try:
-            arch = ARCHITECTURES.get(GGUFFile(path).metadata.get("general.architecture"))
+            arch = architecture_of(GGUFFile(path))
         except R1Error:
             arch = None
         if arch is None:
             continue
         rows.append({
             "alias": None, "repo": repo_id, "gguf": quant_type(path.name), "revision": rev.commit_hash[:7],
-            "refs": sorted(rev.refs), "size": path.stat().st_size, "architecture": arch, "complete": True,
-            "path": str(path),
+            "refs": sorted(rev.refs), "size": sum(p.stat().st_size for p in parts if p.is_file()),
+            "architecture": arch, "complete": all(p.is_file() for p in parts), "path": str(path),
         })
     return rows
 
@@ -730,11 +754,11 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
     to bfloat16)."""
     from gguf import LlamaFileType
 
-    from .gguf import GGUFFile, model_args
+    from .gguf import model_args, open_gguf, tensor_types
     from .gguf import tokenizer as gguf_tokenizer
     from .models import count_parameters
 
-    f = GGUFFile(path)
+    f = open_gguf(path)
     args = model_args(f)  # also refuses an architecture r1 cannot run
     total, activated = count_parameters(args)
     try:
@@ -755,11 +779,14 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "parameters": {"total": total, "activated": activated},
         "context_length": args.max_seq_len,
         "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
-        "size_on_disk": path.stat().st_size,
+        "size_on_disk": f.size,
         "memory": memory,
         "chat_template": isinstance(template, str),
         "sampling": _sampling(ref, lambda: gguf_tokenizer(f)),
         "cpu": _cpu_advice(),
+        "quantized_weights": _quantized_sizes(args, 2),
+        "gguf": {"architecture": f.metadata.get("general.architecture"), "file_type": file_type,
+                 "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f)},
     }
 
 

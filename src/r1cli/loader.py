@@ -66,9 +66,9 @@ class Checkpoint:
         self.path = Path(path)
         self.gguf = None
         if is_gguf(self.path):
-            from .gguf import GGUFFile, model_args
+            from .gguf import model_args, open_gguf
 
-            self.gguf = GGUFFile(self.path)
+            self.gguf = open_gguf(self.path)
             self.args = model_args(self.gguf)
         else:
             from .weights import check_layers
