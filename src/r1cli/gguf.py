@@ -512,7 +512,7 @@ def _rope_args(f: GGUFFile, head_dim: int) -> RopeArgs:
     if kind == "yarn":
         # DeepSeek's mscale_all_dim arrives as yarn_log_multiplier = 0.1 * mscale_all_dim; its `mscale` is not
         # written, and equals mscale_all_dim in every DeepSeek config (their ratio, 1, scales the rotation).
-        log_mul = f.arch_key("rope.scaling.yarn_log_multiplier")
+        log_mul = _number(f, "rope.scaling.yarn_log_multiplier")
         mscale = float(log_mul) / 0.1 if log_mul else None
         return RopeArgs(
             theta=theta, kind="yarn", factor=factor, freq_factors=factors,
