@@ -23,6 +23,7 @@ from r1cli.cli import app
 from r1cli.events import Done, stream_events
 from r1cli.generate import Generator, RepetitionGuard, SamplingParams, penalize_repeats
 from r1cli.registry import resolve_name
+from r1cli.options import ModelOptions
 from r1cli.runner import PLAIN_MAX_TOKENS, default_sampling, generation_defaults, open_model
 from r1cli.tokenizer import Tokenizer
 
@@ -111,7 +112,7 @@ def test_show_prints_the_defaults_run_uses(which, request):
     shown = CliRunner().invoke(app, ["show", str(folder), "--json"])
     assert shown.exit_code == 0, shown.output
     sampling = json.loads(shown.stdout)["sampling"]
-    m = open_model(str(folder), device="cpu")
+    m = open_model(ModelOptions(str(folder), device="cpu"))
     assert sampling == m.defaults
     params = m.sampling({})
     assert {k: getattr(params, k) for k in without_source(sampling)} == without_source(sampling)
@@ -253,7 +254,7 @@ def test_serve_answers_finish_reason_repetition(looping_dir):
 
     from r1cli.serve import Server
 
-    m = open_model(str(looping_dir), device="cpu")
+    m = open_model(ModelOptions(str(looping_dir), device="cpu"))
     with TestClient(Server(m).app) as http:
         client = OpenAI(api_key="none", base_url="http://testserver/v1", http_client=http)
         reply = client.chat.completions.create(model="deepseek-reasoner", messages=[{"role": "user", "content": "hi"}])
@@ -308,7 +309,7 @@ def test_repeat_flags_reach_the_sampling_params(looping_dir):
 
     bad = CliRunner().invoke(app, ["run", str(looping_dir), "--repeat-penalty", "0", "hi"])
     assert isinstance(bad.exception, UsageError) and "--repeat-penalty must be above 0" in str(bad.exception)
-    m = open_model(str(looping_dir), device="cpu")
+    m = open_model(ModelOptions(str(looping_dir), device="cpu"))
     params = m.sampling(_sampling(None, None, None, None, None, None, 1.5, True))
     assert (params.repetition_penalty, params.repeat_guard) == (1.5, False)
     params = m.sampling(_sampling(None, None, None, None, None, None))

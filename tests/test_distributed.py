@@ -27,7 +27,7 @@ from r1cli.weights import SafetensorsFile
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-from paths import HUB_CONFIGS  # noqa: E402
+from paths import HUB_CONFIGS, R1_TOKENIZER  # noqa: E402
 
 CASES = {
     "llama-gqa": lambda: llama_config(num_attention_heads=8, num_key_value_heads=4),
@@ -364,6 +364,39 @@ def test_torchrun_piped_prompt_prints_the_answer_once(steered_dir):
                             env=run_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == steered.ANSWER + "\n"
+
+
+@pytest.fixture(scope="module")
+def random_r1_model(tmp_path_factory) -> Path:
+    """A small random Llama checkpoint read with the real R1 tokenizer (151,936 embedding rows): its greedy text
+    depends on every weight, so a rank holding other weights than rank 0 shows in what `r1 run` prints."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("random-r1")
+    write_checkpoint(llama_config(vocab_size=151936, num_attention_heads=8, num_key_value_heads=4,
+                                  intermediate_size=128), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(R1_TOKENIZER / name, folder / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_run_quantizes_every_rank(random_r1_model):
+    """`r1 run --gpus 2 --quant int4`: every rank opens the model from the one options object (options.ModelOptions);
+    a worker rank that dropped --quant held float weights beside rank 0's int4 ones. Sharded int4 equals one
+    process's int4 (groups of 32 never straddle ranks), and int4's greedy text differs from float32's on these
+    weights, so a rank without --quant shows."""
+    def text(*extra) -> str:
+        cmd = [sys.executable, "-m", "r1cli", "run", str(random_r1_model), "Say something.", "--device", "cpu",
+               "--dtype", "float32", "--temperature", "0", "--max-tokens", "16", "--json", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=run_env(), stdin=subprocess.DEVNULL)
+        assert p.returncode in (0, 4), p.stderr[-3000:]  # 4: still thinking at --max-tokens
+        reply = json.loads(p.stdout)
+        return reply["reasoning"] + reply["content"]
+
+    one = text("--quant", "int4")
+    assert text("--gpus", "2") != one  # the test can fail: float weights answer otherwise
+    assert text("--gpus", "2", "--quant", "int4") == one
 
 
 @pytest.mark.slow

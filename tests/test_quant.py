@@ -260,10 +260,11 @@ def test_quant_head_is_an_int8_copy_and_the_embedding_keeps_its_dtype(smollm2_di
 def test_greedy_chat_answers_stay_sensible(smollm2_dir, scheme):
     from r1cli.chat_format import build_prompt
     from r1cli.generate import SamplingParams
+    from r1cli.options import ModelOptions
     from r1cli.runner import open_model
 
-    m = open_model(str(smollm2_dir), "cpu", "bfloat16", quant=scheme.removesuffix("+head"), group_size=32,
-                   quant_head=scheme.endswith("+head"))
+    m = open_model(ModelOptions(str(smollm2_dir), "cpu", "bfloat16", quant=scheme.removesuffix("+head"), group_size=32,
+                   quant_head=scheme.endswith("+head")))
     # (bare "What is the capital of France?" opens with a near tie, "The" vs "L'", 0.1 logit apart even in float32:
     # any rounding change flips it. These three lead with a clear margin.)
     for question, needle in [("What is the capital of France? Answer in one sentence.", "Paris"),

@@ -10,6 +10,7 @@ import steered
 from r1cli.errors import R1Error
 from r1cli.events import TurnStats
 from r1cli.repl import Chat
+from r1cli.options import ModelOptions
 from r1cli.runner import open_model
 from r1cli.session import ChatSession, Turn
 from r1cli.tokenizer import Tokenizer
@@ -42,7 +43,7 @@ def test_prompt_never_contains_earlier_reasoning(r1_tokenizer):
 
 def test_chat_turns_send_back_answers_only(steered_dir):
     """End to end: after two turns the KV cache holds prompt 2 and reply 2; the reasoning is in it once (reply 2)."""
-    model = open_model(str(steered_dir), "cpu")
+    model = open_model(ModelOptions(str(steered_dir), "cpu"))
     chat = Chat(model, Console(file=io.StringIO(), width=100), "collapse", {}, history=False)
     chat.turn("How many pears?")
     chat.turn("Are you sure?")

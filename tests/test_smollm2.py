@@ -11,6 +11,7 @@ import torch
 
 from r1cli.chat_format import build_prompt, family_for
 from r1cli.generate import SamplingParams
+from r1cli.options import ModelOptions
 from r1cli.runner import open_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -19,7 +20,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def ours(smollm2_dir):
-    return open_model(str(smollm2_dir), "cpu", "float32")
+    return open_model(ModelOptions(str(smollm2_dir), "cpu", "float32"))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import R1Error, UsageError
+from .options import ModelOptions
 
 
 class _Group(TyperGroup):
@@ -120,12 +121,15 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
     return None
 
 
-def _speculative(draft, draft_quant, mtp, gpus=None, url=None) -> dict:
+def _model_options(name, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft, draft_quant,
+                   mtp, gpus=None, url=None) -> ModelOptions:
+    """The one options object every front end and worker rank opens the model from (options.ModelOptions)."""
     if (draft or mtp) and gpus and gpus > 1:
         raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     if (draft or mtp) and url:
         raise UsageError("--draft and --mtp speed up a local model; --url talks to a server")
-    return {"draft": draft, "draft_quant": draft_quant, "mtp": mtp} if draft or mtp else {}
+    return ModelOptions(name, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft,
+                        draft_quant, mtp)
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty=None, no_repeat_guard=False) -> dict:
@@ -173,19 +177,17 @@ def run(
         raise UsageError("--json and --jsonl exclude each other")
     _check_text_options(device, system)
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard)
-    speculative = _speculative(draft, draft_quant, mtp, gpus)
     if n > 1 and gpus:
         raise UsageError("-n runs on one device for now: drop --gpus, or run the samples one by one")
     words = list(words or [])
-    model = words.pop(0) if words and looks_like_model(words[0]) else None
+    name = words.pop(0) if words and looks_like_model(words[0]) else None
+    model = _model_options(name, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft,
+                           draft_quant, mtp, gpus)
 
     def options(prompt: str) -> RunOptions:
-        return RunOptions(model=model, prompt=prompt, system=system, device=device, dtype=dtype,
-                          max_context=max_context, sampling=sampling,
+        return RunOptions(model=model, prompt=prompt, system=system, sampling=sampling,
                           thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
-                          color=color, verbose=verbose, quant=quant, group_size=group_size,
-                          decode_mode=decode_mode, quant_head=quant_head,
-                          speculative=speculative, n=n)
+                          color=color, verbose=verbose, n=n)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
         prompt = read_prompt(words, sys.stdin) if shard.leader else ""
@@ -223,16 +225,14 @@ def chat(
     if gpus and gpus > 1 and url:
         raise UsageError("--gpus runs a local model; --url talks to a server")
     _check_text_options(None if url else device, system)
-    speculative = _speculative(draft, draft_quant, mtp, gpus, url)
-    chat_args = (remote_model or model, device, dtype, max_context,
-                 _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
+    opened = _model_options(remote_model or model, device, dtype, max_context, quant, group_size, quant_head,
+                            decode_mode, draft, draft_quant, mtp, gpus, url)
+    chat_args = (opened, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
                  system, think)
     code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
-        *chat_args, history=not no_history, shard=shard, torch_device=torch_device, quant=quant,
-        group_size=group_size, decode_mode=decode_mode, quant_head=quant_head, speculative=speculative))
+        *chat_args, history=not no_history, shard=shard, torch_device=torch_device))
     if code is None:
-        run_chat(*chat_args, history=not no_history, url=url, api_key=api_key, quant=quant, group_size=group_size,
-                 decode_mode=decode_mode, quant_head=quant_head, speculative=speculative)
+        run_chat(*chat_args, history=not no_history, url=url, api_key=api_key)
     elif code:
         raise typer.Exit(code)
 
@@ -259,10 +259,10 @@ def serve(
 
     if not api_key and "R1_API_KEY" in os.environ:
         api_key = [os.environ["R1_API_KEY"]]  # the whole value is one key (checked as --api-key is)
-    run_server(model, host, port, api_key, device, dtype, max_context, max_queue, log_requests, quant, group_size,
-               decode_mode, quant_head, allow_host, max_request_bytes, request_timeout,
-               repeat_guard=not no_repeat_guard,
-               speculative=_speculative(draft, draft_quant, mtp), parallel=parallel)
+    opened = _model_options(model, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft,
+                            draft_quant, mtp)
+    run_server(opened, host, port, api_key, max_queue, log_requests, allow_host, max_request_bytes, request_timeout,
+               repeat_guard=not no_repeat_guard, parallel=parallel)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------
@@ -470,8 +470,9 @@ def eval_(
     """Sample each problem K times and score the answers: pass@1 (with its standard error) and majority vote."""
     from .evaluate import MATH_SUFFIX, main
 
-    code = main(model, file, samples, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), out,
-                MATH_SUFFIX if suffix is None else suffix, pattern, parallel, device, dtype, max_context)
+    code = main(ModelOptions(model, device, dtype, max_context), file, samples,
+                _sampling(max_tokens, temperature, top_p, top_k, min_p, seed), out,
+                MATH_SUFFIX if suffix is None else suffix, pattern, parallel)
     if code:
         raise typer.Exit(code)
 

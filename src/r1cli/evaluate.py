@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .errors import R1Error, UsageError
+from .options import ModelOptions
 
 MATH_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."  # DeepSeek's recommendation
 PROBLEM_KEYS = ("problem", "question", "prompt")
@@ -276,8 +277,9 @@ def stderr_progress(stream: TextIO) -> Callable[[int, int], None]:
     return show
 
 
-def main(model: str | None, file: str, k: int, sampling: dict, out: str | None, suffix: str, pattern: str | None,
-         parallel: int, device: str, dtype: str, max_context: int | None, stdout: TextIO | None = None) -> int:
+def main(model: ModelOptions, file: str, k: int, sampling: dict, out: str | None, suffix: str, pattern: str | None,
+         parallel: int, stdout: TextIO | None = None) -> int:
+    """`model`: what to open and how (options.ModelOptions, built once by the command line)."""
     from .runner import open_model
 
     stdout = stdout or sys.stdout
@@ -289,7 +291,7 @@ def main(model: str | None, file: str, k: int, sampling: dict, out: str | None, 
         except re.error as e:
             raise UsageError(f"--pattern is not a regular expression: {e}") from None
     results = Path(out) if out else path.with_name(path.stem + ".results.jsonl")
-    m = open_model(model, device, dtype, max_context, announce=lambda s: print(s, file=sys.stderr, flush=True))
+    m = open_model(model, announce=lambda s: print(s, file=sys.stderr, flush=True))
     params = m.sampling(sampling)
     try:
         s = run_eval(m, problems, params, k, results, suffix, pattern, parallel, progress=stderr_progress(sys.stderr))

@@ -30,22 +30,12 @@ from torch import nn
 
 from .errors import R1Error
 
-SCHEMES = ("none", "int8", "int4")
-GROUP_SIZES = (32, 64, 128)
+from .options import GROUP_SIZES, check_scheme  # noqa: F401  (the schemes and their check live with the options)
 # Rows (tokens) from which a CPU int8 matmul dequantizes the weight to float32 instead of running the packed
 # kernel: measured on the project's AVX2 machine, [64 x 1024] @ [1024 x 2048]: kernel 10 ms, dequant+f32 8.5 ms.
 CPU_INT8_DEQUANT_ROWS = 64
 # Modules left in full precision by name (see the module docstring).
 SKIP = ("kv_b_proj",)
-
-
-def check_scheme(quant: str, group_size: int) -> None:
-    from .errors import UsageError
-
-    if quant not in SCHEMES:
-        raise UsageError(f"unknown --quant '{quant}': use none, int8 or int4")
-    if group_size not in GROUP_SIZES:
-        raise UsageError(f"unknown --group-size {group_size}: use 32, 64 or 128")
 
 
 # --- quantizers (pure functions on float weights) ---------------------------------------------------------------

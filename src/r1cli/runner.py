@@ -18,6 +18,7 @@ from .chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS, build_prompt, fami
 from .errors import ModelNotFoundError, R1Error, UsageError
 from .events import AnswerDelta, Done, Event, ReasoningDelta, TurnStats, stream_events
 from .generate import Generator, SamplingParams
+from .options import ModelOptions
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name
 
 THINKING_MODES = ("auto", "show", "hide", "stderr", "stdout")
@@ -179,32 +180,19 @@ class OpenModel:
         return SamplingParams(**values)
 
 
-# auto: a CUDA graph per cache bucket on a GPU, eager on a CPU; compile: torch.compile (a slow first turn, then
-# the fastest CPU decode measured for small models, docs/performance.md).
-DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
-
-
-def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
-               interactive: bool = False, announce: Callable[[str], None] | None = None, shard=None,
-               torch_device: torch.device | None = None, quant: str = "none", group_size: int = 32,
-               decode_mode: str = "auto", quant_head: bool = False, draft: str | None = None,
-               draft_quant: str = "none", mtp: bool = False) -> OpenModel:
-    """`shard`, `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both).
-    `decode_mode`: the Generator's decode step (auto, eager, static, compile, graph; see generate.py).
-    `draft` (a model name, quantized as `draft_quant`) or `mtp` (the checkpoint's multi-token-prediction layer):
-    speculative decoding (speculative.py)."""
+def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Callable[[str], None] | None = None,
+               shard=None, torch_device: torch.device | None = None) -> OpenModel:
+    """The model `opts` names, loaded as it says (ModelOptions, checked when built). `interactive`: offer to
+    download a model that is not in the cache. `announce`: where the one-line header and notices go. `shard`,
+    `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both)."""
     from .loader import Checkpoint, pick_device, pick_dtype
-    from .quant import check_scheme
 
-    check_scheme(quant, group_size)  # before any download
-    if decode_mode not in DECODE_MODES:
-        raise UsageError(f"unknown --decode-mode '{decode_mode}': use {', '.join(DECODE_MODES)}")
+    device, dtype, max_context = opts.device, opts.dtype, opts.max_context
+    quant, group_size, decode_mode = opts.quant, opts.group_size, opts.decode_mode
     if torch_device is None:
         check_device(device)  # before any download
-    name = name or DEFAULT_MODEL
-    if draft and mtp:
-        raise UsageError("--draft and --mtp exclude each other: pick one draft")
-    if (draft or mtp) and shard is not None and shard.world > 1:
+    name = opts.name or DEFAULT_MODEL
+    if opts.speculative and shard is not None and shard.world > 1:
         raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
@@ -238,7 +226,7 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
             dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
     model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard, quant=quant,
-                                  group_size=group_size, quant_head=quant_head, mtp=mtp)
+                                  group_size=group_size, quant_head=opts.quant_head, mtp=opts.mtp)
     if announce and getattr(model, "quant_notice", None):
         announce(f"r1: {model.quant_notice}")
     if announce and decode_mode == "compile":  # else the first reply stops after a token, for no visible reason
@@ -247,11 +235,12 @@ def open_model(name: str | None, device: str = "auto", dtype: str = "auto", max_
     tokenizer = checkpoint.tokenizer()
     family = family_for(tokenizer, ref.alias)
     generator = Generator(model, context, decode_mode=decode_mode)
-    if draft or mtp:
+    if opts.speculative:
         from .speculative import open_speculative
 
-        generator = open_speculative(generator, tokenizer, draft, mtp, lambda r, n: model_folder(r, n, interactive),
-                                     torch_device, dtype, draft_quant, group_size, announce)
+        generator = open_speculative(generator, tokenizer, opts.draft, opts.mtp,
+                                     lambda r, n: model_folder(r, n, interactive), torch_device, dtype,
+                                     opts.draft_quant, group_size, announce)
     return OpenModel(name, ref, folder, tokenizer, generator, family, generation_defaults(tokenizer, ref.alias))
 
 
@@ -347,22 +336,14 @@ def use_color(stream, color: str) -> bool:
 
 @dataclass
 class RunOptions:
-    model: str | None
+    model: ModelOptions
     prompt: str
     system: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_context: int | None = None
     sampling: dict = field(default_factory=dict)  # SamplingParams fields given on the command line
     thinking: str = "auto"
     output: str = "text"  # text | json | jsonl
     color: str = "auto"
     verbose: bool = False
-    quant: str = "none"
-    group_size: int = 32
-    decode_mode: str = "auto"
-    quant_head: bool = False
-    speculative: dict = field(default_factory=dict)  # open_model's draft, draft_quant, mtp
     n: int = 1  # samples of the prompt, decoded together (batch.py)
 
 
@@ -404,7 +385,7 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     interrupted).
     Tensor parallel (`shard`): rank 0 does all of this; the other ranks load their part and follow it."""
     if shard is not None and not shard.leader:
-        m = open_model(opts.model, opts.device, opts.dtype, opts.max_context, shard=shard, torch_device=torch_device)
+        m = open_model(opts.model, shard=shard, torch_device=torch_device)  # every option, as rank 0 has them
         return m.generator.follow()
     out, err = stdout or sys.stdout, stderr or sys.stderr
     if opts.thinking not in THINKING_MODES:
@@ -424,11 +405,8 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
     elif thinking == "show":
         thinking = "stderr"
     show_header = opts.verbose or _isatty(err)
-    m = open_model(opts.model, opts.device, opts.dtype, opts.max_context,
-                   interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
-                   announce=note if show_header else None, shard=shard, torch_device=torch_device,
-                   quant=opts.quant, group_size=opts.group_size, decode_mode=opts.decode_mode,
-                   quant_head=opts.quant_head, **opts.speculative)
+    m = open_model(opts.model, interactive=_isatty(sys.stdin) and _isatty(err) and shard is None,
+                   announce=note if show_header else None, shard=shard, torch_device=torch_device)
     prompt = build_prompt(m.tokenizer, [{"role": "user", "content": opts.prompt}], system=opts.system, family=m.family)
     for notice in prompt.notices:
         note(f"r1: {notice}")

@@ -40,6 +40,7 @@ from starlette.routing import Route
 
 from .chat_format import answer_only, build_prompt
 from .errors import R1Error, UsageError
+from .options import ModelOptions
 from .events import AnswerDelta, Done, ReasoningDelta, TurnStats, stream_events
 from .reasoning import _partial_tag_len
 from .runner import OpenModel
@@ -924,13 +925,12 @@ def _uvicorn_server(config, server: Server):
     return R1Uvicorn(config)
 
 
-def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: list[str] | str | None = None,
-          device: str = "auto", dtype: str = "auto", max_context: int | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None, quant: str = "none",
-          group_size: int = 32, decode_mode: str = "auto", quant_head: bool = False,
+def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_key: list[str] | str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None,
           allow_host: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, repeat_guard: bool = True,
-          speculative: dict | None = None, parallel: int | None = None) -> None:
+          parallel: int | None = None) -> None:
+    """`model`: what to open and how (options.ModelOptions, built once by the command line)."""
     import uvicorn
 
     from .runner import open_model
@@ -945,14 +945,12 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key:
     warning = exposure_warning(host, keys)
     if warning:
         note(warning)
-    if speculative and parallel not in (None, 1):
+    if model.speculative and parallel not in (None, 1):
         raise UsageError("--draft and --mtp decode one request at a time: drop --parallel or use --parallel 1")
     sock = bind(host, port)  # before loading: a taken port fails at once
-    m = open_model(model, device, dtype, max_context, interactive=sys.stdin.isatty() and sys.stderr.isatty(),
-                   announce=note, quant=quant, group_size=group_size, decode_mode=decode_mode,
-                   quant_head=quant_head, **(speculative or {}))
+    m = open_model(model, interactive=sys.stdin.isatty() and sys.stderr.isatty(), announce=note)
     m.defaults["repeat_guard"] = repeat_guard  # --no-repeat-guard
-    if speculative:
+    if model.speculative:
         parallel = 1  # the speculative generator is batch-1 (refused with --parallel N above)
     if parallel is None:
         from .batch import default_parallel, free_memory

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from ..errors import R1Error
 from ..events import stream_events
+from ..options import ModelOptions
 from ..runner import OpenModel, check_text, drive
 from ..session import ChatSession
 from ..settings import state_dir
@@ -147,20 +148,18 @@ class Chat:
                 self.console.print(Text(f"r1: {e}", style="red"))
 
 
-def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
-             sampling: dict | None = None, system: str | None = None, think: str | None = None,
+def run_chat(model: ModelOptions, sampling: dict | None = None, system: str | None = None, think: str | None = None,
              history: bool = True, url: str | None = None, api_key: str | None = None, shard=None,
-             torch_device=None, quant: str = "none", group_size: int = 32, decode_mode: str = "auto",
-             quant_head: bool = False, speculative: dict | None = None) -> int:
-    """A local model; or, with `url`, an OpenAI-compatible server (`name`: the model it serves, default its first).
+             torch_device=None) -> int:
+    """A local model, opened as `model` (options.ModelOptions) says; or, with `url`, an OpenAI-compatible server
+    (`model.name`: the model it serves, default its first).
     Tensor parallel (`shard`): rank 0 owns the terminal; the other ranks load their part and follow its turns
     (slash commands act on rank 0; what reaches the model travels with each turn's generation command)."""
     from ..runner import open_model
     from ..settings import load_settings
 
     if shard is not None and not shard.leader:
-        return open_model(name, device, dtype, max_context, shard=shard, torch_device=torch_device, quant=quant,
-                          group_size=group_size, decode_mode=decode_mode, quant_head=quant_head).generator.follow()
+        return open_model(model, shard=shard, torch_device=torch_device).generator.follow()
     console = Console(highlight=False)
     console.soft_wrap = not console.is_terminal  # no wrapping of lines written to a file or pipe
     think = think or load_settings().get("think", "collapse")
@@ -175,14 +174,12 @@ def run_chat(name: str | None, device: str = "auto", dtype: str = "auto", max_co
         if url:
             from ..remote import RemoteModel
 
-            model = RemoteModel.connect(url, api_key, name)
-            announce(f"{model.base} · model {model.name}")
+            opened = RemoteModel.connect(url, api_key, model.name)
+            announce(f"{opened.base} · model {opened.name}")
         else:
-            model = open_model(name, device, dtype, max_context, interactive=sys.stdin.isatty() and shard is None,
-                               announce=announce, shard=shard, torch_device=torch_device, quant=quant,
-                               group_size=group_size, decode_mode=decode_mode, quant_head=quant_head,
-                               **(speculative or {}))
-    Chat(model, console, think, sampling or {}, system, history).loop()
+            opened = open_model(model, interactive=sys.stdin.isatty() and shard is None, announce=announce,
+                                shard=shard, torch_device=torch_device)
+    Chat(opened, console, think, sampling or {}, system, history).loop()
     return 0
 
 

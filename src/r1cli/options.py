@@ -1,0 +1,51 @@
+"""`ModelOptions`: how to open a model (which one, on what device, in what dtype and context, quantized how,
+decoded how, drafted by what). The command line builds it once and every front end (`r1 run`, `chat`, `serve`,
+`eval`) and every worker rank of a tensor-parallel run passes it whole to `runner.open_model`, so no call site can
+drop an option. Checked when built, before anything is downloaded or loaded. Imports no torch (the remote chat
+client builds none, but the command line builds one before it knows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+QUANT_SCHEMES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# auto: a CUDA graph per cache bucket on a GPU, eager on a CPU; compile: torch.compile (a slow first turn, then the
+# fastest small-model CPU decode, docs/performance.md).
+DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
+
+
+def check_scheme(quant: str, group_size: int, flag: str = "--quant") -> None:
+    if quant not in QUANT_SCHEMES:
+        raise UsageError(f"unknown {flag} '{quant}': use none, int8 or int4")
+    if group_size not in GROUP_SIZES:
+        raise UsageError(f"unknown --group-size {group_size}: use 32, 64 or 128")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    name: str | None = None  # alias, org/name[@rev], folder or .gguf; None: registry.DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    max_context: int | None = None  # None: runner.default_context
+    quant: str = "none"  # weight-only quantization of the linear layers (quant.py)
+    group_size: int = 32  # int4 groups
+    quant_head: bool = False  # the output head as int8 too
+    decode_mode: str = "auto"  # the Generator's decode step (generate.py)
+    draft: str | None = None  # speculative decoding with this model as the draft (speculative.py)
+    draft_quant: str = "none"
+    mtp: bool = False  # speculative decoding with the checkpoint's multi-token-prediction layer
+
+    def __post_init__(self) -> None:
+        check_scheme(self.quant, self.group_size)
+        check_scheme(self.draft_quant, self.group_size, "--draft-quant")
+        if self.decode_mode not in DECODE_MODES:
+            raise UsageError(f"unknown --decode-mode '{self.decode_mode}': use {', '.join(DECODE_MODES)}")
+        if self.draft and self.mtp:
+            raise UsageError("--draft and --mtp exclude each other: pick one draft")
+
+    @property
+    def speculative(self) -> bool:
+        return bool(self.draft or self.mtp)
