@@ -88,9 +88,10 @@ def main() -> None:
                     help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack (the packed int8 kernel), "
                          "int4, and +head (--quant-head)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     engines = a.engines.split(",")
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     from r1cli.loader import load_model
 
     hf_model = None
