@@ -74,7 +74,7 @@ def llamacpp_decode(gguf: Path, n_tokens: int) -> float | None:
 
 
 def scheme_of(engine: str) -> str:
-    return engine.removesuffix("+head").removesuffix("-pack")
+    return engine.removesuffix("+head").removesuffix("-pack").removesuffix("-dynamic")
 
 
 def main() -> None:
@@ -84,8 +84,8 @@ def main() -> None:
     ap.add_argument("--shape", help="a folder with a config.json: random weights in its shape")
     ap.add_argument("--gguf", help="with --shape: the GGUF llama.cpp runs")
     ap.add_argument("--decode-mode", default="eager", help="r1's decode step: eager, static or compile (torch.compile)")
-    ap.add_argument("--engines", default="none,int8,int8-pack,int4,int4+head,int8+head",
-                    help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack (the packed int8 kernel), "
+    ap.add_argument("--engines", default="none,int8-pack,int8-dynamic,int4,int4+head,int8+head",
+                    help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack / int8-dynamic (that int8 kernel), "
                          "int4, and +head (--quant-head)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--threads", type=int, default=2)
@@ -111,8 +111,8 @@ def main() -> None:
                 quantize_model(models[s], scheme_of(s), 32)
             if s.endswith("+head"):
                 quantize_head(models[s])
-            if s == "int8-pack":
-                use_int8_kernel(models[s], "pack")
+            if s in ("int8-pack", "int8-dynamic"):
+                use_int8_kernel(models[s], s.split("-")[1])
         if not a.no_hf:
             hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
         folder, gguf = None, Path(a.gguf) if a.gguf else None
@@ -129,8 +129,9 @@ def main() -> None:
 
         models = {s: load_model(folder, dtype="bfloat16", quant=scheme_of(s), group_size=32,
                                 quant_head=s.endswith("+head"), cache=False) for s in engines}
-        if "int8-pack" in models:
-            use_int8_kernel(models["int8-pack"], "pack")
+        for s in ("int8-pack", "int8-dynamic"):
+            if s in models:
+                use_int8_kernel(models[s], s.split("-")[1])
         label = "SmolLM2-135M"
     from r1cli.generate import Generator
 

@@ -116,12 +116,15 @@ def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return step / 2 * w.abs().sum(-1) + 1e-5 * (x.abs() @ w.abs().T).squeeze(0)
 
 
-@pytest.mark.skipif(not q.cpu_has_vnni(), reason="the dynamic int8 kernel is chosen on CPUs with VNNI only")
-def test_this_cpu_picks_the_dynamic_int8_kernel():
+def test_the_int8_kernel_is_chosen_by_features_and_quality():
     assert q.fastest_int8_kernel(True) == "dynamic" and q.fastest_int8_kernel(False) == "pack"
-    assert q.Int8Weight.from_float(torch.randn(64, 128)).kernel == q.int8_kernel() == "dynamic"
+    assert q.choose_int8_kernel(False) == "pack"
+    assert q.choose_int8_kernel(True) == ("dynamic" if q.DYNAMIC_INT8_KEEPS_QUALITY else "pack")
+    if "R1_INT8_KERNEL" not in os.environ:
+        assert q.Int8Weight.from_float(torch.randn(64, 128)).kernel == q.choose_int8_kernel(q.cpu_has_vnni())
 
 
+@pytest.mark.skipif(not q.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
 @pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (2048, 1536)])
 @pytest.mark.parametrize("kind", ["normal", "outlier", "positive"])
 def test_int8_dynamic_kernel_within_the_activation_rounding_bound(n, k, kind):
@@ -154,6 +157,7 @@ def test_int8_dynamic_kernel_within_the_activation_rounding_bound(n, k, kind):
     assert torch.equal(dyn.dequantize(torch.float32), pack.dequantize(torch.float32))
 
 
+@pytest.mark.skipif(not q.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
 def test_int8_dynamic_weights_join_and_keep_their_codes():
     g = torch.Generator().manual_seed(5)
     parts = [q.Int8Weight.from_float(torch.randn(n, 64, generator=g)) for n in (32, 16, 16)]
@@ -307,23 +311,23 @@ def test_kl_against_bf16_on_smollm2(smol_logits):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not q.cpu_has_vnni(), reason="the dynamic int8 kernel is chosen on CPUs with VNNI only")
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm in this torch")
 def test_kl_against_bf16_on_smollm2_with_the_dynamic_int8_kernel(smollm2_dir, smol_logits):
-    """The int8 bar with the kernel decode uses on this CPU: one token at a time (the dynamic kernel quantizes one
-    row's activations; a prompt takes the float path), KL against the bf16 model's logits."""
+    """The int8 bar with the kernel decode would use: one token at a time (the dynamic kernel quantizes one row's
+    activations; a prompt takes the float path), KL against the bf16 model's logits. The dynamic kernel may be the
+    default (quant.DYNAMIC_INT8_KEEPS_QUALITY) only if it holds the bar (measured: it does not, 0.0143)."""
     from r1cli.tokenizer import Tokenizer
 
     tokens = torch.tensor([Tokenizer.from_folder(smollm2_dir).encode(TEXT)[:520]])
     model = load_model(smollm2_dir, dtype="bfloat16", quant="int8", cache=False)
-    linears = [m.qweight for m in model.modules() if isinstance(getattr(m, "qweight", None), q.Int8Weight)]
-    assert linears and all(w.kernel == "dynamic" for w in linears)
+    assert q.use_int8_kernel(model, "dynamic") > 0 or q.int8_kernel() == "dynamic"
     cache, rows = model.new_cache(1, tokens.shape[1]), []
     with torch.no_grad():
         for i in range(tokens.shape[1]):
             rows.append(model(tokens[:, i : i + 1], start_pos=i, cache=cache)[0, -1].float().log_softmax(-1))
     kl = mean_kl(smol_logits["none"], torch.stack(rows))
     print(f"\nSmolLM2-135M int8, decoded token by token with the dynamic kernel: mean KL vs bf16 {kl:.5f}")
-    assert 0 < kl < 0.01
+    assert kl > 0 and (kl < 0.01) == q.DYNAMIC_INT8_KEEPS_QUALITY, kl
 
 
 @pytest.mark.slow
