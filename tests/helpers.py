@@ -26,7 +26,7 @@ def r1_env(tmp_path: Path | None = None, **extra: str) -> dict[str, str]:
     env.update(PYTHONPATH=str(SRC), HF_HUB_DISABLE_TELEMETRY="1", R1_DEBUG="")
     if tmp_path is not None:
         env.update(HF_HOME=str(tmp_path / "hf"), XDG_CONFIG_HOME=str(tmp_path / "config"),
-                   XDG_STATE_HOME=str(tmp_path / "state"))
+                   XDG_STATE_HOME=str(tmp_path / "state"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     env.update(extra)
     return env
 

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from . import compile_cache
 from .chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS
 from .models import Cache, CausalLM
 
@@ -339,6 +340,11 @@ class StaticDecoder:
         self.model, self.cache = model, cache
         device = model.model.embed_tokens.weight.device
         self.forward = torch.compile(model, dynamic=True) if mode == "compile" else model
+        # compile: torch.compile's artifacts kept on disk (compile_cache.py), so a later process skips the codegen
+        self.compile_key = compile_cache.step_key(model, mode) if mode == "compile" else None
+        self.saved: set[bool] = set()  # which compiles were saved: the whole-cache bucket (True) or the others
+        if self.compile_key:
+            compile_cache.load(self.compile_key)
         self.use_graphs = device.type == "cuda" and mode in ("graph", "compile")
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -352,7 +358,22 @@ class StaticDecoder:
         return min(n, self.cache.max_len)
 
     def _run(self) -> torch.Tensor:
-        return self.forward(self.token, start_pos=self.slot, cache=self.cache)[:, -1]
+        try:
+            logits = self.forward(self.token, start_pos=self.slot, cache=self.cache)[:, -1]
+        except Exception as e:
+            if self.forward is self.model or self.saved:
+                raise
+            # no working compiler here (e.g. no C++ toolchain): the same step, eager, said once
+            import sys
+
+            print(f"r1: torch.compile failed ({type(e).__name__}); decoding eagerly instead", file=sys.stderr)
+            self.forward = self.model
+            return self.forward(self.token, start_pos=self.slot, cache=self.cache)[:, -1]
+        whole = self.cache.view_len == self.cache.max_len
+        if self.compile_key and self.forward is not self.model and whole not in self.saved:
+            self.saved.add(whole)  # a new compile just ran (the dynamic one, or the whole-cache bucket's)
+            compile_cache.save(self.compile_key)
+        return logits
 
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         self.token.copy_(token)

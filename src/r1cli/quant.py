@@ -11,6 +11,12 @@ Layouts of an int4 weight:
 - "plain": two codes per byte, low nibble first, [.., N, K/2] uint8: the on-disk cache format, and the
   dequantize-per-matmul fallback on other devices (and for gathered MoE experts on a GPU).
 
+int8 on a CPU has two kernels (Int8Weight.kernel), chosen once per process from the CPU's features and the
+quality bar (choose_int8_kernel): "pack", torch._weight_int8pack_mm (int8 weights, bf16 activations, float math); and
+"dynamic", fbgemm's dynamic int8 linear (torch.ops.quantized.linear_dynamic): each one-row input is quantized to
+8 bits per call and multiplied with the CPU's integer dot-product instructions (VNNI), as llama.cpp's Q8
+activations are. The codes and scales are the same in both; only the activation rounding differs.
+
 The embedding and the output head are not quantized (the head is, as int8, with --quant-head: quantize_head); neither is MLA's kv_b_proj (the absorbed decode reads it
 as a dense matrix, and it is small). A layer whose shape a kernel cannot take stays in its dtype (counted).
 """
@@ -130,14 +136,98 @@ class QuantWeight(nn.Module):
         return None
 
 
+# --- the int8 kernel of this CPU ----------------------------------------------------------------------------------
+
+INT8_KERNELS = ("pack", "dynamic")
+
+
+def fastest_int8_kernel(has_vnni: bool) -> str:
+    """The int8 one-row kernel to use on a CPU with (or without) integer dot products for 8-bit activations
+    (AVX512-VNNI / AVX-VNNI): fbgemm's dynamic int8 linear with them (measured 3-4x the packed kernel at the
+    R1-Distill-Qwen-1.5B shapes on an AVX512-VNNI CPU, docs/performance.md); else the packed kernel, the one
+    measured on AVX2 (fbgemm's AVX2 path, which saturates 16-bit pair sums, is unmeasured)."""
+    return "dynamic" if has_vnni else "pack"
+
+
+def cpu_has_vnni() -> bool:
+    """Integer dot-product instructions (cpu.py, the one reader of the CPU's features), and fbgemm in this torch
+    build to use them."""
+    from .cpu import features
+
+    return "fbgemm" in torch.backends.quantized.supported_engines and features().vnni
+
+
+# Whether the dynamic kernel keeps the int8 quality bar (mean KL < 0.01 against bf16, SmolLM2-135M decoded token
+# by token, tests/test_quant.py): it did not (0.0143, against 0.0042 for the packed kernel's bf16 activations):
+# one 8-bit scale per activation row is too coarse for the outlier channels of real hidden states (llama.cpp's Q8
+# activations take one scale per 32 values). Until it does, it is opt-in (R1_INT8_KERNEL=dynamic).
+DYNAMIC_INT8_KEEPS_QUALITY = False
+
+
+def choose_int8_kernel(has_vnni: bool) -> str:
+    """The kernel a process uses: the fastest one that keeps the quality bar."""
+    fastest = fastest_int8_kernel(has_vnni)
+    return fastest if fastest != "dynamic" or DYNAMIC_INT8_KEEPS_QUALITY else "pack"
+
+
+_int8_kernel: str | None = None
+
+
+def int8_kernel() -> str:
+    """This process's CPU int8 kernel, decided once at first use (R1_INT8_KERNEL=pack|dynamic overrides it, for
+    benchmarks, tests and trying the dynamic kernel)."""
+    global _int8_kernel
+    if _int8_kernel is None:
+        forced = os.environ.get("R1_INT8_KERNEL", "")
+        _int8_kernel = forced if forced in INT8_KERNELS else choose_int8_kernel(cpu_has_vnni())
+    return _int8_kernel
+
+
+def _fbgemm_prepack(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of int8 codes q [N, K] with per-row scales (zero points 0): its own copy of the codes,
+    laid out for its integer kernel. (torch marks the quantized-tensor API deprecated and warns: hence the filter.)"""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(),
+                                                      torch.zeros(q.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
 class Int8Weight(QuantWeight):
+    """int8 codes q [.., N, K] and float32 scales [.., N]: w = q * scale. kernel "pack" keeps q as a buffer;
+    kernel "dynamic" (2-D weights on a CPU) keeps only fbgemm's packed copy of it, and `q` unpacks on demand."""
+
     scheme = "int8"
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
         super().__init__()
-        self.register_buffer("q", q)
+        if kernel is None:
+            kernel = int8_kernel() if q.device.type == "cpu" and q.dim() == 2 else "pack"
+        self.kernel = kernel
+        self._packed = None
+        if kernel == "dynamic":
+            self._packed = _fbgemm_prepack(q, scale.float())
+            self._shape = q.shape
+            self.register_buffer("_q", None)
+        else:
+            self.register_buffer("_q", q)
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_bf16", self.scale.bfloat16(), persistent=False)  # what the CPU kernel takes
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The int8 codes (a copy unpacked from fbgemm's layout with the dynamic kernel)."""
+        if self._packed is None:
+            return self._q
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the codes under the same name whatever the kernel keeps (memory probes count a state_dict's bytes)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "_q", None)
+        destination[prefix + "q"] = self.q
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Weight:
@@ -150,20 +240,28 @@ class Int8Weight(QuantWeight):
 
     @property
     def shape(self):
-        return self.q.shape
+        return self._shape if self._packed is not None else self._q.shape
 
     def join(self, parts: list[Int8Weight]) -> Int8Weight | None:
-        if any(p.q.dim() != 2 for p in parts):
+        if any(len(p.shape) != 2 or p.kernel != self.kernel for p in parts):
             return None
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), self.kernel)
 
     def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
         q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
         return (q.float() * s.unsqueeze(-1)).to(dtype)
 
     def matmul(self, x, bias=None, index=None):
-        q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
         rows = x.numel() // x.shape[-1]
+        if self._packed is not None:
+            if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own
+                y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self._packed, False)
+                y = y.view(*x.shape[:-1], -1).to(x.dtype)
+                return y if bias is None else y + bias
+            # several rows would share one activation scale: the float kernels below
+            q, s = self.q, self.scale
+        else:
+            q, s = (self._q, self.scale) if index is None else (self._q[index], self.scale[index])
         if x.device.type == "cpu" and q.dim() == 2:
             if rows < CPU_INT8_DEQUANT_ROWS:
                 # the packed kernel is vectorised for bf16 activations only (float32 runs ~10x slower)
@@ -291,7 +389,7 @@ def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int, device=None):
     if scheme == "int8":
         q, scale = quantize_int8(w)
         qw = Int8Weight(q.to(device), scale.to(device))
-        return qw, qw.export()
+        return qw, {"q": q, "scale": scale}  # the codes as made (the dynamic kernel keeps a packed copy)
     if scheme == "int4" and k % group_size == 0 and k % 2 == 0:
         codes, scales, zeros = quantize_int4(w, group_size)
         # from the codes, before packing: a kernel layout cannot be read back exactly
@@ -590,3 +688,15 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> list[
                     if not q.expert(module, name, attr, e, stacked[e], stacked.shape[0]):
                         break
     return q.kept
+
+
+def use_int8_kernel(model: nn.Module, kernel: str) -> int:
+    """Rebuild every 2-D int8 weight of a loaded model for `kernel` ("pack" or "dynamic"), the same codes and
+    scales; returns how many. For side-by-side measurements and tests of the two kernels in one process."""
+    count = 0
+    for module in model.modules():
+        qw = getattr(module, "qweight", None)
+        if isinstance(qw, Int8Weight) and len(qw.shape) == 2 and qw.kernel != kernel:
+            module.qweight = Int8Weight(qw.q, qw.scale, kernel)
+            count += 1
+    return count

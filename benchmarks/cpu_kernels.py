@@ -1,0 +1,72 @@
+"""One-row products (batch-1 decode) at the real shapes, each weight format and int8 kernel side by side in one
+process, alternating rounds (the CPU may be shared: every cell keeps its best round): bf16 `F.linear`, int8
+`_weight_int8pack_mm` ("pack"), int8 fbgemm dynamic ("dynamic": 8-bit activations, integer dot products), int4 g32
+`_weight_int4pack_mm_for_cpu`. Each is called as a layer calls it (Int8Weight/Int4Weight.matmul on a bf16 row,
+conversions included). us per call and GB/s of the weight bytes that format reads.
+
+    PYTHONPATH=src python benchmarks/cpu_kernels.py [--rounds 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from r1cli.quant import Int4Weight, Int8Weight, cpu_has_vnni, quantize_int8  # noqa: E402
+
+# (name, N, K): R1-Distill-Qwen-1.5B (hidden 1536, intermediate 8960, q|k|v joined 2048, gate|up joined 17920,
+# vocabulary 151936) and SmolLM2-135M (576 wide, intermediate 1536, q|k|v 960, vocabulary 49152)
+SHAPES = [
+    ("1.5B q|k|v", 2048, 1536), ("1.5B gate or up", 8960, 1536), ("1.5B gate|up", 17920, 1536),
+    ("1.5B down", 1536, 8960), ("1.5B head", 151936, 1536),
+    ("SmolLM2 q|k|v", 960, 576), ("SmolLM2 gate|up", 3072, 576), ("SmolLM2 down", 576, 1536),
+    ("SmolLM2 head", 49152, 576),
+]
+
+
+def per_call_us(fn, n: int) -> float:
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}; best of {a.rounds} alternating rounds")
+    kinds = ("bf16", "int8 pack", "int8 dynamic", "int4 g32")
+    print(f"{'shape':<18} {'N x K':>14} " + " ".join(f"{k:>20}" for k in kinds) + "   dynamic/pack")
+    g = torch.Generator().manual_seed(0)
+    for name, n, k in SHAPES:
+        w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
+        x = torch.randn(1, k, generator=g).bfloat16()
+        q, s = quantize_int8(w)
+        w8p, w8d, w4 = Int8Weight(q, s, "pack"), Int8Weight(q, s, "dynamic"), Int4Weight.from_float(w, 32)
+        calls = {"bf16": (lambda: F.linear(x, w), 2 * n * k), "int8 pack": (lambda: w8p.matmul(x), n * k),
+                 "int8 dynamic": (lambda: w8d.matmul(x), n * k), "int4 g32": (lambda: w4.matmul(x), n * k // 2)}
+        reps = max(5, min(200, int(2e8 // (n * k))))
+        best = {kind: float("inf") for kind in kinds}
+        for _ in range(a.rounds):
+            for kind in kinds:
+                best[kind] = min(best[kind], per_call_us(calls[kind][0], reps))
+        cells = [f"{best[kd]:9.1f} ({calls[kd][1] / best[kd] / 1e3:5.1f})" for kd in kinds]
+        print(f"{name:<18} {f'{n} x {k}':>14} " + " ".join(f"{c:>20}" for c in cells)
+              + f"   {best['int8 pack'] / best['int8 dynamic']:.2f}x", flush=True)
+        del w8p, w8d, w4, w, q
+
+
+if __name__ == "__main__":
+    main()
