@@ -390,8 +390,11 @@ def test_deepseek2_gguf_gives_the_logits_of_its_safetensors_checkpoint(deepseek2
     f = G.open_gguf(files[-1])  # any part names the whole split
     args = G.model_args(f)
     want = safetensors_model.args
-    # The same config, but for float32 metadata (eps, yarn's mscale) and the dtype a GGUF cannot say.
-    assert dataclasses.replace(args, norm_eps=want.norm_eps, rope=want.rope, torch_dtype=want.torch_dtype) == want
+    # The same config, but for float32 metadata (eps, yarn's mscale), the dtype a GGUF cannot say and the
+    # multi-token-prediction layer it does not carry.
+    assert args.n_mtp_layers == 0
+    assert dataclasses.replace(args, norm_eps=want.norm_eps, rope=want.rope, torch_dtype=want.torch_dtype,
+                               n_mtp_layers=want.n_mtp_layers) == want
     assert args.norm_eps == pytest.approx(want.norm_eps) and args.rope.mscale_all_dim == pytest.approx(want.rope.mscale_all_dim)
     ours = G.load_model(f, "cpu", torch.float32)
     tokens = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(1))
@@ -462,7 +465,7 @@ def test_model_names_with_gguf_files(tmp_path):
     assert resolve_name(str(local)).path == local
     with pytest.raises(UsageError):
         resolve_name("org/Model-GGUF:Q4 K")
-    with pytest.raises(UsageError):
+    with pytest.raises(ModelNotFoundError, match="no such file or folder"):  # exit 3, as for a missing folder
         resolve_name(str(tmp_path / "missing.gguf"))
 
 

@@ -470,7 +470,7 @@ def _deepseek2_args(f: GGUFFile, need) -> ModelArgs:
         n_kv_heads=n_heads,
         head_dim=rope_dim,
         inter_dim=need("feed_forward_length"),
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        norm_eps=float(need("attention.layer_norm_rms_epsilon", kind=float)),
         max_seq_len=need("context_length"),
         rope=_rope_args(f, rope_dim),
         tie_embeddings="output.weight" not in f.tensors,
