@@ -161,7 +161,8 @@ def test_interrupted_pull_keeps_finished_files_and_a_rerun_completes_it(fake, en
     assert err.rstrip().endswith("r1: interrupted: finished files are kept, `r1 pull test/tiny` continues")
     assert not list((cache(env) / "models--test--tiny" / "blobs").glob("*.incomplete"))
 
-    assert_one_line_error(r1(env, "show", "test/tiny"), 3, "partly downloaded", SHARD2, "`r1 pull test/tiny`")
+    # (`r1 show` answers from config.json alone now, issue #17; running is what needs every file)
+    assert_one_line_error(r1(env, "run", "test/tiny", "hi"), 3, "partly downloaded", SHARD2, "`r1 pull test/tiny`")
     listed = json.loads(r1(env, "list", "--json").stdout)
     assert [(m["repo"], m["complete"]) for m in listed] == [("test/tiny", False)]
     assert "(partial)" in r1(env, "list").stdout
