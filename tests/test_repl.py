@@ -206,6 +206,7 @@ def test_type_ahead_is_not_echoed_into_the_answer_and_starts_the_next_prompt(ans
     assert expected.startswith(re.sub(r"\s+", " ", " ".join(answer))), lines  # no line twice
     s.child.send("\r")
     s.expect("1 turns")
+    s.expect(">>>")  # Ctrl-D once the prompt reads keys (sent before it, the terminal's line discipline eats it)
     s.child.sendeof()
     s.child.expect(pexpect.EOF)
 
