@@ -133,6 +133,18 @@ def _time(fn, device, repeats=3) -> float:
     return best
 
 
+def _best_decode(gen, prompt: list[int], params: SamplingParams):
+    """The faster of two greedy runs' stats (the first warms up, and captures or compiles the decode step)."""
+    best = None
+    for _ in range(2):
+        gen.reset()
+        for _ in gen.generate(prompt, params):
+            pass
+        if best is None or gen.stats.decode_tokens_per_s > best.decode_tokens_per_s:
+            best = gen.stats
+    return best
+
+
 @torch.inference_mode()
 def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: str, device) -> BenchResult:
     r = BenchResult(engine=f"r1 ({decode_mode})")
@@ -145,13 +157,7 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
     gen = Generator(model, max_len=len(prompt) + new_tokens + 8, decode_mode=decode_mode)
     # Random weights often loop: the repetition guard is off, so that every token is timed.
     params = SamplingParams(temperature=0, max_tokens=new_tokens, repeat_guard=False)
-    best = None
-    for _ in range(2):  # the first run warms up (and captures or compiles the decode step)
-        gen.reset()
-        for _ in gen.generate(prompt, params):
-            pass
-        if best is None or gen.stats.decode_tokens_per_s > best.decode_tokens_per_s:
-            best = gen.stats
+    best = _best_decode(gen, prompt, params)
     r.ttft_ms = best.prefill_s * 1000
     r.decode_tokens_per_s = best.decode_tokens_per_s
     return r
@@ -164,14 +170,7 @@ def bench_speculative(model: CausalLM, draft, prompt_len: int, new_tokens: int, 
     r = BenchResult(engine="r1 + draft" if draft is not None else "r1 + mtp")
     prompt = torch.randint(0, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     gen = SpeculativeGenerator(Generator(model, max_len=len(prompt) + new_tokens + 8), draft)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens)
-    best = None
-    for _ in range(2):
-        gen.reset()
-        for _ in gen.generate(prompt, params):
-            pass
-        if best is None or gen.stats.decode_tokens_per_s > best.decode_tokens_per_s:
-            best = gen.stats
+    best = _best_decode(gen, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, repeat_guard=False))
     r.ttft_ms = best.prefill_s * 1000
     r.decode_tokens_per_s = best.decode_tokens_per_s
     r.acceptance_rate, r.tokens_per_step = best.acceptance_rate, best.tokens_per_step

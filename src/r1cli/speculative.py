@@ -44,6 +44,24 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _draft_tokens(logits: torch.Tensor, k: int, params: SamplingParams, generator,
+                  step) -> tuple[list[int], torch.Tensor | None]:
+    """Up to k draft tokens from a draft's first logits: greedy, or drawn with the target's sampling settings (their
+    probabilities kept for the accept/resample rule); `step(token, j)` gives the logits after draft token j."""
+    drafts, qs = [], []
+    for j in range(k):
+        if params.temperature <= 0:
+            token = logits.argmax(dim=-1)
+        else:
+            q = sampling_probs(logits, params)
+            qs.append(q)
+            token = draw(q, generator)
+        drafts.append(int(token))
+        if j + 1 < k:
+            logits = step(token, j)
+    return drafts, (torch.cat(qs) if qs else None)
+
+
 class ModelDraft:
     """A smaller model with the target's tokenizer, with its own cache. It holds the committed tokens'
     keys and values up to `self.n`; each proposal feeds what it lacks, then one token per further draft."""
@@ -75,18 +93,8 @@ class ModelDraft:
             logits = self.model(feed[:, i : i + self.prefill_chunk], start_pos=self.n + i, cache=self.cache,
                                 last_only=True)[:, -1]
         self.n = len(tokens)
-        drafts, qs = [], []
-        for j in range(k):
-            if params.temperature <= 0:
-                token = logits.argmax(dim=-1)
-            else:
-                q = sampling_probs(logits, params)
-                qs.append(q)
-                token = draw(q, generator)
-            drafts.append(int(token))
-            if j + 1 < k:
-                logits = self.model(token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1]
-        return drafts, (torch.cat(qs) if qs else None)
+        return _draft_tokens(logits, k, params, generator, lambda token, j: self.model(
+            token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1])
 
     def accepted(self, base: int, n: int, k: int) -> None:
         """`base` committed tokens before the proposal, `n` of the k drafts accepted: the draft fed the first k-1."""
@@ -141,19 +149,13 @@ class MTPDraft:
         logits, h = self.model.mtp_forward(feed, self.pending, start, self.cache)
         logits, h = logits[:, -1], h[:, -1:]
         self.n, self.pending = len(tokens) - 1, None
-        drafts, qs = [], []
-        for j in range(k):
-            if params.temperature <= 0:
-                token = logits.argmax(dim=-1)
-            else:
-                q = sampling_probs(logits, params)
-                qs.append(q)
-                token = draw(q, generator)
-            drafts.append(int(token))
-            if j + 1 < k:
-                logits, h = self.model.mtp_forward(token.view(1, 1), h, self.n + j, self.cache)
-                logits = logits[:, -1]
-        return drafts, (torch.cat(qs) if qs else None)
+        hidden = [h]  # the layer's own output hidden state feeds its next step
+
+        def step(token, j):
+            logits, hidden[0] = self.model.mtp_forward(token.view(1, 1), hidden[0], self.n + j, self.cache)
+            return logits[:, -1]
+
+        return _draft_tokens(logits, k, params, generator, step)
 
     def accepted(self, base: int, n: int, k: int) -> None:
         pass  # the slots past self.n hold drafted inputs; the next proposal overwrites them
