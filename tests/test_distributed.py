@@ -468,3 +468,19 @@ def test_a_killed_or_hung_rank_makes_the_others_exit(looping_dir, tmp_path, vict
     assert code == DIST_EXIT, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("r1: ")]
     assert len(lines) == 1 and lines[0].startswith(f"r1: rank {1 - victim}: lost contact with the other ranks"), err
+
+
+@pytest.mark.slow
+def test_gpus_keeps_a_ranks_exit_code_and_its_one_line(steered_dir):
+    """`r1 run --gpus 2` ends with rank 0's documented exit code and its one `r1:` line: stopped while thinking
+    (4), a prompt longer than the context (1), and no launcher traceback (torchrun made every code its own 1 and
+    printed a ChildFailedError traceback)."""
+    from helpers import one_line_error
+
+    base = [sys.executable, "-m", "r1cli", "run", str(steered_dir), "--gpus", "2", "--device", "cpu"]
+    thinking = subprocess.run([*base, "--max-tokens", "3", "How many pears?"], capture_output=True, text=True,
+                              timeout=180, env=run_env(), stdin=subprocess.DEVNULL)
+    assert one_line_error(thinking, 4).startswith("r1: stopped while thinking after 3 tokens")
+    long = subprocess.run([*base, "--max-context", "16", "pears " * 40], capture_output=True, text=True,
+                          timeout=180, env=run_env(), stdin=subprocess.DEVNULL)
+    assert "the context holds 16" in one_line_error(long, 1)

@@ -97,7 +97,7 @@ _NO_REPEAT_GUARD = typer.Option(False, "--no-repeat-guard", help="Let a reply th
 _TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
 _MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
-_GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (re-runs under torchrun; docs/distributed.md).")
+_GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (N processes, as torchrun would start; docs/distributed.md).")
 _QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
 _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
 _QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as int8 (read every token: over a third of the bytes an int4 1.5B reads per token).")
@@ -108,14 +108,15 @@ _DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU
 
 
 def _distributed(gpus: int | None, device: str, body) -> int | None:
-    """--gpus N: re-execute under torchrun. Under torchrun: run body(shard, device) on every rank (its exit code).
-    Otherwise None: the caller runs in this process."""
+    """--gpus N: run this command as N rank processes (parallel.relaunch) and return rank 0's exit code. Under
+    torchrun (or as one of those ranks): run body(shard, device) on every rank (its exit code). Otherwise None: the
+    caller runs in this process."""
     from . import parallel
     from .runner import check_device
 
     if gpus and gpus > 1 and not parallel.launched():
-        check_device(device, ranks=gpus)  # before torchrun starts N processes that would each fail
-        parallel.relaunch(gpus, sys.argv[1:])
+        check_device(device, ranks=gpus)  # before N processes start that would each fail
+        return parallel.relaunch(gpus, sys.argv[1:])
     if parallel.launched():
         return parallel.run_ranks(body, device)
     return None

@@ -371,15 +371,73 @@ def run_ranks(body: Callable[[Shard, torch.device], int], device: str = "auto") 
                 pass
 
 
-def relaunch(gpus: int, argv: list[str]) -> None:
-    """`r1 chat MODEL --gpus N`: re-execute this command under torchrun with N processes on this machine."""
+def relaunch(gpus: int, argv: list[str]) -> int:
+    """`r1 chat MODEL --gpus N`: run this command again as N rank processes on this machine, in torchrun's
+    environment (RANK, WORLD_SIZE, LOCAL_RANK, a rendezvous on a free loopback port), and return rank 0's exit code.
+
+    Not through torchrun itself: torchrun turns any rank's exit code into its own 1 and prints a ChildFailedError
+    traceback, and on Ctrl-C a SignalException traceback. Here the ranks print their own one-line errors and the
+    documented code comes back as is. The ranks stay in this terminal's process group, so Ctrl-C reaches each of
+    them as it would under torchrun; this process only waits. SIGTERM is passed on to every rank."""
+    import signal
+    import subprocess
+
     argv = strip_gpus(argv)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-           "-m", "r1cli", *argv]
+    env = {**os.environ, "WORLD_SIZE": str(gpus), "LOCAL_WORLD_SIZE": str(gpus), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "GROUP_RANK": "0"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
-    os.execv(sys.executable, cmd)
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        for rank in range(gpus):  # only rank 0 reads stdin (the prompt, the REPL)
+            procs.append(subprocess.Popen([sys.executable, "-m", "r1cli", *argv],
+                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                          stdin=None if rank == 0 else subprocess.DEVNULL))
+        code = _wait(procs[0])
+        for p in procs[1:]:  # told to stop by rank 0, or noticing it is gone
+            try:
+                _wait(p, RELAUNCH_GRACE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        signal.signal(signal.SIGTERM, previous)
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
+RELAUNCH_GRACE_S = 30  # after rank 0 ended, how long the others may take to see it before they are killed
+
+
+def _wait(proc, timeout: float | None = None) -> int:
+    """proc's exit code; Ctrl-C (which reached every rank from the terminal) does not stop the waiting."""
+    import time
+
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return proc.wait(None if end is None else max(end - time.monotonic(), 0))
+        except KeyboardInterrupt:
+            continue
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def strip_gpus(argv: list[str]) -> list[str]:
