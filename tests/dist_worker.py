@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from r1cli.batch import BatchEngine
 from r1cli.generate import Generator, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import init
@@ -53,7 +54,23 @@ def main():
                 (out / f"{case['name']}.json").write_text(json.dumps(got))
             else:
                 gen.follow()
+            if case.get("batch"):
+                batch_in_step(model, shard, spec["batch"], out / f"{case['name']}-batch.json")
     torch.distributed.destroy_process_group()
+
+
+def batch_in_step(model, shard, batch: dict, path: Path) -> None:
+    """The batched engine on every rank: rank 0 steps sequences of different lengths through 3 rows (joining and
+    leaving mid-way, prompts prefilled in chunks, two copies of one prompt sharing its prefill), the others follow."""
+    engine = BatchEngine(model, max_batch=3, max_len=128, prefill_chunk=batch["chunk"])
+    if not shard.leader:
+        engine.follow()
+        return
+    seqs = [engine.submit(p, SamplingParams(temperature=0, max_tokens=n)) for p, n in zip(batch["prompts"], batch["max_tokens"])]
+    while not engine.idle:
+        engine.step()
+    shard.command(("exit", 0))
+    path.write_text(json.dumps([s.tokens for s in seqs]))
 
 
 if __name__ == "__main__":

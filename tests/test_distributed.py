@@ -51,6 +51,11 @@ PROMPT = [5, 17, 42, 99, 3, 250, 8]
 # Every case on 2 ranks; on 4 (collectives on 2 CPU cores are slow), those where 4 ranks split differently.
 AT_2 = [*CASES, "v3-fp8-kept"]
 AT_4 = ["llama-tied-2kv", "qwen2-biases", "v3-uneven-experts", "v3-fp8-kept"]
+# The batched engine (batch.py) on 2 ranks: Llama, Qwen2, V3 and V2 (the requirement of issue #19). Six sequences
+# of different lengths through 3 rows; the first two share a prompt (admitted together: one prefill, copied).
+BATCHED = ["llama-gqa", "qwen2-biases", "v3", "v2-no-qlora"]
+BATCH = {"prompts": [[9, 8, 7, 6, 5], [9, 8, 7, 6, 5], [5, 17, 42, 99, 3, 250, 8], [7, 1, 300], list(range(11, 34)), [200]],
+         "max_tokens": [9, 14, 12, 20, 6, 16], "chunk": 8}
 
 
 def free_port() -> int:
@@ -131,9 +136,9 @@ def run_sharded(world, names, checkpoints, tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"world{world}")
     spec = out / "spec.json"
     spec.write_text(json.dumps({
-        "cases": [{"name": n, "folder": str(f), "fp8": m, "quant": QUANT.get(n, "none")}
+        "cases": [{"name": n, "folder": str(f), "fp8": m, "quant": QUANT.get(n, "none"), "batch": n in BATCHED}
                   for n, (f, _, m) in checkpoints.items() if n in names],
-        "tokens": tokens.tolist(), "prompt": PROMPT}))
+        "tokens": tokens.tolist(), "prompt": PROMPT, "batch": BATCH}))
     results = finish(spawn(world, [str(HERE / "dist_worker.py"), str(spec), str(out)]), timeout=240)
     for code, _, err in results:
         assert code == 0, err[-3000:]
@@ -154,6 +159,20 @@ def four_ranks(checkpoints, tokens, tmp_path_factory):
 @pytest.mark.parametrize("case", AT_2)
 def test_two_ranks_match_one_process(two_ranks, single, case):
     check_sharded(two_ranks, 2, single[case], case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BATCHED)
+def test_two_ranks_batch_gives_each_sequence_what_it_gives_alone(two_ranks, checkpoints, case):
+    """Greedy in float32: each sequence of rank 0's batch (joining and leaving mid-way, chunked prefills, a shared
+    prefill), stepped on 2 ranks, gives exactly the tokens it gives alone in one process's Generator."""
+    model = load_model(checkpoints[case][0], dtype="float32", cache=False)
+    alone = []
+    for prompt, n in zip(BATCH["prompts"], BATCH["max_tokens"]):
+        gen = Generator(model, max_len=128, prefill_chunk=BATCH["chunk"])
+        alone.append(list(gen.generate(prompt, SamplingParams(temperature=0, max_tokens=n))))
+    got = json.loads((two_ranks / f"{case}-batch.json").read_text())
+    assert got == alone and [len(t) for t in got] == BATCH["max_tokens"]
 
 
 @pytest.mark.slow

@@ -10,6 +10,11 @@ same prompt at the same time share its prefill: the first one's cache row is cop
 sequence takes the free row whose cached tokens share the longest prefix with its prompt (a conversation's next
 turn), but only within one `share` group (serve: one API key).
 
+Tensor parallel (the model has a `shard`): rank 0's engine decides everything (admission, chunks, sampling)
+and sends each cache operation it is about to run (a decode step's tokens and positions, a prefill chunk, a
+prefill copy) to the other ranks, whose `follow()` runs the same forward with it: the model's collectives pair up
+in order. Only rank 0 samples; the tokens reach the others inside the next decode step's operation.
+
 The batch-1 `Generator` is untouched; this engine is built beside it.
 """
 
@@ -62,9 +67,8 @@ class BatchEngine:
     more wait in a queue, in order."""
 
     def __init__(self, model: CausalLM, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256):
-        if model.shard is not None:
-            raise R1Error("several sequences at once do not run tensor parallel yet (--gpus); run them one by one")
         self.model = model
+        self.shard = model.shard  # tensor parallel: rank 0 steps, the others follow() (the module docstring)
         self.device = model.model.embed_tokens.weight.device
         self.max_batch = max_batch
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
@@ -119,8 +123,7 @@ class BatchEngine:
         """One decode forward for every sequence with a token to feed, then up to `prefill_chunk` prompt tokens
         of the sequences still prefilling. Returns the events, as `run` yields them."""
         if self.cache is None:
-            self.cache = self.model.new_cache(self.max_batch, self.max_len)
-            self.model.ensure_rope(self.max_len)
+            self._run(("cache", self.max_batch, self.max_len))
         events: list[tuple[Sequence, int | None]] = []
         while self.waiting and self.free_rows:
             self._admit(self.waiting.popleft())
@@ -168,11 +171,8 @@ class BatchEngine:
             else:
                 positions[r] = len(self.row_ids[r])
         attend = max(s.pos for s in decoding) + 1  # a row past it sees garbage it does not use
-        cache = RowCache(self.cache, rows, attend)
         t0 = time.perf_counter()
-        logits = self.model.decode_rows(
-            torch.tensor(tokens, device=self.device).view(rows, 1), torch.tensor(positions, device=self.device), cache
-        )
+        logits = self._run(("decode", tokens, positions, attend))
         draws = self._sample(logits, decoding)
         dt = time.perf_counter() - t0
         for s, tok in zip(decoding, draws):
@@ -217,8 +217,7 @@ class BatchEngine:
                 continue
             t0 = time.perf_counter()
             part = seq.prompt_ids[seq.pos : seq.pos + budget]
-            feed = torch.tensor([part], device=self.device)
-            logits = self.model(feed, start_pos=seq.pos, cache=row_view(self.cache, seq.row), last_only=True)[:, -1]
+            logits = self._run(("prefill", seq.row, seq.pos, part))
             seq.pos += len(part)
             budget -= len(part)
             seq.stats.prefill_s += time.perf_counter() - t0
@@ -233,13 +232,53 @@ class BatchEngine:
         """Sequences admitted with the same prompt and not started yet take a copy of `seq`'s filled cache row."""
         twins = [s for s in self.running if s is not seq and s.pos < seq.pos and s.pending is None and not s.done
                  and s.prompt_ids == seq.prompt_ids and s.share == seq.share]
-        n, d = seq.pos, self.cache.slot_dim
+        if twins:
+            self._run(("copy", seq.row, [s.row for s in twins], seq.pos))
         for s in twins:
-            for layer in self.cache.layers:
-                for buf in layer:
-                    buf[s.row].narrow(d - 1, 0, n).copy_(buf[seq.row].narrow(d - 1, 0, n))
-            s.pos = n
+            s.pos = seq.pos
         return twins
+
+    # --- the cache operations: rank 0 runs them and sends them to the other ranks, which follow -------------------
+
+    def _run(self, op: tuple):
+        """Run one cache operation here; tensor parallel, rank 0 first sends it to the other ranks (`follow`)."""
+        if self.shard is not None:
+            self.shard.command(("batch", op))
+        return self._apply(op)
+
+    def _apply(self, op: tuple):
+        kind = op[0]
+        if kind == "cache":  # rank 0's sizes: a default --parallel may differ between ranks (their free memory)
+            _, self.max_batch, self.max_len = op
+            self.cache = self.model.new_cache(self.max_batch, self.max_len)
+            self.model.ensure_rope(self.max_len)
+        elif kind == "decode":
+            _, tokens, positions, attend = op
+            rows = len(tokens)
+            return self.model.decode_rows(torch.tensor(tokens, device=self.device).view(rows, 1),
+                                          torch.tensor(positions, device=self.device), RowCache(self.cache, rows, attend))
+        elif kind == "prefill":
+            _, row, start, part = op
+            feed = torch.tensor([part], device=self.device)
+            return self.model(feed, start_pos=start, cache=row_view(self.cache, row), last_only=True)[:, -1]
+        elif kind == "copy":  # a prompt's prefilled row into the rows of its copies
+            _, src, dsts, n = op
+            d = self.cache.slot_dim
+            for dst in dsts:
+                for layer in self.cache.layers:
+                    for buf in layer:
+                        buf[dst].narrow(d - 1, 0, n).copy_(buf[src].narrow(d - 1, 0, n))
+        else:
+            raise ValueError(f"unknown batch operation {kind!r}")
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """Ranks other than 0: run rank 0's cache operations until it says exit; return its exit code."""
+        while True:
+            command = self.shard.next_command()
+            if command[0] == "exit":
+                return command[1]
+            self._apply(command[1])
 
     def _emit(self, seq: Sequence, tok: int, events) -> None:
         seq.sampled += 1
