@@ -4,6 +4,7 @@ Every process is waited on with a timeout, so a failure never hangs the suite.""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -503,3 +504,81 @@ def test_gpus_keeps_a_ranks_exit_code_and_its_one_line(steered_dir):
     long = subprocess.run([*base, "--max-context", "16", "pears " * 40], capture_output=True, text=True,
                           timeout=180, env=run_env(), stdin=subprocess.DEVNULL)
     assert "the context holds 16" in one_line_error(long, 1)
+
+
+class Served:
+    """`r1 serve ... --port 0` in its own session (so that a signal can go to its whole process group, as a
+    terminal's Ctrl-C does), its stderr collected; `url` once it listens."""
+
+    def __init__(self, argv: list[str], env: dict):
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "r1cli", "serve", *argv, "--port", "0"], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 180
+        while not (found := [m for line in self.lines if (m := re.search(r" on (http://\S+/v1)", line))]):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)
+            time.sleep(0.2)
+        self.url = found[0].group(1)
+
+    def stop(self, signum=signal.SIGINT, timeout: float = 60) -> int:
+        """The signal to every process of the group; the server's exit code."""
+        os.killpg(self.proc.pid, signum)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing may outlive the test
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+SERVE_PROMPTS = ["Say something.", "Name three colours.", "What is 2 + 2?", "Count to five.", "Hello there."]
+
+
+def ask_all(url: str, prompts: list[str], n: int = 1) -> list[list[str]]:
+    """Every prompt at once (greedy, 12 tokens), through the openai client; each reply's choices' texts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="none", max_retries=5, timeout=120)
+
+    def ask(prompt: str) -> list[str]:
+        reply = client.chat.completions.create(model="deepseek-reasoner", messages=[{"role": "user", "content": prompt}],
+                                               temperature=0, max_tokens=12, n=n)
+        return [(getattr(c.message, "reasoning_content", None) or "") + (c.message.content or "") for c in reply.choices]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["3", "1"], ids=["batched", "one-at-a-time"])
+def test_serve_on_two_ranks_answers_as_one_process(random_r1_model, parallel):
+    """`r1 serve --gpus 2` (two gloo ranks here): rank 0 serves HTTP, both ranks step the same batch (--parallel 3:
+    five concurrent requests, two of them waiting for a row) or the same one-at-a-time generator. Greedy replies
+    equal the one-process server's, through the real openai client; the random weights make a rank that steps
+    anything else show. Ctrl-C (or SIGTERM) to the process group, as a terminal sends it, stops every rank cleanly:
+    rank 0 finishes, then tells the others to exit (130, or 143), with no traceback and no lost-rank line."""
+    common = [str(random_r1_model), "--device", "cpu", "--dtype", "float32", "--parallel", parallel]
+    one = Served(common, run_env())
+    try:
+        want = ask_all(one.url, SERVE_PROMPTS, n=2 if parallel != "1" else 1)
+    finally:
+        one.stop()
+    two = Served([*common, "--gpus", "2"], run_env())
+    signum = signal.SIGINT if parallel != "1" else signal.SIGTERM
+    try:
+        got = ask_all(two.url, SERVE_PROMPTS, n=2 if parallel != "1" else 1)
+    finally:
+        code = two.stop(signum)
+    err = "".join(two.lines)
+    assert code == 128 + signum, err[-3000:]  # 130 after Ctrl-C, as one process; 143 after SIGTERM
+    assert "Traceback" not in err and "r1: rank" not in err, err[-3000:]
+    assert got == want
+    assert len({t for texts in want for t in texts}) > 1  # the prompts get different replies

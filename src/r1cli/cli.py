@@ -244,7 +244,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than this machine's own: set --api-key)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed at start)."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'; repeat for several keys, each its own trust domain (default: env R1_API_KEY, one key)."),
-    device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT,
+    device: str = _DEVICE, dtype: str = _DTYPE, max_context: int = _CONTEXT, gpus: int = _GPUS,
     max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait behind the running ones; more get 429."),
     parallel: int = typer.Option(None, "--parallel", min=1, max=256, help="Requests decoded together in one batch (default: what half the free memory holds KV caches for, at most 8 on a CPU; `r1 show` prints it; 1: one at a time)."),
     log_requests: str = typer.Option(None, "--log-requests", help="Append each rendered prompt and each request's end to FILE as JSON lines (debugging; created 0600)."),
@@ -261,9 +261,14 @@ def serve(
     if not api_key and "R1_API_KEY" in os.environ:
         api_key = [os.environ["R1_API_KEY"]]  # the whole value is one key (checked as --api-key is)
     opened = _model_options(model, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft,
-                            draft_quant, mtp)
-    run_server(opened, host, port, api_key, max_queue, log_requests, allow_host, max_request_bytes, request_timeout,
-               repeat_guard=not no_repeat_guard, parallel=parallel)
+                            draft_quant, mtp, gpus)
+    settings = (opened, host, port, api_key, max_queue, log_requests, allow_host, max_request_bytes, request_timeout)
+    code = _distributed(gpus, device, lambda shard, torch_device: run_server(
+        *settings, repeat_guard=not no_repeat_guard, parallel=parallel, shard=shard, torch_device=torch_device))
+    if code is None:
+        run_server(*settings, repeat_guard=not no_repeat_guard, parallel=parallel)
+    elif code:
+        raise typer.Exit(code)
 
 
 # -- Hub commands: thin wrappers over hub.py --------------------------------------------------------------------

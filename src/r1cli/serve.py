@@ -929,11 +929,16 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
           max_queue: int = DEFAULT_MAX_QUEUE, log_requests: str | None = None,
           allow_host: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, repeat_guard: bool = True,
-          parallel: int | None = None) -> None:
-    """`model`: what to open and how (options.ModelOptions, built once by the command line)."""
+          parallel: int | None = None, shard=None, torch_device=None) -> int:
+    """`model`: what to open and how (options.ModelOptions, built once by the command line). Tensor parallel
+    (`shard`, `torch_device` from parallel.run_ranks): rank 0 serves HTTP and drives the model; the other ranks
+    load their part and follow its steps (`follow_server`)."""
     import uvicorn
 
     from .runner import open_model
+
+    if shard is not None and not shard.leader:
+        return follow_server(open_model(model, shard=shard, torch_device=torch_device), shard)
 
     def note(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -948,7 +953,8 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
     if model.speculative and parallel not in (None, 1):
         raise UsageError("--draft and --mtp decode one request at a time: drop --parallel or use --parallel 1")
     sock = bind(host, port)  # before loading: a taken port fails at once
-    m = open_model(model, interactive=sys.stdin.isatty() and sys.stderr.isatty(), announce=note)
+    m = open_model(model, interactive=sys.stdin.isatty() and sys.stderr.isatty() and shard is None, announce=note,
+                   shard=shard, torch_device=torch_device)
     m.defaults["repeat_guard"] = repeat_guard  # --no-repeat-guard
     if model.speculative:
         parallel = 1  # the speculative generator is batch-1 (refused with --parallel N above)
@@ -961,9 +967,54 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
         parallel = default_parallel(kv * m.generator.max_len, free_memory(weights.device), weights.device.type)
     if parallel > 1:
         note(f"r1 serve: {parallel} requests decode together (--parallel), {max_queue} more may wait (--max-queue)")
+    if shard is not None:
+        shard.command(("serve", parallel))  # which engine the other ranks follow
     server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout, parallel)
     shown = f"[{host}]" if ":" in host else host
     note(f"r1 serve: {m.name} on http://{shown}:{sock.getsockname()[1]}/v1 (model names: {', '.join(server.names)})")
     config = uvicorn.Config(server, log_level="warning", timeout_graceful_shutdown=2, lifespan="off",
                             http=_http_protocol(request_timeout))
-    _uvicorn_server(config, server).run(sockets=[sock])
+    if shard is None:
+        _uvicorn_server(config, server).run(sockets=[sock])
+        return 0
+    # Tensor parallel: uvicorn raises the stop signal again after its shutdown; caught here, so that run_ranks then
+    # tells the other ranks to exit (killed by it, rank 0 would leave them to notice a lost peer).
+    import signal
+
+    def stopped(signum, frame):
+        raise _Stopped(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        _uvicorn_server(config, server).run(sockets=[sock])
+    except KeyboardInterrupt:
+        return 130
+    except _Stopped as e:
+        return e.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+class _Stopped(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def follow_server(m: OpenModel, shard) -> int:
+    """Ranks other than 0 of a tensor-parallel server: run rank 0's engine's steps (the Generator's turns, or the
+    batched engine's operations) until it says exit; return its code. Stop signals are rank 0's to handle (Ctrl-C
+    reaches every rank of a terminal): it finishes the open requests, then tells the others to exit."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    command = shard.next_command()
+    if command[0] == "exit":  # rank 0 failed before serving
+        return command[1]
+    _, parallel = command
+    if parallel == 1:
+        return m.generator.follow()
+    from .batch import BatchEngine
+
+    return BatchEngine(m.generator.model, max_batch=parallel, max_len=m.generator.max_len).follow()
