@@ -17,6 +17,7 @@ from r1cli.batch import BatchEngine
 from r1cli.generate import Generator, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import init
+from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeGenerator
 
 
 def stop_early_then_continue(gen: Generator, prompt: list[int]) -> list[int]:
@@ -56,7 +57,26 @@ def main():
                 gen.follow()
             if case.get("batch"):
                 batch_in_step(model, shard, spec["batch"], out / f"{case['name']}-batch.json")
+        for case in spec.get("speculative", []):
+            speculate(case, shard, spec["prompt"], out / f"{case['name']}-speculative.json")
     torch.distributed.destroy_process_group()
+
+
+def speculate(case: dict, shard, prompt: list[int], path: Path) -> None:
+    """Speculative decoding with the target sharded: a draft model whole on every rank, or the target's own MTP
+    layer (sharded with it). Rank 0 writes its greedy tokens (as in main) and the first turn's drafted and accepted counts."""
+    model = load_model(case["target"], dtype="float32", shard=shard, mtp=case["mtp"], cache=False)
+    draft = MTPDraft(model, 128) if case["mtp"] else ModelDraft(load_model(case["draft"], dtype="float32", cache=False), 128)
+    # adaptive k: chosen from each rank's own shard sizes, so rank 0's choice must be every rank's
+    spec = SpeculativeGenerator(Generator(model, max_len=128), draft, max_k=4, adaptive=case.get("adaptive", False))
+    if not shard.leader:
+        spec.follow()
+        return
+    got = list(spec.generate(prompt, SamplingParams(temperature=0, max_tokens=32)))
+    drafted = [spec.stats.draft_tokens, spec.stats.accepted_tokens]
+    got += stop_early_then_continue(spec, prompt[:3])
+    shard.command(("exit", 0))
+    path.write_text(json.dumps({"tokens": got, "drafted": drafted}))
 
 
 def batch_in_step(model, shard, batch: dict, path: Path) -> None:

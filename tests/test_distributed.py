@@ -582,3 +582,59 @@ def test_serve_on_two_ranks_answers_as_one_process(random_r1_model, parallel):
     assert "Traceback" not in err and "r1: rank" not in err, err[-3000:]
     assert got == want
     assert len({t for texts in want for t in texts}) > 1  # the prompts get different replies
+
+
+# --- speculative decoding on 2 ranks (issue #18) -------------------------------------------------------------------
+
+from test_speculative import add_mtp  # noqa: E402
+
+from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeGenerator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def speculative_ranks(tmp_path_factory):
+    """A tiny Qwen2 target drafted for by itself (most drafts accepted: rounds of several tokens) and by a smaller
+    model of its vocabulary (with the adaptive k), and a tiny V3 with an MTP layer; each on 2 gloo ranks. Returns
+    (cases, out folder)."""
+    target, other = tmp_path_factory.mktemp("spec-target"), tmp_path_factory.mktemp("spec-draft")
+    write_checkpoint(qwen2_config(hidden_size=128, intermediate_size=256), target, seed=1)
+    write_checkpoint(qwen2_config(hidden_size=64, num_hidden_layers=1), other, seed=2)
+    v3 = tmp_path_factory.mktemp("spec-v3mtp")
+    cfg = v3_config(hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
+    write_checkpoint(cfg, v3, seed=4)
+    add_mtp(v3, cfg.num_hidden_layers)
+    cases = [{"name": "self-draft", "target": str(target), "draft": str(target), "mtp": False},
+             {"name": "other-draft", "target": str(target), "draft": str(other), "mtp": False, "adaptive": True},
+             {"name": "v3-mtp", "target": str(v3), "draft": None, "mtp": True}]
+    out = tmp_path_factory.mktemp("speculative")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"cases": [], "speculative": cases, "prompt": PROMPT}))
+    for code, _, err in finish(spawn(2, [str(HERE / "dist_worker.py"), str(spec), str(out)]), timeout=240):
+        assert code == 0, err[-3000:]
+    return {c["name"]: c for c in cases}, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["self-draft", "other-draft", "v3-mtp"])
+def test_two_ranks_speculative_greedy_is_plain_decoding(speculative_ranks, case):
+    """Greedy speculative decoding with the target on 2 ranks gives, token for token, plain decoding in one
+    process: 32 tokens, a turn its reader stops after 3 (every rank ends the round together), then a turn on the
+    warm caches."""
+    cases, out = speculative_ranks
+    model = load_model(cases[case]["target"], dtype="float32", cache=False)
+    gen = Generator(model, max_len=128)
+    want = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
+    want += stop_early_then_continue(gen, PROMPT[:3])
+    got = json.loads((out / f"{case}-speculative.json").read_text())
+    assert got["tokens"] == want
+    # the drafts really were used, as one process uses them: the same drafted and accepted counts
+    c = cases[case]
+    draft = MTPDraft(model_mtp := load_model(c["target"], dtype="float32", mtp=True, cache=False), 128) if c["mtp"] \
+        else ModelDraft(load_model(c["draft"], dtype="float32", cache=False), 128)
+    one = SpeculativeGenerator(Generator(model_mtp if c["mtp"] else model, max_len=128), draft, max_k=4, adaptive=False)
+    assert list(one.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32))) == want[:32]
+    assert got["drafted"][0] > 0
+    if not c.get("adaptive"):  # (an adaptive k follows the sizes of rank 0's shards: other counts than one process's)
+        assert got["drafted"] == [one.stats.draft_tokens, one.stats.accepted_tokens]
+    if case == "self-draft":
+        assert got["drafted"][1] > 10

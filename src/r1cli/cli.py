@@ -125,8 +125,6 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
 def _model_options(name, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft, draft_quant,
                    mtp, gpus=None, url=None) -> ModelOptions:
     """The one options object every front end and worker rank opens the model from (options.ModelOptions)."""
-    if (draft or mtp) and gpus and gpus > 1:
-        raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     if (draft or mtp) and url:
         raise UsageError("--draft and --mtp speed up a local model; --url talks to a server")
     return ModelOptions(name, device, dtype, max_context, quant, group_size, quant_head, decode_mode, draft,

@@ -192,8 +192,6 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     if torch_device is None:
         check_device(device)  # before any download
     name = opts.name or DEFAULT_MODEL
-    if opts.speculative and shard is not None and shard.world > 1:
-        raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     ref = resolve_name(name)
     folder = model_folder(ref, name, interactive)
     torch_device = torch_device or pick_device(device)

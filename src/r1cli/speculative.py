@@ -8,7 +8,13 @@ Two drafts: `ModelDraft` (another model with the same tokenizer, e.g. deepseek-r
 (DeepSeek-V3/R1's multi-token-prediction layer, `models.deepseek.MTPLayer`, fed the target's hidden states).
 
 Rollback needs no copy: the cache is static, a forward at `start_pos` attends over slots before it plus its own,
-so moving the position back is enough and the stale slots are overwritten by the next forward."""
+so moving the position back is enough and the stale slots are overwritten by the next forward.
+
+Tensor parallel (the target has a `shard`): every rank runs the same loop; rank 0 decides (each draft token, the
+verify's outcome, whether the next round runs) and broadcasts each decision, which the other ranks take instead of
+their own, so every forward (the target's, the MTP layer's, sharded like the target) is collective in the same
+order. A `ModelDraft` is loaded whole on every rank (replicated, not sharded): a small draft's sizes need not
+divide across the ranks (the 1.5B's 12 heads do not over 8), and its k latency-bound steps pay no all-reduce."""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from .generate import GenerationStats, Generator, SamplingParams, draw, sampling_probs
+from .generate import STOP, GenerationStats, Generator, SamplingParams, draw, sampling_probs
 from .models import CausalLM
 
 MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
@@ -45,9 +51,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def _draft_tokens(logits: torch.Tensor, k: int, params: SamplingParams, generator,
-                  step) -> tuple[list[int], torch.Tensor | None]:
+                  step, decide=None) -> tuple[list[int], torch.Tensor | None]:
     """Up to k draft tokens from a draft's first logits: greedy, or drawn with the target's sampling settings (their
-    probabilities kept for the accept/resample rule); `step(token, j)` gives the logits after draft token j."""
+    probabilities kept for the accept/resample rule); `step(token, j)` gives the logits after draft token j.
+    `decide(token)`: rank 0's token in place of this rank's (tensor parallel)."""
     drafts, qs = [], []
     for j in range(k):
         if params.temperature <= 0:
@@ -56,6 +63,8 @@ def _draft_tokens(logits: torch.Tensor, k: int, params: SamplingParams, generato
             q = sampling_probs(logits, params)
             qs.append(q)
             token = draw(q, generator)
+        if decide is not None:
+            token = decide(token)
         drafts.append(int(token))
         if j + 1 < k:
             logits = step(token, j)
@@ -87,14 +96,15 @@ class ModelDraft:
     def target_hidden(self, hidden, start: int) -> None:
         pass
 
-    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator,
+                decide=None) -> tuple[list[int], torch.Tensor | None]:
         feed = torch.tensor([tokens[self.n:]], device=self.device)
         for i in range(0, feed.shape[1], self.prefill_chunk):
             logits = self.model(feed[:, i : i + self.prefill_chunk], start_pos=self.n + i, cache=self.cache,
                                 last_only=True)[:, -1]
         self.n = len(tokens)
         return _draft_tokens(logits, k, params, generator, lambda token, j: self.model(
-            token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1])
+            token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1], decide)
 
     def accepted(self, base: int, n: int, k: int) -> None:
         """`base` committed tokens before the proposal, `n` of the k drafts accepted: the draft fed the first k-1."""
@@ -142,7 +152,8 @@ class MTPDraft:
             assert start == self.n + self.pending.shape[1]
             self.pending = torch.cat([self.pending, hidden], dim=1)
 
-    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator,
+                decide=None) -> tuple[list[int], torch.Tensor | None]:
         start, T = self.n, self.pending.shape[1]
         assert start + T == len(tokens) - 1, (start, T, len(tokens))
         feed = torch.tensor([tokens[start + 1 :]], device=self.device)
@@ -155,7 +166,7 @@ class MTPDraft:
             logits, hidden[0] = self.model.mtp_forward(token.view(1, 1), hidden[0], self.n + j, self.cache)
             return logits[:, -1]
 
-        return _draft_tokens(logits, k, params, generator, step)
+        return _draft_tokens(logits, k, params, generator, step, decide)
 
     def accepted(self, base: int, n: int, k: int) -> None:
         pass  # the slots past self.n hold drafted inputs; the next proposal overwrites them
@@ -237,15 +248,13 @@ class SpeculativeGenerator:
     """`Generator`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
 
     def __init__(self, target: Generator, draft, max_k: int = MAX_DRAFT, adaptive: bool = True):
-        if target.shard is not None:
-            raise ValueError("speculative decoding runs in one process (tensor parallel is not supported yet)")
         self.target = target
         self.model = target.model
         self.draft = draft
         self.max_k, self.adaptive = max_k, adaptive
         self.device = target.device
         self.max_len = target.max_len
-        self.shard = None
+        self.shard = target.shard  # tensor parallel: rank 0 decides, the others follow (the module docstring)
         self.stats = GenerationStats()
         self.k = AdaptiveK(draft.cost(self.model), max_k)
 
@@ -264,10 +273,29 @@ class SpeculativeGenerator:
             from .errors import R1Error
 
             raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        if self.shard is not None:
+            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids)))
         yield from self._steps(list(prompt_ids), params, frozenset(stop_ids))
 
     def follow(self) -> int:
-        raise RuntimeError("speculative decoding runs in one process")
+        """Ranks other than 0: run rank 0's turns until it says exit; return its exit code."""
+        while True:
+            command = self.shard.next_command()
+            if command[0] == "exit":
+                return command[1]
+            _, prompt_ids, params, stop_ids = command
+            for _ in self._steps(prompt_ids, params, stop_ids):
+                pass
+
+    def _share(self, values: list[int]) -> list[int]:
+        """Rank 0's values on every rank (tensor parallel); as they are in one process."""
+        if self.shard is None:
+            return values
+        return self.shard.broadcast(torch.tensor(values, dtype=torch.long, device=self.device)).tolist()
+
+    def _decide(self, token: torch.Tensor) -> torch.Tensor:
+        """A draft token: rank 0's, in place, on every rank."""
+        return self.shard.broadcast(token.to(torch.long).contiguous())
 
     @torch.inference_mode()
     def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids) -> Iterator[int]:
@@ -290,6 +318,8 @@ class SpeculativeGenerator:
             guard = RepetitionGuard()
         seen = None
         tokens = list(prompt_ids)  # committed: the prompt and every token yielded or about to be
+        leader = self.shard is None or self.shard.leader
+        unread = None
         t0 = time.perf_counter()
         stats.finish_reason = "length"
         pos = reuse  # target cache slots holding tokens[:pos]
@@ -311,28 +341,44 @@ class SpeculativeGenerator:
                 seen[torch.tensor([t for t in prompt_ids if t < seen.shape[0]], dtype=torch.long, device=self.device)] = True
                 logits = penalize_repeats(logits, seen, penalty)
             first = int(draw(sampling_probs(logits, params), generator)) if params.temperature > 0 else int(logits.argmax())
+            [first] = self._share([first])
             stats.target_steps += 1
             stats.prefill_s = time.perf_counter() - t0
             new = [first]
+
+            def take(tok: int) -> str | None:
+                """Commit a token, or the reason the turn ends before it."""
+                if tok in stop_ids:
+                    return "stop"
+                if guard is not None and guard.add(tok):
+                    return "repetition"
+                tokens.append(tok)
+                if seen is not None and tok < seen.shape[0]:
+                    seen[tok] = True
+                stats.generated_tokens += 1
+                return None
+
             while True:
-                for tok in new:
-                    if tok in stop_ids:
-                        stats.finish_reason = "stop"
+                for i, tok in enumerate(new):
+                    reason = take(tok)
+                    if reason:
+                        stats.finish_reason = reason
                         return
-                    if guard is not None and guard.add(tok):
-                        stats.finish_reason = "repetition"
-                        return
-                    tokens.append(tok)
-                    if seen is not None and tok < seen.shape[0]:
-                        seen[tok] = True
-                    stats.generated_tokens += 1
-                    yield tok
+                    if leader:
+                        unread = new[i + 1 :]  # closed at this yield: what the other ranks go on taking
+                        yield tok
+                        unread = None
                     if stats.generated_tokens >= budget:
                         return
                 # tokens[-1] is not in the target cache yet (pos == len(tokens) - 1)
                 room = min(self.max_len - len(tokens), budget - stats.generated_tokens)
                 k = min(self.k.choose() if self.adaptive else self.max_k, room - 1 if room > 1 else 0)
-                drafts, q = self.draft.propose(tokens, k, params, generator) if k > 0 else ([], None)
+                [k] = self._share([k])  # the draft costs (sizes of each rank's shards) may differ by rank
+                if k == STOP:
+                    stats.finish_reason = "interrupted"
+                    return
+                decide = self._decide if self.shard is not None else None
+                drafts, q = self.draft.propose(tokens, k, params, generator, decide) if k > 0 else ([], None)
                 feed = torch.tensor([[tokens[-1], *drafts]], device=self.device)
                 logits = model(feed, start_pos=pos, cache=cache)[0]
                 if seen is not None:
@@ -340,6 +386,7 @@ class SpeculativeGenerator:
 
                     logits = penalize_repeats(logits, _repeat_masks(seen, drafts), penalty)
                 n, nxt = accept(logits, drafts, q, params, generator)
+                n, nxt = self._share([n, nxt])
                 if model.keep_hidden:
                     self.draft.target_hidden(model.hidden[:, : n + 1], pos)
                 stats.target_steps += 1
@@ -354,6 +401,13 @@ class SpeculativeGenerator:
             stats.finish_reason = "interrupted"
             raise
         finally:
+            if unread is not None and self.shard is not None:
+                # Closed (or Ctrl-C) at a yield: the other ranks take the rest of this round's tokens as they would;
+                # unless that ends the turn for them too, they wait for the next round: tell them it is none.
+                yielded = stats.generated_tokens
+                if not (yielded >= budget or any(take(tok) or stats.generated_tokens >= budget for tok in unread)):
+                    self._share([STOP])
+                stats.generated_tokens = yielded
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             t.cached_ids = tokens[:pos]
             self.draft.finish(tokens)
