@@ -638,3 +638,25 @@ def test_two_ranks_speculative_greedy_is_plain_decoding(speculative_ranks, case)
         assert got["drafted"] == [one.stats.draft_tokens, one.stats.accepted_tokens]
     if case == "self-draft":
         assert got["drafted"][1] > 10
+
+
+@pytest.mark.slow
+def test_run_gpus_with_a_draft(steered_dir, random_r1_model):
+    """`r1 run --gpus 2 --draft ...` through the command line: the steered answer, every draft accepted (the model
+    drafts for itself); and `--gpus 2` with a draft on the random model prints what one process prints."""
+    import steered
+
+    def run(folder, *extra):
+        cmd = [sys.executable, "-m", "r1cli", "run", str(folder), "--device", "cpu", "--temperature", "0", "--json",
+               *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=run_env(), stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout)
+
+    data = run(steered_dir, "--gpus", "2", "--draft", str(steered_dir), "How many pears?")
+    assert (data["reasoning"], data["content"]) == (steered.REASONING, steered.ANSWER)
+    assert data["timings"]["acceptance_rate"] == 1.0 and data["timings"]["tokens_per_step"] > 1
+    args = ("--dtype", "float32", "--max-tokens", "16", "Say something.")
+    one = run(random_r1_model, *args)
+    two = run(random_r1_model, "--gpus", "2", "--draft", str(random_r1_model), *args)
+    assert two["reasoning"] + two["content"] == one["reasoning"] + one["content"]
