@@ -660,3 +660,43 @@ def test_run_gpus_with_a_draft(steered_dir, random_r1_model):
     one = run(random_r1_model, *args)
     two = run(random_r1_model, "--gpus", "2", "--draft", str(random_r1_model), *args)
     assert two["reasoning"] + two["content"] == one["reasoning"] + one["content"]
+
+
+@pytest.mark.slow
+def test_serve_stops_when_a_rank_is_lost(random_r1_model, tmp_path):
+    """Two ranks serving (started as torchrun starts them); rank 1 is killed. The next request gets an error
+    answer, and rank 0's server stops with the distributed exit code and one line, instead of serving on with a
+    rank missing."""
+    import threading
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "r1cli", "serve", str(random_r1_model), "--device", "cpu", "--port", "0",
+           "--parallel", "2"]
+    procs = [subprocess.Popen(cmd, env=rank_env(r, 2, port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(procs[0].stderr), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not (found := [m for line in lines if (m := re.search(r" on (http://\S+/v1)", line))]):
+            assert procs[0].poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        procs[1].kill()
+        procs[1].wait()
+        import httpx
+
+        reply = httpx.post(found[0].group(1) + "/chat/completions", timeout=60,
+                           json={"model": "deepseek-reasoner", "max_tokens": 4,
+                                 "messages": [{"role": "user", "content": "Hello"}]})
+        assert reply.status_code >= 500
+        code = procs[0].wait(60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    err = "".join(lines)
+    assert code == DIST_EXIT, err[-3000:]
+    assert "Traceback" not in err
+    ones = [line for line in err.splitlines() if line.startswith("r1: rank")]
+    assert len(ones) == 1 and ones[0].startswith("r1: rank 0: lost contact with the other ranks"), err

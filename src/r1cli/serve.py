@@ -248,6 +248,7 @@ class Server:
         self._cache_tenant: int | None = None  # whose request filled the KV cache
         self.active: weakref.WeakSet[Job] = weakref.WeakSet()  # requests whose client still waits
         self.closing = False
+        self.lost_rank: Exception | None = None  # tensor parallel: the failed collective that stopped the server
         self.log_path = open_log(log_path) if log_path else None
         self._log_lock = threading.Lock()
         folder_name = model.folder.name if model.ref.path is not None else None
@@ -293,6 +294,20 @@ class Server:
                 self._generate(job)
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 job.put(e)
+                self._check_ranks(e)
+
+    def _check_ranks(self, e: Exception) -> None:
+        """Tensor parallel: a failed collective means a rank is gone. The server stops as on SIGTERM, and serve()
+        then exits with the distributed exit code (docs/distributed.md)."""
+        if getattr(self.model.generator, "shard", None) is None or self.lost_rank is not None:
+            return
+        from .parallel import is_collective_failure
+
+        if is_collective_failure(e):
+            import signal
+
+            self.lost_rank = e
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _work_batched(self) -> None:
         """--parallel N > 1: up to N sequences decode together in a BatchEngine (the same KV row prefixes reused,
@@ -332,6 +347,7 @@ class Server:
                 for seq in list(live):
                     engine.cancel(seq)
                     live.pop(seq).job.put(e)
+                self._check_ranks(e)
                 continue
             for seq, token in events:
                 state = live.get(seq)
@@ -985,15 +1001,20 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
         raise _Stopped(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stopped)
+    code = 0
     try:
         _uvicorn_server(config, server).run(sockets=[sock])
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except _Stopped as e:
-        return e.code
+        code = e.code
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
+    if server.lost_rank is not None:
+        from .parallel import DistributedError, _short
+
+        raise DistributedError(f"rank 0: lost contact with the other ranks ({_short(server.lost_rank)}); every rank stops")
+    return code
 
 
 class _Stopped(Exception):
