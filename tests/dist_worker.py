@@ -75,6 +75,8 @@ def speculate(case: dict, shard, prompt: list[int], path: Path) -> None:
     got = list(spec.generate(prompt, SamplingParams(temperature=0, max_tokens=32)))
     drafted = [spec.stats.draft_tokens, spec.stats.accepted_tokens]
     got += stop_early_then_continue(spec, prompt[:3])
+    spec.reset()  # on rank 0 only (as /clear): the next turn must reuse nothing on every rank
+    got += list(spec.generate(prompt + got[:4], SamplingParams(temperature=0, max_tokens=8)))
     shard.command(("exit", 0))
     path.write_text(json.dumps({"tokens": got, "drafted": drafted}))
 

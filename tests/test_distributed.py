@@ -618,13 +618,14 @@ def speculative_ranks(tmp_path_factory):
 @pytest.mark.parametrize("case", ["self-draft", "other-draft", "v3-mtp"])
 def test_two_ranks_speculative_greedy_is_plain_decoding(speculative_ranks, case):
     """Greedy speculative decoding with the target on 2 ranks gives, token for token, plain decoding in one
-    process: 32 tokens, a turn its reader stops after 3 (every rank ends the round together), then a turn on the
-    warm caches."""
+    process: 32 tokens, a turn its reader stops after 3 (every rank ends the round together), a turn on the warm
+    caches, then one after a reset on rank 0 only (as /clear)."""
     cases, out = speculative_ranks
     model = load_model(cases[case]["target"], dtype="float32", cache=False)
     gen = Generator(model, max_len=128)
     want = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
     want += stop_early_then_continue(gen, PROMPT[:3])
+    want += list(Generator(model, max_len=128).generate(PROMPT + want[:4], SamplingParams(temperature=0, max_tokens=8)))
     got = json.loads((out / f"{case}-speculative.json").read_text())
     assert got["tokens"] == want
     # the drafts really were used, as one process uses them: the same drafted and accepted counts

@@ -273,9 +273,11 @@ class SpeculativeGenerator:
             from .errors import R1Error
 
             raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        # rank 0's reuse for every rank: reset() (/clear, another API key) runs on rank 0 only
+        reuse = _common_prefix(self.target.cached_ids, prompt_ids[:-1])
         if self.shard is not None:
-            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids)))
-        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids))
+            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids), reuse))
+        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids), reuse)
 
     def follow(self) -> int:
         """Ranks other than 0: run rank 0's turns until it says exit; return its exit code."""
@@ -283,8 +285,8 @@ class SpeculativeGenerator:
             command = self.shard.next_command()
             if command[0] == "exit":
                 return command[1]
-            _, prompt_ids, params, stop_ids = command
-            for _ in self._steps(prompt_ids, params, stop_ids):
+            _, prompt_ids, params, stop_ids, reuse = command
+            for _ in self._steps(prompt_ids, params, stop_ids, reuse):
                 pass
 
     def _share(self, values: list[int]) -> list[int]:
@@ -298,10 +300,9 @@ class SpeculativeGenerator:
         return self.shard.broadcast(token.to(torch.long).contiguous())
 
     @torch.inference_mode()
-    def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids) -> Iterator[int]:
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids, reuse: int) -> Iterator[int]:
         t = self.target
         model, cache = self.model, t._ensure_cache()
-        reuse = _common_prefix(t.cached_ids, prompt_ids[:-1])
         reuse = self.draft.start(prompt_ids, reuse)
         self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_tokens=reuse)
         generator = None
