@@ -160,7 +160,8 @@ def run(
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
     min_p: float = _MIN_P, seed: int = _SEED, gpus: int = _GPUS,
     repeat_penalty: float = _REPEAT_PENALTY, no_repeat_guard: bool = _NO_REPEAT_GUARD,
-    thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
+    think: str = typer.Option("auto", "--think", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
+    thinking: str = typer.Option(None, "--thinking", hidden=True),  # --think's earlier spelling, kept for scripts
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, reasoning, usage and timings."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
@@ -186,7 +187,7 @@ def run(
 
     def options(prompt: str) -> RunOptions:
         return RunOptions(model=model, prompt=prompt, system=system, sampling=sampling,
-                          thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
+                          thinking=thinking or think, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, n=n)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin

@@ -389,7 +389,7 @@ def run(opts: RunOptions, stdout: TextIO | None = None, stderr: TextIO | None = 
         return m.generator.follow()
     out, err = stdout or sys.stdout, stderr or sys.stderr
     if opts.thinking not in THINKING_MODES:
-        raise UsageError(f"unknown --thinking '{opts.thinking}': use {', '.join(THINKING_MODES)}")
+        raise UsageError(f"unknown --think '{opts.thinking}': use {', '.join(THINKING_MODES)}")
     if opts.color not in ("auto", "always", "never"):
         raise UsageError(f"unknown --color '{opts.color}': use auto, always or never")
     err_color = use_color(err, opts.color)
@@ -485,7 +485,7 @@ def run_many(m: OpenModel, prompt, params: SamplingParams, opts: RunOptions, out
              note: Callable[[str], None], thinking: str) -> int:
     """`r1 run -n K`: K samples of one prompt in one batch (one prefill, shared). Sample i draws with seed
     `--seed + i` when a seed is given. text: each answer after a `--- sample i/K ---` line, once it is complete
-    (its reasoning as <think> first with --thinking stdout); --json: an array of K result objects; --jsonl: the
+    (its reasoning as <think> first with --think stdout); --json: an array of K result objects; --jsonl: the
     events of every sample as they come, each with its "index"."""
     from dataclasses import replace
 
