@@ -39,10 +39,6 @@ class GenerationStats:
     finish_reason: str = "length"  # stop | length | interrupted | repetition
 
     @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
-
-    @property
     def decode_tokens_per_s(self) -> float:
         # The first token comes from the prefill; the decode rate counts the tokens after it.
         n = self.generated_tokens - 1
