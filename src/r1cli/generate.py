@@ -167,7 +167,6 @@ class Generator:
         self,
         model: CausalLM,
         max_len: int | None = None,
-        sync_every: int | None = None,
         decode_mode: str = "auto",
         prefill_chunk: int = 2048,
     ):
@@ -178,7 +177,7 @@ class Generator:
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python. Tensor
         # parallel: every step, so that all ranks see an early stop (STOP) at the same step.
-        self.sync_every = sync_every or (1 if device.type == "cpu" or self.shard else 8)
+        self.sync_every = 1 if device.type == "cpu" or self.shard else 8
         if decode_mode == "auto":
             # CUDA graphs around NCCL collectives are not tried yet (docs/distributed.md): eager when sharded.
             decode_mode = "graph" if device.type == "cuda" and not self.shard else "eager"
