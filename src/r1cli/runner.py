@@ -33,19 +33,16 @@ DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 # --- the model -----------------------------------------------------------------------------------------------------
 
 
-def model_folder(ref: ModelRef, name: str, interactive: bool) -> Path:
+def model_folder(ref: ModelRef, interactive: bool) -> Path:
     """The folder holding the model; on a terminal offers to download one that is not in the cache."""
     if ref.path is not None:
         return ref.path
-    pull_hint = f"run `r1 pull {name}` first"
-    try:
-        from . import hub
-    except ImportError:
-        raise ModelNotFoundError(f"{ref.identity} is not downloaded: {pull_hint}") from None
+    from . import hub
+
     try:
         return hub.local_path(ref)
     except ModelNotFoundError:
-        if not interactive or not hasattr(hub, "pull"):
+        if not interactive:
             raise
     import typer
 
@@ -195,7 +192,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     if opts.speculative and shard is not None and shard.world > 1:
         raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     ref = resolve_name(name)
-    folder = model_folder(ref, name, interactive)
+    folder = model_folder(ref, interactive)
     torch_device = torch_device or pick_device(device)
     checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
     args = checkpoint.args
@@ -239,7 +236,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
         from .speculative import open_speculative
 
         generator = open_speculative(generator, tokenizer, opts.draft, opts.mtp,
-                                     lambda r, n: model_folder(r, n, interactive), torch_device, dtype,
+                                     lambda r, n: model_folder(r, interactive), torch_device, dtype,
                                      opts.draft_quant, group_size, announce)
     return OpenModel(name, ref, folder, tokenizer, generator, family, generation_defaults(tokenizer, ref.alias))
 
