@@ -302,8 +302,8 @@ def tensor_types(f: GGUFFile | GGUFSplit) -> dict[str, dict[str, int]]:
 # --- blocks -> codes and values ------------------------------------------------------------------------------------
 # Each takes raw uint8 [N, bytes per row] and follows ggml's dequantize_row_* (and gguf.quants) operation for
 # operation, so the dequantized values are bit-identical to llama.cpp's reference and to transformers' loader.
-# Bits are unpacked into a preallocated output and scaled in place: about eight times faster than building
-# each piece apart.
+# Bits are unpacked into a preallocated output and scaled in place: much faster than building each piece
+# apart.
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
