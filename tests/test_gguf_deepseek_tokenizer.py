@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import tiny
 import tokenizers
 from gguf_files import (
@@ -109,6 +111,29 @@ def test_deepseek_pre_tokenizer_encodes_like_the_models_own_tokenizer_json(deeps
         assert ours.decode(ids) == oracle.decode(ids, skip_special_tokens=False) == text  # lossless
         differs_from_qwen2 += ids != qwen2.encode(text, add_special_tokens=False).ids
     assert differs_from_qwen2 >= 3  # the texts tell this pre-tokenizer from the R1-Distill's own (qwen2)
+
+
+# Characters where the splits have edges: digits of three scripts, CJK, kana, Hangul, U+0800-U+4E00, letters and
+# marks, ASCII/full-width/other punctuation and symbols, every kind of whitespace, emoji with ZWJ and modifiers.
+EDGES = ("0123456789١٢४５ⅫxyzABCé\u0301\u0e31\u093f你好年カタナひら가힣ࠀ⺀.,;:!?'\"#$%&*+-/\\<=>@[]^_`{|}~«»“”—…，。【】"
+         "！？￥∑√½²€ \t\n\r\x0b\x0c\u00a0\u2028\u3000\u200b\u200d🙂👍🏽👨🇫🇷❤\ufe0f")
+
+
+@pytest.mark.parametrize("pre", ["deepseek-v3", "deepseek-llm"])
+def test_random_text_encodes_like_the_models_own_tokenizer_json(deepseek_ggufs, v3_gguf, pre):
+    """Random strings over EDGES (and any character): the R1-Distill vocabulary under each pre-tokenizer, and the
+    real V3 tokenizer when installed."""
+    pairs = [(G.tokenizer(G.GGUFFile(deepseek_ggufs[pre])), hub_oracle(R1_TOKENIZER, pre))]
+    if v3_gguf is not None and pre == "deepseek-v3":
+        pairs.append((G.tokenizer(G.GGUFFile(v3_gguf[1])), hub_oracle(v3_gguf[0])))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.text(st.sampled_from(EDGES) | st.characters(codec="utf-8"), max_size=40))
+    def check(text):
+        for ours, oracle in pairs:
+            assert ours.encode(text) == oracle.encode(text, add_special_tokens=False).ids
+
+    check()
 
 
 def test_the_fixtures_are_the_split_sequences_r1_uses():
