@@ -230,10 +230,13 @@ def test_run_and_show_a_deepseek_v3_tokenizer_gguf(tmp_path, v3_checkpoint):
     show = run_r1("show", good, env=env)
     assert show.returncode == 0, show.stderr
     assert "no readable tokenizer" not in show.stdout and "greedy" in show.stdout
-    assert json.loads(run_r1("show", good, "--json", env=env).stdout)["sampling"]["temperature"] == 0.0
+    assert "tokenizer       gpt2, pre-tokenizer deepseek-v3, 320 tokens, " in show.stdout
+    info = json.loads(run_r1("show", good, "--json", env=env).stdout)
+    assert info["sampling"]["temperature"] == 0.0 and info["gguf"]["tokenizer"]["pre"] == "deepseek-v3"
     (bad,) = write_deepseek2_gguf(tmp_path / "bad.gguf", v3_checkpoint,
                                   tokenizer={**meta, "tokenizer.ggml.pre": "deepseek-v9"})
     line = one_line_error(run_r1("run", bad, "Hi", env=env), 1)
     assert "bad.gguf has the pre-tokenizer 'deepseek-v9'" in line and "deepseek-v3" in line
     show = run_r1("show", bad, env=env)
     assert show.returncode == 0 and "unknown: no readable tokenizer" in show.stdout
+    assert "pre-tokenizer deepseek-v9, 320 tokens" in show.stdout and "r1 cannot read it" in show.stdout
