@@ -413,6 +413,10 @@ def show(
         mix = ", ".join(f"{t} {hub.format_size(v['bytes'])} ({v['tensors']})" for t, v in g["tensor_types"].items())
         parts = f", {g['parts']} parts" if g["parts"] > 1 else ""
         lines.insert(4, ("GGUF", f"{g['architecture']} {g['file_type']}{parts}: {mix}"))
+        if t := g.get("tokenizer"):
+            lines.insert(5, ("tokenizer", f"{t['model']}, pre-tokenizer {t['pre']}, {t['tokens']} tokens, "
+                                          f"{t['merges']} merges"
+                                          + (": r1 cannot read it, `r1 run` refuses this file" if t["problem"] else "")))
     for key, value in lines:
         print(f"{key:<16}{value}")
     if info.get("unknown"):
