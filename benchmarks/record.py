@@ -3,8 +3,8 @@ was measured where: the commit (and whether the tree had uncommitted changes), t
 CPU (model, the SIMD flags that pick kernels, cores) or the GPU (name, memory, driver), the load average before
 and after (so a figure can be labelled quiet or loaded), the command line, and each step's status.
 
-    from record import new_run, write_manifest
-    folder = new_run("cpu")                  # benchmarks/results/2026-11-30-cpu/ (-2, -3... if taken)
+    from record import default_label, new_run, write_manifest
+    folder = new_run(default_label("cpu"))   # benchmarks/results/2026-11-30-cpu-avx512bf16[-loaded]/ (-2... if taken)
     write_manifest(folder, command=sys.argv, steps=[...])
 
 No torch import at module level: the manifest of a run that failed to import torch still gets written.
@@ -118,6 +118,25 @@ def load_label(load: list[float] | None, cores: int | None) -> str:
     if not load or not cores:
         return "unknown"
     return "quiet" if load[0] < max(0.5, cores / 4) else "loaded"
+
+
+def machine_tag(machine: dict) -> str:
+    """A short name for the machine class in a folder name: the GPU's model (h200), else the CPU's class."""
+    if machine.get("gpu"):
+        return machine["gpu"][0]["name"].split()[-1].lower()
+    flags = set(machine["cpu"]["flags"])
+    for tag, needs in (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"),
+                       ("neon", "asimd")):
+        if needs in flags:
+            return tag
+    return platform.machine().lower()
+
+
+def default_label(suite: str) -> str:
+    """suite-machine, and -loaded when the machine was busy as the run began: 'cpu-avx512bf16-loaded', 'gpu-h200'."""
+    machine = machine_facts()
+    loaded = load_label(load_average(), machine["cpu"]["cores"]) == "loaded"
+    return f"{suite}-{machine_tag(machine)}" + ("-loaded" if loaded else "")
 
 
 def machine_facts() -> dict:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import ROOT, new_run, write_manifest  # noqa: E402
+from record import ROOT, default_label, new_run, write_manifest  # noqa: E402
 
 SMOLLM2 = os.environ.get("SMOLLM2_DIR", str(Path(tempfile.gettempdir()) / "r1-bench-smollm2"))
 MIN_STEP_S = 20
@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the steps and exit")
     ap.add_argument("--budget", type=float, help="seconds for the whole suite (gpu: 570, gpu-checks: 300, cpu: none)")
     ap.add_argument("--results", type=Path, help="the folder to make the dated run folder in (benchmarks/results)")
-    ap.add_argument("--label", help="the run folder's name after the date (default: the suite)")
+    ap.add_argument("--label", help="the run folder's name after the date (default: suite-machine[-loaded])")
     ap.add_argument("--note", default="", help="recorded in the manifest (e.g. what changed since the last run)")
     ap.add_argument("--archive", type=Path, help="also pack the run folder into this .tgz (a device's $OUT)")
     a = ap.parse_args()
@@ -210,7 +210,7 @@ def main() -> None:
         return
     budget = a.budget if a.budget is not None else BUDGETS[a.suite]
     deadline = time.monotonic() + budget if budget else None
-    folder = new_run(a.label or a.suite, **({"root": a.results} if a.results else {}))
+    folder = new_run(a.label or default_label(a.suite), **({"root": a.results} if a.results else {}))
     planned = [{"name": s.name, "what": s.what, "status": "pending"} for s in steps]
     write_manifest(folder, sys.argv, suite=a.suite, budget_s=budget, note=a.note, steps=planned)
     print(f"results: {folder}", flush=True)
