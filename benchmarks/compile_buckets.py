@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.generate import Generator, SamplingParams, StaticDecoder  # noqa: E402
+from r1cli.generate import Decoder, SamplingParams, StaticDecoder  # noqa: E402
 from r1cli.loader import load_model  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     model = load_model(a.folder, dtype=torch.bfloat16)
     if a.ab:
         return ab(model, a.tokens)
-    gen = Generator(model, max_len=2048, decode_mode="compile")
+    gen = Decoder(model, max_len=2048, decode_mode="compile")
     print(f"torch {torch.__version__}; prompt tokens, bucket, turn seconds (includes compiling), decode tok/s")
     for prompt_len, bucket in ((32, 256), (300, 512), (700, 1024)):
         for turn in range(2):
@@ -47,7 +47,7 @@ def main() -> None:
 def ab(model, tokens: int) -> None:
     gens = {}
     for name, dynamic in (("static", False), ("dynamic", True)):
-        gen = Generator(model, max_len=2048, decode_mode="compile")
+        gen = Decoder(model, max_len=2048, decode_mode="compile")
         gen._ensure_cache()
         gen._step = StaticDecoder(model, gen.cache, "static")
         gen._step.forward = torch.compile(model, dynamic=dynamic)

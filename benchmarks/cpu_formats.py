@@ -29,7 +29,7 @@ def main() -> None:
     from quant_compare import r1_decode
 
     from r1cli import cpu
-    from r1cli.generate import Generator
+    from r1cli.generate import Decoder
     from r1cli.loader import load_model
 
     folder = Path(a.folder) if a.folder else None
@@ -39,7 +39,7 @@ def main() -> None:
         folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
     formats = {"bf16": ("bfloat16", "none"), "float32": ("float32", "none"), "int8": ("bfloat16", "int8"),
                "int4 g32": ("bfloat16", "int4")}
-    gens = {k: Generator(load_model(folder, dtype=d, quant=q, group_size=32, cache=False), max_len=32 + a.tokens + 8,
+    gens = {k: Decoder(load_model(folder, dtype=d, quant=q, group_size=32, cache=False), max_len=32 + a.tokens + 8,
                          decode_mode="eager") for k, (d, q) in formats.items()}
     rates: dict[str, list[float]] = {k: [] for k in formats}
     for r in range(a.rounds):

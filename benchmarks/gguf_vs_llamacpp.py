@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.generate import Generator, SamplingParams  # noqa: E402
+from r1cli.generate import Decoder, SamplingParams  # noqa: E402
 from r1cli.loader import load  # noqa: E402
 
 
 def r1_decode(model, prompt: list[int], tokens: int) -> float:
-    gen = Generator(model, max_len=len(prompt) + tokens + 8)
+    gen = Decoder(model, max_len=len(prompt) + tokens + 8)
     it = gen.generate(prompt, SamplingParams(temperature=0, max_tokens=tokens))
     next(it)  # prefill and first token
     t = time.perf_counter()

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from r1cli.bench import _sync, random_model  # noqa: E402
 from r1cli.config import args_from_dict, read_config_json  # noqa: E402
-from r1cli.generate import Generator, SamplingParams  # noqa: E402
+from r1cli.generate import Decoder, SamplingParams  # noqa: E402
 from r1cli.models.deepseek import Experts  # noqa: E402
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     for _ in range(2):
         for name, limit in (("gathered", 64), ("grouped", 0)):
             force(model, None, gather_limit=limit)
-            gen = Generator(model, max_len=len(prompt) + a.new_tokens + 8, decode_mode=a.decode_mode)
+            gen = Decoder(model, max_len=len(prompt) + a.new_tokens + 8, decode_mode=a.decode_mode)
             for _ in range(2):  # the first run captures or compiles the step
                 gen.reset()
                 tokens_of[name] = list(gen.generate(prompt, params))

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def r1_decode(gen, n_tokens: int, prompt_len: int = 32) -> float:
-    """Best decode rate of two turns on `gen` (a Generator kept across rounds, so a compiled step is reused)."""
+    """Best decode rate of two turns on `gen` (a Decoder kept across rounds, so a compiled step is reused)."""
     from r1cli.generate import SamplingParams
 
     model = gen.model
@@ -133,9 +133,9 @@ def main() -> None:
             if s in models:
                 use_int8_kernel(models[s], s.split("-")[1])
         label = "SmolLM2-135M"
-    from r1cli.generate import Generator
+    from r1cli.generate import Decoder
 
-    gens = {s: Generator(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
+    gens = {s: Decoder(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
     rates: dict[str, list[float]] = {}
     for _ in range(2):  # alternate so drift hits every engine alike
         for s in models:

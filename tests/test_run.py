@@ -17,7 +17,7 @@ from helpers import r1_env, run_r1
 from r1cli.chat_format import build_prompt
 from r1cli.cli import app
 from r1cli.errors import ModelNotFoundError
-from r1cli.runner import looks_like_model, read_prompt
+from r1cli.run import looks_like_model, read_prompt
 from r1cli.tokenizer import Tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
