@@ -66,3 +66,15 @@ def test_open_model_streams_events_and_stop_ends_the_reply(steered_dir, looping_
     assert isinstance(seen[-1], Done) and stats.finish_reason == "interrupted"
     assert stats.completion_tokens == 5 and stats.reasoning == "".join(
         e.text for e in seen if isinstance(e, ReasoningDelta))
+
+    calls = []
+
+    def handle(event):  # Ctrl-C in the consumer's own code, on the third delta
+        calls.append(event)
+        if len([e for e in calls if isinstance(e, ReasoningDelta)]) == 3 and not isinstance(event, Done):
+            raise KeyboardInterrupt
+
+    stream = looping.chat([{"role": "user", "content": "hi"}], None, {"max_tokens": 400, "repeat_guard": False})
+    stats = stream.drive(handle)
+    assert stats.finish_reason == "interrupted" and 3 <= stats.completion_tokens < 10
+    assert isinstance(calls[-1], Done) and calls[-1].stats is stats
