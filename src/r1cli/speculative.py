@@ -369,14 +369,14 @@ def same_vocabulary(a, b) -> str | None:
     return f"{len(vb)} tokens against {len(va)}; {diff!r} is {vb.get(diff)} there, {va.get(diff)} here"
 
 
-def open_speculative(generator: Decoder, tokenizer, draft: str | None, mtp: bool, find_folder, device, dtype: str,
+def open_speculative(decoder: Decoder, tokenizer, draft: str | None, mtp: bool, find_folder, device, dtype: str,
                      draft_quant: str, group_size: int, announce=None) -> SpeculativeDecoder:
-    """The CLI's speculative generator: `mtp` (the target was loaded with its MTP layer) or a draft model by
+    """The CLI's speculative decoder: `mtp` (the target was loaded with its MTP layer) or a draft model by
     name, refused unless its tokenizer is the target's."""
     from .errors import UsageError
 
     if mtp:
-        return SpeculativeDecoder(generator, MTPDraft(generator.model, generator.max_len))
+        return SpeculativeDecoder(decoder, MTPDraft(decoder.model, decoder.max_len))
     from .loader import Checkpoint, pick_dtype
     from .registry import resolve_name
 
@@ -390,4 +390,4 @@ def open_speculative(generator: Decoder, tokenizer, draft: str | None, mtp: bool
     model = checkpoint.load_model(device=device, dtype=torch_dtype, quant=draft_quant, group_size=group_size)
     if announce:
         announce(f"draft {ref.identity}" + (f" · {draft_quant}" if draft_quant != "none" else ""))
-    return SpeculativeDecoder(generator, ModelDraft(model, generator.max_len))
+    return SpeculativeDecoder(decoder, ModelDraft(model, decoder.max_len))
