@@ -62,20 +62,19 @@ class Chat:
     def turn(self, user: str) -> None:
         """Send one message and render the reply; Ctrl-C stops it, keeping the partial answer (marked)."""
         stream = self.model.chat(self.session.messages(user), self.session.system, self.sampling)
-        start = next(stream)  # Start: before the model runs
-        if isinstance(start, Start):
-            for notice in start.notices:
-                if notice not in self.notices_shown:  # once per session, not every turn
-                    self.notices_shown.add(notice)
-                    self.info(notice)
+        start: Start = next(stream)  # always first, before the model runs
+        for notice in start.notices:
+            if notice not in self.notices_shown:  # once per session, not every turn
+                self.notices_shown.add(notice)
+                self.info(notice)
         with keys_held():
-            view = TurnView(self.console, self.think, start.starts_in_thinking if isinstance(start, Start) else False)
+            view = TurnView(self.console, self.think, start.starts_in_thinking)
             try:
                 stats = stream.drive(view.on_event)
             finally:
                 view.live.stop()
             view.finish(stats)
-        if isinstance(start, Start) and start.max_len:
+        if start.max_len:  # a local model: its context length
             self.context = (stats.prompt_tokens + stats.completion_tokens, start.max_len)
         self.session.add(user, stats)
 
