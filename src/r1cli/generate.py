@@ -17,16 +17,14 @@ from .sampling import SamplingParams
 
 @dataclass
 class GenerationStats:
+    """The engine's own numbers for one reply (`Decoder.stats`); front ends read them as events.TurnStats in Done."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous turn
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = "length"  # stop | length | interrupted | repetition
-
-    @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
 
     @property
     def decode_tokens_per_s(self) -> float:
