@@ -379,13 +379,13 @@ class Server:
                     start = event
                 elif isinstance(event, Done):
                     if stop.held:
-                        job.put(AnswerDelta(stop.flush()))
+                        job.put(AnswerDelta(stop.flush(), tokens))
                     stats = event.stats
                 elif isinstance(event, AnswerDelta) and job.stop:
                     tokens = event.tokens
                     text, hit = stop.feed(event.text)
                     if text:
-                        job.put(AnswerDelta(text))
+                        job.put(AnswerDelta(text, tokens))
                     if hit:
                         stats = self._end_early(stream)
                         break
@@ -663,6 +663,7 @@ class _Live:
         self.starts_in_thinking = prompt.starts_in_thinking
         self.t0 = time.perf_counter()
         self.first = self.answer = None
+        self.tokens = 0  # fed so far: each delta carries the count
 
     def put(self, item) -> None:
         self.job.put(item if self.job.n == 1 or item is None else Choice(self.index, item))
@@ -671,13 +672,13 @@ class _Live:
         """Send the deltas on; True when a stop string ended the answer."""
         for delta in parts:
             if delta.kind != "answer":
-                self.put(ReasoningDelta(delta.text))
+                self.put(ReasoningDelta(delta.text, self.tokens))
                 continue
             if self.answer is None:
                 self.answer = time.perf_counter()
             text, hit = self.stop.feed(delta.text) if self.job.stop else (delta.text, False)
             if text:
-                self.put(AnswerDelta(text))
+                self.put(AnswerDelta(text, self.tokens))
             if hit:
                 return True
         return False
@@ -685,6 +686,7 @@ class _Live:
     def feed(self, token: int) -> bool:
         if self.first is None:
             self.first = time.perf_counter()
+        self.tokens += 1
         return self._deltas(self.splitter.feed(self.decoder.add(token), token_id=token))
 
     def finish(self, seq) -> TurnStats:
@@ -692,7 +694,7 @@ class _Live:
         if more and self._deltas(self.splitter.finish(self.decoder.flush())):
             seq.finish_reason = "stop"
         if self.stop.held:
-            self.put(AnswerDelta(self.stop.flush()))
+            self.put(AnswerDelta(self.stop.flush(), self.tokens))
         end, sp, n = time.perf_counter(), self.splitter, seq.stats.generated_tokens
         decode_s = end - (self.first or end)
         return TurnStats(
