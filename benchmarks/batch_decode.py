@@ -1,5 +1,5 @@
 """Aggregate decode tokens/s with 1, 4, 8, 16 concurrent streams: r1's batched engine (batch.py) against
-transformers' batched `generate` on the same weights, plus r1's batch-1 Generator for the single-stream figure.
+transformers' batched `generate` on the same weights, plus r1's batch-1 Decoder for the single-stream figure.
 
     python benchmarks/batch_decode.py --model /path/to/smollm2            # real weights (tests/smollm2.py OUT)
     python benchmarks/batch_decode.py --config DeepSeek-R1-Distill-Qwen-1.5B --layers 4
@@ -24,7 +24,7 @@ from common import add_device_args, add_shape_args, device_and_dtype, hf_twin, s
 
 from r1cli.batch import BatchEngine
 from r1cli.config import args_from_dict
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -50,7 +50,7 @@ def ours_batched(model, ps, new_tokens, device) -> float:
 
 @torch.inference_mode()
 def ours_single(model, p, new_tokens, device) -> float:
-    gen = Generator(model, max_len=len(p) + new_tokens + 8)
+    gen = Decoder(model, max_len=len(p) + new_tokens + 8)
     it = gen.generate(p, SamplingParams(temperature=0, max_tokens=new_tokens + 1))
     next(it)
     sync(device)
@@ -112,14 +112,14 @@ def main() -> None:
     print(f"{what}{f', {a.layers} layers' if a.layers else ''} · {dev} {str(dtype).removeprefix('torch.')} · "
           f"prompt {a.prompt}, {a.new_tokens} new tokens per stream, threads {torch.get_num_threads()}, "
           f"best of {a.rounds} interleaved rounds")
-    print("| streams | r1 batched tok/s | per stream | vs r1 batch-1 Generator | transformers generate tok/s | r1/hf |")
+    print("| streams | r1 batched tok/s | per stream | vs r1 batch-1 Decoder | transformers generate tok/s | r1/hf |")
     print("|---|---|---|---|---|---|")
     for n, r in rows.items():
         ratio = f"{r['ours'] / single:.2f}x" if single else "-"
         hf_ratio = f"{r['ours'] / r['hf']:.2f}x" if r["hf"] else "-"
         print(f"| {n} | {r['ours']:.1f} | {r['ours'] / n:.1f} | {ratio} | {r['hf']:.1f} | {hf_ratio} |")
     if single:
-        print(f"r1 batch-1 Generator, single stream: {single:.1f} tok/s")
+        print(f"r1 batch-1 Decoder, single stream: {single:.1f} tok/s")
     if os.environ.get("BATCH_BENCH_JSON"):
         Path(os.environ["BATCH_BENCH_JSON"]).write_text(json.dumps({"rows": rows, "single": single}, indent=2))
 

@@ -164,8 +164,8 @@ def per_call_us(fn, calls: int, warmup: int = 3) -> float:
 
 
 def decode_rate(gen, tokens: int, prompt: list[int] | None = None, turns: int = 2) -> float:
-    """Best decode tokens/s (prefill excluded: the Generator's own stats) of `turns` greedy turns on `gen`, a
-    Generator kept across calls so that a compiled or captured step is reused. The prompt: 32 seeded random ids."""
+    """Best decode tokens/s (prefill excluded: the Decoder's own stats) of `turns` greedy turns on `gen`, a
+    Decoder kept across calls so that a compiled or captured step is reused. The prompt: 32 seeded random ids."""
     from r1cli.generate import SamplingParams
 
     if prompt is None:

@@ -16,7 +16,7 @@ import time
 import torch
 from common import add_smollm2_arg, add_threads_arg, set_threads, smollm2_folder
 
-from r1cli.generate import Generator, SamplingParams, StaticDecoder
+from r1cli.generate import Decoder, SamplingParams, StaticDecoder
 from r1cli.loader import load_model
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     model = load_model(smollm2_folder(a.folder), dtype=torch.bfloat16)
     if a.ab:
         return ab(model, a.tokens)
-    gen = Generator(model, max_len=2048, decode_mode="compile")
+    gen = Decoder(model, max_len=2048, decode_mode="compile")
     print(f"torch {torch.__version__}; prompt tokens, bucket, turn seconds (includes compiling), decode tok/s")
     for prompt_len, bucket in ((32, 256), (300, 512), (700, 1024)):
         for turn in range(2):
@@ -46,7 +46,7 @@ def main() -> None:
 def ab(model, tokens: int) -> None:
     gens = {}
     for name, dynamic in (("static", False), ("dynamic", True)):
-        gen = Generator(model, max_len=2048, decode_mode="compile")
+        gen = Decoder(model, max_len=2048, decode_mode="compile")
         gen._ensure_cache()
         gen._step = StaticDecoder(model, gen.cache, "static")
         gen._step.forward = torch.compile(model, dynamic=dynamic)

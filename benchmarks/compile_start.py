@@ -22,12 +22,12 @@ CHILD = """
 import json, sys, time
 import torch
 from torch._dynamo.utils import counters
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 
 torch.set_num_threads(2)
 model = load_model(sys.argv[1], dtype="bfloat16", quant=sys.argv[2], cache=False)
-gen = Generator(model, max_len=512, decode_mode="compile")
+gen = Decoder(model, max_len=512, decode_mode="compile")
 t = time.perf_counter()
 ids = list(gen.generate([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=8)))
 first = time.perf_counter() - t

@@ -22,13 +22,13 @@ def main() -> None:
     a = ap.parse_args()
     set_threads(a.threads)
     from r1cli import cpu
-    from r1cli.generate import Generator
+    from r1cli.generate import Decoder
     from r1cli.loader import load_model
 
     folder = smollm2_folder(a.folder)
     formats = {"bf16": ("bfloat16", "none"), "float32": ("float32", "none"), "int8": ("bfloat16", "int8"),
                "int4 g32": ("bfloat16", "int4")}
-    gens = {k: Generator(load_model(folder, dtype=d, quant=q, group_size=32, cache=False), max_len=32 + a.tokens + 8,
+    gens = {k: Decoder(load_model(folder, dtype=d, quant=q, group_size=32, cache=False), max_len=32 + a.tokens + 8,
                          decode_mode="eager") for k, (d, q) in formats.items()}
     rates: dict[str, list[float]] = {k: [] for k in formats}
     for r in range(a.rounds):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import add_threads_arg, decode_rate, set_threads
 
-from r1cli.generate import Generator
+from r1cli.generate import Decoder
 from r1cli.loader import load
 
 
@@ -48,7 +48,7 @@ def main() -> None:
         int4, _ = load(path, dtype="bfloat16", quant="int4")
         llm = llama_cpp.Llama(path, n_ctx=512, n_threads=a.threads, verbose=False)
         prompt = tok.encode("The capital of France is")
-        gens = {k: Generator(m, max_len=len(prompt) + a.tokens + 8) for k, m in (("bf16", model), ("int4", int4))}
+        gens = {k: Decoder(m, max_len=len(prompt) + a.tokens + 8) for k, m in (("bf16", model), ("int4", int4))}
         best = {"bf16": 0.0, "int4": 0.0, "llama.cpp": 0.0}
         for _ in range(a.rounds):
             best["bf16"] = max(best["bf16"], decode_rate(gens["bf16"], a.tokens, prompt, turns=1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import add_device_args, add_shape_args, random_shape_model, sync
 
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.models.deepseek import Experts
 
 def all_experts(model):
@@ -81,7 +81,7 @@ def main() -> None:
     for _ in range(2):
         for name, limit in (("gathered", 64), ("grouped", 0)):
             force(model, None, gather_limit=limit)
-            gen = Generator(model, max_len=len(prompt) + a.new_tokens + 8, decode_mode=a.decode_mode)
+            gen = Decoder(model, max_len=len(prompt) + a.new_tokens + 8, decode_mode=a.decode_mode)
             for _ in range(2):  # the first run captures or compiles the step
                 gen.reset()
                 tokens_of[name] = list(gen.generate(prompt, params))

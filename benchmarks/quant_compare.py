@@ -111,9 +111,9 @@ def main() -> None:
             if s in models:
                 use_int8_kernel(models[s], s.split("-")[1])
         label = "SmolLM2-135M"
-    from r1cli.generate import Generator
+    from r1cli.generate import Decoder
 
-    gens = {s: Generator(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
+    gens = {s: Decoder(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
     rates: dict[str, list[float]] = {}
     for _ in range(2):  # alternate so drift hits every engine alike
         for s in models:

@@ -141,9 +141,9 @@ def mtp_shape(opts):
 
 def smollm2(opts):
     from r1cli.chat_format import build_prompt, family_for
-    from r1cli.generate import Generator, SamplingParams
+    from r1cli.generate import Decoder, SamplingParams
     from r1cli.loader import Checkpoint
-    from r1cli.speculative import ModelDraft, SpeculativeGenerator
+    from r1cli.speculative import ModelDraft, SpeculativeDecoder
 
     checkpoint = Checkpoint(smollm2_folder(opts.folder))
     tokenizer = checkpoint.tokenizer()
@@ -151,8 +151,8 @@ def smollm2(opts):
     draft = checkpoint.load_model(dtype=opts.dtype, quant=opts.draft_quant, cache=False)
     prompt = build_prompt(tokenizer, [{"role": "user", "content": opts.prompt}], family=family_for(tokenizer)).ids
     params = SamplingParams(temperature=0.0, max_tokens=opts.tokens)
-    plain = Generator(target, 2048)
-    spec = SpeculativeGenerator(Generator(target, 2048), ModelDraft(draft, 2048))
+    plain = Decoder(target, 2048)
+    spec = SpeculativeDecoder(Decoder(target, 2048), ModelDraft(draft, 2048))
     rates = {"plain": [], "speculative": []}
     for _ in range(opts.rounds):
         for name, gen in (("plain", plain), ("speculative", spec)):

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import init
 
 
-def stop_early_then_continue(gen: Generator, prompt: list[int]) -> list[int]:
+def stop_early_then_continue(gen: Decoder, prompt: list[int]) -> list[int]:
     """A reader that stops after 3 tokens (every rank must end that turn together), then a turn on the warm cache;
     test_distributed.py runs the same on one process."""
     it = gen.generate(prompt, SamplingParams(temperature=0, max_tokens=32))
@@ -45,7 +45,7 @@ def main():
             model(tokens[:1, :-1], cache=cache)
             step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
             save_file({"logits": logits.contiguous(), "step": step.contiguous()}, str(out / f"{case['name']}-{shard.rank}.safetensors"))
-            gen = Generator(model, max_len=128)
+            gen = Decoder(model, max_len=128)
             if shard.leader:
                 got = list(gen.generate(spec["prompt"], SamplingParams(temperature=0, max_tokens=32)))
                 got += stop_early_then_continue(gen, spec["prompt"][:3])

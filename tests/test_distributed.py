@@ -20,7 +20,7 @@ from test_fp8 import write_fp8_pair
 from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
 from r1cli.config import args_from_dict, load_config
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
 from r1cli.weights import SafetensorsFile
@@ -119,7 +119,7 @@ def single(checkpoints, tokens):
             cache = model.new_cache(1, 64)
             model(tokens[:1, :-1], cache=cache)
             step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
-            gen = Generator(model, max_len=128)
+            gen = Decoder(model, max_len=128)
             greedy = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
             greedy += stop_early_then_continue(gen, PROMPT[:3])
             out[name] = {"logits": model(tokens), "step": step, "greedy": greedy, "hf": hf_model(twin)(tokens).logits}

@@ -247,7 +247,7 @@ def test_a_seed_is_accepted_exactly_when_torch_generator_takes_it(seed):
     import torch
 
     from r1cli.errors import UsageError
-    from r1cli.runner import check_sampling
+    from r1cli.sampling import check_sampling
 
     try:
         torch.Generator().manual_seed(seed)
@@ -280,7 +280,7 @@ def test_invalid_utf8_on_stdin_is_a_usage_error_naming_stdin(errors):
     import io
 
     from r1cli.errors import UsageError
-    from r1cli.runner import read_prompt
+    from r1cli.run import read_prompt
 
     stdin = io.TextIOWrapper(io.BytesIO("Résumé: ".encode() + b"caf\xe9\n"), encoding="utf-8", errors=errors)
     with pytest.raises(UsageError) as info:
@@ -293,7 +293,7 @@ def test_invalid_utf8_in_an_argument_is_a_usage_error_naming_it():
     import io
 
     from r1cli.errors import UsageError
-    from r1cli.runner import read_prompt
+    from r1cli.run import read_prompt
 
     bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands over such an argv word
     tty = type("Tty", (io.StringIO,), {"isatty": lambda self: True})()

@@ -17,7 +17,7 @@ from helpers import r1_env, run_r1
 from r1cli.chat_format import build_prompt
 from r1cli.cli import app
 from r1cli.errors import ModelNotFoundError, UsageError
-from r1cli.runner import looks_like_model, read_prompt
+from r1cli.run import looks_like_model, read_prompt
 from r1cli.tokenizer import Tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -179,3 +179,20 @@ def test_decode_modes_give_the_same_answer(steered_dir):
     bad = r1("run", steered_dir, "--decode-mode", "warp", "hi")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "r1: unknown --decode-mode 'warp': use auto, eager, static, compile, graph"]
+
+
+def test_every_front_end_takes_every_sampling_field():
+    """Sampling field names come from SamplingParams (sampling.py): the command line, the chat's /set, the remote
+    client and the server's request parser each take all of them, so a new field cannot be left out of one."""
+    from r1cli.cli import _sampling
+    from r1cli.remote import SAMPLING_KEYS
+    from r1cli.repl.commands import SETTABLE
+    from r1cli.sampling import SAMPLING_FIELDS, SAMPLING_RULES, SamplingParams
+    from r1cli.serve import parse_request
+
+    numeric = set(SAMPLING_FIELDS) - {"repeat_guard"}
+    assert set(SAMPLING_RULES) == set(SETTABLE) == set(SAMPLING_KEYS) == numeric
+    assert set(_sampling(*[None] * 7)) == set(SAMPLING_FIELDS)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **{k: 1 for k in SAMPLING_RULES}}
+    assert set(parse_request(body).sampling) == numeric
+    assert SamplingParams(**{k: 1 for k in SAMPLING_RULES}).top_k == 1

@@ -111,7 +111,7 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
     """--gpus N: re-execute under torchrun. Under torchrun: run body(shard, device) on every rank (its exit code).
     Otherwise None: the caller runs in this process."""
     from . import parallel
-    from .runner import check_device
+    from .engine import check_device
 
     if gpus and gpus > 1 and not parallel.launched():
         check_device(device, ranks=gpus)  # before torchrun starts N processes that would each fail
@@ -133,8 +133,8 @@ def _model_options(name, device, dtype, max_context, quant, group_size, quant_he
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty=None, no_repeat_guard=False) -> dict:
-    """The sampling options given, checked by the rules /set uses too (runner.check_sampling)."""
-    from .runner import check_sampling
+    """The sampling options given, checked by the rules /set uses too (sampling.check_sampling)."""
+    from .sampling import check_sampling
 
     given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                  repetition_penalty=repeat_penalty)
@@ -145,9 +145,11 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty
 
 def _check_text_options(device: str | None, system: str | None) -> None:
     """Before anything loads: a --device that is not there, a --system that is not UTF-8."""
-    from .runner import check_device, check_text
+    from .run import check_text
 
     if device is not None:
+        from .engine import check_device
+
         check_device(device)
     check_text(system, "--system")
 
@@ -171,8 +173,8 @@ def run(
     n: int = typer.Option(1, "-n", "--samples", min=1, max=256, help="Sample the prompt N times, decoded together in one batch (seed+i each with --seed)."),
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
-    from .runner import RunOptions, looks_like_model, read_prompt
-    from .runner import run as run_prompt
+    from .run import RunOptions, looks_like_model, read_prompt
+    from .run import run as run_prompt
 
     if json_out and jsonl:
         raise UsageError("--json and --jsonl exclude each other")
@@ -230,7 +232,7 @@ def chat(
                             decode_mode, draft, draft_quant, mtp, gpus, url)
     chat_args = (opened, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
                  system, think)
-    code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
+    code = None if url else _distributed(gpus, device, lambda shard, torch_device: run_chat(
         *chat_args, history=not no_history, shard=shard, torch_device=torch_device))
     if code is None:
         run_chat(*chat_args, history=not no_history, url=url, api_key=api_key)

@@ -1,5 +1,5 @@
-"""The prefill/decode loop: where a token is sampled. It yields token ids; `events.py` turns them into the stream
-of reasoning and answer deltas that `run`, `chat` and `serve` consume."""
+"""The prefill/decode loop: where a token is sampled. `Decoder` yields token ids; `engine.stream_events` turns them
+into the stream of events (events.py) that `run`, `chat` and `serve` consume."""
 
 from __future__ import annotations
 
@@ -11,26 +11,14 @@ from typing import Iterator
 import torch
 
 from . import compile_cache
-from .chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS
 from .models import Cache, CausalLM
-
-
-@dataclass
-class SamplingParams:
-    """What `r1 run/chat/serve` use for a model comes from runner.generation_defaults; these bare defaults are R1's."""
-
-    temperature: float = R1_SAMPLING_DEFAULTS["temperature"]  # 0 = greedy
-    top_p: float = R1_SAMPLING_DEFAULTS["top_p"]
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    max_tokens: int = R1_MAX_TOKENS
-    seed: int | None = None
-    repetition_penalty: float = 1.0  # CTRL's penalty on every token already in the prompt or the reply; 1 = off
-    repeat_guard: bool = True  # stop a reply stuck in a loop (RepetitionGuard): finish_reason "repetition"
+from .sampling import SamplingParams
 
 
 @dataclass
 class GenerationStats:
+    """The engine's own numbers for one reply (`Decoder.stats`); front ends read them as events.TurnStats in Done."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous turn
     generated_tokens: int = 0
@@ -155,7 +143,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 STOP = -1  # broadcast by rank 0 instead of a token when its reader stopped early (tensor parallel)
 
 
-class Generator:
+class Decoder:
     """One model, one cache, reused across turns: a new prompt re-uses the cached prefix it shares with the
     previous prompt and its reply, up to the first differing token.
 

@@ -800,10 +800,10 @@ def _quantized_sizes(args, dtype_bytes: int) -> dict[str, int]:
 
 
 def _sampling(ref: ModelRef, read_tokenizer) -> dict:
-    """The defaults `r1 run` will use (runner.generation_defaults, the same call); {} when the tokenizer cannot be
+    """The defaults `r1 run` will use (engine.generation_defaults, the same call); {} when the tokenizer cannot be
     read and the name is no R1 alias (`r1 run` would refuse the model)."""
     from .chat_format import family_for
-    from .runner import generation_defaults
+    from .engine import generation_defaults
 
     try:
         tokenizer = read_tokenizer()

@@ -1,6 +1,6 @@
 """`r1 serve`: an OpenAI-compatible HTTP API with DeepSeek's `reasoning_content`, on Starlette and uvicorn.
 
-One worker thread owns the model's Generator (one KV cache, not thread-safe) and runs the requests one at a time,
+One worker thread owns the model's Decoder (one KV cache, not thread-safe) and runs the requests one at a time,
 in arrival order; each request's events come back to its ASGI handler through its own asyncio queue, so streams
 never mix. At most `max_queue` requests wait behind the running one; past that the answer is 429. A client that
 disconnects (or whose request is cancelled) stops its generation at the next token.
@@ -41,9 +41,9 @@ from starlette.routing import Route
 from .chat_format import answer_only, build_prompt
 from .errors import R1Error, UsageError
 from .options import ModelOptions
-from .events import AnswerDelta, Done, ReasoningDelta, TurnStats, stream_events
+from .engine import OpenModel
+from .events import AnswerDelta, Done, ReasoningDelta, Start, TurnStats
 from .reasoning import _partial_tag_len
-from .runner import OpenModel
 
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
@@ -233,7 +233,7 @@ class Server:
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, parallel: int = 1):
         self.model = model
-        self.parallel = parallel  # sequences decoded together (batch.py); 1: the Generator, one at a time
+        self.parallel = parallel  # sequences decoded together (batch.py); 1: the Decoder, one at a time
         self.api_keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
         self.allowed_hosts = allowed_hosts
         self.max_request_bytes, self.request_timeout = max_request_bytes, request_timeout
@@ -288,7 +288,7 @@ class Server:
                 if job.tenant != self._cache_tenant:
                     # Another key's request filled the cache: reusing its prefix would tell this client (through
                     # cached_tokens, or the time to the first token) how that request's prompt began.
-                    self.model.generator.reset()
+                    self.model.forget()
                     self._cache_tenant = job.tenant
                 self._generate(job)
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
@@ -298,10 +298,8 @@ class Server:
         """--parallel N > 1: up to N sequences decode together in a BatchEngine (the same KV row prefixes reused,
         and a request's n choices sharing its prefill, only within one API key). Jobs are taken from the queue only
         while a row is free, so --max-queue still counts the requests waiting beyond the running ones."""
-        from .batch import BatchEngine
-
         m = self.model
-        engine = BatchEngine(m.generator.model, max_batch=self.parallel, max_len=m.generator.max_len)
+        engine = m.batch_engine(self.parallel)
         live: dict = {}  # Sequence -> _Live
         while True:
             while len(engine.running) + len(engine.waiting) < self.parallel:
@@ -369,49 +367,46 @@ class Server:
         self.worker.join(timeout)
 
     def _generate(self, job: Job) -> None:
-        m = self.model
-        stream = stream_events(m.generator, m.tokenizer, job.prompt, job.params)
+        stream = self.model.stream(job.prompt, job.params)
         stop = StopScanner(job.stop)
         stats = None
+        start, tokens = Start(), 0  # what the stream said of the prompt, and of the tokens so far
         try:
             for event in stream:
                 if job.cancelled.is_set():
                     break
-                if isinstance(event, Done):
+                if isinstance(event, Start):
+                    start = event
+                elif isinstance(event, Done):
                     if stop.held:
-                        job.put(AnswerDelta(stop.flush()))
+                        job.put(AnswerDelta(stop.flush(), tokens))
                     stats = event.stats
                 elif isinstance(event, AnswerDelta) and job.stop:
+                    tokens = event.tokens
                     text, hit = stop.feed(event.text)
                     if text:
-                        job.put(AnswerDelta(text))
+                        job.put(AnswerDelta(text, tokens))
                     if hit:
                         stats = self._end_early(stream)
                         break
                 else:
+                    tokens = event.tokens
                     job.put(event)
         finally:
             stream.close()  # a client that went away: stop generating now
-            g = m.generator.stats
             finish = stats.finish_reason if stats else "interrupted"
             self.log({"id": job.id, "event": "done", "finish_reason": finish,
-                      "completion_tokens": stats.completion_tokens if stats else g.generated_tokens,
+                      "completion_tokens": stats.completion_tokens if stats else tokens,
                       "reasoning_tokens": stats.reasoning_tokens if stats else None,
-                      "prompt_tokens": g.prompt_tokens, "cached_tokens": g.cached_tokens})
+                      "prompt_tokens": stats.prompt_tokens if stats else start.prompt_tokens,
+                      "cached_tokens": stats.cached_tokens if stats else start.cached_tokens})
         job.put(Done(stats) if stats else None)
 
     def _end_early(self, stream) -> TurnStats:
-        """A stop string was met: stop generating and take the turn's numbers (events.stream_events' contract)."""
-        try:
-            event = stream.throw(KeyboardInterrupt)
-            while not isinstance(event, Done):
-                event = next(stream)
-            stats = event.stats
-        except (KeyboardInterrupt, StopIteration):
-            # Met in the text released after the last token: generation had ended; count what the generator saw.
-            g = self.model.generator.stats
-            stats = TurnStats(prompt_tokens=g.prompt_tokens, cached_tokens=g.cached_tokens,
-                              completion_tokens=g.generated_tokens)
+        """A stop string was met: stop generating (EventStream.stop) and take the turn's numbers from its Done; the
+        text after the stop string is not sent."""
+        stream.stop("stop")
+        stats = next(e for e in stream if isinstance(e, Done)).stats
         stats.finish_reason = "stop"
         return stats
 
@@ -528,7 +523,7 @@ class Server:
 
     def _admit(self, req: ChatRequest) -> None:
         """Before rendering: refuse a prompt that cannot fit however it tokenises, then take a queue slot (429)."""
-        context = self.model.generator.max_len
+        context = self.model.context
         chars = sum(len(m["content"]) for m in req.messages)
         if chars > context * self.max_token_chars:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
@@ -567,7 +562,7 @@ class Server:
                 params = m.sampling(req.sampling)
             except R1Error as e:
                 raise bad(str(e), "messages") from None
-            context = m.generator.max_len
+            context = m.context
             if len(prompt.ids) >= context:
                 raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your "
                                f"messages resulted in {len(prompt.ids)} tokens (at least one more is needed for "
@@ -668,6 +663,7 @@ class _Live:
         self.starts_in_thinking = prompt.starts_in_thinking
         self.t0 = time.perf_counter()
         self.first = self.answer = None
+        self.tokens = 0  # fed so far: each delta carries the count
 
     def put(self, item) -> None:
         self.job.put(item if self.job.n == 1 or item is None else Choice(self.index, item))
@@ -676,13 +672,13 @@ class _Live:
         """Send the deltas on; True when a stop string ended the answer."""
         for delta in parts:
             if delta.kind != "answer":
-                self.put(ReasoningDelta(delta.text))
+                self.put(ReasoningDelta(delta.text, self.tokens))
                 continue
             if self.answer is None:
                 self.answer = time.perf_counter()
             text, hit = self.stop.feed(delta.text) if self.job.stop else (delta.text, False)
             if text:
-                self.put(AnswerDelta(text))
+                self.put(AnswerDelta(text, self.tokens))
             if hit:
                 return True
         return False
@@ -690,6 +686,7 @@ class _Live:
     def feed(self, token: int) -> bool:
         if self.first is None:
             self.first = time.perf_counter()
+        self.tokens += 1
         return self._deltas(self.splitter.feed(self.decoder.add(token), token_id=token))
 
     def finish(self, seq) -> TurnStats:
@@ -697,7 +694,7 @@ class _Live:
         if more and self._deltas(self.splitter.finish(self.decoder.flush())):
             seq.finish_reason = "stop"
         if self.stop.held:
-            self.put(AnswerDelta(self.stop.flush()))
+            self.put(AnswerDelta(self.stop.flush(), self.tokens))
         end, sp, n = time.perf_counter(), self.splitter, seq.stats.generated_tokens
         decode_s = end - (self.first or end)
         return TurnStats(
@@ -933,7 +930,7 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
     """`model`: what to open and how (options.ModelOptions, built once by the command line)."""
     import uvicorn
 
-    from .runner import open_model
+    from .engine import open_model
 
     def note(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -956,9 +953,9 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
         from .batch import default_parallel, free_memory
         from .models.layers import kv_cache_dtype
 
-        weights = m.generator.model.model.embed_tokens.weight
-        kv = m.generator.model.args.kv_cache_bytes_per_token(kv_cache_dtype(weights.dtype, weights.device).itemsize)
-        parallel = default_parallel(kv * m.generator.max_len, free_memory(weights.device), weights.device.type)
+        weights = m.decoder.model.model.embed_tokens.weight
+        kv = m.decoder.model.args.kv_cache_bytes_per_token(kv_cache_dtype(weights.dtype, weights.device).itemsize)
+        parallel = default_parallel(kv * m.context, free_memory(weights.device), weights.device.type)
     if parallel > 1:
         note(f"r1 serve: {parallel} requests decode together (--parallel), {max_queue} more may wait (--max-queue)")
     server = Server(m, keys, max_queue, log_requests, hosts, max_request_bytes, request_timeout, parallel)

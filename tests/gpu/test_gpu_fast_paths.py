@@ -11,7 +11,7 @@ from paths import HUB_CONFIGS
 
 from r1cli.bench import random_model
 from r1cli.config import args_from_dict, read_config_json
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,7 +30,7 @@ def model(request):
 @pytest.mark.parametrize("mode", ["static", "graph"])
 def test_fast_decode_step_gives_the_eager_tokens(model, mode):
     prompt, params = list(range(5, 40)), SamplingParams(temperature=0, max_tokens=24)
-    eager = list(Generator(model, max_len=128, decode_mode="eager").generate(prompt, params))
-    fast = list(Generator(model, max_len=128, decode_mode=mode).generate(prompt, params))
+    eager = list(Decoder(model, max_len=128, decode_mode="eager").generate(prompt, params))
+    fast = list(Decoder(model, max_len=128, decode_mode=mode).generate(prompt, params))
     assert len(eager) == 24
     assert fast == eager
