@@ -312,12 +312,14 @@ def _absent_devices() -> list[str]:
     return absent + ["tpu"]
 
 
+@pytest.mark.parametrize("command", ["run", "bench"])
 @pytest.mark.parametrize("device", _absent_devices())
-def test_a_device_that_is_not_there_is_one_usage_line_before_anything_loads(broken_model, capsys, device):
+def test_a_device_that_is_not_there_is_one_usage_line_before_anything_loads(broken_model, capsys, device, command):
     from r1cli.cli import main
 
+    argv = [command, str(broken_model)] + (["hi"] if command == "run" else [])
     with pytest.raises(SystemExit) as exited:
-        main(["run", str(broken_model), "hi", "--device", device])  # opening the model would be exit 1
+        main(argv + ["--device", device])  # opening the model would be exit 1
     err = capsys.readouterr().err
     assert exited.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith("r1: ") and "unexpected" not in err, err

@@ -501,7 +501,10 @@ def bench(
 ) -> None:
     """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
     from .bench import format_report, run_bench
+    from .engine import check_device
     from .errors import UsageError
+
+    check_device(device)
 
     if not model and not config:
         raise UsageError("give a model (alias, repo id or folder) or --config path/to/config.json")
