@@ -1,8 +1,8 @@
 """Aggregate decode tokens/s with 1, 4, 8, 16 concurrent streams: r1's batched engine (batch.py) against
-transformers' batched `generate` on the same weights, plus r1's batch-1 Generator for the single-stream figure.
+transformers' batched `generate` on the same weights, plus r1's batch-1 Decoder for the single-stream figure.
 
     python benchmarks/batch_decode.py --model /path/to/smollm2            # real weights (tests/smollm2.py OUT)
-    python benchmarks/batch_decode.py --config src/r1cli/hub_configs/DeepSeek-R1-Distill-Qwen-1.5B --layers 4
+    python benchmarks/batch_decode.py --config DeepSeek-R1-Distill-Qwen-1.5B --layers 4
     python benchmarks/batch_decode.py ... --device cuda --streams 1,8,32,64   # a GPU (unmeasured so far)
 
 Greedy, distinct random prompts of --prompt tokens, --new-tokens decoded per stream (no early stop). Only the
@@ -20,14 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_device_args, add_shape_args, device_and_dtype, hf_twin, shape_config, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from r1cli.batch import BatchEngine  # noqa: E402
-from r1cli.bench import _sync, hf_config_from, share_hf_weights  # noqa: E402
-from r1cli.config import args_from_dict, read_config_json  # noqa: E402
-from r1cli.generate import Generator, SamplingParams  # noqa: E402
-from r1cli.loader import pick_device, pick_dtype  # noqa: E402
+from r1cli.batch import BatchEngine
+from r1cli.config import args_from_dict
+from r1cli.generate import Decoder, SamplingParams
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -42,24 +39,24 @@ def ours_batched(model, ps, new_tokens, device) -> float:
     seqs = [engine.submit(p, params) for p in ps]
     while not all(s.pending is not None for s in seqs):
         engine.step()
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     before = sum(len(s.tokens) for s in seqs)
     while not engine.idle:
         engine.step()
-    _sync(device)
+    sync(device)
     return (sum(len(s.tokens) for s in seqs) - before) / (time.perf_counter() - t)
 
 
 @torch.inference_mode()
 def ours_single(model, p, new_tokens, device) -> float:
-    gen = Generator(model, max_len=len(p) + new_tokens + 8)
+    gen = Decoder(model, max_len=len(p) + new_tokens + 8)
     it = gen.generate(p, SamplingParams(temperature=0, max_tokens=new_tokens + 1))
     next(it)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     n = sum(1 for _ in it)
-    _sync(device)
+    sync(device)
     return n / (time.perf_counter() - t)
 
 
@@ -69,11 +66,11 @@ def hf_batched(hf, ps, new_tokens, device) -> float:
     mask = torch.ones_like(ids)
 
     def run(n):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                     pad_token_id=0)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     one = run(1)
@@ -84,32 +81,20 @@ def hf_batched(hf, ps, new_tokens, device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="a safetensors folder (real weights)")
-    ap.add_argument("--config", help="a config.json or its folder (random weights)")
-    ap.add_argument("--layers", type=int)
+    add_shape_args(ap)
     ap.add_argument("--streams", default="1,4,8,16")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    add_device_args(ap)
     ap.add_argument("--no-hf", action="store_true")
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-
-    dev = pick_device(a.device)
-    cfg = read_config_json(Path(a.model or a.config))
-    if a.layers:
-        cfg = dict(cfg, num_hidden_layers=a.layers)
+    if not (a.model or a.config):
+        ap.error("give --model or --config")
+    cfg = shape_config(a.model or a.config, a.layers)
     args = args_from_dict(cfg)
-    dtype = pick_dtype(a.dtype, args, dev)
-    if a.model:
-        hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, device_map=str(dev))
-    else:
-        torch.manual_seed(0)
-        with torch.device(dev):
-            hf = AutoModelForCausalLM.from_config(hf_config_from(cfg, dtype), dtype=dtype)
-    hf.eval()
-    model = share_hf_weights(args, hf)
+    dev, dtype = device_and_dtype(a.device, a.dtype, args)
+    hf, model = hf_twin(cfg, dtype, dev, folder=a.model)
     streams = [int(s) for s in a.streams.split(",")]
     rows = {}
     for _ in range(a.rounds):
@@ -127,14 +112,14 @@ def main() -> None:
     print(f"{what}{f', {a.layers} layers' if a.layers else ''} · {dev} {str(dtype).removeprefix('torch.')} · "
           f"prompt {a.prompt}, {a.new_tokens} new tokens per stream, threads {torch.get_num_threads()}, "
           f"best of {a.rounds} interleaved rounds")
-    print("| streams | r1 batched tok/s | per stream | vs r1 batch-1 Generator | transformers generate tok/s | r1/hf |")
+    print("| streams | r1 batched tok/s | per stream | vs r1 batch-1 Decoder | transformers generate tok/s | r1/hf |")
     print("|---|---|---|---|---|---|")
     for n, r in rows.items():
         ratio = f"{r['ours'] / single:.2f}x" if single else "-"
         hf_ratio = f"{r['ours'] / r['hf']:.2f}x" if r["hf"] else "-"
         print(f"| {n} | {r['ours']:.1f} | {r['ours'] / n:.1f} | {ratio} | {r['hf']:.1f} | {hf_ratio} |")
     if single:
-        print(f"r1 batch-1 Generator, single stream: {single:.1f} tok/s")
+        print(f"r1 batch-1 Decoder, single stream: {single:.1f} tok/s")
     if os.environ.get("BATCH_BENCH_JSON"):
         Path(os.environ["BATCH_BENCH_JSON"]).write_text(json.dumps({"rows": rows, "single": single}, indent=2))
 

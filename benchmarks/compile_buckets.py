@@ -11,28 +11,27 @@ compiled in one process and alternated turn by turn.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import add_smollm2_arg, add_threads_arg, set_threads, smollm2_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.generate import Generator, SamplingParams, StaticDecoder  # noqa: E402
-from r1cli.loader import load_model  # noqa: E402
+from r1cli.generate import Decoder, SamplingParams, StaticDecoder
+from r1cli.loader import load_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", required=True)
+    add_smollm2_arg(ap)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--ab", action="store_true", help="static vs dynamic compile, alternating, best of 3 turns")
+    add_threads_arg(ap)
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    model = load_model(a.folder, dtype=torch.bfloat16)
+    set_threads(a.threads)
+    model = load_model(smollm2_folder(a.folder), dtype=torch.bfloat16)
     if a.ab:
         return ab(model, a.tokens)
-    gen = Generator(model, max_len=2048, decode_mode="compile")
+    gen = Decoder(model, max_len=2048, decode_mode="compile")
     print(f"torch {torch.__version__}; prompt tokens, bucket, turn seconds (includes compiling), decode tok/s")
     for prompt_len, bucket in ((32, 256), (300, 512), (700, 1024)):
         for turn in range(2):
@@ -47,7 +46,7 @@ def main() -> None:
 def ab(model, tokens: int) -> None:
     gens = {}
     for name, dynamic in (("static", False), ("dynamic", True)):
-        gen = Generator(model, max_len=2048, decode_mode="compile")
+        gen = Decoder(model, max_len=2048, decode_mode="compile")
         gen._ensure_cache()
         gen._step = StaticDecoder(model, gen.cache, "static")
         gen._step.forward = torch.compile(model, dynamic=dynamic)

@@ -3,7 +3,7 @@ one (r1's compile cache from the first, compile_cache.py), each in a fresh proce
 so nothing but r1's own file carries the compile over. Prints the first compiled reply's seconds (compile + a few
 tokens) and the Inductor cache hits and misses of each.
 
-    PYTHONPATH=src python benchmarks/compile_start.py MODEL_FOLDER [--quant int8] [--runs 2]
+    python benchmarks/compile_start.py MODEL_FOLDER [--quant int8] [--runs 2]
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import SRC
+
 CHILD = """
 import json, sys, time
 import torch
 from torch._dynamo.utils import counters
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 
 torch.set_num_threads(2)
 model = load_model(sys.argv[1], dtype="bfloat16", quant=sys.argv[2], cache=False)
-gen = Generator(model, max_len=512, decode_mode="compile")
+gen = Decoder(model, max_len=512, decode_mode="compile")
 t = time.perf_counter()
 ids = list(gen.generate([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=8)))
 first = time.perf_counter() - t
@@ -41,9 +43,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="r1-compile-start-"))
-    src = str(Path(__file__).resolve().parents[1] / "src")
     for i in range(a.runs):
-        env = {**os.environ, "PYTHONPATH": src, "XDG_CACHE_HOME": str(work / "xdg"),
+        env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CACHE_HOME": str(work / "xdg"),
                "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor{i}")}
         p = subprocess.run([sys.executable, "-c", CHILD, a.folder, a.quant], capture_output=True, text=True, env=env)
         if p.returncode:

@@ -4,21 +4,19 @@ process, alternating rounds (the CPU may be shared: every cell keeps its best ro
 `_weight_int4pack_mm_for_cpu`. Each is called as a layer calls it (Int8Weight/Int4Weight.matmul on a bf16 row,
 conversions included). us per call and GB/s of the weight bytes that format reads.
 
-    PYTHONPATH=src python benchmarks/cpu_kernels.py [--rounds 5] [--threads 2]
+    python benchmarks/cpu_kernels.py [--rounds 5] [--threads 2]
+    python benchmarks/cpu_kernels.py --shapes grid     # the N x K grid of the earlier kernels.py (8192 x 4096 ...)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import add_threads_arg, per_call_us, set_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.quant import Int4Weight, Int8Weight, cpu_has_vnni, quantize_int8  # noqa: E402
+from r1cli.quant import Int4Weight, Int8Weight, cpu_has_vnni, quantize_int8
 
 # (name, N, K): R1-Distill-Qwen-1.5B (hidden 1536, intermediate 8960, q|k|v joined 2048, gate|up joined 17920,
 # vocabulary 151936) and SmolLM2-135M (576 wide, intermediate 1536, q|k|v 960, vocabulary 49152)
@@ -28,29 +26,26 @@ SHAPES = [
     ("SmolLM2 q|k|v", 960, 576), ("SmolLM2 gate|up", 3072, 576), ("SmolLM2 down", 576, 1536),
     ("SmolLM2 head", 49152, 576),
 ]
-
-
-def per_call_us(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n * 1e6
+# SmolLM2, Qwen2.5-0.5B and 1.5B matrices and an 8192 x 4096 one (a 7B-class projection), by size alone
+GRID = [(f"{n} x {k}", n, k) for n, k in ((576, 576), (960, 576), (3072, 576), (576, 1536), (896, 896), (9728, 896),
+                                          (896, 4864), (2048, 1536), (17920, 1536), (1536, 8960), (8192, 4096),
+                                          (49152, 576))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", choices=("named", "grid"), default="named",
+                    help="named: the 1.5B and SmolLM2 layers; grid: matrices by size")
+    add_threads_arg(ap)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}; best of {a.rounds} alternating rounds")
     kinds = ("bf16", "int8 pack", "int8 dynamic", "int4 g32")
     print(f"{'shape':<18} {'N x K':>14} " + " ".join(f"{k:>20}" for k in kinds) + "   dynamic/pack")
     g = torch.Generator().manual_seed(0)
-    for name, n, k in SHAPES:
+    for name, n, k in SHAPES if a.shapes == "named" else GRID:
         w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
         x = torch.randn(1, k, generator=g).bfloat16()
         q, s = quantize_int8(w)

@@ -10,24 +10,13 @@ Make the files with tests/test_llamacpp.py's fixture (the real SmolLM2 weights a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-import torch
+from common import add_threads_arg, decode_rate, set_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.generate import Generator, SamplingParams  # noqa: E402
-from r1cli.loader import load  # noqa: E402
-
-
-def r1_decode(model, prompt: list[int], tokens: int) -> float:
-    gen = Generator(model, max_len=len(prompt) + tokens + 8)
-    it = gen.generate(prompt, SamplingParams(temperature=0, max_tokens=tokens))
-    next(it)  # prefill and first token
-    t = time.perf_counter()
-    n = sum(1 for _ in it)
-    return n / (time.perf_counter() - t)
+from r1cli.generate import Decoder
+from r1cli.loader import load
 
 
 def llama_decode(llm, prompt: list[int], tokens: int) -> float:
@@ -47,9 +36,9 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    add_threads_arg(ap)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     print(f"file | MB on disk | r1 load s | r1 bf16 tok/s | r1 int4 tok/s | llama.cpp tok/s (best of {a.rounds}, "
           f"{a.tokens} tokens, {a.threads} threads)")
     for path in a.files:
@@ -59,14 +48,15 @@ def main() -> None:
         int4, _ = load(path, dtype="bfloat16", quant="int4")
         llm = llama_cpp.Llama(path, n_ctx=512, n_threads=a.threads, verbose=False)
         prompt = tok.encode("The capital of France is")
+        gens = {k: Decoder(m, max_len=len(prompt) + a.tokens + 8) for k, m in (("bf16", model), ("int4", int4))}
         best = {"bf16": 0.0, "int4": 0.0, "llama.cpp": 0.0}
         for _ in range(a.rounds):
-            best["bf16"] = max(best["bf16"], r1_decode(model, prompt, a.tokens))
+            best["bf16"] = max(best["bf16"], decode_rate(gens["bf16"], a.tokens, prompt, turns=1))
             best["llama.cpp"] = max(best["llama.cpp"], llama_decode(llm, prompt, a.tokens))
-            best["int4"] = max(best["int4"], r1_decode(int4, prompt, a.tokens))
+            best["int4"] = max(best["int4"], decode_rate(gens["int4"], a.tokens, prompt, turns=1))
         print(f"{Path(path).name} | {Path(path).stat().st_size / 1e6:.0f} | {load_s:.2f} | {best['bf16']:.1f} | "
               f"{best['int4']:.1f} | {best['llama.cpp']:.1f}", flush=True)
-        del model, int4, llm
+        del model, int4, llm, gens
 
 
 if __name__ == "__main__":

@@ -3,21 +3,17 @@ CPU without bf16 math, `layers.kv_cache_dtype`), in one process: SmolLM2-135M (r
 weights in a config's shape (MLA's latent cache for DeepSeek configs).
 
     python benchmarks/kv_cache_dtype.py [--folder CONVERTED_SMOLLM2]
-    python benchmarks/kv_cache_dtype.py --shape benchmarks/configs/DeepSeek-V2-Lite --layers 4
+    python benchmarks/kv_cache_dtype.py --config DeepSeek-V2-Lite --layers 4
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import add_shape_args, add_smollm2_arg, add_threads_arg, random_shape_model, set_threads, smollm2_folder
 
 
 @torch.inference_mode()
@@ -32,32 +28,23 @@ def rate(model, cache_dtype, filled: int, steps: int = 24) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", help="SmolLM2 converted to safetensors (tests/smollm2.py); made in a temp dir if absent")
-    ap.add_argument("--shape", help="a folder with a config.json: random weights in its shape instead")
-    ap.add_argument("--layers", type=int, help="with --shape: keep the first N layers")
+    add_smollm2_arg(ap)
+    add_shape_args(ap, aliases=("--shape",), help="a config name or folder: random weights in its shape instead")
+    ap.add_argument("--cached", default="64,1024,2048,4096", help="cached-token counts to time decode at")
+    add_threads_arg(ap)
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    if a.shape:
-        from r1cli.bench import random_model
-        from r1cli.config import args_from_dict, read_config_json
-
-        cfg = read_config_json(a.shape)
-        if a.layers:
-            cfg["num_hidden_layers"] = a.layers
-        model = random_model(args_from_dict(cfg), torch.device("cpu"), torch.bfloat16)
-        label = f"{Path(a.shape).name} shape ({cfg['num_hidden_layers']} layers, random weights)"
+    set_threads(a.threads)
+    if a.config:
+        a.device, a.dtype = "cpu", "bfloat16"
+        model, args, _, _, _ = random_shape_model(a)
+        label = f"{Path(a.config).name} shape ({args.n_layers} layers, random weights)"
     else:
         from r1cli.loader import load_model
 
-        folder = Path(a.folder) if a.folder else None
-        if folder is None or not (folder / "config.json").exists():
-            from smollm2 import convert_smollm2
-
-            folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
-        model = load_model(folder, dtype="bfloat16")
+        model = load_model(smollm2_folder(a.folder), dtype="bfloat16")
         label = "SmolLM2-135M"
-    print(f"{label} bf16 decode tokens/s by cached tokens (torch {torch.__version__}, 2 threads)")
-    for filled in (64, 1024, 2048, 4096):
+    print(f"{label} bf16 decode tokens/s by cached tokens (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    for filled in (int(n) for n in a.cached.split(",")):
         r16, r32 = rate(model, torch.bfloat16, filled), rate(model, torch.float32, filled)
         print(f"  {filled:>5} cached: bf16 cache {r16:5.1f}  float32 cache {r32:5.1f}  ({r32 / r16:.2f}x)", flush=True)
 

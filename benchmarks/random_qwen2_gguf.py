@@ -1,21 +1,21 @@
 """Write a random-weight Qwen2 GGUF in a config's shape (Q4_0 or Q8_0 linear weights), so llama.cpp can be timed
 on a shape we have no GGUF for. A placeholder vocabulary of the config's size.
 
-    python benchmarks/random_qwen2_gguf.py benchmarks/configs/Qwen2.5-0.5B/config.json out.gguf [Q4_0|Q8_0]
+    python benchmarks/random_qwen2_gguf.py Qwen2.5-0.5B out.gguf [Q4_0|Q8_0]     # a config name, folder or file
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
+from common import config_dir
 
 
 def main(config: str, out: str, qtype: str = "Q4_0") -> None:
-    cfg = json.loads(Path(config).read_text())
+    cfg = json.loads((config_dir(config) / "config.json").read_text())
     d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     h, kv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
     hd = d // h

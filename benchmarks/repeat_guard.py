@@ -6,15 +6,12 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import ROOT
 
-from r1cli.generate import RepetitionGuard  # noqa: E402
-from r1cli.tokenizer import Tokenizer  # noqa: E402
+from r1cli.generate import RepetitionGuard
+from r1cli.tokenizer import Tokenizer
 
 
 def per_token_us(ids: list[int], rounds: int = 5) -> tuple[float, int | None]:

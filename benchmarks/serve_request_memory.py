@@ -3,7 +3,7 @@ about 1 MB (just under the default --max-request-bytes), then six of about 5 MB 
 rendered and tokenised, all at once, before any check). The model is tests/steered.py's tiny checkpoint with the
 real R1 tokenizer, so the memory measured is the request handling's, not the model's.
 
-    PYTHONPATH=src python benchmarks/serve_request_memory.py [--src SRC_FOLDER_TO_RUN] [--dir /tmp/steered]
+    python benchmarks/serve_request_memory.py [--src SRC_FOLDER_TO_RUN] [--dir /tmp/steered]
 """
 
 from __future__ import annotations
@@ -20,16 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from common import SRC
 
 
 def main() -> None:
     import steered
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--src", default=str(ROOT / "src"), help="the r1cli sources the server runs (another checkout's)")
+    ap.add_argument("--src", default=str(SRC), help="the r1cli sources the server runs (another checkout's)")
     ap.add_argument("--dir", default="/tmp/r1-steered-bench")
     args = ap.parse_args()
     folder = Path(args.dir)

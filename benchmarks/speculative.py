@@ -17,19 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from common import add_device_args, add_smollm2_arg, config_dir, smollm2_folder, sync
 
 
 def timed(fn, device, repeats=5) -> float:
@@ -50,6 +41,12 @@ def step_costs(model, device, position: int, max_k: int, repeats: int) -> dict:
     cache = model.new_cache(1, position + max_k + 2)
     model.ensure_rope(position + max_k + 2)
     model(torch.randint(0, vocab, (1, position), device=device), cache=cache, last_only=True)
+    return step_costs_on(model, cache, device, position, max_k, repeats)
+
+
+def step_costs_on(model, cache, device, position, max_k, repeats) -> dict:
+    """The same on a cache already filled to `position`."""
+    vocab = model.args.vocab_size
     out = {"decode": timed(lambda: model(torch.randint(0, vocab, (1, 1), device=device), start_pos=position,
                                          cache=cache, last_only=True), device, repeats)}
     for k in range(1, max_k + 1):
@@ -70,13 +67,11 @@ def speedups(costs_target: dict, draft_step: float, max_k: int) -> dict:
 def shapes(opts):
     from r1cli.bench import random_model
     from r1cli.config import load_config
-    from r1cli.hub_configs import __file__ as hub_configs
 
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
-    configs = Path(hub_configs).parent
-    target_args = load_config(configs / opts.target)
-    draft_args = load_config(configs / opts.draft)
+    target_args = load_config(config_dir(opts.target))
+    draft_args = load_config(config_dir(opts.draft))
     results = {}
     models, per_depth = {}, {}
     for name, args, spec in (("target", target_args, opts.layers), ("draft", draft_args, opts.draft_layers)):
@@ -114,10 +109,9 @@ def mtp_shape(opts):
     the model as built (at 61 layers a draft step is a far smaller share of a model step than here)."""
     from r1cli.bench import random_model
     from r1cli.config import load_config
-    from r1cli.hub_configs import __file__ as hub_configs
 
     device, dtype = torch.device(opts.device), getattr(torch, opts.dtype)
-    full = load_config(Path(hub_configs).parent / "DeepSeek-R1")
+    full = load_config(config_dir("DeepSeek-R1"))
     changes = {"n_layers": opts.layers}
     if opts.experts:
         changes["n_routed_experts"] = opts.experts
@@ -145,36 +139,20 @@ def mtp_shape(opts):
                       "device": str(device), "threads": torch.get_num_threads()}, indent=1))
 
 
-def step_costs_on(model, cache, device, position, max_k, repeats):
-    vocab = model.args.vocab_size
-    out = {"decode": timed(lambda: model(torch.randint(0, vocab, (1, 1), device=device), start_pos=position,
-                                         cache=cache, last_only=True), device, repeats)}
-    for k in range(1, max_k + 1):
-        out[f"verify{k}"] = timed(lambda: model(torch.randint(0, vocab, (1, k + 1), device=device),
-                                                start_pos=position, cache=cache), device, repeats)
-    return out
-
-
 def smollm2(opts):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from smollm2 import convert_smollm2
-
     from r1cli.chat_format import build_prompt, family_for
-    from r1cli.generate import Generator, SamplingParams
+    from r1cli.generate import Decoder, SamplingParams
     from r1cli.loader import Checkpoint
-    from r1cli.speculative import ModelDraft, SpeculativeGenerator
+    from r1cli.speculative import ModelDraft, SpeculativeDecoder
 
-    folder = Path(opts.folder)
-    if not (folder / "config.json").exists():
-        convert_smollm2(folder)
-    checkpoint = Checkpoint(folder)
+    checkpoint = Checkpoint(smollm2_folder(opts.folder))
     tokenizer = checkpoint.tokenizer()
     target = checkpoint.load_model(dtype=opts.dtype)
     draft = checkpoint.load_model(dtype=opts.dtype, quant=opts.draft_quant, cache=False)
     prompt = build_prompt(tokenizer, [{"role": "user", "content": opts.prompt}], family=family_for(tokenizer)).ids
     params = SamplingParams(temperature=0.0, max_tokens=opts.tokens)
-    plain = Generator(target, 2048)
-    spec = SpeculativeGenerator(Generator(target, 2048), ModelDraft(draft, 2048))
+    plain = Decoder(target, 2048)
+    spec = SpeculativeDecoder(Decoder(target, 2048), ModelDraft(draft, 2048))
     rates = {"plain": [], "speculative": []}
     for _ in range(opts.rounds):
         for name, gen in (("plain", plain), ("speculative", spec)):
@@ -198,29 +176,24 @@ def smollm2(opts):
 
 def main():
     p = argparse.ArgumentParser()
+    steps = argparse.ArgumentParser(add_help=False)  # what `shapes` and `mtp` share: where and how they time a step
+    add_device_args(steps, device="cpu", dtype="bfloat16")
+    steps.add_argument("--position", type=int, default=512, help="cached tokens before the timed steps")
+    steps.add_argument("--repeats", type=int, default=5)
+    steps.add_argument("--rounds", type=int, default=2)
     sub = p.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("shapes")
+    s = sub.add_parser("shapes", parents=[steps])
     s.add_argument("--target", default="DeepSeek-R1-Distill-Qwen-7B")
     s.add_argument("--draft", default="DeepSeek-R1-Distill-Qwen-1.5B")
     s.add_argument("--layers", default="2,6", help="depths to build and extrapolate from; 0 = the real depth")
     s.add_argument("--draft-layers", default="4,12", help="the same for the draft")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="bfloat16")
-    s.add_argument("--position", type=int, default=512)
     s.add_argument("--max-k", type=int, default=8)
-    s.add_argument("--repeats", type=int, default=5)
-    s.add_argument("--rounds", type=int, default=2)
-    r = sub.add_parser("mtp")
+    r = sub.add_parser("mtp", parents=[steps])
     r.add_argument("--layers", type=int, default=4)
     r.add_argument("--experts", type=int, default=0, help="routed experts per MoE layer (0: R1's 256)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", default="bfloat16")
-    r.add_argument("--position", type=int, default=512)
     r.add_argument("--max-k", type=int, default=3)
-    r.add_argument("--repeats", type=int, default=5)
-    r.add_argument("--rounds", type=int, default=2)
     m = sub.add_parser("smollm2")
-    m.add_argument("--folder", default="/tmp/r1-bench-smollm2")
+    add_smollm2_arg(m)
     m.add_argument("--dtype", default="bfloat16")
     m.add_argument("--draft-quant", default="int4")
     m.add_argument("--tokens", type=int, default=128)

@@ -23,8 +23,8 @@ r1 run "$MODEL" --json "Name three prime numbers." | jq -r '.content, "\(.usage.
 r1 run "$MODEL" --jsonl "Count to five." | jq --unbuffered -rj 'select(.event == "answer") | .text'; echo
 
 # 6. Keep the reasoning: inline in <think> tags on stdout, or in a file of its own.
-r1 run "$MODEL" --thinking stdout "Why is the sky blue?" > with-thinking.txt
-r1 run "$MODEL" --thinking stderr "Why is the sky blue?" 2> reasoning.txt > answer.txt
+r1 run "$MODEL" --think stdout "Why is the sky blue?" > with-thinking.txt
+r1 run "$MODEL" --think stderr "Why is the sky blue?" 2> reasoning.txt > answer.txt
 
 # 7. Batch: one answer per line of questions.
 printf 'What is 2+2?\nWhat is the capital of Peru?\n' | while IFS= read -r q; do

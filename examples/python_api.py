@@ -9,18 +9,18 @@ import os
 import sys
 
 from r1cli.chat_format import build_prompt, family_for
-from r1cli.events import AnswerDelta, Done, ReasoningDelta, stream_events
-from r1cli.generate import Generator
+from r1cli.engine import default_sampling, stream_events
+from r1cli.events import AnswerDelta, Done, ReasoningDelta
+from r1cli.generate import Decoder
 from r1cli.loader import load
 from r1cli.registry import resolve_name
-from r1cli.runner import default_sampling
 
 name = sys.argv[1] if len(sys.argv) > 1 else "deepseek-r1:1.5b"
 question = " ".join(sys.argv[2:]) or "What is 17 * 23?"
 
 # a folder, an alias, a repo id already in the HF cache, or a .gguf file; quant: none, int8 or int4
 model, tokenizer = load(name, device="auto", quant=os.environ.get("R1_QUANT", "none"))
-generator = Generator(model, max_len=8192)  # one KV cache; keep it for later turns to reuse their common prefix
+decoder = Decoder(model, max_len=8192)  # one KV cache; keep it for later turns to reuse their common prefix
 alias = resolve_name(name).alias  # deepseek-r1:7b and the like are R1 models whatever their files say
 family = family_for(tokenizer, alias)  # "r1": DeepSeek's prompt rules; "plain": the template as is
 prompt = build_prompt(tokenizer, [{"role": "user", "content": question}], family=family)
@@ -28,7 +28,7 @@ prompt = build_prompt(tokenizer, [{"role": "user", "content": question}], family
 # context), and the repetition guard, which ends a reply stuck in a loop with finish_reason "repetition".
 params = default_sampling(tokenizer, alias)
 
-for event in stream_events(generator, tokenizer, prompt, params):
+for event in stream_events(decoder, tokenizer, prompt, params):  # Start, deltas, Done: events.py
     if isinstance(event, ReasoningDelta):
         print(f"\x1b[2m{event.text}\x1b[22m", end="", flush=True, file=sys.stderr)
     elif isinstance(event, AnswerDelta):

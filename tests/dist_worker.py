@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from r1cli.batch import BatchEngine
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import init
-from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeGenerator
+from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeDecoder
 
 
-def stop_early_then_continue(gen: Generator, prompt: list[int]) -> list[int]:
+def stop_early_then_continue(gen: Decoder, prompt: list[int]) -> list[int]:
     """A reader that stops after 3 tokens (every rank must end that turn together), then a turn on the warm cache;
     test_distributed.py runs the same on one process."""
     it = gen.generate(prompt, SamplingParams(temperature=0, max_tokens=32))
@@ -47,7 +47,7 @@ def main():
             model(tokens[:1, :-1], cache=cache)
             step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
             save_file({"logits": logits.contiguous(), "step": step.contiguous()}, str(out / f"{case['name']}-{shard.rank}.safetensors"))
-            gen = Generator(model, max_len=128)
+            gen = Decoder(model, max_len=128)
             if shard.leader:
                 got = list(gen.generate(spec["prompt"], SamplingParams(temperature=0, max_tokens=32)))
                 got += stop_early_then_continue(gen, spec["prompt"][:3])
@@ -68,7 +68,7 @@ def speculate(case: dict, shard, prompt: list[int], path: Path) -> None:
     model = load_model(case["target"], dtype="float32", shard=shard, mtp=case["mtp"], cache=False)
     draft = MTPDraft(model, 128) if case["mtp"] else ModelDraft(load_model(case["draft"], dtype="float32", cache=False), 128)
     # adaptive k: chosen from each rank's own shard sizes, so rank 0's choice must be every rank's
-    spec = SpeculativeGenerator(Generator(model, max_len=128), draft, max_k=4, adaptive=case.get("adaptive", False))
+    spec = SpeculativeDecoder(Decoder(model, max_len=128), draft, max_k=4, adaptive=case.get("adaptive", False))
     if not shard.leader:
         spec.follow()
         return

@@ -1,5 +1,5 @@
 """The batched engine (batch.py): each sequence of a batch gives the tokens it gives alone in the batch-1
-Generator (greedy and seeded sampling, float32), with sequences of different lengths joining and leaving mid-way,
+Decoder (greedy and seeded sampling, float32), with sequences of different lengths joining and leaving mid-way,
 prompts prefilled in chunks, and a shared prefill for copies of one prompt."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r1cli.batch import BatchEngine
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from tiny import llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
@@ -38,7 +38,7 @@ def model(request, tmp_path_factory):
 
 
 def alone(model, prompt, params, prefill_chunk, stop_ids=frozenset()):
-    gen = Generator(model, max_len=128, prefill_chunk=prefill_chunk)
+    gen = Decoder(model, max_len=128, prefill_chunk=prefill_chunk)
     return list(gen.generate(prompt, params, stop_ids)), gen.stats.finish_reason
 
 

@@ -19,13 +19,13 @@ CHILD = """
 import json, sys
 import torch
 from torch._dynamo.utils import counters
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 
 model = load_model(sys.argv[1], dtype="float32")
 tokens = {}
 for mode in ("eager", "compile"):
-    gen = Generator(model, max_len=64, decode_mode=mode)
+    gen = Decoder(model, max_len=64, decode_mode=mode)
     tokens[mode] = list(gen.generate([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=6)))
 print(json.dumps({"tokens": tokens, "hit": counters["inductor"]["fxgraph_cache_hit"],
                   "miss": counters["inductor"]["fxgraph_cache_miss"]}))

@@ -1,4 +1,4 @@
-"""Issue #17: model-aware generation defaults (runner.generation_defaults, the one source for run, chat, serve and
+"""Issue #17: model-aware generation defaults (engine.generation_defaults, the one source for run, chat, serve and
 show), the repetition guard (generate.RepetitionGuard, finish_reason "repetition") and --repeat-penalty
 (generate.penalize_repeats, against transformers' RepetitionPenaltyLogitsProcessor)."""
 
@@ -20,11 +20,12 @@ import steered
 from paths import R1_TOKENIZER
 from r1cli.chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS
 from r1cli.cli import app
-from r1cli.events import Done, stream_events
-from r1cli.generate import Generator, RepetitionGuard, SamplingParams, penalize_repeats
+from r1cli.engine import stream_events
+from r1cli.events import Done
+from r1cli.generate import Decoder, RepetitionGuard, SamplingParams, penalize_repeats
 from r1cli.registry import resolve_name
 from r1cli.options import ModelOptions
-from r1cli.runner import PLAIN_MAX_TOKENS, default_sampling, generation_defaults, open_model
+from r1cli.engine import PLAIN_MAX_TOKENS, default_sampling, generation_defaults, open_model
 from r1cli.tokenizer import Tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -200,7 +201,7 @@ def test_no_repeat_guard_lets_it_run(looping_dir):
 
 
 class ScriptedLM(torch.nn.Module):
-    """Stands in for a CausalLM in the Generator: after any prompt it emits `script`, one token per step."""
+    """Stands in for a CausalLM in the Decoder: after any prompt it emits `script`, one token per step."""
 
     def __init__(self, script: list[int], vocab: int):
         super().__init__()
@@ -227,7 +228,7 @@ def scripted_reply(tokenizer: Tokenizer, script: list[int], params: SamplingPara
     model = ScriptedLM(script, 151936)
     prompt = build_prompt(tokenizer, [{"role": "user", "content": "List them."}], family="plain")
     model.prompt_len = len(prompt.ids)
-    events = list(stream_events(Generator(model), tokenizer, prompt, params))
+    events = list(stream_events(Decoder(model), tokenizer, prompt, params))
     assert isinstance(events[-1], Done)
     return events[-1].stats
 
@@ -296,7 +297,7 @@ def test_greedy_with_a_repeat_penalty_matches_transformers_generate(tmp_path):
         with torch.no_grad():
             want = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                 repetition_penalty=penalty)[0, len(prompt):].tolist()
-        got = list(Generator(ours, max_len=128).generate(
+        got = list(Decoder(ours, max_len=128).generate(
             prompt, SamplingParams(temperature=0, max_tokens=32, repetition_penalty=penalty)))
         assert got == want, penalty
         outputs[penalty] = got

@@ -21,7 +21,7 @@ from test_fp8 import write_fp8_pair
 from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
 from r1cli.config import args_from_dict, load_config
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
 from r1cli.weights import SafetensorsFile
@@ -125,7 +125,7 @@ def single(checkpoints, tokens):
             cache = model.new_cache(1, 64)
             model(tokens[:1, :-1], cache=cache)
             step = model(tokens[:1, -1:], start_pos=tokens.shape[1] - 1, cache=cache)
-            gen = Generator(model, max_len=128)
+            gen = Decoder(model, max_len=128)
             greedy = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
             greedy += stop_early_then_continue(gen, PROMPT[:3])
             out[name] = {"logits": model(tokens), "step": step, "greedy": greedy, "hf": hf_model(twin)(tokens).logits}
@@ -166,11 +166,11 @@ def test_two_ranks_match_one_process(two_ranks, single, case):
 @pytest.mark.parametrize("case", BATCHED)
 def test_two_ranks_batch_gives_each_sequence_what_it_gives_alone(two_ranks, checkpoints, case):
     """Greedy in float32: each sequence of rank 0's batch (joining and leaving mid-way, chunked prefills, a shared
-    prefill), stepped on 2 ranks, gives exactly the tokens it gives alone in one process's Generator."""
+    prefill), stepped on 2 ranks, gives exactly the tokens it gives alone in one process's Decoder."""
     model = load_model(checkpoints[case][0], dtype="float32", cache=False)
     alone = []
     for prompt, n in zip(BATCH["prompts"], BATCH["max_tokens"]):
-        gen = Generator(model, max_len=128, prefill_chunk=BATCH["chunk"])
+        gen = Decoder(model, max_len=128, prefill_chunk=BATCH["chunk"])
         alone.append(list(gen.generate(prompt, SamplingParams(temperature=0, max_tokens=n))))
     got = json.loads((two_ranks / f"{case}-batch.json").read_text())
     assert got == alone and [len(t) for t in got] == BATCH["max_tokens"]
@@ -588,7 +588,7 @@ def test_serve_on_two_ranks_answers_as_one_process(random_r1_model, parallel):
 
 from test_speculative import add_mtp  # noqa: E402
 
-from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeGenerator  # noqa: E402
+from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeDecoder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -622,17 +622,17 @@ def test_two_ranks_speculative_greedy_is_plain_decoding(speculative_ranks, case)
     caches, then one after a reset on rank 0 only (as /clear)."""
     cases, out = speculative_ranks
     model = load_model(cases[case]["target"], dtype="float32", cache=False)
-    gen = Generator(model, max_len=128)
+    gen = Decoder(model, max_len=128)
     want = list(gen.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32)))
     want += stop_early_then_continue(gen, PROMPT[:3])
-    want += list(Generator(model, max_len=128).generate(PROMPT + want[:4], SamplingParams(temperature=0, max_tokens=8)))
+    want += list(Decoder(model, max_len=128).generate(PROMPT + want[:4], SamplingParams(temperature=0, max_tokens=8)))
     got = json.loads((out / f"{case}-speculative.json").read_text())
     assert got["tokens"] == want
     # the drafts really were used, as one process uses them: the same drafted and accepted counts
     c = cases[case]
     draft = MTPDraft(model_mtp := load_model(c["target"], dtype="float32", mtp=True, cache=False), 128) if c["mtp"] \
         else ModelDraft(load_model(c["draft"], dtype="float32", cache=False), 128)
-    one = SpeculativeGenerator(Generator(model_mtp if c["mtp"] else model, max_len=128), draft, max_k=4, adaptive=False)
+    one = SpeculativeDecoder(Decoder(model_mtp if c["mtp"] else model, max_len=128), draft, max_k=4, adaptive=False)
     assert list(one.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32))) == want[:32]
     assert got["drafted"][0] > 0
     if not c.get("adaptive"):  # (an adaptive k follows the sizes of rank 0's shards: other counts than one process's)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from tiny import qwen2_config, v2_config, v3_config, write_checkpoint
 
@@ -26,8 +26,8 @@ def test_decode_modes_match_eager(models, name, mode):
     model = models[name]
     prompt = [3, 14, 15, 92, 65, 35]
     params = SamplingParams(temperature=0, max_tokens=12)
-    want = list(Generator(model, max_len=64, decode_mode="eager").generate(prompt, params))
-    got = list(Generator(model, max_len=64, decode_mode=mode).generate(prompt, params))
+    want = list(Decoder(model, max_len=64, decode_mode="eager").generate(prompt, params))
+    got = list(Decoder(model, max_len=64, decode_mode=mode).generate(prompt, params))
     assert got == want
 
 
@@ -40,9 +40,9 @@ def test_compiled_decode_matches_eager_across_buckets_with_one_compile(tmp_path)
     model = load_model(tmp_path, dtype="float32")
     prompt = torch.randint(0, 320, (250,), generator=torch.Generator().manual_seed(2)).tolist()
     params = SamplingParams(temperature=0, max_tokens=270)
-    want = list(Generator(model, max_len=1100, decode_mode="eager").generate(prompt, params))
+    want = list(Decoder(model, max_len=1100, decode_mode="eager").generate(prompt, params))
     torch._dynamo.reset()
-    compiled = Generator(model, max_len=1100, decode_mode="compile")
+    compiled = Decoder(model, max_len=1100, decode_mode="compile")
     got = list(compiled.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=2)))  # compiles at 256 slots
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = list(compiled.generate(prompt, params))
@@ -89,8 +89,8 @@ def test_static_decode_across_cache_buckets(models, name):
     model = models[name]
     prompt = torch.randint(0, 320, (250,), generator=torch.Generator().manual_seed(4)).tolist()
     params = SamplingParams(temperature=0, max_tokens=12)
-    want = list(Generator(model, max_len=600, decode_mode="eager").generate(prompt, params))
-    got = list(Generator(model, max_len=600, decode_mode="static").generate(prompt, params))
+    want = list(Decoder(model, max_len=600, decode_mode="eager").generate(prompt, params))
+    got = list(Decoder(model, max_len=600, decode_mode="static").generate(prompt, params))
     assert got == want
 
 
@@ -110,8 +110,8 @@ def test_top_p_shortcut_equals_full_sort():
 def test_chunked_prefill_equals_one_pass(models, name):
     prompt = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(6)).tolist()
     params = SamplingParams(temperature=0, max_tokens=8)
-    want = list(Generator(models[name], max_len=64).generate(prompt, params))
-    got = list(Generator(models[name], max_len=64, prefill_chunk=7).generate(prompt, params))
+    want = list(Decoder(models[name], max_len=64).generate(prompt, params))
+    got = list(Decoder(models[name], max_len=64, prefill_chunk=7).generate(prompt, params))
     assert got == want
 
 

@@ -25,7 +25,7 @@ from r1cli import gguf as G
 from helpers import one_line_error, r1_env, run_r1
 from r1cli.chat_format import build_prompt, family_for
 from r1cli.errors import ModelNotFoundError, R1Error, UnsupportedArchitectureError, UsageError
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.hub import pick_gguf, quant_type
 from r1cli.registry import resolve_name
 from r1cli.tokenizer import Tokenizer
@@ -179,7 +179,7 @@ def test_smollm2_forward_and_greedy_match_transformers(smol, smol_hf):
         diff = (model(ids) - smol_hf(ids).logits).abs().max().item()
     assert diff <= 1e-3, diff  # the same float32 weights: only summation order differs
     params = SamplingParams(temperature=0, max_tokens=12)
-    ours = list(Generator(model, 256).generate(prompt.ids, params, tokenizer.eos_ids))
+    ours = list(Decoder(model, 256).generate(prompt.ids, params, tokenizer.eos_ids))
     theirs = smol_hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     assert ours == theirs[: len(ours)] and len(ours) >= min(len(theirs), 12) - 1
     assert "Paris" in tokenizer.decode(ours)
@@ -223,7 +223,7 @@ def test_smollm2_int4_repacks_the_files_blocks_and_int8_requantizes(smol):
     # (the bare QUESTION opens with a near tie, "The" vs "L'", that any rounding change may flip)
     question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     prompt = build_prompt(tokenizer, question, family=family_for(tokenizer))
-    answer = list(Generator(int4, 256).generate(prompt.ids, SamplingParams(temperature=0, max_tokens=12), tokenizer.eos_ids))
+    answer = list(Decoder(int4, 256).generate(prompt.ids, SamplingParams(temperature=0, max_tokens=12), tokenizer.eos_ids))
     assert "Paris" in tokenizer.decode(answer)
 
 
@@ -295,7 +295,7 @@ def test_qwen2_mixed_types_match_transformers_gguf_loader(tmp_path, r1_tokenizer
     with torch.no_grad():
         assert (model(ids) - oracle(ids).logits).abs().max() <= 1e-4
     prompt = ids[0].tolist()
-    greedy = list(Generator(model, 64).generate(prompt, SamplingParams(temperature=0, max_tokens=12), set()))
+    greedy = list(Decoder(model, 64).generate(prompt, SamplingParams(temperature=0, max_tokens=12), set()))
     assert greedy == oracle.generate(ids[:1], max_new_tokens=12, do_sample=False)[0, 20:].tolist()
     for name, qtype in MIXED.items():  # every block type repacks to what it dequantizes to
         parts = G.linear_codes(f, name, args)

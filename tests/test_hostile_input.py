@@ -247,7 +247,7 @@ def test_a_seed_is_accepted_exactly_when_torch_generator_takes_it(seed):
     import torch
 
     from r1cli.errors import UsageError
-    from r1cli.runner import check_sampling
+    from r1cli.sampling import check_sampling
 
     try:
         torch.Generator().manual_seed(seed)
@@ -280,7 +280,7 @@ def test_invalid_utf8_on_stdin_is_a_usage_error_naming_stdin(errors):
     import io
 
     from r1cli.errors import UsageError
-    from r1cli.runner import read_prompt
+    from r1cli.run import read_prompt
 
     stdin = io.TextIOWrapper(io.BytesIO("Résumé: ".encode() + b"caf\xe9\n"), encoding="utf-8", errors=errors)
     with pytest.raises(UsageError) as info:
@@ -293,7 +293,7 @@ def test_invalid_utf8_in_an_argument_is_a_usage_error_naming_it():
     import io
 
     from r1cli.errors import UsageError
-    from r1cli.runner import read_prompt
+    from r1cli.run import read_prompt
 
     bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands over such an argv word
     tty = type("Tty", (io.StringIO,), {"isatty": lambda self: True})()
@@ -312,12 +312,14 @@ def _absent_devices() -> list[str]:
     return absent + ["tpu"]
 
 
+@pytest.mark.parametrize("command", ["run", "bench"])
 @pytest.mark.parametrize("device", _absent_devices())
-def test_a_device_that_is_not_there_is_one_usage_line_before_anything_loads(broken_model, capsys, device):
+def test_a_device_that_is_not_there_is_one_usage_line_before_anything_loads(broken_model, capsys, device, command):
     from r1cli.cli import main
 
+    argv = [command, str(broken_model)] + (["hi"] if command == "run" else [])
     with pytest.raises(SystemExit) as exited:
-        main(["run", str(broken_model), "hi", "--device", device])  # opening the model would be exit 1
+        main(argv + ["--device", device])  # opening the model would be exit 1
     err = capsys.readouterr().err
     assert exited.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith("r1: ") and "unexpected" not in err, err

@@ -18,7 +18,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf_files import smollm2_gguf
 
 from r1cli.chat_format import build_prompt
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -70,7 +70,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def greedy(path: Path) -> tuple[list[int], list[int]]:
     model, tok = load(str(path), dtype="float32")
     prompt = build_prompt(tok, QUESTION).ids
-    return prompt, list(Generator(model, max_len=256).generate(prompt, SamplingParams(temperature=0, max_tokens=N_TOKENS)))
+    return prompt, list(Decoder(model, max_len=256).generate(prompt, SamplingParams(temperature=0, max_tokens=N_TOKENS)))
 
 
 def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> list[int]:

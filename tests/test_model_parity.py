@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
@@ -46,7 +46,7 @@ def test_greedy_tokens_through_cache_match_generate(checkpoint):
     prompt = [5, 17, 42, 99, 3, 250, 8]
     with torch.no_grad():
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(prompt):]
-    gen = Generator(ours, max_len=128)
+    gen = Decoder(ours, max_len=128)
     got = list(gen.generate(prompt, SamplingParams(temperature=0, max_tokens=32)))
     assert got == want.tolist()
 

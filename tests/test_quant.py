@@ -346,7 +346,7 @@ def test_greedy_chat_answers_stay_sensible(smollm2_dir, scheme):
     from r1cli.chat_format import build_prompt
     from r1cli.generate import SamplingParams
     from r1cli.options import ModelOptions
-    from r1cli.runner import open_model
+    from r1cli.engine import open_model
 
     m = open_model(ModelOptions(str(smollm2_dir), "cpu", "bfloat16", quant=scheme.removesuffix("+head"), group_size=32,
                    quant_head=scheme.endswith("+head")))
@@ -355,7 +355,7 @@ def test_greedy_chat_answers_stay_sensible(smollm2_dir, scheme):
     for question, needle in [("What is the capital of France? Answer in one sentence.", "Paris"),
                              ("Name the capital city of France.", "Paris"), ("What is 2 + 2?", "4")]:
         prompt = build_prompt(m.tokenizer, [{"role": "user", "content": question}], family=m.family)
-        ids = list(m.generator.generate(prompt.ids, SamplingParams(temperature=0, max_tokens=32), m.tokenizer.eos_ids))
+        ids = list(m.decoder.generate(prompt.ids, SamplingParams(temperature=0, max_tokens=32), m.tokenizer.eos_ids))
         assert needle in m.tokenizer.decode(ids), (scheme, question, m.tokenizer.decode(ids))
 
 

@@ -16,8 +16,8 @@ import steered
 from helpers import r1_env, run_r1
 from r1cli.chat_format import build_prompt
 from r1cli.cli import app
-from r1cli.errors import ModelNotFoundError
-from r1cli.runner import looks_like_model, read_prompt
+from r1cli.errors import ModelNotFoundError, UsageError
+from r1cli.run import looks_like_model, read_prompt
 from r1cli.tokenizer import Tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -89,8 +89,19 @@ def test_jsonl_events(steered_dir):
 
 
 def test_thinking_to_stdout(steered_dir):
-    result = CliRunner().invoke(app, ["run", str(steered_dir), "--thinking", "stdout", "hi"])
+    result = CliRunner().invoke(app, ["run", str(steered_dir), "--think", "stdout", "hi"])
     assert result.stdout == f"<think>\n{steered.REASONING}\n</think>\n\n{steered.ANSWER}\n"
+
+
+def test_think_flag_spelling(steered_dir):
+    # `--think` as in `r1 chat --think`; the earlier `--thinking` still works but is left out of the help.
+    old = CliRunner().invoke(app, ["run", str(steered_dir), "--thinking", "stdout", "hi"])
+    assert old.exit_code == 0, old.output
+    assert old.stdout == f"<think>\n{steered.REASONING}\n</think>\n\n{steered.ANSWER}\n"
+    bad = CliRunner().invoke(app, ["run", str(steered_dir), "--think", "loud", "hi"])
+    assert isinstance(bad.exception, UsageError) and "unknown --think 'loud'" in str(bad.exception)
+    usage = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
+    assert "--think " in usage.stdout and "--thinking" not in usage.stdout
 
 
 def test_missing_model_in_process():
@@ -103,12 +114,12 @@ def test_missing_model_in_process():
 
 @pytest.mark.slow
 def test_pipe_stdin_no_escape_codes(steered_dir):
-    proc = r1("run", steered_dir, "--thinking", "stderr", input="How many pears?\n")
+    proc = r1("run", steered_dir, "--think", "stderr", input="How many pears?\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == steered.ANSWER + "\n"
     assert steered.REASONING in proc.stderr
     assert "\x1b" not in proc.stdout + proc.stderr
-    forced = r1("run", steered_dir, "--thinking", "stderr", "--color", "always", "hi")
+    forced = r1("run", steered_dir, "--think", "stderr", "--color", "always", "hi")
     assert "\x1b[2m" in forced.stderr  # the check above can fail: colour is there when asked for
 
 
@@ -129,7 +140,7 @@ def test_exit_codes(steered_dir, tmp_path):
 @pytest.mark.slow
 def test_closed_pipe_ends_quietly(looping_dir):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--thinking", "stdout",
+    proc = subprocess.Popen([sys.executable, "-m", "r1cli", "run", str(looping_dir), "--think", "stdout",
                              "--no-repeat-guard", "hi"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout.read(40).startswith(b"<think>\nthink more and think")
@@ -168,3 +179,20 @@ def test_decode_modes_give_the_same_answer(steered_dir):
     bad = r1("run", steered_dir, "--decode-mode", "warp", "hi")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "r1: unknown --decode-mode 'warp': use auto, eager, static, compile, graph"]
+
+
+def test_every_front_end_takes_every_sampling_field():
+    """Sampling field names come from SamplingParams (sampling.py): the command line, the chat's /set, the remote
+    client and the server's request parser each take all of them, so a new field cannot be left out of one."""
+    from r1cli.cli import _sampling
+    from r1cli.remote import SAMPLING_KEYS
+    from r1cli.repl.commands import SETTABLE
+    from r1cli.sampling import SAMPLING_FIELDS, SAMPLING_RULES, SamplingParams
+    from r1cli.serve import parse_request
+
+    numeric = set(SAMPLING_FIELDS) - {"repeat_guard"}
+    assert set(SAMPLING_RULES) == set(SETTABLE) == set(SAMPLING_KEYS) == numeric
+    assert set(_sampling(*[None] * 7)) == set(SAMPLING_FIELDS)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **{k: 1 for k in SAMPLING_RULES}}
+    assert set(parse_request(body).sampling) == numeric
+    assert SamplingParams(**{k: 1 for k in SAMPLING_RULES}).top_k == 1

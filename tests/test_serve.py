@@ -226,6 +226,35 @@ def test_sampling_fields_and_stop(server):
     assert "Be brief." in server.records("prompt")[-1]["prompt"]
 
 
+def test_stop_strings_one_request_at_a_time(steered_dir, tmp_path):
+    """--parallel 1 (the batch-1 worker): a stop string stops the stream (EventStream.stop) and ends the choice
+    with finish_reason 'stop', nothing of the stop string or after it sent; the log has the turn's numbers."""
+    from starlette.testclient import TestClient
+
+    from r1cli.engine import open_model
+    from r1cli.options import ModelOptions
+    from r1cli.serve import Server
+
+    m = open_model(ModelOptions(str(steered_dir), "cpu", max_context=512))
+    log = tmp_path / "requests.jsonl"
+    server = Server(m, log_path=log, parallel=1)
+    ask = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(server.app) as http:
+        client = OpenAI(api_key="none", base_url="http://testserver/v1", http_client=http)
+        full = client.chat.completions.create(**ask)
+        r = client.chat.completions.create(**ask, stop=["*"])
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("There are ", "stop")
+        assert r.choices[0].message.reasoning_content == full.choices[0].message.reasoning_content
+        assert r.usage.completion_tokens < full.usage.completion_tokens
+        chunks = list(client.chat.completions.create(**ask, stop="three", stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "There are *"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    server.finish()
+    done = [json.loads(line) for line in log.read_text().splitlines() if '"done"' in line]
+    assert [d["finish_reason"] for d in done] == ["stop"] * 3
+    assert done[1]["completion_tokens"] == r.usage.completion_tokens and done[1]["prompt_tokens"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None),
@@ -446,7 +475,7 @@ def test_remote_reads_reasoning_fields_or_think_tags(chunks):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         model = RemoteModel(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "any")
-        events = list(model.events([{"role": "user", "content": "pears?"}], None, {}))
+        events = list(model.chat([{"role": "user", "content": "pears?"}], None, {}))
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -455,6 +484,38 @@ def test_remote_reads_reasoning_fields_or_think_tags(chunks):
     stats = events[-1].stats
     assert isinstance(events[-1], Done) and (stats.reasoning, stats.content) == ("Hmm, two.", "Two pears.")
     assert stats.finish_reason == "stop" and stats.reasoning_tokens >= 1
+
+
+class _FakeServerWithModels(_FakeServer):
+    chunks = ({"reasoning_content": "Hmm, two."}, {"content": "Two pears."})
+
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.slow
+def test_remote_chat_imports_no_torch(tmp_path):
+    """`r1 chat --url` is a pure HTTP client: a whole turn against a server, from the command line on, loads no
+    torch (events.py, remote.py, the REPL and the command line's checks stay torch-free)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServerWithModels)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    script = ("import sys\nfrom r1cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    assert not e.code, e.code\nprint('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    try:
+        p = subprocess.run([sys.executable, "-c", script, "chat", "--url", url, "--no-history"], input="pears?\n",
+                           capture_output=True, text=True, timeout=60, env=r1_env(tmp_path), check=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert p.returncode == 0, p.stderr
+    assert "Two pears." in p.stdout and "Thought for" in p.stdout  # the turn ran through the REPL
+    assert p.stdout.strip().endswith("no torch"), p.stdout[-300:]
 
 
 @pytest.mark.slow

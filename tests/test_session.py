@@ -11,7 +11,7 @@ from r1cli.errors import R1Error
 from r1cli.events import TurnStats
 from r1cli.repl import Chat
 from r1cli.options import ModelOptions
-from r1cli.runner import open_model
+from r1cli.engine import open_model
 from r1cli.session import ChatSession, Turn
 from r1cli.tokenizer import Tokenizer
 
@@ -47,7 +47,7 @@ def test_chat_turns_send_back_answers_only(steered_dir):
     chat = Chat(model, Console(file=io.StringIO(), width=100), "collapse", {}, history=False)
     chat.turn("How many pears?")
     chat.turn("Are you sure?")
-    in_cache = model.tokenizer.decode(model.generator.cached_ids)
+    in_cache = model.tokenizer.decode(model.decoder.cached_ids)
     assert in_cache.count(steered.REASONING) == 1
     assert in_cache.count(steered.ANSWER) == 2
     assert [t.answer for t in chat.session.turns] == [steered.ANSWER] * 2

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from r1cli.chat_format import build_prompt, family_for
+from r1cli.engine import open_model
 from r1cli.generate import SamplingParams
 from r1cli.options import ModelOptions
-from r1cli.runner import open_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -46,7 +46,7 @@ def test_greedy_reply_matches_transformers(ours, smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     prompt = build_prompt(ours.tokenizer, QUESTION, family="plain")
-    ids = list(ours.generator.generate(prompt.ids, SamplingParams(temperature=0, max_tokens=48), ours.tokenizer.eos_ids))
+    ids = list(ours.decoder.generate(prompt.ids, SamplingParams(temperature=0, max_tokens=48), ours.tokenizer.eos_ids))
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     out = hf.generate(torch.tensor([prompt.ids]), max_new_tokens=48, do_sample=False)[0, len(prompt.ids):].tolist()
     out = [t for t in out if t not in ours.tokenizer.eos_ids][: len(out)]

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import qwen2_config, v3_config, write_checkpoint
 
-from r1cli.generate import Generator, SamplingParams
+from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import Checkpoint, load_model
-from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeGenerator, accept
+from r1cli.speculative import ModelDraft, MTPDraft, SpeculativeDecoder, accept
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -36,7 +36,7 @@ def prompts():
 
 
 def plain(model, prompt, params=GREEDY, stop=frozenset()):
-    return list(Generator(model, 256).generate(prompt, params, stop))
+    return list(Decoder(model, 256).generate(prompt, params, stop))
 
 
 def noisy_copy(folder, scale):
@@ -58,7 +58,7 @@ def test_greedy_with_a_draft_model_is_plain_decoding(qwen_pair, draft_kind, quan
              "noisy": lambda: noisy_copy(target_dir, 0.3),
              "other": lambda: load_model(draft_dir, dtype="float32")}[draft_kind]()
     # the adaptive k would draft one token for a draft as large as the target: a fixed k = 4 here
-    spec = SpeculativeGenerator(Generator(target, 256), ModelDraft(draft, 256), max_k=4, adaptive=False)
+    spec = SpeculativeDecoder(Decoder(target, 256), ModelDraft(draft, 256), max_k=4, adaptive=False)
     for prompt in prompts():
         want = plain(target, prompt)
         got = list(spec.generate(prompt, GREEDY))
@@ -74,7 +74,7 @@ def test_greedy_with_a_draft_model_is_plain_decoding(qwen_pair, draft_kind, quan
 def test_second_turn_reuses_both_caches_and_stops_at_a_stop_id(qwen_pair):
     target_dir, _ = qwen_pair
     target = load_model(target_dir, dtype="float32")
-    spec = SpeculativeGenerator(Generator(target, 256), ModelDraft(noisy_copy(target_dir, 0.3), 256))
+    spec = SpeculativeDecoder(Decoder(target, 256), ModelDraft(noisy_copy(target_dir, 0.3), 256))
     p1, p2 = prompts()
     first = list(spec.generate(p1, GREEDY))
     stop = first[7]
@@ -217,7 +217,7 @@ def test_greedy_with_mtp_is_plain_decoding(v3_mtp, v3_mtp_fp8, variant):
         model = load_model(v3_mtp_fp8, dtype="float32", fp8="keep", mtp=True)
     else:
         model = load_model(v3_mtp, dtype="float32", quant="none" if variant == "float32" else variant, mtp=True)
-    spec = SpeculativeGenerator(Generator(model, 256), MTPDraft(model, 256))
+    spec = SpeculativeDecoder(Decoder(model, 256), MTPDraft(model, 256))
     for prompt in prompts():
         want = plain(model, prompt)
         got = list(spec.generate(prompt, GREEDY))
@@ -297,7 +297,7 @@ def test_sampled_rule_follows_the_target_distribution_and_a_wrong_rule_fails():
 def test_sampled_generation_runs_and_is_seeded(qwen_pair):
     target_dir, _ = qwen_pair
     target = load_model(target_dir, dtype="float32")
-    spec = SpeculativeGenerator(Generator(target, 256), ModelDraft(noisy_copy(target_dir, 0.1), 256))
+    spec = SpeculativeDecoder(Decoder(target, 256), ModelDraft(noisy_copy(target_dir, 0.1), 256))
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, seed=7)
     a = list(spec.generate(prompts()[0], params))
     b = list(spec.generate(prompts()[0], params))
@@ -381,7 +381,7 @@ def test_repetition_penalty_applies_per_verified_position(qwen_pair):
         pytest.skip("this branch predates generate.py's repetition_penalty (runs once merged with main)")
     target_dir, _ = qwen_pair
     target = load_model(target_dir, dtype="float32")
-    spec = SpeculativeGenerator(Generator(target, 256), ModelDraft(noisy_copy(target_dir, 0.3), 256), max_k=4,
+    spec = SpeculativeDecoder(Decoder(target, 256), ModelDraft(noisy_copy(target_dir, 0.3), 256), max_k=4,
                                 adaptive=False)
     params = SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.5)
     for prompt in prompts():

@@ -5,7 +5,7 @@ that has one to feed, in one forward (`CausalLM.decode_rows`: the weights are re
 prefills at most `prefill_chunk` prompt tokens of the sequences still reading their prompts, so a long prompt
 never stalls the others for more than a chunk. Sequences join when a row is free and leave when they stop, at
 step boundaries. Each samples with its own parameters and seed through `generate.sample`, so a sequence gives
-the tokens it would give alone in `generate.Generator` (greedy, float32: tested). Sequences submitted with the
+the tokens it would give alone in `generate.Decoder` (greedy, float32: tested). Sequences submitted with the
 same prompt at the same time share its prefill: the first one's cache row is copied to the others; a new
 sequence takes the free row whose cached tokens share the longest prefix with its prompt (a conversation's next
 turn), but only within one `share` group (serve: one API key).
@@ -15,7 +15,7 @@ and sends each cache operation it is about to run (a decode step's tokens and po
 prefill copy) to the other ranks, whose `follow()` runs the same forward with it: the model's collectives pair up
 in order. Only rank 0 samples; the tokens reach the others inside the next decode step's operation.
 
-The batch-1 `Generator` is untouched; this engine is built beside it.
+The batch-1 `Decoder` is untouched; this engine is built beside it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Sequence:
     row: int = -1
     pos: int = 0  # cache slots this sequence has filled
     pending: int | None = None  # the last sampled token, fed at the next decode step
-    sampled: int = 0  # draws so far, a stop token included (the budget counts it, as Generator's does)
+    sampled: int = 0  # draws so far, a stop token included (the budget counts it, as Decoder's does)
     budget: int = 0
     generator: torch.Generator | None = None
     guard: object = None  # generate.RepetitionGuard when params.repeat_guard (main's repetition guard)
@@ -195,7 +195,7 @@ class BatchEngine:
         return [out[s.row] for s in seqs]
 
     def _penalized(self, s: Sequence, logits: torch.Tensor) -> torch.Tensor:
-        """repetition_penalty over the prompt and every token fed since, as Generator applies it."""
+        """repetition_penalty over the prompt and every token fed since, as Decoder applies it."""
         penalty = getattr(s.params, "repetition_penalty", 1.0)
         if penalty == 1.0:
             return logits
@@ -284,7 +284,7 @@ class BatchEngine:
         seq.sampled += 1
         if tok in seq.stop_ids:
             self._finish(seq, "stop")
-        elif seq.guard is not None and seq.guard.add(tok):  # a reply stuck in a loop, as Generator stops it
+        elif seq.guard is not None and seq.guard.add(tok):  # a reply stuck in a loop, as Decoder stops it
             self._finish(seq, "repetition")
         else:
             seq.tokens.append(tok)
@@ -311,7 +311,7 @@ class BatchEngine:
 
 
 def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingParams]):
-    """`events.stream_events` for several samples of one rendered prompt, decoded together: yields
+    """`engine.stream_events` for several samples of one rendered prompt, decoded together: yields
     (index, ReasoningDelta | AnswerDelta | Done) as the batch steps, each sample split into reasoning and answer on
     its own. Ctrl-C ends every unfinished sample with finish_reason 'interrupted' (its partial text kept)."""
     from .events import AnswerDelta, Done, ReasoningDelta, TurnStats
@@ -325,15 +325,16 @@ def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingPar
                                      think_end_id=tokenizer.think_end_id)
         state[seq.tag] = dict(splitter=splitter, decoder=tokenizer.stream_decoder(), first=None, answer=None)
 
-    def deltas(i, parts):
+    def deltas(seq, parts):
+        i = seq.tag
         for delta in parts:
             if delta.kind == "answer" and state[i]["answer"] is None:
                 state[i]["answer"] = time.perf_counter()
-            yield i, AnswerDelta(delta.text) if delta.kind == "answer" else ReasoningDelta(delta.text)
+            yield i, (AnswerDelta if delta.kind == "answer" else ReasoningDelta)(delta.text, seq.stats.generated_tokens)
 
     def done(seq):
         s = state[seq.tag]
-        yield from deltas(seq.tag, s["splitter"].finish(s["decoder"].flush()))
+        yield from deltas(seq, s["splitter"].finish(s["decoder"].flush()))
         end, sp = time.perf_counter(), s["splitter"]
         n = seq.stats.generated_tokens
         decode_s = end - (s["first"] or end)
@@ -354,7 +355,7 @@ def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingPar
                 s = state[seq.tag]
                 if s["first"] is None:
                     s["first"] = time.perf_counter()
-                yield from deltas(seq.tag, s["splitter"].feed(s["decoder"].add(token), token_id=token))
+                yield from deltas(seq, s["splitter"].feed(s["decoder"].add(token), token_id=token))
     except KeyboardInterrupt:
         for seq in seqs:
             if not seq.done:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelArgs, args_from_dict, read_config_json
-from .generate import Generator, SamplingParams
+from .generate import Decoder, SamplingParams
 from .loader import pick_device, pick_dtype
 from .models import CausalLM, build_model, count_parameters
 from .models.base import fuse_when_loaded
@@ -154,7 +154,7 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
         cache = model.new_cache(1, n)
         r.prefill_tokens_per_s[n] = n / _time(lambda: model(tokens, cache=cache, last_only=True), device)
     prompt = torch.randint(0, vocab, (prompt_lengths[0],)).tolist()
-    gen = Generator(model, max_len=len(prompt) + new_tokens + 8, decode_mode=decode_mode)
+    gen = Decoder(model, max_len=len(prompt) + new_tokens + 8, decode_mode=decode_mode)
     # Random weights often loop: the repetition guard is off, so that every token is timed.
     params = SamplingParams(temperature=0, max_tokens=new_tokens, repeat_guard=False)
     best = _best_decode(gen, prompt, params)
@@ -165,11 +165,11 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
 
 def bench_speculative(model: CausalLM, draft, prompt_len: int, new_tokens: int, device) -> BenchResult:
     """Greedy decode with a draft (speculative.py) on the prompt bench_ours decodes from."""
-    from .speculative import SpeculativeGenerator
+    from .speculative import SpeculativeDecoder
 
     r = BenchResult(engine="r1 + draft" if draft is not None else "r1 + mtp")
     prompt = torch.randint(0, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    gen = SpeculativeGenerator(Generator(model, max_len=len(prompt) + new_tokens + 8), draft)
+    gen = SpeculativeDecoder(Decoder(model, max_len=len(prompt) + new_tokens + 8), draft)
     best = _best_decode(gen, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, repeat_guard=False))
     r.ttft_ms = best.prefill_s * 1000
     r.decode_tokens_per_s = best.decode_tokens_per_s
@@ -287,7 +287,7 @@ def run_bench(
         from .loader import Checkpoint, model_folder
         from .speculative import open_speculative
 
-        room = Generator(model, prompt_lengths[0] + new_tokens + 8)  # the draft's cache is as long as this
+        room = Decoder(model, prompt_lengths[0] + new_tokens + 8)  # the draft's cache is as long as this
         spec = open_speculative(room, Checkpoint(folder).tokenizer(), draft, mtp, lambda ref, name: model_folder(name),
                                 dev, dtype, "none", group_size)
         drafter = spec.draft

@@ -112,7 +112,7 @@ def _distributed(gpus: int | None, device: str, body) -> int | None:
     torchrun (or as one of those ranks): run body(shard, device) on every rank (its exit code). Otherwise None: the
     caller runs in this process."""
     from . import parallel
-    from .runner import check_device
+    from .engine import check_device
 
     if gpus and gpus > 1 and not parallel.launched():
         check_device(device, ranks=gpus)  # before N processes start that would each fail
@@ -132,8 +132,8 @@ def _model_options(name, device, dtype, max_context, quant, group_size, quant_he
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty=None, no_repeat_guard=False) -> dict:
-    """The sampling options given, checked by the rules /set uses too (runner.check_sampling)."""
-    from .runner import check_sampling
+    """The sampling options given, checked by the rules /set uses too (sampling.check_sampling)."""
+    from .sampling import check_sampling
 
     given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                  repetition_penalty=repeat_penalty)
@@ -144,9 +144,11 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty
 
 def _check_text_options(device: str | None, system: str | None) -> None:
     """Before anything loads: a --device that is not there, a --system that is not UTF-8."""
-    from .runner import check_device, check_text
+    from .run import check_text
 
     if device is not None:
+        from .engine import check_device
+
         check_device(device)
     check_text(system, "--system")
 
@@ -159,7 +161,8 @@ def run(
     max_tokens: int = _MAX_TOKENS, temperature: float = _TEMPERATURE, top_p: float = _TOP_P, top_k: int = _TOP_K,
     min_p: float = _MIN_P, seed: int = _SEED, gpus: int = _GPUS,
     repeat_penalty: float = _REPEAT_PENALTY, no_repeat_guard: bool = _NO_REPEAT_GUARD,
-    thinking: str = typer.Option("auto", "--thinking", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
+    think: str = typer.Option("auto", "--think", help="show|hide|stderr|stdout (default: stderr on a terminal, else hidden)."),
+    thinking: str = typer.Option(None, "--thinking", hidden=True),  # --think's earlier spelling, kept for scripts
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, reasoning, usage and timings."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
@@ -169,8 +172,8 @@ def run(
     n: int = typer.Option(1, "-n", "--samples", min=1, max=256, help="Sample the prompt N times, decoded together in one batch (seed+i each with --seed)."),
 ) -> None:
     """Answer one prompt: the answer on stdout, the reasoning on stderr (terminal only)."""
-    from .runner import RunOptions, looks_like_model, read_prompt
-    from .runner import run as run_prompt
+    from .run import RunOptions, looks_like_model, read_prompt
+    from .run import run as run_prompt
 
     if json_out and jsonl:
         raise UsageError("--json and --jsonl exclude each other")
@@ -185,7 +188,7 @@ def run(
 
     def options(prompt: str) -> RunOptions:
         return RunOptions(model=model, prompt=prompt, system=system, sampling=sampling,
-                          thinking=thinking, output="json" if json_out else "jsonl" if jsonl else "text",
+                          thinking=thinking or think, output="json" if json_out else "jsonl" if jsonl else "text",
                           color=color, verbose=verbose, n=n)
 
     def ranks(shard, torch_device) -> int:  # only rank 0 reads stdin
@@ -228,7 +231,7 @@ def chat(
                             decode_mode, draft, draft_quant, mtp, gpus, url)
     chat_args = (opened, _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, repeat_penalty, no_repeat_guard),
                  system, think)
-    code = _distributed(gpus, device, lambda shard, torch_device: run_chat(
+    code = None if url else _distributed(gpus, device, lambda shard, torch_device: run_chat(
         *chat_args, history=not no_history, shard=shard, torch_device=torch_device))
     if code is None:
         run_chat(*chat_args, history=not no_history, url=url, api_key=api_key)
@@ -416,6 +419,10 @@ def show(
         mix = ", ".join(f"{t} {hub.format_size(v['bytes'])} ({v['tensors']})" for t, v in g["tensor_types"].items())
         parts = f", {g['parts']} parts" if g["parts"] > 1 else ""
         lines.insert(4, ("GGUF", f"{g['architecture']} {g['file_type']}{parts}: {mix}"))
+        if t := g.get("tokenizer"):
+            lines.insert(5, ("tokenizer", f"{t['model']}, pre-tokenizer {t['pre']}, {t['tokens']} tokens, "
+                                          f"{t['merges']} merges"
+                                          + (": r1 cannot read it, `r1 run` refuses this file" if t["problem"] else "")))
     for key, value in lines:
         print(f"{key:<16}{value}")
     if info.get("unknown"):
@@ -498,7 +505,10 @@ def bench(
 ) -> None:
     """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
     from .bench import format_report, run_bench
+    from .engine import check_device
     from .errors import UsageError
+
+    check_device(device)
 
     if not model and not config:
         raise UsageError("give a model (alias, repo id or folder) or --config path/to/config.json")

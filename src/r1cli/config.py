@@ -101,11 +101,6 @@ class ModelArgs:
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.is_deepseek else self.head_dim
 
-    @property
-    def rope_interleaved(self) -> bool:
-        # DeepSeek checkpoints rotate adjacent pairs; Llama and Qwen rotate x_i with x_{i+d/2}.
-        return self.is_deepseek
-
     def is_moe_layer(self, i: int) -> bool:
         return (
             self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % max(self.moe_layer_freq, 1) == 0

@@ -120,17 +120,15 @@ def lacks_bf16_math() -> bool:
 
 
 # CPUs without native bf16 math run bf16 matmuls at a fraction of their float32 rate. For inputs of at least this
-# many rows (a prompt) converting the weight to float32 first pays: measured on the project's AVX2 machine,
-# [128 x 1536] @ [1536 x 8960]: 187 ms in bf16, 65 ms through float32; break-even ~32. None: keep bf16.
+# many rows (a prompt) converting the weight to float32 first pays (measured on an AVX2 CPU: docs/performance.md).
+# None: keep bf16.
 BF16_UPCAST_ROWS = 32 if lacks_bf16_math() else None
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of the KV cache (dense k/v, MLA's latent and rope key): float32 for a bf16/fp16 model on a CPU
     without bf16 math, where attention over a half-precision cache is the slow part of a long reply (measured on
-    the project's AVX2 machine, one query, 9 heads over 512 slots: 376 us in bf16, 63 us in float32; a 4-layer
-    V2-Lite decode at 2048 cached tokens: 3.7 tok/s with a bf16 latent cache, 10-12 with float32); else the
-    model's dtype."""
+    an AVX2 CPU, dense and MLA caches: docs/performance.md); else the model's dtype."""
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and BF16_UPCAST_ROWS:
         return torch.float32

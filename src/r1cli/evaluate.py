@@ -205,7 +205,6 @@ def run_eval(m, problems: list[Problem], params, k: int, results_path: Path, suf
              pattern: str | None = None, parallel: int = 8, err: TextIO | None = None,
              progress: Callable[[int, int], None] | None = None) -> Score:
     """Sample every (problem, sample) pair missing from `results_path`, appending each record as it finishes."""
-    from .batch import BatchEngine
     from .chat_format import build_prompt
     from .reasoning import ReasoningSplitter
 
@@ -216,7 +215,7 @@ def run_eval(m, problems: list[Problem], params, k: int, results_path: Path, suf
     records = read_results(results_path)
     _drop_torn_tail(results_path)
     done = {(r["line"], r["sample"]) for r in records}
-    engine = BatchEngine(m.generator.model, max_batch=parallel, max_len=m.generator.max_len)
+    engine = m.batch_engine(parallel)
     tok = m.tokenizer
     total = len(problems) * k
     for p in problems:
@@ -280,7 +279,7 @@ def stderr_progress(stream: TextIO) -> Callable[[int, int], None]:
 def main(model: ModelOptions, file: str, k: int, sampling: dict, out: str | None, suffix: str, pattern: str | None,
          parallel: int, stdout: TextIO | None = None) -> int:
     """`model`: what to open and how (options.ModelOptions, built once by the command line)."""
-    from .runner import open_model
+    from .engine import open_model
 
     stdout = stdout or sys.stdout
     path = Path(file)

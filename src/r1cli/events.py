@@ -1,32 +1,48 @@
-"""One stream of generation events (reasoning delta, answer delta, done with stats) for `run`, `chat` and `serve`.
+"""The one model interface every front end consumes (`r1 run`, `chat`, `serve`, the remote client, the Python API):
+a reply is an `EventStream` of events that carry their own progress, and `stop()` ends it.
 
-    for event in stream_events(generator, tokenizer, prompt, params):
+    stream = model.chat(messages, system, sampling)    # engine.OpenModel or remote.RemoteModel (ChatModel)
+    for event in stream:
         match event:
-            case ReasoningDelta(text): ...
-            case AnswerDelta(text): ...
-            case Done(stats): ...
+            case Start(prompt_tokens, cached_tokens, max_len, notices): ...
+            case ReasoningDelta(text, tokens): ...
+            case AnswerDelta(text, tokens): ...
+            case Done(stats): ...                     # always last; stats.finish_reason says why it ended
+
+Ctrl-C while the model runs ends the stream with `Done` (finish_reason 'interrupted', partial text kept); a consumer
+interrupted in its own code calls `stop()` (what `drive` does) and reads on to that same `Done`. Imports no torch:
+the remote chat client is pure HTTP.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-from typing import Iterator, Union
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Union
 
-from .chat_format import PromptBuild
-from .generate import Generator, SamplingParams
-from .reasoning import ReasoningSplitter
-from .tokenizer import Tokenizer
+
+@dataclass(frozen=True)
+class Start:
+    """First event of a reply, before the model runs. A remote server tells none of these before the reply ends:
+    None there (its Done carries the usage)."""
+
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens whose KV the cache already held (the previous turn's prefix)
+    max_len: int | None = None  # the context length (tokens the KV cache holds)
+    notices: tuple[str, ...] = ()  # what the prompt's rendering wants the user to know (chat_format.PromptBuild)
+    starts_in_thinking: bool = False  # the prompt opened <think>: the first tokens are reasoning
 
 
 @dataclass(frozen=True)
 class ReasoningDelta:
     text: str
+    tokens: int = field(default=0, compare=False)  # tokens generated so far in this reply, reasoning and answer
 
 
 @dataclass(frozen=True)
 class AnswerDelta:
     text: str
+    tokens: int = field(default=0, compare=False)  # tokens generated so far in this reply, reasoning and answer
 
 
 @dataclass
@@ -55,56 +71,69 @@ class Done:
     stats: TurnStats
 
 
-Event = Union[ReasoningDelta, AnswerDelta, Done]
+Event = Union[Start, ReasoningDelta, AnswerDelta, Done]
 
 
-def stream_events(
-    generator: Generator, tokenizer: Tokenizer, prompt: PromptBuild, params: SamplingParams
-) -> Iterator[Event]:
-    """Generate from a rendered prompt and split the output into reasoning and answer as it streams.
+class EventStream:
+    """One reply: an iterator of events (Start, deltas, Done last) with `stop()`.
 
-    Ctrl-C while the model runs ends the stream with `Done` (finish_reason 'interrupted', partial text kept). A
-    consumer interrupted in its own code can `stream.throw(KeyboardInterrupt)` to get that same `Done` back; a
-    plain `.close()` (a client that went away) just stops generating."""
-    splitter = ReasoningSplitter(
-        start_in_thinking=prompt.starts_in_thinking,
-        think_start_id=tokenizer.think_start_id,
-        think_end_id=tokenizer.think_end_id,
-    )
-    decoder = tokenizer.stream_decoder()
-    t0 = time.perf_counter()
-    first_token_at = answer_at = None
-    tokens = generator.generate(prompt.ids, params, stop_ids=tokenizer.eos_ids)
-    interrupted = False
-    try:
-        for token in tokens:
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            for delta in splitter.feed(decoder.add(token), token_id=token):
-                if delta.kind == "answer" and answer_at is None:
-                    answer_at = time.perf_counter()
-                yield AnswerDelta(delta.text) if delta.kind == "answer" else ReasoningDelta(delta.text)
-    except KeyboardInterrupt:
-        interrupted = True
-        tokens.close()
-    for delta in splitter.finish(decoder.flush()):
-        yield AnswerDelta(delta.text) if delta.kind == "answer" else ReasoningDelta(delta.text)
-    g = generator.stats
-    end = time.perf_counter()
-    stats = TurnStats(
-        reasoning=splitter.reasoning_text,
-        content=splitter.answer_text,
-        finish_reason="interrupted" if interrupted else g.finish_reason,
-        truncated_in_thinking=splitter.truncated_in_thinking,
-        prompt_tokens=g.prompt_tokens,
-        cached_tokens=g.cached_tokens,
-        reasoning_tokens=splitter.reasoning_tokens,
-        completion_tokens=g.generated_tokens,
-        ttft_ms=1000 * ((first_token_at or end) - t0),
-        thinking_ms=1000 * ((answer_at or end) - t0) if (prompt.starts_in_thinking or splitter.reasoning_tokens) else 0.0,
-        total_ms=1000 * (end - t0),
-        decode_tokens_per_s=g.decode_tokens_per_s,
-        acceptance_rate=getattr(g, "acceptance_rate", None),
-        tokens_per_step=getattr(g, "tokens_per_step", None) if getattr(g, "draft_tokens", 0) else None,
-    )
-    yield Done(stats)
+    `produce(stream)` makes the events; it checks `stream.stop_reason` between steps and, once set, stops
+    generating, sends the text it still holds and a Done with that finish_reason. `close()` abandons the reply
+    (a client that went away): no Done."""
+
+    def __init__(self, produce: Callable[[EventStream], Iterator[Event]]):
+        self.stop_reason: str | None = None
+        self._events = produce(self)
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """End generation at the next step; the stream goes on to its Done (finish_reason `reason`: 'interrupted',
+        or 'stop' for a stop string)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def close(self) -> None:
+        self._events.close()
+
+    def drive(self, handle: Callable[[Event], None]) -> TurnStats:
+        """Hand each event to `handle` until Done; return its stats. Ctrl-C, in the model or in `handle`, ends the
+        turn with finish_reason 'interrupted' and the partial text kept."""
+        event = None
+        while True:
+            try:
+                if event is None:
+                    try:
+                        event = next(self)
+                    except StopIteration:  # the interrupt ended the stream before its Done
+                        raise KeyboardInterrupt from None
+                handle(event)
+                if isinstance(event, Done):
+                    return event.stats
+                event = None
+            except KeyboardInterrupt:
+                if isinstance(event, Done):
+                    return event.stats
+                if self.stop_reason is not None and event is None:
+                    raise  # stopped already and the stream is gone: nothing more will come
+                self.stop("interrupted")
+                event = None
+
+
+class ChatModel(Protocol):
+    """What a front end holds: a local model (engine.OpenModel) or a server (remote.RemoteModel)."""
+
+    name: str
+
+    def chat(self, messages: list[dict], system: str | None, sampling: dict) -> EventStream:
+        """Stream one reply to `messages` (user and assistant turns, answers only); `sampling`: SamplingParams
+        fields given (None: the model's default). A prompt that cannot be rendered raises R1Error here."""
+        ...
+
+    def sampling(self, overrides: dict):
+        """The sampling settings a reply would use with `overrides` (an object with SamplingParams' fields)."""
+        ...

@@ -1,5 +1,5 @@
-"""The prefill/decode loop: where a token is sampled. It yields token ids; `events.py` turns them into the stream
-of reasoning and answer deltas that `run`, `chat` and `serve` consume."""
+"""The prefill/decode loop: where a token is sampled. `Decoder` yields token ids; `engine.stream_events` turns them
+into the stream of events (events.py) that `run`, `chat` and `serve` consume."""
 
 from __future__ import annotations
 
@@ -11,36 +11,20 @@ from typing import Iterator
 import torch
 
 from . import compile_cache
-from .chat_format import R1_MAX_TOKENS, R1_SAMPLING_DEFAULTS
 from .models import Cache, CausalLM
-
-
-@dataclass
-class SamplingParams:
-    """What `r1 run/chat/serve` use for a model comes from runner.generation_defaults; these bare defaults are R1's."""
-
-    temperature: float = R1_SAMPLING_DEFAULTS["temperature"]  # 0 = greedy
-    top_p: float = R1_SAMPLING_DEFAULTS["top_p"]
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    max_tokens: int = R1_MAX_TOKENS
-    seed: int | None = None
-    repetition_penalty: float = 1.0  # CTRL's penalty on every token already in the prompt or the reply; 1 = off
-    repeat_guard: bool = True  # stop a reply stuck in a loop (RepetitionGuard): finish_reason "repetition"
+from .sampling import SamplingParams
 
 
 @dataclass
 class GenerationStats:
+    """The engine's own numbers for one reply (`Decoder.stats`); front ends read them as events.TurnStats in Done."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous turn
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = "length"  # stop | length | interrupted | repetition
-
-    @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -144,8 +128,8 @@ class RepetitionGuard:
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero every token outside the smallest set whose mass reaches top_p (the best token always stays)."""
     if probs.device.type == "cpu":
-        # Sorting 152k probabilities costs ~70 ms a token on 2 cores; the nucleus nearly always lies in the top
-        # 1024, which topk finds in a fraction of that. Checked exactly (a CPU has no sync to avoid).
+        # Sorting a 152k vocabulary's probabilities every token is slow on a CPU; the nucleus nearly always lies in
+        # the top 1024, which topk finds far faster. Checked exactly (a CPU has no sync to avoid).
         k = min(1024, probs.shape[-1])
         top, order = probs.topk(k, dim=-1)
         if bool((top.sum(dim=-1) >= top_p).all()):
@@ -159,7 +143,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 STOP = -1  # broadcast by rank 0 instead of a token when its reader stopped early (tensor parallel)
 
 
-class Generator:
+class Decoder:
     """One model, one cache, reused across turns: a new prompt re-uses the cached prefix it shares with the
     previous prompt and its reply, up to the first differing token.
 
@@ -171,7 +155,6 @@ class Generator:
         self,
         model: CausalLM,
         max_len: int | None = None,
-        sync_every: int | None = None,
         decode_mode: str = "auto",
         prefill_chunk: int = 2048,
     ):
@@ -182,7 +165,7 @@ class Generator:
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python. Tensor
         # parallel: every step, so that all ranks see an early stop (STOP) at the same step.
-        self.sync_every = sync_every or (1 if device.type == "cpu" or self.shard else 8)
+        self.sync_every = 1 if device.type == "cpu" or self.shard else 8
         if decode_mode == "auto":
             # CUDA graphs around NCCL collectives are not tried yet (docs/distributed.md): eager when sharded.
             decode_mode = "graph" if device.type == "cuda" and not self.shard else "eager"

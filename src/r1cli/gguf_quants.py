@@ -167,7 +167,7 @@ def _q6_k(b):
     d = (_half(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(-1)
     ql = _nibbles(b[:, :128].reshape(nb, 2, 64)).view(nb, 256)
     qh, high = b[:, 128:192].reshape(nb, 2, 32), torch.empty(nb, 2, 4, 32, dtype=torch.uint8)
-    for k in range(4):  # (a loop of slices: twice the speed of one broadcast shift here)
+    for k in range(4):  # (a loop of slices: faster than one broadcast shift here)
         high[:, :, k] = (qh >> (2 * k)) & 3
     q = (ql | (high.view(nb, 256) << 4)).view(torch.int8).sub_(32)
     return q.view(nb, 16, 16).float().mul_(d).reshape(nb, 256)

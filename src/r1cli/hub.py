@@ -754,7 +754,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
     to bfloat16)."""
     from gguf import LlamaFileType
 
-    from .gguf import model_args, open_gguf, tensor_types
+    from .gguf import model_args, open_gguf, tensor_types, tokenizer_summary
     from .gguf import tokenizer as gguf_tokenizer
     from .models import count_parameters
 
@@ -786,7 +786,8 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "cpu": _cpu_advice(),
         "quantized_weights": _quantized_sizes(args, 2),
         "gguf": {"architecture": f.metadata.get("general.architecture"), "file_type": file_type,
-                 "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f)},
+                 "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f),
+                 "tokenizer": tokenizer_summary(f)},
     }
 
 
@@ -799,10 +800,10 @@ def _quantized_sizes(args, dtype_bytes: int) -> dict[str, int]:
 
 
 def _sampling(ref: ModelRef, read_tokenizer) -> dict:
-    """The defaults `r1 run` will use (runner.generation_defaults, the same call); {} when the tokenizer cannot be
+    """The defaults `r1 run` will use (engine.generation_defaults, the same call); {} when the tokenizer cannot be
     read and the name is no R1 alias (`r1 run` would refuse the model)."""
     from .chat_format import family_for
-    from .runner import generation_defaults
+    from .engine import generation_defaults
 
     try:
         tokenizer = read_tokenizer()

@@ -1,6 +1,6 @@
 """`ModelOptions`: how to open a model (which one, on what device, in what dtype and context, quantized how,
 decoded how, drafted by what). The command line builds it once and every front end (`r1 run`, `chat`, `serve`,
-`eval`) and every worker rank of a tensor-parallel run passes it whole to `runner.open_model`, so no call site can
+`eval`) and every worker rank of a tensor-parallel run passes it whole to `engine.open_model`, so no call site can
 drop an option. Checked when built, before anything is downloaded or loaded. Imports no torch (the remote chat
 client builds none, but the command line builds one before it knows)."""
 
@@ -29,11 +29,11 @@ class ModelOptions:
     name: str | None = None  # alias, org/name[@rev], folder or .gguf; None: registry.DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
-    max_context: int | None = None  # None: runner.default_context
+    max_context: int | None = None  # None: engine.default_context
     quant: str = "none"  # weight-only quantization of the linear layers (quant.py)
     group_size: int = 32  # int4 groups
     quant_head: bool = False  # the output head as int8 too
-    decode_mode: str = "auto"  # the Generator's decode step (generate.py)
+    decode_mode: str = "auto"  # the Decoder's decode step (generate.py)
     draft: str | None = None  # speculative decoding with this model as the draft (speculative.py)
     draft_quant: str = "none"
     mtp: bool = False  # speculative decoding with the checkpoint's multi-token-prediction layer

@@ -208,7 +208,7 @@ class MemoryPlan:
         return None if self.gpu_mem is None else self.total + self.reserve <= self.gpu_mem
 
 
-RESERVE_FRACTION = 0.08  # an estimate, not measured on 8 GPUs (docs/distributed.md)
+RESERVE_FRACTION = 0.08  # an estimate (docs/distributed.md says what was measured)
 
 
 def plan_memory(args: ModelArgs, gpus: int, context: int, gpu_mem: int | None = None, dtype_bytes: int = 2,

@@ -38,7 +38,7 @@ from .errors import R1Error
 
 from .options import GROUP_SIZES, check_scheme  # noqa: F401  (the schemes and their check live with the options)
 # Rows (tokens) from which a CPU int8 matmul dequantizes the weight to float32 instead of running the packed
-# kernel: measured on the project's AVX2 machine, [64 x 1024] @ [1024 x 2048]: kernel 10 ms, dequant+f32 8.5 ms.
+# kernel: where dequantizing became the faster of the two on an AVX2 CPU (docs/performance.md).
 CPU_INT8_DEQUANT_ROWS = 64
 # Modules left in full precision by name (see the module docstring).
 SKIP = ("kv_b_proj",)
@@ -49,7 +49,7 @@ SKIP = ("kv_b_proj",)
 
 def _row_chunks(w: torch.Tensor):
     """Row slices of about 1M elements: float32 temporaries stay small and alike in size, so the allocator reuses
-    them instead of growing the heap (the peak-memory test saw 3x the int8 weights without this)."""
+    them instead of growing the heap (without this, test_quantized_load_peak_memory's bound is exceeded)."""
     rows = w.shape[-2]
     step = max(1, (1 << 20) // max(w.shape[-1], 1))
     for start in range(0, rows, step):
@@ -143,9 +143,9 @@ INT8_KERNELS = ("pack", "dynamic")
 
 def fastest_int8_kernel(has_vnni: bool) -> str:
     """The int8 one-row kernel to use on a CPU with (or without) integer dot products for 8-bit activations
-    (AVX512-VNNI / AVX-VNNI): fbgemm's dynamic int8 linear with them (measured 3-4x the packed kernel at the
-    R1-Distill-Qwen-1.5B shapes on an AVX512-VNNI CPU, docs/performance.md); else the packed kernel, the one
-    measured on AVX2 (fbgemm's AVX2 path, which saturates 16-bit pair sums, is unmeasured)."""
+    (AVX512-VNNI / AVX-VNNI): fbgemm's dynamic int8 linear with them (faster than the packed kernel at the
+    R1-Distill-Qwen-1.5B shapes on an AVX512-VNNI CPU, docs/performance.md); else the packed kernel (fbgemm's
+    AVX2 path saturates 16-bit pair sums)."""
     return "dynamic" if has_vnni else "pack"
 
 
@@ -264,7 +264,7 @@ class Int8Weight(QuantWeight):
             q, s = (self._q, self.scale) if index is None else (self._q[index], self.scale[index])
         if x.device.type == "cpu" and q.dim() == 2:
             if rows < CPU_INT8_DEQUANT_ROWS:
-                # the packed kernel is vectorised for bf16 activations only (float32 runs ~10x slower)
+                # the packed kernel is vectorised for bf16 activations only (float32: far slower, docs/quantization.md)
                 s16 = self.scale_bf16 if index is None else self.scale_bf16[index]
                 y = torch._weight_int8pack_mm(x.reshape(rows, -1).bfloat16(), q, s16)
                 y = y.view(*x.shape[:-1], -1).to(x.dtype)
@@ -317,7 +317,7 @@ class Int4Weight(QuantWeight):
             packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), 1)
                                   for c in flat.to(device)])
         elif layout == "cuda":
-            # untested here (no GPU in CI): tinygemm takes the even k in the high nibble, as torchao packs it
+            # tinygemm takes the even k in the high nibble, as torchao packs it (GPU status: docs/quantization.md)
             packed = torch.stack([torch._convert_weight_to_int4pack(pack_nibbles(c.to(device), even_high=True), 8)
                                   for c in flat])
         else:
@@ -362,7 +362,7 @@ class Int4Weight(QuantWeight):
         if self.layout == "plain" or packed.dim() != (2 if self.layout == "cpu" else 4):
             return super().matmul(x, bias, index)
         sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
-        # bf16 activations: the kernels take nothing else (on a CPU float32 would also be ~10x slower). Contiguous:
+        # bf16 activations: the kernels take nothing else (on a CPU float32 would also be far slower). Contiguous:
         # the CPU kernel reads rows densely whatever the strides say (a strided view gave wrong products).
         x2d = x.reshape(-1, x.shape[-1]).bfloat16().contiguous()
         y = self._kernel_mm(x2d, packed, sz).view(*x.shape[:-1], -1).to(x.dtype)

@@ -1,10 +1,11 @@
 """`r1 chat --url`: the chat REPL against any OpenAI-compatible server (r1 serve, DeepSeek's API, vLLM, ollama...).
 
-A RemoteModel stands where runner.OpenModel stands in the REPL: `events()` streams one reply as the same
-ReasoningDelta / AnswerDelta / Done(TurnStats) events as events.stream_events, with the same Ctrl-C contract (an
-interrupt ends the stream with Done, finish_reason 'interrupted'). The reasoning is read from the delta's
+A RemoteModel is an events.ChatModel, as engine.OpenModel is: `chat()` streams one reply as the same events
+(Start, ReasoningDelta / AnswerDelta, Done(TurnStats)) in an EventStream, with the same Ctrl-C contract (an
+interrupt, or `stop()`, ends the stream with Done, finish_reason 'interrupted'). The server says its usage only at
+the end: Start carries no token counts, Done carries the server's. The reasoning is read from the delta's
 `reasoning_content`, `reasoning` or `thinking` field; from a server that sends none, out of <think> tags in the
-content. Only the standard library speaks HTTP here.
+content. Only the standard library speaks HTTP here; nothing imports torch.
 """
 
 from __future__ import annotations
@@ -18,22 +19,21 @@ from types import SimpleNamespace
 from typing import Iterator
 
 from .errors import R1Error
-from .events import AnswerDelta, Done, Event, ReasoningDelta, TurnStats
-from .generate import GenerationStats
+from .events import (
+    AnswerDelta,
+    Done,
+    Event,
+    EventStream,
+    ReasoningDelta,
+    Start,
+    TurnStats,
+)
 from .reasoning import Delta, ReasoningSplitter
+from .sampling import SAMPLING_RULES
 
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty")
+SAMPLING_KEYS = tuple(SAMPLING_RULES)  # the SamplingParams fields sent with a request (OpenAI's names, and vLLM's)
 TIMEOUT_S = 600  # a big model on a slow machine may think a long time before its first token
-
-
-class RemoteProgress:
-    """What the REPL reads of a local Generator while a turn runs: a count of the pieces received so far."""
-
-    def __init__(self):
-        self.stats = GenerationStats()
-        self.cached_ids: list[int] = []
-        self.max_len = None  # unknown: /stats shows no context use
 
 
 def base_url(url: str) -> str:
@@ -50,7 +50,6 @@ class RemoteModel:
 
     def __init__(self, base: str, name: str, api_key: str | None = None):
         self.base, self.name, self.api_key = base, name, api_key
-        self.generator = RemoteProgress()
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None, name: str | None = None) -> RemoteModel:
@@ -75,25 +74,32 @@ class RemoteModel:
         return SimpleNamespace(**{k: overrides[k] if overrides.get(k) is not None else "server default"
                                   for k in SAMPLING_KEYS})
 
-    def events(self, messages: list[dict], system: str | None, overrides: dict) -> Iterator[Event]:
+    def chat(self, messages: list[dict], system: str | None, overrides: dict) -> EventStream:
         """Stream one reply to `messages` (answers only: reasoning is never sent back)."""
+        return EventStream(lambda stream: self._events(stream, messages, system, overrides))
+
+    def _events(self, stream: EventStream, messages: list[dict], system: str | None, overrides: dict) -> Iterator[Event]:
         if system:
             messages = [{"role": "system", "content": system}, *messages]
         body = {"model": self.name, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
                 **{k: v for k, v in overrides.items() if k in SAMPLING_KEYS and v is not None}}
         request = urllib.request.Request(self.base + "/chat/completions", data=json.dumps(body).encode(),
                                          headers={**_headers(self.api_key), "Content-Type": "application/json"})
-        self.generator.stats = progress = GenerationStats()
+        yield Start()  # what the server knows of the prompt comes with its usage, at the end
+        received = 0  # chunks that carried text: the token count as the reply streams
         splitter = ReasoningSplitter(start_in_thinking=False)  # for <think> tags in the content
         fields_seen = False
         reasoning, answer = [], []
         reasoning_pieces = 0
-        usage, finish, interrupted = {}, None, False
+        usage, finish, stopped = {}, None, None
         t0 = time.perf_counter()
         first_at = answer_at = None
         try:
             with _open(request, self.base) as resp:
                 for obj in _sse(resp, self.base):
+                    if stream.stop_reason is not None:
+                        stopped = stream.stop_reason  # leaving the with block closes the connection: the server stops
+                        break
                     usage = obj.get("usage") or usage
                     for choice in obj.get("choices") or []:
                         finish = choice.get("finish_reason") or finish
@@ -108,29 +114,29 @@ class RemoteModel:
                         if isinstance(text, str) and text:
                             pieces += [Delta("answer", text)] if fields_seen else splitter.feed(text)
                         if thought or text:
-                            progress.generated_tokens += 1
+                            received += 1
                             first_at = first_at or time.perf_counter()
                         for piece in pieces:
                             if piece.kind == "reasoning":
                                 reasoning.append(piece.text)
                                 reasoning_pieces += 1
-                                yield ReasoningDelta(piece.text)
+                                yield ReasoningDelta(piece.text, received)
                             else:
                                 answer_at = answer_at or time.perf_counter()
                                 answer.append(piece.text)
-                                yield AnswerDelta(piece.text)
+                                yield AnswerDelta(piece.text, received)
             for piece in splitter.finish():
                 (reasoning if piece.kind == "reasoning" else answer).append(piece.text)
-                yield ReasoningDelta(piece.text) if piece.kind == "reasoning" else AnswerDelta(piece.text)
+                yield (ReasoningDelta if piece.kind == "reasoning" else AnswerDelta)(piece.text, received)
         except KeyboardInterrupt:
-            interrupted = True
+            stopped = "interrupted"
         end = time.perf_counter()
         details = usage.get("completion_tokens_details") or {}
-        completion = usage.get("completion_tokens") or progress.generated_tokens
+        completion = usage.get("completion_tokens") or received
         decode_s = end - (first_at or end)
         yield Done(TurnStats(
             reasoning="".join(reasoning), content="".join(answer),
-            finish_reason="interrupted" if interrupted else finish if finish in ("length", "repetition") else "stop",
+            finish_reason=stopped or (finish if finish in ("length", "repetition") else "stop"),
             truncated_in_thinking=finish == "length" and bool(reasoning) and not answer,
             prompt_tokens=usage.get("prompt_tokens") or 0,
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,

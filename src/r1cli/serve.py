@@ -1,6 +1,6 @@
 """`r1 serve`: an OpenAI-compatible HTTP API with DeepSeek's `reasoning_content`, on Starlette and uvicorn.
 
-One worker thread owns the model's Generator (one KV cache, not thread-safe) and runs the requests one at a time,
+One worker thread owns the model's Decoder (one KV cache, not thread-safe) and runs the requests one at a time,
 in arrival order; each request's events come back to its ASGI handler through its own asyncio queue, so streams
 never mix. At most `max_queue` requests wait behind the running one; past that the answer is 429. A client that
 disconnects (or whose request is cancelled) stops its generation at the next token.
@@ -41,9 +41,9 @@ from starlette.routing import Route
 from .chat_format import answer_only, build_prompt
 from .errors import R1Error, UsageError
 from .options import ModelOptions
-from .events import AnswerDelta, Done, ReasoningDelta, TurnStats, stream_events
+from .engine import OpenModel
+from .events import AnswerDelta, Done, ReasoningDelta, Start, TurnStats
 from .reasoning import _partial_tag_len
-from .runner import OpenModel
 
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
@@ -233,7 +233,7 @@ class Server:
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, parallel: int = 1):
         self.model = model
-        self.parallel = parallel  # sequences decoded together (batch.py); 1: the Generator, one at a time
+        self.parallel = parallel  # sequences decoded together (batch.py); 1: the Decoder, one at a time
         self.api_keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
         self.allowed_hosts = allowed_hosts
         self.max_request_bytes, self.request_timeout = max_request_bytes, request_timeout
@@ -289,7 +289,7 @@ class Server:
                 if job.tenant != self._cache_tenant:
                     # Another key's request filled the cache: reusing its prefix would tell this client (through
                     # cached_tokens, or the time to the first token) how that request's prompt began.
-                    self.model.generator.reset()
+                    self.model.forget()
                     self._cache_tenant = job.tenant
                 self._generate(job)
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
@@ -299,7 +299,7 @@ class Server:
     def _check_ranks(self, e: Exception) -> None:
         """Tensor parallel: a failed collective means a rank is gone. The server stops as on SIGTERM, and serve()
         then exits with the distributed exit code (docs/distributed.md)."""
-        if getattr(self.model.generator, "shard", None) is None or self.lost_rank is not None:
+        if getattr(self.model.decoder, "shard", None) is None or self.lost_rank is not None:
             return
         from .parallel import is_collective_failure
 
@@ -313,10 +313,8 @@ class Server:
         """--parallel N > 1: up to N sequences decode together in a BatchEngine (the same KV row prefixes reused,
         and a request's n choices sharing its prefill, only within one API key). Jobs are taken from the queue only
         while a row is free, so --max-queue still counts the requests waiting beyond the running ones."""
-        from .batch import BatchEngine
-
         m = self.model
-        engine = BatchEngine(m.generator.model, max_batch=self.parallel, max_len=m.generator.max_len)
+        engine = m.batch_engine(self.parallel)
         live: dict = {}  # Sequence -> _Live
         while True:
             while len(engine.running) + len(engine.waiting) < self.parallel:
@@ -385,49 +383,46 @@ class Server:
         self.worker.join(timeout)
 
     def _generate(self, job: Job) -> None:
-        m = self.model
-        stream = stream_events(m.generator, m.tokenizer, job.prompt, job.params)
+        stream = self.model.stream(job.prompt, job.params)
         stop = StopScanner(job.stop)
         stats = None
+        start, tokens = Start(), 0  # what the stream said of the prompt, and of the tokens so far
         try:
             for event in stream:
                 if job.cancelled.is_set():
                     break
-                if isinstance(event, Done):
+                if isinstance(event, Start):
+                    start = event
+                elif isinstance(event, Done):
                     if stop.held:
-                        job.put(AnswerDelta(stop.flush()))
+                        job.put(AnswerDelta(stop.flush(), tokens))
                     stats = event.stats
                 elif isinstance(event, AnswerDelta) and job.stop:
+                    tokens = event.tokens
                     text, hit = stop.feed(event.text)
                     if text:
-                        job.put(AnswerDelta(text))
+                        job.put(AnswerDelta(text, tokens))
                     if hit:
                         stats = self._end_early(stream)
                         break
                 else:
+                    tokens = event.tokens
                     job.put(event)
         finally:
             stream.close()  # a client that went away: stop generating now
-            g = m.generator.stats
             finish = stats.finish_reason if stats else "interrupted"
             self.log({"id": job.id, "event": "done", "finish_reason": finish,
-                      "completion_tokens": stats.completion_tokens if stats else g.generated_tokens,
+                      "completion_tokens": stats.completion_tokens if stats else tokens,
                       "reasoning_tokens": stats.reasoning_tokens if stats else None,
-                      "prompt_tokens": g.prompt_tokens, "cached_tokens": g.cached_tokens})
+                      "prompt_tokens": stats.prompt_tokens if stats else start.prompt_tokens,
+                      "cached_tokens": stats.cached_tokens if stats else start.cached_tokens})
         job.put(Done(stats) if stats else None)
 
     def _end_early(self, stream) -> TurnStats:
-        """A stop string was met: stop generating and take the turn's numbers (events.stream_events' contract)."""
-        try:
-            event = stream.throw(KeyboardInterrupt)
-            while not isinstance(event, Done):
-                event = next(stream)
-            stats = event.stats
-        except (KeyboardInterrupt, StopIteration):
-            # Met in the text released after the last token: generation had ended; count what the generator saw.
-            g = self.model.generator.stats
-            stats = TurnStats(prompt_tokens=g.prompt_tokens, cached_tokens=g.cached_tokens,
-                              completion_tokens=g.generated_tokens)
+        """A stop string was met: stop generating (EventStream.stop) and take the turn's numbers from its Done; the
+        text after the stop string is not sent."""
+        stream.stop("stop")
+        stats = next(e for e in stream if isinstance(e, Done)).stats
         stats.finish_reason = "stop"
         return stats
 
@@ -544,7 +539,7 @@ class Server:
 
     def _admit(self, req: ChatRequest) -> None:
         """Before rendering: refuse a prompt that cannot fit however it tokenises, then take a queue slot (429)."""
-        context = self.model.generator.max_len
+        context = self.model.context
         chars = sum(len(m["content"]) for m in req.messages)
         if chars > context * self.max_token_chars:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
@@ -583,7 +578,7 @@ class Server:
                 params = m.sampling(req.sampling)
             except R1Error as e:
                 raise bad(str(e), "messages") from None
-            context = m.generator.max_len
+            context = m.context
             if len(prompt.ids) >= context:
                 raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your "
                                f"messages resulted in {len(prompt.ids)} tokens (at least one more is needed for "
@@ -684,6 +679,7 @@ class _Live:
         self.starts_in_thinking = prompt.starts_in_thinking
         self.t0 = time.perf_counter()
         self.first = self.answer = None
+        self.tokens = 0  # fed so far: each delta carries the count
 
     def put(self, item) -> None:
         self.job.put(item if self.job.n == 1 or item is None else Choice(self.index, item))
@@ -692,13 +688,13 @@ class _Live:
         """Send the deltas on; True when a stop string ended the answer."""
         for delta in parts:
             if delta.kind != "answer":
-                self.put(ReasoningDelta(delta.text))
+                self.put(ReasoningDelta(delta.text, self.tokens))
                 continue
             if self.answer is None:
                 self.answer = time.perf_counter()
             text, hit = self.stop.feed(delta.text) if self.job.stop else (delta.text, False)
             if text:
-                self.put(AnswerDelta(text))
+                self.put(AnswerDelta(text, self.tokens))
             if hit:
                 return True
         return False
@@ -706,6 +702,7 @@ class _Live:
     def feed(self, token: int) -> bool:
         if self.first is None:
             self.first = time.perf_counter()
+        self.tokens += 1
         return self._deltas(self.splitter.feed(self.decoder.add(token), token_id=token))
 
     def finish(self, seq) -> TurnStats:
@@ -713,7 +710,7 @@ class _Live:
         if more and self._deltas(self.splitter.finish(self.decoder.flush())):
             seq.finish_reason = "stop"
         if self.stop.held:
-            self.put(AnswerDelta(self.stop.flush()))
+            self.put(AnswerDelta(self.stop.flush(), self.tokens))
         end, sp, n = time.perf_counter(), self.splitter, seq.stats.generated_tokens
         decode_s = end - (self.first or end)
         return TurnStats(
@@ -951,7 +948,7 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
     load their part and follow its steps (`follow_server`)."""
     import uvicorn
 
-    from .runner import open_model
+    from .engine import open_model
 
     if shard is not None and not shard.leader:
         return follow_server(open_model(model, shard=shard, torch_device=torch_device), shard)
@@ -978,9 +975,9 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
         from .batch import default_parallel, free_memory
         from .models.layers import kv_cache_dtype
 
-        weights = m.generator.model.model.embed_tokens.weight
-        kv = m.generator.model.args.kv_cache_bytes_per_token(kv_cache_dtype(weights.dtype, weights.device).itemsize)
-        parallel = default_parallel(kv * m.generator.max_len, free_memory(weights.device), weights.device.type)
+        weights = m.decoder.model.model.embed_tokens.weight
+        kv = m.decoder.model.args.kv_cache_bytes_per_token(kv_cache_dtype(weights.dtype, weights.device).itemsize)
+        parallel = default_parallel(kv * m.context, free_memory(weights.device), weights.device.type)
     if parallel > 1:
         note(f"r1 serve: {parallel} requests decode together (--parallel), {max_queue} more may wait (--max-queue)")
     if shard is not None:
@@ -1023,7 +1020,7 @@ class _Stopped(Exception):
 
 
 def follow_server(m: OpenModel, shard) -> int:
-    """Ranks other than 0 of a tensor-parallel server: run rank 0's engine's steps (the Generator's turns, or the
+    """Ranks other than 0 of a tensor-parallel server: run rank 0's engine's steps (the Decoder's turns, or the
     batched engine's operations) until it says exit; return its code. Stop signals are rank 0's to handle (Ctrl-C
     reaches every rank of a terminal): it finishes the open requests, then tells the others to exit."""
     import signal
@@ -1035,7 +1032,7 @@ def follow_server(m: OpenModel, shard) -> int:
         return command[1]
     _, parallel = command
     if parallel == 1:
-        return m.generator.follow()
+        return m.decoder.follow()
     from .batch import BatchEngine
 
-    return BatchEngine(m.generator.model, max_batch=parallel, max_len=m.generator.max_len).follow()
+    return BatchEngine(m.decoder.model, max_batch=parallel, max_len=m.decoder.max_len).follow()

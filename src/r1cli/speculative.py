@@ -1,8 +1,8 @@
 """Speculative decoding: a cheap draft proposes up to k tokens, the target checks them all in one cached forward of
 k+1 tokens, and both caches roll back to the accepted prefix. The output is the target's own: greedy decoding
-gives the same tokens as `Generator`, sampling follows the target's distribution (the accept/resample rule of
-Leviathan et al. 2023 and Chen et al. 2023). `SpeculativeGenerator` yields token ids exactly as `Generator` does,
-so `events.stream_events` and run, chat, serve and bench consume it unchanged.
+gives the same tokens as `Decoder`, sampling follows the target's distribution (the accept/resample rule of
+Leviathan et al. 2023 and Chen et al. 2023). `SpeculativeDecoder` yields token ids exactly as `Decoder` does,
+so `engine.stream_events` and run, chat, serve and bench consume it unchanged.
 
 Two drafts: `ModelDraft` (another model with the same tokenizer, e.g. deepseek-r1:1.5b for :7b) and `MTPDraft`
 (DeepSeek-V3/R1's multi-token-prediction layer, `models.deepseek.MTPLayer`, fed the target's hidden states).
@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from .generate import STOP, GenerationStats, Generator, SamplingParams, draw, sampling_probs
+from .generate import STOP, Decoder, GenerationStats, SamplingParams, draw, sampling_probs
 from .models import CausalLM
 
 MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
@@ -244,10 +244,10 @@ def _repeat_masks(seen: torch.Tensor, drafts: list[int]) -> torch.Tensor:
     return masks
 
 
-class SpeculativeGenerator:
-    """`Generator`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
+class SpeculativeDecoder:
+    """`Decoder`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
 
-    def __init__(self, target: Generator, draft, max_k: int = MAX_DRAFT, adaptive: bool = True):
+    def __init__(self, target: Decoder, draft, max_k: int = MAX_DRAFT, adaptive: bool = True):
         self.target = target
         self.model = target.model
         self.draft = draft
@@ -309,7 +309,7 @@ class SpeculativeGenerator:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         budget = min(params.max_tokens, self.max_len - len(prompt_ids))
-        # Generator's repetition penalty and loop guard (generate.py), when this version has them: the verify
+        # Decoder's repetition penalty and loop guard (generate.py), when this version has them: the verify
         # rows are penalised as plain decoding would penalise each position, and the guard sees every token
         penalty = getattr(params, "repetition_penalty", 1.0)
         guard = None
@@ -424,14 +424,14 @@ def same_vocabulary(a, b) -> str | None:
     return f"{len(vb)} tokens against {len(va)}; {diff!r} is {vb.get(diff)} there, {va.get(diff)} here"
 
 
-def open_speculative(generator: Generator, tokenizer, draft: str | None, mtp: bool, find_folder, device, dtype: str,
-                     draft_quant: str, group_size: int, announce=None) -> SpeculativeGenerator:
-    """The CLI's speculative generator: `mtp` (the target was loaded with its MTP layer) or a draft model by
+def open_speculative(decoder: Decoder, tokenizer, draft: str | None, mtp: bool, find_folder, device, dtype: str,
+                     draft_quant: str, group_size: int, announce=None) -> SpeculativeDecoder:
+    """The CLI's speculative decoder: `mtp` (the target was loaded with its MTP layer) or a draft model by
     name, refused unless its tokenizer is the target's."""
     from .errors import UsageError
 
     if mtp:
-        return SpeculativeGenerator(generator, MTPDraft(generator.model, generator.max_len))
+        return SpeculativeDecoder(decoder, MTPDraft(decoder.model, decoder.max_len))
     from .loader import Checkpoint, pick_dtype
     from .registry import resolve_name
 
@@ -445,4 +445,4 @@ def open_speculative(generator: Generator, tokenizer, draft: str | None, mtp: bo
     model = checkpoint.load_model(device=device, dtype=torch_dtype, quant=draft_quant, group_size=group_size)
     if announce:
         announce(f"draft {ref.identity}" + (f" · {draft_quant}" if draft_quant != "none" else ""))
-    return SpeculativeGenerator(generator, ModelDraft(model, generator.max_len))
+    return SpeculativeDecoder(decoder, ModelDraft(model, decoder.max_len))

@@ -18,7 +18,7 @@ def fuse_when_loaded(model: nn.Module, module_name: str) -> None:
     """Join the projections of the attention or MLP that owns linear `module_name` (q|k|v, gate|up: see
     `CausalLM.fuse_projections`) as soon as all its weights are in. Loaders call this after each tensor lands:
     fused layer by layer, the memory the parts free is reused by the next layer's parts; one pass at the end would
-    leave holes the size of every part (measured: peak resident memory 1.34x the weights instead of 1.15x)."""
+    leave holes the size of every part (the peak tests/test_load_memory.py bounds would then be exceeded)."""
     owner = module_name.rpartition(".")[0]
     module = model.get_submodule(owner) if owner else model
     if hasattr(module, "fuse") and not any(p.is_meta for p in module.parameters()):
@@ -42,7 +42,7 @@ class Backbone(nn.Module):
     def __init__(self, args: ModelArgs, layers: list[Block], shard=None):
         super().__init__()
         if shard is None:
-            # _weight skips the random init (on the meta device it would pull in ~75 MB of decomposition tables).
+            # _weight skips the random init (on the meta device it would pull in torch's decomposition tables).
             self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         else:
             self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.dim, shard)

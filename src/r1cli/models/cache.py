@@ -55,9 +55,6 @@ class Cache:
             self.key_valid[:, start_pos:end] = padding_mask
         return self.key_valid
 
-    def reset(self) -> None:
-        self.key_valid = None
-
 
 class RowCache(Cache):
     """One row of `rows` per sequence, each at its own length (the batched engine, batch.py): a decode step feeds

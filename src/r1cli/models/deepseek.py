@@ -183,7 +183,7 @@ class Experts(nn.Module):
 
     def path(self, x: torch.Tensor, indices: torch.Tensor) -> str:
         """A CPU is synchronous, so the sorted loop costs it no stall, and it converts one expert at a time to
-        float32 for prompts (bf16 matmuls are ~3x slower on CPUs without bf16 math). A GPU takes paths without a
+        float32 for prompts (bf16 matmuls are far slower on CPUs without bf16 math). A GPU takes paths without a
         host sync: gathered for a few pairs (decode), grouped GEMMs for more (prefill), where the kernel applies."""
         if x.device.type == "cpu":
             return "_sorted"

@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, scale in the input dtype, as the reference models do. (The mean of squares as
-        # sum, divide, add in place: about 40% less per call than pow/mean/add on a 1-token decode, same values.)
+        # sum, divide, add in place: less time per call than pow/mean/add on a 1-token decode, same values.)
         h = x.float()
         h = h * torch.rsqrt((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(self.eps))
         return self.weight * h.to(x.dtype)
@@ -46,7 +46,7 @@ CPU_BF16_UPCAST_ROWS = BF16_UPCAST_ROWS
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, but through float32 for prompt-sized bf16 inputs on a CPU without bf16 math."""
-    # (the row count first: a decode step's one row skips the rest of the test, ~1 us a call)
+    # (the row count first: a decode step's one row skips the rest of the test)
     if (CPU_BF16_UPCAST_ROWS and x.numel() >= CPU_BF16_UPCAST_ROWS * x.shape[-1] and x.dtype == torch.bfloat16
             and x.device.type == "cpu"):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -82,7 +82,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight.matmul(x, self.bias)
-        # dense_weight's steps inline: a decode step makes ~120 of these calls, and the extra call cost ~3 us each
+        # dense_weight's steps inline: this runs once per projection per decode step, where an extra call shows
         w = self.weight
         if self.weight_scale_inv is not None:
             w = dequantize_fp8(w, self.weight_scale_inv, x.dtype)
@@ -93,7 +93,7 @@ class Linear(nn.Module):
 
 def fuse_linears(parts: list[Linear]) -> Linear | None:
     """One Linear computing the parts' outputs side by side (q|k|v, gate|up): one matmul where there were three
-    or two, and a batch-1 decode pays per call (on a CPU ~10 us each, and small products run below the memory
+    or two, and a batch-1 decode pays per call (a fixed cost each, and small products run below the memory
     bandwidth). None when the parts cannot be joined: FP8 weights kept in blocks, a parallel subclass, a quantized
     layout without a join (quant.QuantWeight.join)."""
     first = parts[0]
@@ -263,7 +263,7 @@ class Rotation:
     per position and frequency. interleaved: pairs are (x0, x1), (x2, x3)... (DeepSeek); else (x_i, x_{i+D/2})
     (Llama, Qwen). Each pair (u, w) becomes (u cos - w sin, w cos + u sin), computed as x * cos + swap(x) * sin
     with cos and signed sin laid out per dim: five ops a call instead of fifteen, which a batch-1 decode pays
-    per op (one SmolLM2 layer's rotation on the project's CPU: 39 us -> 14 us)."""
+    per op (docs/performance.md)."""
 
     def __init__(self, freqs: torch.Tensor, interleaved: bool):
         self.interleaved = interleaved

@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.text import Text
 
 from ..errors import R1Error
-from ..events import stream_events
+from ..events import ChatModel, Start
 from ..options import ModelOptions
-from ..runner import OpenModel, check_text, drive
+from ..run import check_text
 from ..session import ChatSession
 from ..settings import state_dir
 from . import commands
@@ -47,38 +47,35 @@ def keys_held():
 
 
 class Chat:
-    def __init__(self, model: OpenModel, console: Console, think: str, sampling: dict, system: str | None = None,
+    def __init__(self, model: ChatModel, console: Console, think: str, sampling: dict, system: str | None = None,
                  history: bool = True):
         self.model, self.console, self.think = model, console, think
         self.sampling = dict(sampling)  # /set overrides on top of the model's defaults
         self.session = ChatSession(system=system, model=model.name)
         self.history = history
         self.notices_shown: set[str] = set()
+        self.context: tuple[int, int] | None = None  # tokens in the context after the last turn, and its length
 
     def info(self, message: str) -> None:
         self.console.print(Text(message, style="dim"))
 
     def turn(self, user: str) -> None:
         """Send one message and render the reply; Ctrl-C stops it, keeping the partial answer (marked)."""
-        if hasattr(self.model, "events"):  # a server (remote.RemoteModel): it renders the prompt itself
-            stream = self.model.events(self.session.messages(user), self.session.system, self.sampling)
-            starts_in_thinking = False
-        else:
-            prompt = self.session.prompt(self.model.tokenizer, self.model.family, user)
-            for notice in prompt.notices:
-                if notice not in self.notices_shown:  # once per session, not every turn
-                    self.notices_shown.add(notice)
-                    self.info(notice)
-            stream = stream_events(self.model.generator, self.model.tokenizer, prompt,
-                                   self.model.sampling(self.sampling))
-            starts_in_thinking = prompt.starts_in_thinking
+        stream = self.model.chat(self.session.messages(user), self.session.system, self.sampling)
+        start: Start = next(stream)  # always first, before the model runs
+        for notice in start.notices:
+            if notice not in self.notices_shown:  # once per session, not every turn
+                self.notices_shown.add(notice)
+                self.info(notice)
         with keys_held():
-            view = TurnView(self.console, self.think, self.model.generator, starts_in_thinking)
+            view = TurnView(self.console, self.think, start.starts_in_thinking)
             try:
-                stats = drive(stream, view.on_event)
+                stats = stream.drive(view.on_event)
             finally:
                 view.live.stop()
             view.finish(stats)
+        if start.max_len:  # a local model: its context length
+            self.context = (stats.prompt_tokens + stats.completion_tokens, start.max_len)
         self.session.add(user, stats)
 
     # --- input ---------------------------------------------------------------------------------------------------
@@ -155,11 +152,12 @@ def run_chat(model: ModelOptions, sampling: dict | None = None, system: str | No
     (`model.name`: the model it serves, default its first).
     Tensor parallel (`shard`): rank 0 owns the terminal; the other ranks load their part and follow its turns
     (slash commands act on rank 0; what reaches the model travels with each turn's generation command)."""
-    from ..runner import open_model
     from ..settings import load_settings
 
     if shard is not None and not shard.leader:
-        return open_model(model, shard=shard, torch_device=torch_device).generator.follow()
+        from ..engine import open_model
+
+        return open_model(model, shard=shard, torch_device=torch_device).follow()
     console = Console(highlight=False)
     console.soft_wrap = not console.is_terminal  # no wrapping of lines written to a file or pipe
     think = think or load_settings().get("think", "collapse")
@@ -177,6 +175,8 @@ def run_chat(model: ModelOptions, sampling: dict | None = None, system: str | No
             opened = RemoteModel.connect(url, api_key, model.name)
             announce(f"{opened.base} · model {opened.name}")
         else:
+            from ..engine import open_model
+
             opened = open_model(model, interactive=sys.stdin.isatty() and shard is None, announce=announce,
                                 shard=shard, torch_device=torch_device)
     Chat(opened, console, think, sampling or {}, system, history).loop()

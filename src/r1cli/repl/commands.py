@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 from rich.text import Text
 
 from ..errors import R1Error
-from ..runner import SAMPLING_RULES, check_sampling
+from ..sampling import SAMPLING_RULES, check_sampling
 from ..session import ChatSession
 from ..settings import save_setting
 from .render import THINK_MODES, reasoning_panel, thought_summary
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .app import Chat
 
 EXIT = object()  # returned by /exit
-SETTABLE = tuple(SAMPLING_RULES)  # checked by the command line's rules (runner.check_sampling)
+SETTABLE = tuple(SAMPLING_RULES)  # checked by the command line's rules (sampling.check_sampling)
 
 
 def cmd_help(chat: Chat, arg: str):
@@ -106,11 +106,10 @@ def cmd_stats(chat: Chat, arg: str):
     turns = [t.stats for t in chat.session.turns if t.stats]
     completion = sum(s.get("completion_tokens", 0) for s in turns)
     decode_s = sum(s.get("total_ms", 0) - s.get("ttft_ms", 0) for s in turns) / 1000
-    g = chat.model.generator
     chat.info(f"{len(chat.session.turns)} turns · {completion} tokens generated "
               f"({sum(s.get('reasoning_tokens', 0) for s in turns)} thinking) · "
               f"{completion / decode_s if decode_s > 0 else 0:.1f} tokens/s"
-              + (f" · context {len(g.cached_ids)}/{g.max_len} tokens" if g.max_len else ""))
+              + (f" · context {chat.context[0]}/{chat.context[1]} tokens" if chat.context else ""))
 
 
 def cmd_copy(chat: Chat, arg: str):

@@ -17,7 +17,6 @@ from rich.panel import Panel
 from rich.text import Text
 
 from ..events import AnswerDelta, Event, ReasoningDelta, TurnStats
-from ..generate import Generator
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 THINK_MODES = ("show", "hide", "collapse")
@@ -59,14 +58,16 @@ def _split_finished_blocks(text: str) -> tuple[str, str]:
 
 
 class TurnView:
-    """Renders one turn's events on a rich console. Call on_event for each event, then finish(stats)."""
+    """Renders one turn's events on a rich console. Call on_event for each event, then finish(stats). The token
+    counts come with the deltas (events.py)."""
 
-    def __init__(self, console: Console, think: str, generator: Generator, starts_in_thinking: bool = True):
-        self.console, self.think, self.generator = console, think, generator
+    def __init__(self, console: Console, think: str, starts_in_thinking: bool = True):
+        self.console, self.think = console, think
         self.starts_in_thinking = starts_in_thinking
         self.reasoning, self.answer = "", ""
         self.printed = 0  # answer characters printed for good (finished Markdown blocks)
         self.t0 = time.perf_counter()
+        self.tokens = 0  # generated so far, as the last delta said
         self.tokens_at_last_reasoning = 0
         self.summary: str | None = None  # the collapsed line, once the answer began
         self.thought_s: float | None = None  # thinking time as the collapsed line says it; the footer says the same
@@ -75,7 +76,7 @@ class TurnView:
     # --- phases ------------------------------------------------------------------------------------------------
 
     def _tokens_so_far(self) -> int:
-        return self.generator.stats.generated_tokens if self.reasoning else 0
+        return self.tokens if self.reasoning else 0
 
     def _thinking_panel(self) -> RenderableType:
         elapsed = time.perf_counter() - self.t0
@@ -115,9 +116,11 @@ class TurnView:
     # --- events ------------------------------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, (ReasoningDelta, AnswerDelta)):
+            self.tokens = event.tokens
         if isinstance(event, ReasoningDelta):
             self.reasoning += event.text
-            self.tokens_at_last_reasoning = self.generator.stats.generated_tokens
+            self.tokens_at_last_reasoning = event.tokens
         elif isinstance(event, AnswerDelta):
             if self.summary is None and not self.answer:
                 self._collapse()
