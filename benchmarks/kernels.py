@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.quant import Int4Weight, Int8Weight  # noqa: E402
+from r1cli.quant_formats import Int4Weight, Int8Weight  # noqa: E402
 
 SHAPES = [(576, 576), (960, 576), (3072, 576), (576, 1536), (896, 896), (9728, 896), (896, 4864),
           (2048, 1536), (17920, 1536), (1536, 8960), (8192, 4096), (49152, 576)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from r1cli.quant import Int4Weight, Int8Weight, dequantize_int4, quantize_int4, quantize_int8  # noqa: E402
+from r1cli.quant_formats import Int4Weight, Int8Weight, dequantize_int4, quantize_int4, quantize_int8  # noqa: E402
 
 
 def main() -> None:

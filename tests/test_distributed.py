@@ -22,7 +22,8 @@ from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, wri
 from r1cli.config import args_from_dict, load_config
 from r1cli.generate import Generator, SamplingParams
 from r1cli.loader import load_model
-from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
+from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement
+from r1cli.planner import plan_memory
 from r1cli.weights import SafetensorsFile
 
 HERE = Path(__file__).resolve().parent

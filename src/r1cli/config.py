@@ -126,11 +126,6 @@ class ModelArgs:
             scale *= m * m
         return scale
 
-    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        if self.is_deepseek:
-            return self.n_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * bytes_per_value
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
-
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -33,7 +33,7 @@ DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 # --- the model -----------------------------------------------------------------------------------------------------
 
 
-def model_folder(ref: ModelRef, name: str, interactive: bool) -> Path:
+def locate_or_pull(ref: ModelRef, name: str, interactive: bool) -> Path:
     """The folder holding the model; on a terminal offers to download one that is not in the cache."""
     if ref.path is not None:
         return ref.path
@@ -195,7 +195,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     if opts.speculative and shard is not None and shard.world > 1:
         raise UsageError("--draft and --mtp run in one process for now: drop --gpus")
     ref = resolve_name(name)
-    folder = model_folder(ref, name, interactive)
+    folder = locate_or_pull(ref, name, interactive)
     torch_device = torch_device or pick_device(device)
     checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
     args = checkpoint.args
@@ -204,21 +204,21 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     fp8 = "dequant"
     where = torch_device.type
     if shard is not None and shard.world > 1:
-        from . import parallel
+        from . import planner
 
         fp8 = "keep" if args.fp8_block else "dequant"  # FP8 weights stay FP8 across GPUs (one byte each)
         where = f"{shard.world} x {torch_device.type}"
-        parallel.check_sizes(args, shard)
+        checkpoint.check_shard(shard)
         if torch_device.type == "cuda":  # refuse up front what cannot fit, with the numbers
             from .hub import format_size
 
             total = torch.cuda.get_device_properties(torch_device).total_memory
-            from .quant import bytes_per_param
+            from .sizes import bytes_per_param
 
-            plan = parallel.plan_memory(args, shard.world, context, total, torch_dtype.itemsize,
-                                        bytes_per_param(quant, group_size))
+            plan = planner.plan_memory(args, shard.world, context, total, torch_dtype.itemsize,
+                                       bytes_per_param(quant, group_size))
             if not plan.fits:
-                raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {parallel.describe_plan(plan, format_size)} "
+                raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {planner.describe_plan(plan, format_size)} "
                               f"(use more GPUs or a smaller --max-context)")
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -239,7 +239,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
         from .speculative import open_speculative
 
         generator = open_speculative(generator, tokenizer, opts.draft, opts.mtp,
-                                     lambda r, n: model_folder(r, n, interactive), torch_device, dtype,
+                                     lambda r, n: locate_or_pull(r, n, interactive), torch_device, dtype,
                                      opts.draft_quant, group_size, announce)
     return OpenModel(name, ref, folder, tokenizer, generator, family, generation_defaults(tokenizer, ref.alias))
 
