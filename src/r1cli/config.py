@@ -1,4 +1,5 @@
-"""config.json -> ModelArgs: one typed dataclass for every architecture r1 runs.
+"""config.json -> ModelArgs: one typed dataclass for every architecture r1 runs (SUPPORTED_ARCHITECTURES, the one list
+of them, which `r1 show` and `r1 list` use too).
 
 Both config layouts are accepted: the Hub's (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`)
 and transformers 5's (`rope_parameters`), which `save_pretrained` writes.

@@ -11,7 +11,9 @@ from torch import nn
 
 from ..config import ModelArgs
 from .cache import Cache
-from .layers import RMSNorm, Rotation, VocabParallelEmbedding, VocabParallelHead, attention_mask, rope_table
+from .attention import attention_mask
+from .layers import RMSNorm, VocabParallelEmbedding, VocabParallelHead
+from .rope import Rotation, rope_table
 
 
 def fuse_when_loaded(model: nn.Module, module_name: str) -> None:
