@@ -438,6 +438,27 @@ def test_show_plans_per_gpu(tmp_path):
     assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
 
 
+def test_sizes_are_checked_once_per_load(tmp_path, monkeypatch):
+    """The engine asks the checkpoint before planning, the load asks again: parallel.check_sizes runs once (the
+    planner and the model constructors never run it), and a world size it refuses is refused by the load too."""
+    from r1cli import parallel
+    from r1cli.loader import Checkpoint
+
+    write_checkpoint(llama_config(), tmp_path)
+    calls = []
+    real = parallel.check_sizes
+    monkeypatch.setattr(parallel, "check_sizes", lambda args, shard: calls.append(shard.world) or real(args, shard))
+    checkpoint = Checkpoint(tmp_path)
+    shard = Shard(rank=1, world=2)
+    checkpoint.check_shard(shard)
+    plan_memory(checkpoint.args, 2, 64)
+    checkpoint.load_model(dtype="float32", shard=shard)
+    assert calls == [2]
+    with pytest.raises(ShardingError, match="attention heads"):
+        Checkpoint(tmp_path).load_model(dtype="float32", shard=Shard(rank=0, world=3))
+    assert calls == [2, 3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim, signum", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
                          ids=["kill-rank-1", "kill-rank-0", "hang-rank-1"])

@@ -411,6 +411,20 @@ def test_cache_round_trip_skips_the_work_and_survives_corruption(tiny_dirs, tmp_
     assert q.cache_path(folder, "int4", 64) != path
 
 
+def test_a_fifo_in_place_of_the_cache_is_not_opened(tiny_dirs, tmp_path):
+    """The cache is read by the safetensors package from a regular file only: a FIFO planted where the cache goes
+    (it would block the open) is passed over with a notice, and the model quantizes again."""
+    folder = tmp_path / "fifo"
+    shutil.copytree(tiny_dirs["qwen2"], folder)
+    load_model(folder, dtype="float32", quant="int8")
+    path = q.cache_path(folder, "int8", 32)
+    path.unlink()
+    os.mkfifo(path)
+    notices = []
+    assert q.read_cache(path, {"scheme": "int8"}, notices) is None
+    assert len(notices) == 1 and "not a regular file" in notices[0]
+
+
 def test_read_only_folder_just_has_no_cache(tiny_dirs, tmp_path):
     folder = tmp_path / "ro"
     shutil.copytree(tiny_dirs["qwen2"], folder)

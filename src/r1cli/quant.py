@@ -235,6 +235,34 @@ def read_cache_meta(path: Path) -> dict:
         return {}
 
 
+READ_GROUP_BYTES = 1 << 26  # of the cache file mapped at a time while reading it
+_ITEM_BYTES = {"I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4}  # the dtypes a cache holds
+
+
+def _stored_bytes(tensor_slice) -> int:
+    """Bytes of a tensor in the file, from its header entry (safetensors' slice: shape and dtype, nothing read)."""
+    item = _ITEM_BYTES.get(tensor_slice.get_dtype())
+    if item is None:
+        raise ValueError(f"it holds a {tensor_slice.get_dtype()} tensor, which r1 never writes there")
+    count = 1
+    for n in tensor_slice.get_shape():
+        count *= n
+    return count * item
+
+
+def _groups(names: list[str], sizes: dict[str, int], limit: int):
+    """`names` in order, cut into runs of at most `limit` bytes (a larger tensor alone)."""
+    group, total = [], 0
+    for name in names:
+        if group and total + sizes[name] > limit:
+            yield group
+            group, total = [], 0
+        group.append(name)
+        total += sizes[name]
+    if group:
+        yield group
+
+
 def read_cache(path: Path, meta: dict, notices: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
     """The cached tensors per module, or None when absent, for other settings, partial or corrupt (then the
     caller quantizes again and overwrites it). Read by the safetensors package (it validates the header: offsets,
@@ -254,12 +282,17 @@ def read_cache(path: Path, meta: dict, notices: list[str] | None = None) -> dict
         out: dict[str, dict[str, torch.Tensor]] = {}
         with safe_open(path, framework="pt") as handle:
             names = list(handle.keys())
-            for name in names:
-                module, _, key = name.rpartition(".")
-                tensor = handle.get_tensor(name)
-                if _crc32(tensor) != crc[name]:
-                    raise ValueError(f"{name} fails its checksum")
-                out.setdefault(module, {})[key] = tensor
+            sizes = {name: _stored_bytes(handle.get_slice(name)) for name in names}
+        # The package maps the file, and every page read stays resident until the handle closes: reading it in
+        # groups, each tensor copied out, keeps the peak near the tensors' own size instead of twice it.
+        for group in _groups(names, sizes, READ_GROUP_BYTES):
+            with safe_open(path, framework="pt") as handle:
+                for name in group:
+                    module, _, key = name.rpartition(".")
+                    tensor = handle.get_tensor(name).clone()
+                    if _crc32(tensor) != crc[name]:
+                        raise ValueError(f"{name} fails its checksum")
+                    out.setdefault(module, {})[key] = tensor
         if sorted(out) != saved["modules"] or set(names) != set(crc):
             raise ValueError("its tensors are not the ones its index lists")
         return out
