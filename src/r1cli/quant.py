@@ -25,20 +25,8 @@ from .errors import R1Error
 from .options import GROUP_SIZES, check_scheme  # noqa: F401  (the schemes and their check live with the options)
 from .quant_formats import Int4Weight, Int8Weight, int4_export, quantize_int4, quantize_int8
 
-# Linear layers left in full precision by name (see the module docstring).
+# Linear layers left in full precision by name (see the module docstring; sizes.bytes_per_param counts by it too).
 FULL_PRECISION_LINEARS = ("kv_b_proj",)
-
-
-def quantizes(module: nn.Module, module_name: str) -> bool:
-    """Whether quantizing a model turns this module's weight into a quantized format: every `Linear` of the
-    decoder but FULL_PRECISION_LINEARS, and the routed experts (the `Experts` stack). The embedding, head, norms
-    and router are no `Linear`."""
-    from .models.deepseek import Experts
-    from .models.layers import Linear
-
-    if isinstance(module, Experts):
-        return True
-    return isinstance(module, Linear) and module_name.rsplit(".", 1)[-1] not in FULL_PRECISION_LINEARS
 
 
 def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int, device=None):
@@ -74,10 +62,11 @@ class Quantizer:
         self._experts: dict[str, list] = {}
 
     def wants(self, module: nn.Module, module_name: str) -> bool:
-        """A Linear this quantizer replaces (the routed experts come one by one through `expert`)."""
+        """A Linear this quantizer replaces: every decoder Linear but FULL_PRECISION_LINEARS (the embedding, head,
+        norms and router are no Linear; the routed experts come one by one through `expert`)."""
         from .models.layers import Linear
 
-        return isinstance(module, Linear) and quantizes(module, module_name)
+        return isinstance(module, Linear) and module_name.rsplit(".", 1)[-1] not in FULL_PRECISION_LINEARS
 
     def linear(self, module: nn.Module, module_name: str) -> None:
         """`module.weight` (a Linear) has just landed: replace it by its quantized form."""
