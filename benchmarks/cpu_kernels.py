@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import add_threads_arg, per_call_us, set_threads
 
-from r1cli.quant import Int4Weight, Int8Weight, cpu_has_vnni, quantize_int8
+from r1cli.quant_formats import Int4Weight, Int8Weight, cpu_has_vnni, quantize_int8
 
 # (name, N, K): R1-Distill-Qwen-1.5B (hidden 1536, intermediate 8960, q|k|v joined 2048, gate|up joined 17920,
 # vocabulary 151936) and SmolLM2-135M (576 wide, intermediate 1536, q|k|v 960, vocabulary 49152)

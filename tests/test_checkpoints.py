@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from r1cli.config import load_config
 from r1cli.errors import CheckpointError, UnsupportedArchitectureError
 from r1cli.loader import load_model
-from r1cli.models import count_parameters
+from r1cli.sizes import count_parameters, kv_cache_bytes_per_token
 from paths import FIXTURES, HUB_CONFIGS
 from tiny import llama_config, qwen2_config, v3_config, write_checkpoint
 
@@ -50,7 +50,7 @@ def test_hub_config_facts():
     assert r1.fp8_block == (128, 128) and r1.topk_method == "noaux_tc" and r1.scoring_func == "sigmoid"
     assert r1.rope.kind == "yarn" and abs(r1.softmax_scale - 192**-0.5 * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2) < 1e-9
     assert [r1.is_moe_layer(i) for i in range(5)] == [False, False, False, True, True]
-    assert r1.kv_cache_bytes_per_token() == 61 * 576 * 2
+    assert kv_cache_bytes_per_token(r1) == 61 * 576 * 2
     lite = load_config(HUB_CONFIGS / "DeepSeek-V2-Lite")
     assert lite.q_lora_rank is None and lite.scoring_func == "softmax" and not lite.norm_topk_prob
     llama = load_config(HUB_CONFIGS / "DeepSeek-R1-Distill-Llama-8B")

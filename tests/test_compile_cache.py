@@ -77,7 +77,8 @@ def test_the_key_follows_the_weight_format():
 
     from r1cli.models import build_model
     from r1cli.config import args_from_dict
-    from r1cli.quant import quantize_model, use_int8_kernel
+    from r1cli.quant import quantize_model
+    from r1cli.quant_formats import use_int8_kernel
 
     torch.manual_seed(0)
     cfg = {**llama_config(num_hidden_layers=1, hidden_size=128, intermediate_size=256).to_dict(),

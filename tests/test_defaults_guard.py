@@ -1,4 +1,4 @@
-"""Issue #17: model-aware generation defaults (engine.generation_defaults, the one source for run, chat, serve and
+"""Issue #17: model-aware generation defaults (sampling.generation_defaults, the one source for run, chat, serve and
 show), the repetition guard (generate.RepetitionGuard, finish_reason "repetition") and --repeat-penalty
 (generate.penalize_repeats, against transformers' RepetitionPenaltyLogitsProcessor)."""
 

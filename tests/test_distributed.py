@@ -23,7 +23,8 @@ from tiny import hf_model, llama_config, qwen2_config, v2_config, v3_config, wri
 from r1cli.config import args_from_dict, load_config
 from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
-from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement, plan_memory
+from r1cli.parallel import DIST_EXIT, Shard, ShardingError, check_sizes, placement
+from r1cli.planner import plan_memory
 from r1cli.weights import SafetensorsFile
 
 HERE = Path(__file__).resolve().parent
@@ -455,6 +456,27 @@ def test_show_plans_per_gpu(tmp_path):
     assert plan["kv_cache"] == 4096 * 3 * 2 * (2 // 2) * 16 * 4
     result = CliRunner().invoke(app, ["show", str(tmp_path), "--gpus", "3"])
     assert isinstance(result.exception, ShardingError) and "attention heads (4) do not divide" in str(result.exception)
+
+
+def test_sizes_are_checked_once_per_load(tmp_path, monkeypatch):
+    """The engine asks the checkpoint before planning, the load asks again: parallel.check_sizes runs once (the
+    planner and the model constructors never run it), and a world size it refuses is refused by the load too."""
+    from r1cli import parallel
+    from r1cli.loader import Checkpoint
+
+    write_checkpoint(llama_config(), tmp_path)
+    calls = []
+    real = parallel.check_sizes
+    monkeypatch.setattr(parallel, "check_sizes", lambda args, shard: calls.append(shard.world) or real(args, shard))
+    checkpoint = Checkpoint(tmp_path)
+    shard = Shard(rank=1, world=2)
+    checkpoint.check_shard(shard)
+    plan_memory(checkpoint.args, 2, 64)
+    checkpoint.load_model(dtype="float32", shard=shard)
+    assert calls == [2]
+    with pytest.raises(ShardingError, match="attention heads"):
+        Checkpoint(tmp_path).load_model(dtype="float32", shard=Shard(rank=0, world=3))
+    assert calls == [2, 3]
 
 
 @pytest.mark.slow

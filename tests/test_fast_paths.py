@@ -199,7 +199,7 @@ def test_masked_gqa_without_enable_gqa_equals_sdpa(queries):
     """The GPU's masked grouped-query attention (query heads as rows of their key/value head for one query, key/value
     heads repeated for more) against SDPA's own enable_gqa, with a mask like the static decode's and the chunked
     prefill's (padding and causal)."""
-    from r1cli.models.layers import attention_mask, masked_gqa, sdpa
+    from r1cli.models.attention import attention_mask, masked_gqa, sdpa
 
     g = torch.Generator().manual_seed(6)
     q = torch.randn(2, 6, queries, 16, generator=g)

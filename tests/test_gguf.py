@@ -203,7 +203,7 @@ def test_smollm2_int4_repacks_the_files_blocks_and_int8_requantizes(smol):
     """--quant int4 takes the Q4_1 blocks over as they are (every linear layer of the file is Q4_1), so the int4
     model's weights are the file's values but for the kernel's bf16 scales; int8 requantizes the dequantized values.
     The oracle is the float32 model dequantized from the same file (itself equal to transformers' loader above)."""
-    from r1cli.quant import Int4Weight
+    from r1cli.quant_formats import Int4Weight
 
     f, args, ref, tokenizer = smol
     int4 = G.load_model(f, "cpu", torch.bfloat16, args, quant="int4", group_size=32, fuse=False)

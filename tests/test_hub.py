@@ -311,7 +311,7 @@ def test_list_show_rm_on_pulled_repos(fake, env):
     assert info["dtype"] == "bfloat16" and info["chat_template"] is True
     assert info["memory"]["kv_cache_per_token"] == kv_per_token and info["memory"]["kv_cache"] == 100 * kv_per_token
     assert info["size_on_disk"] == run_bytes and info["revision"] == listed[0]["revision"]
-    # An R1 alias: DeepSeek's settings (engine.generation_defaults), with the repo's generation_config.json agreeing.
+    # An R1 alias: DeepSeek's settings (sampling.generation_defaults), with the repo's generation_config.json agreeing.
     assert info["sampling"] == {"temperature": 0.6, "top_p": 0.95, "max_tokens": 32768, "repeat_guard": True,
                                 "source": "DeepSeek's R1 recommendations and generation_config.json"}
     assert_parameter_counts(info)

@@ -27,6 +27,8 @@ from tiny import (
 )
 
 from r1cli import quant as q
+from r1cli import quant_formats as qf
+from r1cli import sizes
 from r1cli.loader import load_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -44,7 +46,7 @@ def rel_err(y, ref):
 def test_int8_kernel_matches_dequantized_reference(n, k, rows):
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * 0.05
-    qw = q.Int8Weight.from_float(w)
+    qw = qf.Int8Weight.from_float(w)
     reference_w = qw.q.float() * qw.scale[:, None]
     assert rel_err(reference_w, w) < 0.01  # 1/254 of each row's max at most
     x = torch.randn(2, rows, k, generator=g).bfloat16()
@@ -61,18 +63,18 @@ def test_int4_kernel_matches_dequantized_reference(group, n, k):
         pytest.skip("K not a multiple of the group")  # (256, 384) with 128 groups is covered; 384 % 64 == 0 too
     g = torch.Generator().manual_seed(n * k + group)
     w = torch.randn(n, k, generator=g) * 0.05
-    codes, scales, zeros = q.quantize_int4(w, group)
+    codes, scales, zeros = qf.quantize_int4(w, group)
     assert codes.min() >= 0 and codes.max() <= 15 and scales.shape == (n, k // group)
-    reference_w = q.dequantize_int4(codes, scales.bfloat16(), zeros.bfloat16())  # kept as bf16 in memory
+    reference_w = qf.dequantize_int4(codes, scales.bfloat16(), zeros.bfloat16())  # kept as bf16 in memory
     assert (reference_w - w).abs().max() <= scales.max() * 0.51 + 1e-3  # half a step (+ bf16 on scale/zero)
-    qw = q.Int4Weight.from_codes(codes, scales, zeros, group, "cpu")
+    qw = qf.Int4Weight.from_codes(codes, scales, zeros, group, "cpu")
     assert qw.layout == "cpu"
     for rows in (1, 7, 70):
         x = torch.randn(rows, k, generator=g).bfloat16()
         assert rel_err(qw.matmul(x), F.linear(x.float(), reference_w)) < 0.02
     assert rel_err(qw.dequantize(torch.float32), reference_w) < 0.01  # the opaque layout read back
     # the device-independent form the cache stores round-trips exactly
-    back = q.Int4Weight.from_export(q.int4_export(codes, scales, zeros), group, "cpu")
+    back = qf.Int4Weight.from_export(qf.int4_export(codes, scales, zeros), group, "cpu")
     assert torch.equal(back.packed, qw.packed) and torch.equal(back.scales_and_zeros, qw.scales_and_zeros)
 
 
@@ -85,24 +87,24 @@ def test_int4_contract_is_torchs_own_convention():
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
     torch_y = torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)
-    assert torch.allclose(torch_y, x @ q.dequantize_int4(codes, scales, zeros).T, atol=1e-4)
+    assert torch.allclose(torch_y, x @ qf.dequantize_int4(codes, scales, zeros).T, atol=1e-4)
 
 
 def test_plain_layout_and_stacked_gather():
     """Other devices (and gathered experts on a GPU) dequantize the plain layout; indexing picks experts."""
     e, n, k, group = 4, 48, 64, 32
     w = torch.randn(e, n, k) * 0.05
-    codes, scales, zeros = q.quantize_int4(w, group)
-    t = q.int4_export(codes, scales, zeros)
-    plain = q.Int4Weight(t["packed"], t["scales_and_zeros"], group, "plain", codes.shape)
-    ref = q.dequantize_int4(codes, scales.bfloat16(), zeros.bfloat16())
+    codes, scales, zeros = qf.quantize_int4(w, group)
+    t = qf.int4_export(codes, scales, zeros)
+    plain = qf.Int4Weight(t["packed"], t["scales_and_zeros"], group, "plain", codes.shape)
+    ref = qf.dequantize_int4(codes, scales.bfloat16(), zeros.bfloat16())
     idx = torch.tensor([3, 1, 3])
     assert torch.equal(plain.dequantize(torch.float32, idx), ref[idx])
-    stacked = q.Int4Weight.from_codes(codes, scales, zeros, group, "cpu")
+    stacked = qf.Int4Weight.from_codes(codes, scales, zeros, group, "cpu")
     x = torch.randn(5, k).bfloat16()
     for i in range(e):
         assert rel_err(stacked.matmul(x, None, i), x.float() @ ref[i].T) < 0.02
-    i8 = q.Int8Weight.from_float(w)
+    i8 = qf.Int8Weight.from_float(w)
     assert torch.equal(i8.dequantize(torch.float32, idx), (i8.q.float() * i8.scale[..., None])[idx])
 
 
@@ -117,22 +119,22 @@ def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_int8_kernel_is_chosen_by_features_and_quality():
-    assert q.fastest_int8_kernel(True) == "dynamic" and q.fastest_int8_kernel(False) == "pack"
-    assert q.choose_int8_kernel(False) == "pack"
-    assert q.choose_int8_kernel(True) == ("dynamic" if q.DYNAMIC_INT8_KEEPS_QUALITY else "pack")
+    assert qf.fastest_int8_kernel(True) == "dynamic" and qf.fastest_int8_kernel(False) == "pack"
+    assert qf.choose_int8_kernel(False) == "pack"
+    assert qf.choose_int8_kernel(True) == ("dynamic" if qf.DYNAMIC_INT8_KEEPS_QUALITY else "pack")
     if "R1_INT8_KERNEL" not in os.environ:
-        assert q.Int8Weight.from_float(torch.randn(64, 128)).kernel == q.choose_int8_kernel(q.cpu_has_vnni())
+        assert qf.Int8Weight.from_float(torch.randn(64, 128)).kernel == qf.choose_int8_kernel(qf.cpu_has_vnni())
 
 
-@pytest.mark.skipif(not q.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
+@pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
 @pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (2048, 1536)])
 @pytest.mark.parametrize("kind", ["normal", "outlier", "positive"])
 def test_int8_dynamic_kernel_within_the_activation_rounding_bound(n, k, kind):
     """Against the float product of the very same codes: only the activation's 8-bit rounding may differ."""
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * 0.05
-    codes, scale = q.quantize_int8(w)
-    dyn, pack = q.Int8Weight(codes, scale, "dynamic"), q.Int8Weight(codes, scale, "pack")
+    codes, scale = qf.quantize_int8(w)
+    dyn, pack = qf.Int8Weight(codes, scale, "dynamic"), qf.Int8Weight(codes, scale, "pack")
     assert torch.equal(dyn.q, codes) and dyn.shape == codes.shape
     reference_w = codes.float() * scale[:, None]
     x = torch.randn(1, k, generator=g)
@@ -157,18 +159,18 @@ def test_int8_dynamic_kernel_within_the_activation_rounding_bound(n, k, kind):
     assert torch.equal(dyn.dequantize(torch.float32), pack.dequantize(torch.float32))
 
 
-@pytest.mark.skipif(not q.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
+@pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
 def test_int8_dynamic_weights_join_and_keep_their_codes():
     g = torch.Generator().manual_seed(5)
-    parts = [q.Int8Weight.from_float(torch.randn(n, 64, generator=g)) for n in (32, 16, 16)]
-    parts = [q.Int8Weight(p.q, p.scale, "dynamic") for p in parts]
+    parts = [qf.Int8Weight.from_float(torch.randn(n, 64, generator=g)) for n in (32, 16, 16)]
+    parts = [qf.Int8Weight(p.q, p.scale, "dynamic") for p in parts]
     joined = parts[0].join(parts)
     assert joined.kernel == "dynamic" and joined.shape == (64, 64)
     assert torch.equal(joined.q, torch.cat([p.q for p in parts]))
     x = torch.randn(1, 64, generator=g)
     assert torch.equal(joined.matmul(x), torch.cat([p.matmul(x) for p in parts], -1))
     assert set(joined.state_dict()) == {"q", "scale"} and torch.equal(joined.state_dict()["q"], joined.q)
-    assert parts[0].join([parts[0], q.Int8Weight(parts[1].q, parts[1].scale, "pack")]) is None
+    assert parts[0].join([parts[0], qf.Int8Weight(parts[1].q, parts[1].scale, "pack")]) is None
 
 
 # --- every architecture -------------------------------------------------------------------------------------------
@@ -315,24 +317,24 @@ def test_kl_against_bf16_on_smollm2(smol_logits):
 def test_kl_against_bf16_on_smollm2_with_the_dynamic_int8_kernel(smollm2_dir, smol_logits):
     """The int8 bar with the kernel decode would use: one token at a time (the dynamic kernel quantizes one row's
     activations; a prompt takes the float path), KL against the bf16 model's logits. The dynamic kernel may be the
-    default (quant.DYNAMIC_INT8_KEEPS_QUALITY) only if it holds the bar (measured: it does not, 0.0143)."""
+    default (quant_formats.DYNAMIC_INT8_KEEPS_QUALITY) only if it holds the bar (measured: it does not, 0.0143)."""
     from r1cli.tokenizer import Tokenizer
 
     tokens = torch.tensor([Tokenizer.from_folder(smollm2_dir).encode(TEXT)[:520]])
     model = load_model(smollm2_dir, dtype="bfloat16", quant="int8", cache=False)
-    assert q.use_int8_kernel(model, "dynamic") > 0 or q.int8_kernel() == "dynamic"
+    assert qf.use_int8_kernel(model, "dynamic") > 0 or qf.int8_kernel() == "dynamic"
     cache, rows = model.new_cache(1, tokens.shape[1]), []
     with torch.no_grad():
         for i in range(tokens.shape[1]):
             rows.append(model(tokens[:, i : i + 1], start_pos=i, cache=cache)[0, -1].float().log_softmax(-1))
     kl = mean_kl(smol_logits["none"], torch.stack(rows))
     print(f"\nSmolLM2-135M int8, decoded token by token with the dynamic kernel: mean KL vs bf16 {kl:.5f}")
-    assert kl > 0 and (kl < 0.01) == q.DYNAMIC_INT8_KEEPS_QUALITY, kl
+    assert kl > 0 and (kl < 0.01) == qf.DYNAMIC_INT8_KEEPS_QUALITY, kl
 
 
 @pytest.mark.slow
 def test_quant_head_is_an_int8_copy_and_the_embedding_keeps_its_dtype(smollm2_dir):
-    from r1cli.quant import Int8Weight
+    from r1cli.quant_formats import Int8Weight
 
     model = load_model(smollm2_dir, dtype="bfloat16", quant="int4", cache=False, quant_head=True)
     assert isinstance(model.lm_head.qweight, Int8Weight) and model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -407,6 +409,20 @@ def test_cache_round_trip_skips_the_work_and_survives_corruption(tiny_dirs, tmp_
     (folder / "config.json").touch()
     os.utime(folder / "config.json", ns=(1, 1))
     assert q.cache_path(folder, "int4", 64) != path
+
+
+def test_a_fifo_in_place_of_the_cache_is_not_opened(tiny_dirs, tmp_path):
+    """The cache is read by the safetensors package from a regular file only: a FIFO planted where the cache goes
+    (it would block the open) is passed over with a notice, and the model quantizes again."""
+    folder = tmp_path / "fifo"
+    shutil.copytree(tiny_dirs["qwen2"], folder)
+    load_model(folder, dtype="float32", quant="int8")
+    path = q.cache_path(folder, "int8", 32)
+    path.unlink()
+    os.mkfifo(path)
+    notices = []
+    assert q.read_cache(path, {"scheme": "int8"}, notices) is None
+    assert len(notices) == 1 and "not a regular file" in notices[0]
 
 
 def test_read_only_folder_just_has_no_cache(tiny_dirs, tmp_path):
@@ -515,15 +531,15 @@ def test_quantized_load_peak_memory(tmp_path):
 
     args = load_config(folder)
     for scheme in ("int8", "int4"):  # the planner's count is what loading gives
-        assert abs(q.weight_bytes(args, scheme, 32) - m[scheme]["weights"]) < 0.01 * m[scheme]["weights"]
+        assert abs(sizes.weight_bytes(args, scheme, 32) - m[scheme]["weights"]) < 0.01 * m[scheme]["weights"]
 
 
 def test_weight_bytes_for_r1_distill_qwen_7b():
     from r1cli.config import args_from_dict, read_config_json
 
     args = args_from_dict(read_config_json(HUB_CONFIGS / "DeepSeek-R1-Distill-Qwen-7B"))
-    assert 15.0e9 < q.weight_bytes(args, "none") < 15.5e9
-    assert q.weight_bytes(args, "int4", 32) <= 6.5e9  # the issue's memory bar for the weights at int4
+    assert 15.0e9 < sizes.weight_bytes(args, "none") < 15.5e9
+    assert sizes.weight_bytes(args, "int4", 32) <= 6.5e9  # the issue's memory bar for the weights at int4
 
 
 @pytest.mark.slow
@@ -539,21 +555,21 @@ def test_bad_quant_flags_are_one_line_usage_errors(tiny_dirs, args, needle):
 @pytest.mark.parametrize("name", ["DeepSeek-R1-Distill-Qwen-7B", "DeepSeek-V2-Lite"])
 def test_multi_gpu_planner_counts_quantized_weights_as_r1_show_does(name):
     from r1cli.config import load_config
-    from r1cli.parallel import plan_memory
+    from r1cli.planner import plan_memory
 
     args = load_config(HUB_CONFIGS / name)
     for scheme in ("none", "int8", "int4"):
-        one = plan_memory(args, 1, 4096, None, 2, q.bytes_per_param(scheme, 32))
-        assert one.weights == q.weight_bytes(args, scheme, 32)
-    bf16 = plan_memory(args, 2, 4096, None, 2, q.bytes_per_param("none"))
-    int4 = plan_memory(args, 2, 4096, None, 2, q.bytes_per_param("int4", 32))
+        one = plan_memory(args, 1, 4096, None, 2, sizes.bytes_per_param(scheme, 32))
+        assert one.weights == sizes.weight_bytes(args, scheme, 32)
+    bf16 = plan_memory(args, 2, 4096, None, 2, sizes.bytes_per_param("none"))
+    int4 = plan_memory(args, 2, 4096, None, 2, sizes.bytes_per_param("int4", 32))
     assert int4.weights < 0.75 * bf16.weights  # per GPU, the replicated embedding and head stay bf16
 
 
 def test_int4_join_refuses_rows_that_split_a_kernel_block():
     """Joining packed int4 weights (q|k|v, gate|up) is exact where the CPU layout's row blocks line up, and refused
     where they would not (the layers then stay apart), checked against the parts' own products."""
-    from r1cli.quant import Int4Weight
+    from r1cli.quant_formats import Int4Weight
 
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     for rows in [(64, 16, 16), (128, 64), (576, 192, 192), (48, 16), (32, 32)]:

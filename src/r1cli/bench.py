@@ -12,8 +12,9 @@ import torch
 from .config import ModelArgs, args_from_dict, read_config_json
 from .generate import Decoder, SamplingParams
 from .loader import pick_device, pick_dtype
-from .models import CausalLM, build_model, count_parameters
+from .models import CausalLM, build_model
 from .models.base import fuse_when_loaded
+from .sizes import count_parameters, decode_bytes_per_token
 
 
 @dataclass
@@ -58,28 +59,18 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> f
     return 2 * nbytes / best / 1e9
 
 
-def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> float:
-    """Weight bytes one decode step reads: every activated parameter except the embedding table (one row)."""
-    _, activated = count_parameters(args)
-    per = torch.finfo(dtype).bits // 8
-    embedding = args.vocab_size * args.dim
-    if args.tie_embeddings:
-        embedding = 0  # the same table is read whole as the head
-    return (activated - embedding + args.dim) * per
-
-
 def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0, mtp: bool = False) -> CausalLM:
     """Random weights in the real shapes (normal, std 0.02; norms at 1), allocated straight on the device in
     their final dtype (the router in float32), so a model that fills most of a GPU fits once. `mtp`: DeepSeek's
     multi-token-prediction layer too."""
     with torch.device("meta"):
         model = build_model(args, mtp=mtp)
+    float32 = model.float32_parameters()
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in list(model.named_parameters()):
             prefix, _, leaf = name.rpartition(".")
-            keep32 = p.dtype == torch.float32 and getattr(model.get_submodule(prefix), "keep_float32", False)
-            t = torch.empty(p.shape, dtype=torch.float32 if keep32 else dtype, device=device)
+            t = torch.empty(p.shape, dtype=torch.float32 if name in float32 else dtype, device=device)
             if "norm" in name:
                 t.fill_(1.0)
             elif leaf in ("bias", "e_score_correction_bias"):
@@ -88,7 +79,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed
                 t.normal_(0.0, 0.02, generator=g)
             model.get_submodule(prefix)._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
             fuse_when_loaded(model, prefix)  # q|k|v and gate|up joined as the loader joins them, layer by layer
-    model.freqs = torch.empty(0, 0, 2, device=device)
+    model.reset_rope(device)
     return model.eval()
 
 
@@ -111,7 +102,7 @@ def share_hf_weights(args: ModelArgs, hf_model) -> CausalLM:
             tensor = hf[name]
         module = model.get_submodule(prefix)
         module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-    model.freqs = torch.empty(0, 0, 2, device=hf["model.embed_tokens.weight"].device)
+    model.reset_rope(hf["model.embed_tokens.weight"].device)
     return model.eval().fuse_projections()  # as the loader does (a copy of the joined weights)
 
 
@@ -224,7 +215,7 @@ def run_bench(
     draft: str | None = None,
     mtp: bool = False,
 ) -> dict:
-    from .quant import check_scheme, quantize_model, weight_bytes
+    from .quant import check_scheme, quantize_model
 
     check_scheme(quant, group_size)
     if (draft or mtp) and (config or compare_hf):
@@ -235,9 +226,9 @@ def run_bench(
     if config:
         cfg = read_config_json(Path(config).parent if Path(config).name == "config.json" else config)
     else:
-        from .loader import model_folder
+        from .loader import locate_model
 
-        folder = model_folder(model_name)
+        folder = locate_model(model_name)
         if folder.is_file():
             from .errors import UsageError
 
@@ -277,18 +268,15 @@ def run_bench(
     load_s = time.perf_counter() - t
 
     bandwidth = measure_copy_bandwidth(dev)
-    per_token = bytes_per_token(args, torch_dtype)
-    if quant != "none" and not args.is_moe_layer(args.n_layers - 1):  # dense: every quantized byte is read
-        per = torch.finfo(torch_dtype).bits // 8
-        per_token = weight_bytes(args, quant, group_size, per) - (0 if args.tie_embeddings else args.vocab_size * args.dim * per)
+    per_token = decode_bytes_per_token(args, torch.finfo(torch_dtype).bits // 8, quant, group_size)
     runs: dict[str, list[BenchResult]] = {"ours": [], "hf": []}
     drafter = None
     if draft or mtp:
-        from .loader import Checkpoint, model_folder
+        from .loader import Checkpoint, locate_model
         from .speculative import open_speculative
 
         room = Decoder(model, prompt_lengths[0] + new_tokens + 8)  # the draft's cache is as long as this
-        spec = open_speculative(room, Checkpoint(folder).tokenizer(), draft, mtp, lambda ref, name: model_folder(name),
+        spec = open_speculative(room, Checkpoint(folder).tokenizer(), draft, mtp, lambda ref, name: locate_model(name),
                                 dev, dtype, "none", group_size)
         drafter = spec.draft
         runs["hf"] = []

@@ -30,7 +30,7 @@ from .tokenizer import Tokenizer
 THINK_START, THINK_END = "<think>", "</think>"
 R1_ASSISTANT_TAG = "<｜Assistant｜>"
 # The one copy of DeepSeek's settings for R1 models (its usage recommendations: temperature 0.6, top-p 0.95; its
-# evaluations: "a maximum generation length of 32,768 tokens"). engine.generation_defaults applies them.
+# evaluations: "a maximum generation length of 32,768 tokens"). sampling.generation_defaults applies them.
 R1_SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}
 R1_MAX_TOKENS = 32768
 # Message keys that hold a turn's reasoning (transformers aliases them to one another).
@@ -512,7 +512,7 @@ def answer_only(content: str) -> str:
 def family_for(tokenizer: Tokenizer | None, alias=None) -> str:
     """"r1" for a deepseek-r1 alias (registry.Alias), or when the tokenizer has single <think> and </think> tokens
     and the template is DeepSeek's; else "plain". The one test of "is this an R1 model": prompt rules, sampling
-    defaults (engine.generation_defaults) and `r1 show` all follow it."""
+    defaults (sampling.generation_defaults) and `r1 show` all follow it."""
     if alias is not None and alias.name.startswith("deepseek-r1"):
         return "r1"
     has_think = tokenizer is not None and tokenizer.think_start_id is not None and tokenizer.think_end_id is not None

@@ -447,13 +447,14 @@ def _serve_parallel(info: dict) -> int:
 
 
 def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
-    """`r1 show --gpus N`: the per-GPU plan (parallel.plan_memory) added to hub.show's info."""
+    """`r1 show --gpus N`: the per-GPU plan (planner.plan_memory) added to hub.show's info."""
     from dataclasses import asdict
     from pathlib import Path
 
     from .config import load_config
     from .hub import format_size
-    from .parallel import describe_plan, plan_memory
+    from .parallel import Shard, check_sizes
+    from .planner import describe_plan, plan_memory
 
     args = load_config(Path(info.get("config_folder") or info["path"]))
     mem = int(gpu_mem * 1e9) if gpu_mem else None
@@ -462,6 +463,7 @@ def _plan(info: dict, ref, ctx: int, gpus: int, gpu_mem: float | None) -> None:
 
         if torch.cuda.is_available():
             mem = torch.cuda.get_device_properties(0).total_memory
+    check_sizes(args, Shard(rank=0, world=gpus))
     plan = plan_memory(args, gpus, ctx, mem, 4 if info["dtype"] == "float32" else 2)
     info["plan"] = {**asdict(plan), "total": plan.total, "fits": plan.fits, "text": describe_plan(plan, format_size)}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .quant import cpu_has_vnni
+from .quant_formats import cpu_has_vnni
 
 MAX_BYTES = 1 << 30  # a larger file is not ours (artifacts of a decode step are a few MB)
 

@@ -1,4 +1,5 @@
-"""config.json -> ModelArgs: one typed dataclass for every architecture r1 runs.
+"""config.json -> ModelArgs: one typed dataclass for every architecture r1 runs (SUPPORTED_ARCHITECTURES, the one list
+of them, which `r1 show` and `r1 list` use too).
 
 Both config layouts are accepted: the Hub's (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`)
 and transformers 5's (`rope_parameters`), which `save_pretrained` writes.
@@ -120,11 +121,6 @@ class ModelArgs:
             m = yarn_mscale(r.factor, r.mscale_all_dim)
             scale *= m * m
         return scale
-
-    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        if self.is_deepseek:
-            return self.n_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * bytes_per_value
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -15,8 +15,6 @@ from typing import Callable
 import torch
 
 from .chat_format import (
-    R1_MAX_TOKENS,
-    R1_SAMPLING_DEFAULTS,
     PromptBuild,
     build_prompt,
     family_for,
@@ -27,13 +25,13 @@ from .generate import Decoder
 from .options import ModelOptions
 from .reasoning import ReasoningSplitter
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name
-from .sampling import DISTRIBUTION_FIELDS, SamplingParams
+from .sampling import PLAIN_MAX_TOKENS, SamplingParams, default_sampling, generation_defaults  # noqa: F401 (the engine's API)
 
 CPU_CONTEXT = 8192  # default KV cache length on CPU and MPS: memory and speed there are tight
 ACCEL_CONTEXT = 32768  # on CUDA: room for R1's long reasoning
 
 
-def model_folder(ref: ModelRef, interactive: bool) -> Path:
+def locate_or_pull(ref: ModelRef, interactive: bool) -> Path:
     """The folder holding the model; on a terminal offers to download one that is not in the cache."""
     if ref.path is not None:
         return ref.path
@@ -78,45 +76,6 @@ def check_device(device: str, ranks: int = 1) -> None:
 
 def default_context(model_max: int, device: torch.device) -> int:
     return min(model_max, ACCEL_CONTEXT if device.type == "cuda" else CPU_CONTEXT)
-
-
-# A model that is not R1 gets at most PLAIN_MAX_TOKENS tokens: a reply of a model that does not reason fits in
-# about 3,000 words, and 4096 tokens of a small model on a CPU take minutes, not the hours a whole context can.
-PLAIN_MAX_TOKENS = 4096
-# transformers' own values for the keys a generation_config.json leaves out (GenerationConfig defaults).
-TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-def generation_defaults(tokenizer, alias=None) -> dict:
-    """The defaults `r1 run`, `chat`, `serve` and `show` use for a model (SamplingParams fields), and where they
-    come from ("source"). R1 models (chat_format.family_for: `tokenizer` may be None, `alias` a registry.Alias)
-    get DeepSeek's temperature 0.6, top-p 0.95 and 32,768 tokens, with generation_config.json over them (the R1
-    repos' say the same). Other models: their generation_config.json as transformers reads it (keys it leaves out
-    take transformers' values; do_sample false, or no sampling settings at all, is greedy decoding), at most
-    PLAIN_MAX_TOKENS tokens. Unlike transformers, a file that sets a temperature or top-p without do_sample is
-    taken to mean sampling. The repetition guard is on for all: it is what makes greedy decoding safe. The
-    Decoder caps max_tokens by the context left."""
-    config = getattr(tokenizer, "generation_config", None) or {}
-    given = {k: config[k] for k in DISTRIBUTION_FIELDS
-             if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
-    if family_for(tokenizer, alias) == "r1":
-        defaults = {**R1_SAMPLING_DEFAULTS, "max_tokens": R1_MAX_TOKENS, **given}
-        source = "DeepSeek's R1 recommendations" + (" and generation_config.json" if given else "")
-    else:
-        defaults = {**TRANSFORMERS_SAMPLING, "max_tokens": PLAIN_MAX_TOKENS, **given}
-        source = "generation_config.json"
-        if not given and config.get("do_sample") is not True:
-            defaults["temperature"] = 0.0
-            source = "greedy: generation_config.json sets no sampling"
-    if config.get("do_sample") is False:
-        defaults["temperature"] = 0.0  # transformers' greedy decoding
-    return {**defaults, "repeat_guard": True, "source": source}
-
-
-def default_sampling(tokenizer, alias=None, **overrides) -> SamplingParams:
-    """generation_defaults as SamplingParams, `overrides` (SamplingParams fields) on top: for the Python API."""
-    values = {k: v for k, v in generation_defaults(tokenizer, alias).items() if k != "source"}
-    return SamplingParams(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
@@ -187,7 +146,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
         check_device(device)  # before any download
     name = opts.name or DEFAULT_MODEL
     ref = resolve_name(name)
-    folder = model_folder(ref, interactive)
+    folder = locate_or_pull(ref, interactive)
     torch_device = torch_device or pick_device(device)
     checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
     args = checkpoint.args
@@ -196,21 +155,21 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     fp8 = "dequant"
     where = torch_device.type
     if shard is not None and shard.world > 1:
-        from . import parallel
+        from . import planner
 
         fp8 = "keep" if args.fp8_block else "dequant"  # FP8 weights stay FP8 across GPUs (one byte each)
         where = f"{shard.world} x {torch_device.type}"
-        parallel.check_sizes(args, shard)
+        checkpoint.check_shard(shard)
         if torch_device.type == "cuda":  # refuse up front what cannot fit, with the numbers
             from .hub import format_size
 
             total = torch.cuda.get_device_properties(torch_device).total_memory
-            from .quant import bytes_per_param
+            from .sizes import bytes_per_param
 
-            plan = parallel.plan_memory(args, shard.world, context, total, torch_dtype.itemsize,
-                                        bytes_per_param(quant, group_size))
+            plan = planner.plan_memory(args, shard.world, context, total, torch_dtype.itemsize,
+                                       bytes_per_param(quant, group_size))
             if not plan.fits:
-                raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {parallel.describe_plan(plan, format_size)} "
+                raise R1Error(f"{ref.identity} does not fit on {shard.world} GPUs: {planner.describe_plan(plan, format_size)} "
                               f"(use more GPUs or a smaller --max-context)")
     if announce:
         dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -231,7 +190,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
         from .speculative import open_speculative
 
         decoder = open_speculative(decoder, tokenizer, opts.draft, opts.mtp,
-                                     lambda r, n: model_folder(r, interactive), torch_device, dtype,
+                                     lambda r, n: locate_or_pull(r, interactive), torch_device, dtype,
                                      opts.draft_quant, group_size, announce)
     return OpenModel(name, ref, folder, tokenizer, decoder, family, generation_defaults(tokenizer, ref.alias))
 

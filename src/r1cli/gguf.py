@@ -703,7 +703,8 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
 
     from .models import build_model
     from .models.base import fuse_when_loaded
-    from .quant import Int4Weight, Quantizer, shape_notice
+    from .quant import Quantizer, shape_notice
+    from .quant_formats import Int4Weight
 
     args = args or model_args(f)
     if "tokenizer.ggml.model" in f.metadata:  # a tokenizer r1 cannot build fails now, not after the weights
@@ -712,6 +713,7 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
     with torch.device("meta"):
         model = build_model(args)
     targets = dict(model.named_parameters())
+    float32 = model.float32_parameters()
     plan = _plan(f, args, targets)
     quantizer = Quantizer(quant, group_size, device, collect=False) if quant != "none" else None
     repacked = 0
@@ -728,8 +730,7 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
             )
         module_name, _, attr = param.rpartition(".")
         module = model.get_submodule(module_name)
-        # the router stays float32 (Gate.keep_float32), as the safetensors loader keeps it
-        this_dtype = torch.float32 if getattr(module, "keep_float32", False) else dtype
+        this_dtype = torch.float32 if param in float32 else dtype  # (the router)
         if module_name.endswith(".experts"):
             _load_experts(f, name, module, module_name, attr, this_dtype, device, quantizer)
             continue
@@ -751,7 +752,7 @@ def load_model(f: GGUFFile, device: torch.device | str = "cpu", dtype: torch.dty
         _trim_heap()
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.freqs = torch.empty(0, 0, 2, device=device)
+    model.reset_rope(device)
     if quantizer is not None:
         model.quant_notice = shape_notice(quant, group_size, quantizer.slow)
         model.gguf_repacked = repacked  # linear layers taken over from the file's 4-bit blocks as they were

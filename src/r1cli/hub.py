@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .config import SUPPORTED_ARCHITECTURES
 from .errors import ModelNotFoundError, R1Error, UsageError
 from .files import read_json
 from .registry import ModelRef, alias_for_repo
@@ -34,7 +35,6 @@ RUN_FILES = (
     "tokenizer_config.json",
     "chat_template.jinja",  # where transformers >= 4.43 saves the template when it is not in tokenizer_config.json
 )
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 CONFIRM_ABOVE_BYTES = 2 * 10**9
 DEFAULT_CTX = 4096
 
@@ -599,9 +599,6 @@ def _confined(strategy, root: Path, repo_path: Path):
 
 # -- show --------------------------------------------------------------------------------------------------------
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
-
-
 def show(ref: ModelRef, ctx: int = DEFAULT_CTX, token: str | None = None) -> dict:
     """What `r1 show` prints: architecture, parameters, context, dtype, sizes, memory at `ctx` tokens, sampling.
     A Hub model not (fully) downloaded is answered from its config.json alone (_show_before_download)."""
@@ -681,7 +678,7 @@ def _show_config(ref: ModelRef, cfg: dict, ctx: int, folder: Path | None = None)
     # transformers 5 writes "dtype" where older configs say "torch_dtype".
     dtype = "fp8" if quant.get("quant_method") == "fp8" else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     from .config import args_from_dict
-    from .models import count_parameters
+    from .sizes import count_parameters, quantized_weight_bytes, show_memory
 
     args = args_from_dict(cfg)  # also refuses an architecture r1 cannot run
     from .weights import check_layers
@@ -689,12 +686,6 @@ def _show_config(ref: ModelRef, cfg: dict, ctx: int, folder: Path | None = None)
     if folder is not None:  # before a download config.py's bounds on sizes are what holds
         check_layers(folder, args)  # before count_parameters builds the config's layers (on the meta device)
     total, activated = count_parameters(args)
-    # Weights at the checkpoint's dtype (FP8: one byte each; the block scales are negligible).
-    weight_bytes = total * _DTYPE_BYTES.get(dtype, 2)
-    kv_per_token = args.kv_cache_bytes_per_token(4 if dtype == "float32" else 2)
-    memory = _memory(ctx, weight_bytes, kv_per_token)
-    if dtype != "float32":
-        memory.update(_kv_here(args, ctx))
     return {
         "name": ref.name,
         "repo": ref.repo,
@@ -705,10 +696,10 @@ def _show_config(ref: ModelRef, cfg: dict, ctx: int, folder: Path | None = None)
         "context_length": cfg.get("max_position_embeddings"),
         "dtype": dtype,
         "size_on_disk": None,
-        "memory": memory,
+        "memory": show_memory(args, ctx, dtype, total),
         "chat_template": None,
         "sampling": _sampling(ref, lambda: None),
-        "quantized_weights": _quantized_sizes(args, 4 if dtype == "float32" else 2),
+        "quantized_weights": quantized_weight_bytes(args, 4 if dtype == "float32" else 2),
         "cpu": _cpu_advice(),
         "mtp_layers": _mtp_layers(folder, args),
     }
@@ -732,23 +723,6 @@ def _mtp_layers(folder: Path | None, args) -> int:
     return args.n_mtp_layers
 
 
-def _kv_here(args, ctx: int) -> dict:
-    """On a machine without a GPU whose CPU lacks bf16 math, a 16-bit model keeps its KV cache in float32
-    (models.layers.kv_cache_dtype): twice the bytes of the 16-bit figure. Empty elsewhere."""
-    import torch
-
-    from .cpu import kv_cache_dtype
-
-    if torch.cuda.is_available() or kv_cache_dtype(torch.bfloat16, torch.device("cpu")) != torch.float32:
-        return {}
-    return {"kv_cache_here": args.kv_cache_bytes_per_token(4) * ctx, "kv_cache_here_dtype": "float32"}
-
-
-def _memory(ctx: int, weight_bytes: int, kv_per_token: int) -> dict:
-    return {"context": ctx, "weights": weight_bytes, "kv_cache": kv_per_token * ctx, "kv_cache_per_token": kv_per_token,
-            "total": weight_bytes + kv_per_token * ctx}
-
-
 def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
     """`r1 show` of a GGUF file: the same fields, from its metadata. Weights are counted as loaded (dequantized
     to bfloat16)."""
@@ -756,7 +730,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
 
     from .gguf import model_args, open_gguf, tensor_types, tokenizer_summary
     from .gguf import tokenizer as gguf_tokenizer
-    from .models import count_parameters
+    from .sizes import count_parameters, quantized_weight_bytes, show_memory
 
     f = open_gguf(path)
     args = model_args(f)  # also refuses an architecture r1 cannot run
@@ -765,9 +739,6 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         file_type = LlamaFileType(f.metadata["general.file_type"]).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (KeyError, ValueError):
         file_type = ref.gguf or quant_type(path.name)
-    weight_bytes = total * 2
-    kv_per_token = args.kv_cache_bytes_per_token(2)
-    memory = {**_memory(ctx, weight_bytes, kv_per_token), **_kv_here(args, ctx)}
     snapshot = snapshot_of(path)
     template = f.metadata.get("tokenizer.chat_template")
     return {
@@ -780,30 +751,22 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "context_length": args.max_seq_len,
         "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
         "size_on_disk": f.size,
-        "memory": memory,
+        "memory": show_memory(args, ctx, "bfloat16", total),  # as loaded: dequantized to bfloat16
         "chat_template": isinstance(template, str),
         "sampling": _sampling(ref, lambda: gguf_tokenizer(f)),
         "cpu": _cpu_advice(),
-        "quantized_weights": _quantized_sizes(args, 2),
+        "quantized_weights": quantized_weight_bytes(args, 2),
         "gguf": {"architecture": f.metadata.get("general.architecture"), "file_type": file_type,
                  "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f),
                  "tokenizer": tokenizer_summary(f)},
     }
 
 
-def _quantized_sizes(args, dtype_bytes: int) -> dict[str, int]:
-    """Weight bytes in memory with --quant (embedding and head kept at the checkpoint's dtype)."""
-    from .quant import weight_bytes
-
-    return {"int8": weight_bytes(args, "int8", 32, dtype_bytes),
-            **{f"int4 g{g}": weight_bytes(args, "int4", g, dtype_bytes) for g in (32, 128)}}
-
-
 def _sampling(ref: ModelRef, read_tokenizer) -> dict:
-    """The defaults `r1 run` will use (engine.generation_defaults, the same call); {} when the tokenizer cannot be
+    """The defaults `r1 run` will use (sampling.generation_defaults, the same call); {} when the tokenizer cannot be
     read and the name is no R1 alias (`r1 run` would refuse the model)."""
     from .chat_format import family_for
-    from .engine import generation_defaults
+    from .sampling import generation_defaults
 
     try:
         tokenizer = read_tokenizer()

@@ -1,4 +1,6 @@
-"""`load(name)`: a model name, repo id, folder or .gguf file -> (model, tokenizer) ready on a device."""
+"""`load(name)`: a model name, repo id, folder or .gguf file -> (model, tokenizer) ready on a device. Owns finding a
+model locally (`locate_model`), what it is stored as (`Checkpoint`: safetensors or GGUF, its sizes checked once
+per world size), the device and dtype choice, and the quantized load (through quant.py's cache)."""
 
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ def pick_dtype(dtype: str | torch.dtype, args: ModelArgs, device: torch.device) 
     return DTYPES[dtype]
 
 
-def model_folder(name: str | Path) -> Path:
+def locate_model(name: str | Path) -> Path:
     """A local folder or .gguf file as is; an alias or repo id -> its snapshot in the Hugging Face cache
-    (`org/name:TYPE` -> the GGUF file in it)."""
+    (`org/name:TYPE` -> the GGUF file in it). Never downloads (engine.locate_or_pull offers to)."""
     from .registry import resolve_name
 
     ref = resolve_name(str(name))
@@ -75,6 +77,18 @@ class Checkpoint:
 
             self.args = load_config(self.path)
             check_layers(self.path, self.args)  # before anything is built from the config's sizes
+        self._checked_world = 1  # the world size whose shard sizes are checked (check_shard)
+
+    def check_shard(self, shard) -> None:
+        """Refuse (parallel.ShardingError), before anything is built, a model whose sizes do not divide across
+        `shard`'s ranks (parallel.check_sizes): once per checkpoint and world size, whoever asks first (the
+        engine before planning, else the load)."""
+        if shard is None or shard.world == self._checked_world:
+            return
+        from .parallel import check_sizes
+
+        check_sizes(self.args, shard)
+        self._checked_world = shard.world
 
     def load_model(
         self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", fp8: str = "dequant", shard=None,
@@ -122,6 +136,7 @@ class Checkpoint:
             with tracker("loading weights" if quant == "none" else f"loading and quantizing to {quant}") as report:
                 return gguf.load_model(self.gguf, device, torch_dtype, self.args, quant=quant, group_size=group_size,
                                        fuse=fuse, progress=report)
+        self.check_shard(shard)
         with torch.device("meta"):
             model = build_model(self.args, shard, mtp=mtp)
         if quant == "none":
@@ -209,6 +224,6 @@ def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
          quant: str = "none", group_size: int = 32):
     """Load a model and its tokenizer. `name`: a folder, a .gguf file, an alias such as deepseek-r1:7b, a repo id,
     or `org/name:Q4_K_M` (a GGUF file of a repo). quant: none|int8|int4 (weight-only, see quant.py)."""
-    checkpoint = Checkpoint(model_folder(name))
+    checkpoint = Checkpoint(locate_model(name))
     model = checkpoint.load_model(device=device, dtype=dtype, fp8=fp8, quant=quant, group_size=group_size)
     return model, checkpoint.tokenizer()

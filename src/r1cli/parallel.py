@@ -12,6 +12,7 @@ shapes it implies and the loader reads exactly that slice from the safetensors f
 
 Rank 0 owns the terminal and draws every token; the others follow its commands (`Shard.command` /
 `Shard.next_command`) and receive each token by broadcast, so all ranks prefill and decode in lockstep.
+Whether a model fits on N GPUs is planner.py's.
 """
 
 from __future__ import annotations
@@ -122,25 +123,26 @@ SINGLE = Shard()
 
 # --- where each tensor lives -------------------------------------------------------------------------------------
 
-REPLICATE, SKIP = "replicate", "skip"
-EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
+REPLICATE, SKIP_HERE = "replicate", "skip"
+# A routed expert's weight, one tensor per expert in the checkpoint: (the stack it joins, the expert, which one).
+EXPERT_RE = re.compile(r"^((?:model\.layers\.\d+|mtp)\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 COLUMN_RE = re.compile(r"\.(q_proj|k_proj|v_proj|q_b_proj|kv_b_proj|gate_proj|up_proj)\.(weight|bias)$")
 ROW_RE = re.compile(r"\.(o_proj|down_proj)\.(weight|bias)$")
 VOCAB_RE = re.compile(r"^(model\.embed_tokens|lm_head)\.weight$")
 
 
 def placement(name: str, shard: Shard) -> str | int:
-    """Where checkpoint tensor `name` goes on this rank: REPLICATE (whole), SKIP (not on this rank), or the dim it
-    is split along evenly (0: rows, 1: columns). Routed experts (`...experts.E...`) are whole on the rank whose
-    `Shard.experts` range holds E and skipped elsewhere (the loader checks the range)."""
-    if shard.world == 1 or EXPERT_RE.search(name):
+    """Where checkpoint tensor `name` goes on this rank: REPLICATE (whole), SKIP_HERE (not on this rank), or the
+    dim it is split along evenly (0: rows, 1: columns). Routed experts (`...experts.E...`) are whole on the rank
+    whose `Shard.experts` range holds E and skipped on the others (the loader checks the range)."""
+    if shard.world == 1 or EXPERT_RE.match(name):
         return REPLICATE
     if COLUMN_RE.search(name) or VOCAB_RE.match(name):
         return 0
     m = ROW_RE.search(name)
     if m:
         # a row-parallel bias is added once, after the all-reduce: rank 0 holds it
-        return 1 if m.group(2) == "weight" else (REPLICATE if shard.leader else SKIP)
+        return 1 if m.group(2) == "weight" else (REPLICATE if shard.leader else SKIP_HERE)
     return REPLICATE
 
 
@@ -184,82 +186,6 @@ def check_sizes(args: ModelArgs, shard: Shard) -> None:
             if size % block:
                 raise ShardingError(f"FP8 {what} per rank ({size}) are not whole {block}-blocks on {shard.world} ranks: "
                                     f"use a world size that keeps them whole")
-
-
-# --- memory planning ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    gpus: int
-    context: int
-    weights: int  # bytes on the fullest GPU (rank 0: the row-parallel biases, the extra expert)
-    kv_cache: int  # bytes per GPU at `context` tokens
-    gpu_mem: int | None
-    reserve: int  # kept free for activations, the CUDA context and NCCL buffers
-    fp8: bool
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache
-
-    @property
-    def fits(self) -> bool | None:
-        return None if self.gpu_mem is None else self.total + self.reserve <= self.gpu_mem
-
-
-RESERVE_FRACTION = 0.08  # an estimate (docs/distributed.md says what was measured)
-
-
-def plan_memory(args: ModelArgs, gpus: int, context: int, gpu_mem: int | None = None, dtype_bytes: int = 2,
-                bytes_per_param: Callable[[str, torch.Tensor, float], float] | None = None) -> MemoryPlan:
-    """Weights and KV cache per GPU for `gpus` ranks at `context` tokens (bytes), counted on the meta device.
-
-    FP8 checkpoints are planned as loaded by a distributed run: FP8 weights stay FP8 (one byte, plus a float32
-    scale per 128x128 block). `bytes_per_param(name, meta_tensor, default)` may override any parameter's size
-    per element (quantized formats plug in there)."""
-    from .models import build_model
-    from .models.deepseek import Experts, Gate
-    from .models.layers import Linear
-
-    shard = Shard(rank=0, world=gpus)
-    check_sizes(args, shard)
-    with torch.device("meta"):
-        model = build_model(args, shard if gpus > 1 else None)
-    fp8_params, f32_params = set(), set()
-    for mod_name, mod in model.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}"
-            if isinstance(mod, Gate):
-                f32_params.add(full)
-            elif args.fp8_block and p_name != "bias" and isinstance(mod, (Linear, Experts)):
-                fp8_params.add(full)
-    block = args.fp8_block[0] * args.fp8_block[1] if args.fp8_block else 1
-    total = 0.0
-    seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if args.tie_embeddings and name == "lm_head.weight" or id(p) in seen:
-            continue
-        seen.add(id(p))
-        per = 1 + 4 / block if name in fp8_params else 4 if name in f32_params else dtype_bytes
-        if bytes_per_param is not None:
-            per = bytes_per_param(name, p, per)
-        total += p.numel() * per
-    if args.is_deepseek:
-        kv = args.kv_cache_bytes_per_token(dtype_bytes)  # the MLA latent cache is replicated on every rank
-    else:  # split by key/value heads (copied when there are more GPUs than heads)
-        kv = args.kv_cache_bytes_per_token(dtype_bytes) * max(args.n_kv_heads // gpus, 1) // args.n_kv_heads
-    reserve = int(gpu_mem * RESERVE_FRACTION) if gpu_mem else 0
-    return MemoryPlan(gpus, context, int(total), kv * context, gpu_mem, reserve, bool(args.fp8_block))
-
-
-def describe_plan(plan: MemoryPlan, fmt: Callable[[float], str]) -> str:
-    line = (f"weights {fmt(plan.weights)} + KV cache {fmt(plan.kv_cache)} @{plan.context} tokens = "
-            f"{fmt(plan.total)} per GPU")
-    if plan.gpu_mem is not None:
-        verdict = "fits" if plan.fits else "does not fit"
-        line += f"; {verdict} in {fmt(plan.gpu_mem)} (keeping {fmt(plan.reserve)} free)"
-    return line
 
 
 # --- processes ---------------------------------------------------------------------------------------------------

@@ -1,24 +1,11 @@
-"""Weight-only quantization of the linear layers: int8 (symmetric, one scale per output channel) and int4
-(asymmetric groups of 32/64/128 along the input dim), multiplied by PyTorch's own packed kernels.
+"""Weight-only quantization of a model: `Quantizer` (called by the loaders as each weight lands, so one float
+tensor at a time is alive), `quantize_model` (an already loaded model), `quantize_head` (--quant-head), and the
+disk cache of quantized weights (written and read by the safetensors package, a CRC-32 per tensor). The formats
+themselves (Int8Weight, Int4Weight, their kernels) are quant_formats.py's; what they weigh is sizes.py's.
 
-int4 convention (shared with the GGUF importer, and exactly that of torch's int4 kernels): codes q in 0..15,
-w = (q - 8) * scale + zero per group; scales and zeros [N, K/g] float32. In memory the scales and zeros are kept
-as the kernel wants them: [K/g, N, 2] bfloat16.
-
-Layouts of an int4 weight:
-- "cpu": torch._convert_weight_to_int4pack_for_cpu (blocked by ISA; only the kernel reads it), bf16 activations.
-- "cuda": tinygemm (torch._convert_weight_to_int4pack), bf16 activations.
-- "plain": two codes per byte, low nibble first, [.., N, K/2] uint8: the on-disk cache format, and the
-  dequantize-per-matmul fallback on other devices (and for gathered MoE experts on a GPU).
-
-int8 on a CPU has two kernels (Int8Weight.kernel), chosen once per process from the CPU's features and the
-quality bar (choose_int8_kernel): "pack", torch._weight_int8pack_mm (int8 weights, bf16 activations, float math); and
-"dynamic", fbgemm's dynamic int8 linear (torch.ops.quantized.linear_dynamic): each one-row input is quantized to
-8 bits per call and multiplied with the CPU's integer dot-product instructions (VNNI), as llama.cpp's Q8
-activations are. The codes and scales are the same in both; only the activation rounding differs.
-
-The embedding and the output head are not quantized (the head is, as int8, with --quant-head: quantize_head); neither is MLA's kv_b_proj (the absorbed decode reads it
-as a dense matrix, and it is small). A layer whose shape a kernel cannot take stays in its dtype (counted).
+The embedding and the output head are not quantized (the head is, as int8, with --quant-head: quantize_head); neither
+is MLA's kv_b_proj (the absorbed decode reads it as a dense matrix, and it is small). A layer whose shape a kernel
+cannot take stays in its dtype (counted).
 """
 
 from __future__ import annotations
@@ -27,358 +14,19 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import R1Error
-
 from .options import GROUP_SIZES, check_scheme  # noqa: F401  (the schemes and their check live with the options)
-# Rows (tokens) from which a CPU int8 matmul dequantizes the weight to float32 instead of running the packed
-# kernel: where dequantizing became the faster of the two on an AVX2 CPU (docs/performance.md).
-CPU_INT8_DEQUANT_ROWS = 64
-# Modules left in full precision by name (see the module docstring).
-SKIP = ("kv_b_proj",)
+from .quant_formats import Int4Weight, Int8Weight, int4_export, quantize_int4, quantize_int8
 
-
-# --- quantizers (pure functions on float weights) ---------------------------------------------------------------
-
-
-def _row_chunks(w: torch.Tensor):
-    """Row slices of about 1M elements: float32 temporaries stay small and alike in size, so the allocator reuses
-    them instead of growing the heap (without this, test_quantized_load_peak_memory's bound is exceeded)."""
-    rows = w.shape[-2]
-    step = max(1, (1 << 20) // max(w.shape[-1], 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [.., N, K] -> (q int8 [.., N, K], scale float32 [.., N]) with w ~= q * scale."""
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
-    for rows in _row_chunks(w):
-        c = w[..., rows, :].to(torch.float32, copy=True)  # modified in place below
-        s = (c.abs().amax(dim=-1) / 127).clamp(min=1e-10)
-        q[..., rows, :] = c.div_(s.unsqueeze(-1)).round_().clamp_(-127, 127)
-        scale[..., rows] = s
-    return q, scale
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [.., N, K] -> (codes int32 0..15 [.., N, K], scales, zeros float32 [.., N, K/g]) with
-    w ~= (q - 8) * scale + zero: the group's min maps to 0 and its max to 15."""
-    *lead, n, k = w.shape
-    codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
-    scales = torch.empty(*lead, n, k // group_size, dtype=torch.float32, device=w.device)
-    zeros = torch.empty_like(scales)
-    for rows in _row_chunks(w):
-        g = w[..., rows, :].to(torch.float32, copy=True)
-        g = g.reshape(*g.shape[:-1], k // group_size, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-10)
-        c = g.sub_(lo.unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, 15)
-        codes[..., rows, :] = c.reshape(*c.shape[:-2], k)
-        scales[..., rows, :], zeros[..., rows, :] = scale, lo + 8 * scale
-    return codes, scales, zeros
-
-
-def pack_nibbles(codes: torch.Tensor, even_high: bool = False) -> torch.Tensor:
-    """int codes 0..15 [.., K] -> uint8 [.., K/2], low nibble = even k (high with even_high, as tinygemm wants)."""
-    c = codes.to(torch.uint8)
-    even, odd = c[..., 0::2], c[..., 1::2]
-    return (even << 4) | odd if even_high else even | (odd << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [.., K/2] -> int32 codes [.., K]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2).to(torch.int32)
-
-
-def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """The reference: codes [.., N, K], scales/zeros [.., N, K/g] -> w [.., N, K]."""
-    *lead, n, k = codes.shape
-    groups = scales.shape[-1]
-    q = codes.float().reshape(*lead, n, groups, k // groups)
-    return ((q - 8) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).reshape(*lead, n, k).to(dtype)
-
-
-def int4_supported(n: int, k: int, group_size: int, device: torch.device) -> bool:
-    """Can the packed kernel of this device take an [n, k] weight? (else the layer stays unquantized)"""
-    if k % group_size:
-        return False
-    if device.type == "cpu":
-        return n % 16 == 0 and k % 2 == 0
-    if device.type == "cuda":
-        return n % 8 == 0 and k % (8 * 16) == 0  # tinygemm with inner_k_tiles = 8
-    return k % 2 == 0
-
-
-# --- weight formats (live inside a Linear or an Experts module) -------------------------------------------------
-
-
-class QuantWeight(nn.Module):
-    """Base: `matmul(x, bias)` is y = x W^T (+ b); `dequantize(dtype, index)` the dense weight (of expert
-    `index` when stacked); `export()` the device-independent tensors the disk cache stores."""
-
-    scheme = "none"
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, index=None) -> torch.Tensor:
-        y = F.linear(x, self.dequantize(x.dtype, index))
-        return y if bias is None else y + bias
-
-    def join(self, parts: list[QuantWeight]) -> QuantWeight | None:
-        """The weights of `parts` (this one first) stacked along the output rows, as one; None if they cannot be
-        (layers.fuse_linears then keeps them apart)."""
-        return None
-
-
-# --- the int8 kernel of this CPU ----------------------------------------------------------------------------------
-
-INT8_KERNELS = ("pack", "dynamic")
-
-
-def fastest_int8_kernel(has_vnni: bool) -> str:
-    """The int8 one-row kernel to use on a CPU with (or without) integer dot products for 8-bit activations
-    (AVX512-VNNI / AVX-VNNI): fbgemm's dynamic int8 linear with them (faster than the packed kernel at the
-    R1-Distill-Qwen-1.5B shapes on an AVX512-VNNI CPU, docs/performance.md); else the packed kernel (fbgemm's
-    AVX2 path saturates 16-bit pair sums)."""
-    return "dynamic" if has_vnni else "pack"
-
-
-def cpu_has_vnni() -> bool:
-    """Integer dot-product instructions (cpu.py, the one reader of the CPU's features), and fbgemm in this torch
-    build to use them."""
-    from .cpu import features
-
-    return "fbgemm" in torch.backends.quantized.supported_engines and features().vnni
-
-
-# Whether the dynamic kernel keeps the int8 quality bar (mean KL < 0.01 against bf16, SmolLM2-135M decoded token
-# by token, tests/test_quant.py): it did not (0.0143, against 0.0042 for the packed kernel's bf16 activations):
-# one 8-bit scale per activation row is too coarse for the outlier channels of real hidden states (llama.cpp's Q8
-# activations take one scale per 32 values). Until it does, it is opt-in (R1_INT8_KERNEL=dynamic).
-DYNAMIC_INT8_KEEPS_QUALITY = False
-
-
-def choose_int8_kernel(has_vnni: bool) -> str:
-    """The kernel a process uses: the fastest one that keeps the quality bar."""
-    fastest = fastest_int8_kernel(has_vnni)
-    return fastest if fastest != "dynamic" or DYNAMIC_INT8_KEEPS_QUALITY else "pack"
-
-
-_int8_kernel: str | None = None
-
-
-def int8_kernel() -> str:
-    """This process's CPU int8 kernel, decided once at first use (R1_INT8_KERNEL=pack|dynamic overrides it, for
-    benchmarks, tests and trying the dynamic kernel)."""
-    global _int8_kernel
-    if _int8_kernel is None:
-        forced = os.environ.get("R1_INT8_KERNEL", "")
-        _int8_kernel = forced if forced in INT8_KERNELS else choose_int8_kernel(cpu_has_vnni())
-    return _int8_kernel
-
-
-def _fbgemm_prepack(q: torch.Tensor, scale: torch.Tensor):
-    """fbgemm's packed form of int8 codes q [N, K] with per-row scales (zero points 0): its own copy of the codes,
-    laid out for its integer kernel. (torch marks the quantized-tensor API deprecated and warns: hence the filter.)"""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qt = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(),
-                                                      torch.zeros(q.shape[0], dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qt, None)
-
-
-class Int8Weight(QuantWeight):
-    """int8 codes q [.., N, K] and float32 scales [.., N]: w = q * scale. kernel "pack" keeps q as a buffer;
-    kernel "dynamic" (2-D weights on a CPU) keeps only fbgemm's packed copy of it, and `q` unpacks on demand."""
-
-    scheme = "int8"
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
-        super().__init__()
-        if kernel is None:
-            kernel = int8_kernel() if q.device.type == "cpu" and q.dim() == 2 else "pack"
-        self.kernel = kernel
-        self._packed = None
-        if kernel == "dynamic":
-            self._packed = _fbgemm_prepack(q, scale.float())
-            self._shape = q.shape
-            self.register_buffer("_q", None)
-        else:
-            self.register_buffer("_q", q)
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("scale_bf16", self.scale.bfloat16(), persistent=False)  # what the CPU kernel takes
-
-    @property
-    def q(self) -> torch.Tensor:
-        """The int8 codes (a copy unpacked from fbgemm's layout with the dynamic kernel)."""
-        if self._packed is None:
-            return self._q
-        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # the codes under the same name whatever the kernel keeps (memory probes count a state_dict's bytes)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.pop(prefix + "_q", None)
-        destination[prefix + "q"] = self.q
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor) -> Int8Weight:
-        return cls(*quantize_int8(w))
-
-    @classmethod
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor) -> Int8Weight:
-        """q int8 [.., N, K], scale [.., N] (w = q * scale), e.g. repacked GGUF Q8_0 rows."""
-        return cls(q.to(torch.int8), scale)
-
-    @property
-    def shape(self):
-        return self._shape if self._packed is not None else self._q.shape
-
-    def join(self, parts: list[Int8Weight]) -> Int8Weight | None:
-        if any(len(p.shape) != 2 or p.kernel != self.kernel for p in parts):
-            return None
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), self.kernel)
-
-    def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
-        q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
-        return (q.float() * s.unsqueeze(-1)).to(dtype)
-
-    def matmul(self, x, bias=None, index=None):
-        rows = x.numel() // x.shape[-1]
-        if self._packed is not None:
-            if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own
-                y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self._packed, False)
-                y = y.view(*x.shape[:-1], -1).to(x.dtype)
-                return y if bias is None else y + bias
-            # several rows would share one activation scale: the float kernels below
-            q, s = self.q, self.scale
-        else:
-            q, s = (self._q, self.scale) if index is None else (self._q[index], self.scale[index])
-        if x.device.type == "cpu" and q.dim() == 2:
-            if rows < CPU_INT8_DEQUANT_ROWS:
-                # the packed kernel is vectorised for bf16 activations only (float32: far slower, docs/quantization.md)
-                s16 = self.scale_bf16 if index is None else self.scale_bf16[index]
-                y = torch._weight_int8pack_mm(x.reshape(rows, -1).bfloat16(), q, s16)
-                y = y.view(*x.shape[:-1], -1).to(x.dtype)
-            else:  # a prompt: dequantize once, then a float32 GEMM
-                y = F.linear(x.float(), q.float() * s.unsqueeze(-1)).to(x.dtype)
-        else:  # dequant-in-matmul: one fused expression torch.compile turns into one kernel
-            y = F.linear(x, q.to(x.dtype)) * s.to(x.dtype)
-        return y if bias is None else y + bias
-
-    def export(self) -> dict[str, torch.Tensor]:
-        return {"q": self.q, "scale": self.scale}
-
-    @classmethod
-    def from_export(cls, t: dict[str, torch.Tensor], group_size: int, device) -> Int8Weight:
-        return cls(t["q"].to(device), t["scale"].to(device))
-
-
-class Int4Weight(QuantWeight):
-    """Packed int4 codes + [.., K/g, N, 2] bf16 scales_and_zeros; stacked experts carry a leading E dim."""
-
-    scheme = "int4"
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, layout: str,
-                 shape: tuple[int, ...]):
-        super().__init__()
-        self.group_size, self.layout, self._shape = group_size, layout, torch.Size(shape)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
-
-    @property
-    def shape(self):
-        return self._shape
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, group_size: int, device=None) -> Int4Weight:
-        codes, scales, zeros = quantize_int4(w, group_size)
-        return cls.from_codes(codes, scales, zeros, group_size, device or w.device)
-
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   device=None) -> Int4Weight:
-        """codes 0..15 [.., N, K], scales and zeros [.., N, K/g] (w = (q - 8) * scale + zero), e.g. repacked
-        GGUF blocks: Q4_0 (w = d (q - 8): scale d, zero 0), Q4_1 (w = d q + m: scale d, zero m + 8 d)."""
-        device = torch.device(device or codes.device)
-        *lead, n, k = codes.shape
-        sz = torch.stack([scales, zeros], dim=-1).transpose(-3, -2).to(torch.bfloat16)  # [.., K/g, N, 2]
-        layout = device.type if device.type in ("cpu", "cuda") and int4_supported(n, k, group_size, device) else "plain"
-        flat = codes.reshape(-1, n, k)
-        if layout == "cpu":
-            packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), 1)
-                                  for c in flat.to(device)])
-        elif layout == "cuda":
-            # tinygemm takes the even k in the high nibble, as torchao packs it (GPU status: docs/quantization.md)
-            packed = torch.stack([torch._convert_weight_to_int4pack(pack_nibbles(c.to(device), even_high=True), 8)
-                                  for c in flat])
-        else:
-            packed = pack_nibbles(flat.to(device))
-        packed = packed.reshape(*lead, *packed.shape[1:])
-        return cls(packed, sz.contiguous().to(device), group_size, layout, codes.shape)
-
-    def join(self, parts: list[Int4Weight]) -> Int4Weight | None:
-        """Output rows are the packed tensor's first dim in the plain layout. The CPU kernel's layout interleaves
-        rows in blocks of 4 float vectors (32 rows with AVX2, 64 with AVX512): parts join when every part but the
-        last fills whole 64-row blocks (measured on AVX2: 48 + 16 rows joined wrongly, 64 + 16 exactly).
-        tinygemm's CUDA layout tiles rows by 8: joinable in principle, but never run here, so left apart."""
-        if any(p.layout != self.layout or p.group_size != self.group_size or p.packed.dim() != 2 for p in parts):
-            return None
-        if self.layout not in ("cpu", "plain") or (self.layout == "cpu" and any(p.shape[0] % 64 for p in parts[:-1])):
-            return None
-        shape = (sum(p.shape[0] for p in parts), self.shape[1])
-        return Int4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_zeros for p in parts], dim=-2),
-                          self.group_size, self.layout, shape)
-
-    def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
-        packed = self.packed if index is None else self.packed[index]
-        sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
-        if self.layout == "plain":
-            scales, zeros = sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
-            return dequantize_int4(unpack_nibbles(packed), scales, zeros, dtype)
-        # A kernel layout is opaque: recover W by multiplying the identity (rare: tests, a dense_weight call).
-        if packed.dim() > 2 or (index is not None and not isinstance(index, int)):
-            n = packed.shape[0] if packed.dim() > 2 else 1
-            return torch.stack([self._kernel_mm(torch.eye(self._shape[-1], dtype=torch.bfloat16, device=packed.device),
-                                                packed[i], sz[i]).T for i in range(n)]).to(dtype)
-        eye = torch.eye(self._shape[-1], dtype=torch.bfloat16, device=packed.device)
-        return self._kernel_mm(eye, packed, sz).T.to(dtype).contiguous()
-
-    def _kernel_mm(self, x2d, packed, sz):
-        if self.layout == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x2d, packed, self.group_size, sz)
-        return torch._weight_int4pack_mm(x2d, packed, self.group_size, sz)
-
-    def matmul(self, x, bias=None, index=None):
-        packed = self.packed if index is None else self.packed[index]
-        if self.layout == "plain" or packed.dim() != (2 if self.layout == "cpu" else 4):
-            return super().matmul(x, bias, index)
-        sz = self.scales_and_zeros if index is None else self.scales_and_zeros[index]
-        # bf16 activations: the kernels take nothing else (on a CPU float32 would also be far slower). Contiguous:
-        # the CPU kernel reads rows densely whatever the strides say (a strided view gave wrong products).
-        x2d = x.reshape(-1, x.shape[-1]).bfloat16().contiguous()
-        y = self._kernel_mm(x2d, packed, sz).view(*x.shape[:-1], -1).to(x.dtype)
-        return y if bias is None else y + bias
-
-    @classmethod
-    def from_export(cls, t: dict[str, torch.Tensor], group_size: int, device) -> Int4Weight:
-        sz = t["scales_and_zeros"].float()
-        scales, zeros = sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
-        return cls.from_codes(unpack_nibbles(t["packed"]), scales, zeros, group_size, device)
-
-
-def int4_export(codes, scales, zeros) -> dict[str, torch.Tensor]:
-    """The device-independent form the disk cache stores: plain nibbles and bf16 scales_and_zeros."""
-    sz = torch.stack([scales, zeros], dim=-1).transpose(-3, -2).to(torch.bfloat16).contiguous()
-    return {"packed": pack_nibbles(codes).contiguous(), "scales_and_zeros": sz}
+# Linear layers left in full precision by name (see the module docstring; sizes.bytes_per_param counts by it too).
+FULL_PRECISION_LINEARS = ("kv_b_proj",)
 
 
 def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int, device=None):
@@ -397,6 +45,7 @@ def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int, device=None):
     return None
 
 
+
 # --- quantizing while loading -----------------------------------------------------------------------------------
 
 
@@ -413,9 +62,11 @@ class Quantizer:
         self._experts: dict[str, list] = {}
 
     def wants(self, module: nn.Module, module_name: str) -> bool:
+        """A Linear this quantizer replaces: every decoder Linear but FULL_PRECISION_LINEARS (the embedding, head,
+        norms and router are no Linear; the routed experts come one by one through `expert`)."""
         from .models.layers import Linear
 
-        return isinstance(module, Linear) and module_name.rsplit(".", 1)[-1] not in SKIP
+        return isinstance(module, Linear) and module_name.rsplit(".", 1)[-1] not in FULL_PRECISION_LINEARS
 
     def linear(self, module: nn.Module, module_name: str) -> None:
         """`module.weight` (a Linear) has just landed: replace it by its quantized form."""
@@ -573,11 +224,40 @@ def read_cache_meta(path: Path) -> dict:
         return {}
 
 
+READ_GROUP_BYTES = 1 << 26  # of the cache file mapped at a time while reading it
+_ITEM_BYTES = {"I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4}  # the dtypes a cache holds
+
+
+def _stored_bytes(tensor_slice) -> int:
+    """Bytes of a tensor in the file, from its header entry (safetensors' slice: shape and dtype, nothing read)."""
+    item = _ITEM_BYTES.get(tensor_slice.get_dtype())
+    if item is None:
+        raise ValueError(f"it holds a {tensor_slice.get_dtype()} tensor, which r1 never writes there")
+    count = 1
+    for n in tensor_slice.get_shape():
+        count *= n
+    return count * item
+
+
+def _groups(names: list[str], sizes: dict[str, int], limit: int):
+    """`names` in order, cut into runs of at most `limit` bytes (a larger tensor alone)."""
+    group, total = [], 0
+    for name in names:
+        if group and total + sizes[name] > limit:
+            yield group
+            group, total = [], 0
+        group.append(name)
+        total += sizes[name]
+    if group:
+        yield group
+
+
 def read_cache(path: Path, meta: dict, notices: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
     """The cached tensors per module, or None when absent, for other settings, partial or corrupt (then the
-    caller quantizes again and overwrites it). A tensor whose bytes fail their CRC-32 (or a cache that cannot be
+    caller quantizes again and overwrites it). Read by the safetensors package (it validates the header: offsets,
+    overlaps, sizes), from a regular file only. A tensor whose bytes fail their CRC-32 (or a cache that cannot be
     read) adds a notice to `notices`."""
-    from .weights import SafetensorsFile
+    from safetensors import SafetensorError, safe_open
 
     if not path.with_suffix(".json").exists() or _unsafe_place(path):
         return None
@@ -585,42 +265,35 @@ def read_cache(path: Path, meta: dict, notices: list[str] | None = None) -> dict
     if saved.get("version") != CACHE_VERSION or any(saved.get(k) != v for k, v in meta.items()):
         return None
     try:
-        handle = SafetensorsFile(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open, a device stream forever
+            raise ValueError("it is not a regular file")
         crc = saved["crc32"]
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for name in handle.entries:
-            module, _, key = name.rpartition(".")
-            tensor = handle.read(name)
-            if _crc32(tensor) != crc[name]:
-                raise ValueError(f"{name} fails its checksum")
-            out.setdefault(module, {})[key] = tensor
-        if sorted(out) != saved["modules"] or set(handle.entries) != set(crc):
+        with safe_open(path, framework="pt") as handle:
+            names = list(handle.keys())
+            sizes = {name: _stored_bytes(handle.get_slice(name)) for name in names}
+        # The package maps the file, and every page read stays resident until the handle closes: reading it in
+        # groups, each tensor copied out, keeps the peak near the tensors' own size instead of twice it.
+        for group in _groups(names, sizes, READ_GROUP_BYTES):
+            with safe_open(path, framework="pt") as handle:
+                for name in group:
+                    module, _, key = name.rpartition(".")
+                    tensor = handle.get_tensor(name).clone()
+                    if _crc32(tensor) != crc[name]:
+                        raise ValueError(f"{name} fails its checksum")
+                    out.setdefault(module, {})[key] = tensor
+        if sorted(out) != saved["modules"] or set(names) != set(crc):
             raise ValueError("its tensors are not the ones its index lists")
         return out
+    except SafetensorError:
+        if notices is not None:
+            notices.append(f"the quantized weights' cache {path} is corrupt (its file is truncated or corrupt): "
+                           "quantizing again")
+        return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, R1Error) as e:
         if notices is not None:
-            reason = "its file is truncated or corrupt" if isinstance(e, R1Error) else e
-            notices.append(f"the quantized weights' cache {path} is corrupt ({reason}): quantizing again")
+            notices.append(f"the quantized weights' cache {path} is corrupt ({e}): quantizing again")
         return None
-
-
-def weight_bytes(args, quant: str = "none", group_size: int = 32, dtype_bytes: int = 2) -> int:
-    """Bytes of the weights in memory once loaded with `quant` (what `r1 show` and a memory planner count):
-    quantized linear layers at 1 byte (+ a float32 scale per row) or half a byte (+ bf16 scale and zero per
-    group); the embedding, head, norms, router and kv_b_proj at `dtype_bytes` (the router in float32)."""
-    from .models import build_model
-
-    with torch.device("meta"):
-        model = build_model(args)
-    float32 = {f"{mod_name}.{p}" for mod_name, mod in model.named_modules() if getattr(mod, "keep_float32", False)
-               for p, _ in mod.named_parameters(recurse=False)}
-    per = bytes_per_param(quant, group_size)
-    total = 0.0
-    for name, p in model.named_parameters():
-        if args.tie_embeddings and name == "lm_head.weight":
-            continue
-        total += p.numel() * per(name, p, 4 if name in float32 else dtype_bytes)
-    return int(total)
 
 
 def quantize_head(model: nn.Module) -> None:
@@ -641,25 +314,6 @@ def quantize_head(model: nn.Module) -> None:
     quantized.quantize(Int8Weight.from_float(weight))
     model.lm_head = quantized
 
-
-def bytes_per_param(quant: str, group_size: int = 32):
-    """For parallel.plan_memory: the per-element size of each (sharded, meta) parameter once loaded with `quant`,
-    counted as weight_bytes counts it; anything not quantized keeps the planner's own figure."""
-
-    def per(name: str, p: torch.Tensor, default: float) -> float:
-        module_name, _, leaf = name.rpartition(".")
-        last = module_name.rsplit(".", 1)[-1]
-        stacked = module_name.endswith(".experts")
-        if quant == "none" or p.dim() < 2 or last in SKIP or last in ("embed_tokens", "lm_head", "gate"):
-            return default
-        if not (stacked or leaf == "weight"):
-            return default
-        k = p.shape[-1]
-        if quant == "int8":
-            return 1 + 4 / k
-        return default if k % group_size else 0.5 + 4 / group_size
-
-    return per
 
 
 def shape_notice(scheme: str, group_size: int, slow: list[str]) -> str | None:
@@ -688,15 +342,3 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> list[
                     if not q.expert(module, name, attr, e, stacked[e], stacked.shape[0]):
                         break
     return q.kept
-
-
-def use_int8_kernel(model: nn.Module, kernel: str) -> int:
-    """Rebuild every 2-D int8 weight of a loaded model for `kernel` ("pack" or "dynamic"), the same codes and
-    scales; returns how many. For side-by-side measurements and tests of the two kernels in one process."""
-    count = 0
-    for module in model.modules():
-        qw = getattr(module, "qweight", None)
-        if isinstance(qw, Int8Weight) and len(qw.shape) == 2 and qw.kernel != kernel:
-            module.qweight = Int8Weight(qw.q, qw.scale, kernel)
-            count += 1
-    return count

@@ -974,9 +974,10 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
     if parallel is None:
         from .batch import default_parallel, free_memory
         from .models.layers import kv_cache_dtype
+        from .sizes import kv_cache_bytes_per_token
 
         weights = m.decoder.model.model.embed_tokens.weight
-        kv = m.decoder.model.args.kv_cache_bytes_per_token(kv_cache_dtype(weights.dtype, weights.device).itemsize)
+        kv = kv_cache_bytes_per_token(m.decoder.model.args, kv_cache_dtype(weights.dtype, weights.device).itemsize)
         parallel = default_parallel(kv * m.context, free_memory(weights.device), weights.device.type)
     if parallel > 1:
         note(f"r1 serve: {parallel} requests decode together (--parallel), {max_queue} more may wait (--max-queue)")

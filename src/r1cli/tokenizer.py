@@ -48,7 +48,7 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, generation_config: dict | None = None):
         config, generation_config = config or {}, generation_config or {}
         self.backend = backend
-        self.generation_config = generation_config  # sampling defaults come from it (engine.generation_defaults)
+        self.generation_config = generation_config  # sampling defaults come from it (sampling.generation_defaults)
         self.special_tokens: dict[str, str] = {}
         for name in SPECIAL_TOKEN_NAMES:
             if (text := _token_text(config.get(name))) is not None:

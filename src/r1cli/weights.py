@@ -28,9 +28,9 @@ from .config import ModelArgs
 from .errors import CheckpointError
 from .files import open_regular, parse_json, read_json
 from .models.layers import dequantize_fp8
+from .parallel import EXPERT_RE, REPLICATE, SINGLE, SKIP_HERE, placement, shares
 
 INDEX_FILE = "model.safetensors.index.json"
-EXPERT_RE = re.compile(r"^((?:model\.layers\.\d+|mtp)\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Tensors some checkpoints carry that no forward needs.
 HARMLESS_RE = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -234,7 +234,6 @@ def load_weights(
     as soon as they are in (models.base.fuse_when_loaded). `progress` (progress.Tracker): told the bytes and
     tensors to read, then each tensor read."""
     from .models.base import fuse_when_loaded
-    from .parallel import REPLICATE, SINGLE, SKIP, placement, shares
 
     shard = shard or SINGLE
     if fp8 not in ("dequant", "keep"):
@@ -244,10 +243,7 @@ def load_weights(
     device = torch.device(device)
     files = checkpoint_files(folder)
     targets = dict(model.named_parameters())
-    float32_names = {
-        f"{mod_name}.{p}" for mod_name, mod in model.named_modules() if getattr(mod, "keep_float32", False)
-        for p, _ in mod.named_parameters(recurse=False)
-    }
+    float32_names = model.float32_parameters()
 
     # Plan: which checkpoint tensor feeds which parameter (experts go into a slice of a stacked parameter).
     plan: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (parameter name, expert index)
@@ -266,7 +262,7 @@ def load_weights(
         if m and f"{m.group(1)}.{m.group(3)}" in targets and int(m.group(2)) < args.n_routed_experts:
             if int(m.group(2)) in experts:  # expert parallel: another rank's experts are never read
                 plan[name] = (f"{m.group(1)}.{m.group(3)}", int(m.group(2)) - experts.start)
-        elif placement(name, shard) == SKIP:
+        elif placement(name, shard) == SKIP_HERE:
             continue
         elif pname in targets:
             plan[name] = (pname, None)
@@ -358,7 +354,7 @@ def load_weights(
             raise CheckpointError(f"tensor {param}.{missing}.weight is missing from the checkpoint in {folder}")
     if tied:  # (vocab parallel: both split by the same rows)
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.freqs = torch.empty(0, 0, 2, device=device)
+    model.reset_rope(device)
     return model.eval()
 
 

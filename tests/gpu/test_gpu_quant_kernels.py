@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1cli.quant import Int4Weight, Int8Weight, dequantize_int4, quantize_int4, quantize_int8
+from r1cli.quant_formats import Int4Weight, Int8Weight, dequantize_int4, quantize_int4, quantize_int8
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda")

@@ -11,7 +11,9 @@ from torch import nn
 
 from ..config import ModelArgs
 from .cache import Cache
-from .layers import RMSNorm, Rotation, VocabParallelEmbedding, VocabParallelHead, attention_mask, rope_table
+from .attention import attention_mask
+from .layers import RMSNorm, VocabParallelEmbedding, VocabParallelHead
+from .rope import Rotation, rope_table
 
 
 def fuse_when_loaded(model: nn.Module, module_name: str) -> None:
@@ -74,6 +76,17 @@ class CausalLM(nn.Module):
             self.lm_head = VocabParallelHead(args.dim, args.vocab_size, shard)
         # Rotary table, grown on demand; not a checkpoint tensor.
         self.register_buffer("freqs", torch.empty(0, 0, 2), persistent=False)
+
+    def float32_parameters(self) -> set[str]:
+        """The parameters kept in float32 whatever the model's dtype: those of modules that say `keep_float32`
+        (the router, deepseek.Gate). Every loader and every size count asks here."""
+        return {f"{mod_name}.{p}" for mod_name, mod in self.named_modules() if getattr(mod, "keep_float32", False)
+                for p, _ in mod.named_parameters(recurse=False)}
+
+    def reset_rope(self, device: torch.device | str) -> None:
+        """Once the weights are on `device`: the rotary table (built on demand, see ensure_rope) starts empty
+        there. A model built on the meta device holds a meta table until then."""
+        self.freqs = torch.empty(0, 0, 2, device=device)
 
     # The generator may pre-size the table before compiling the decode step.
     def ensure_rope(self, length: int) -> None:

@@ -14,8 +14,9 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import (MLP, Linear, RMSNorm, Rotation, apply_rope, attention_mask, column_linear, dequantize_fp8,
-                     kv_cache_dtype, linear, row_linear, sdpa)
+from .attention import attention_mask, sdpa
+from .layers import MLP, Linear, RMSNorm, column_linear, dequantize_fp8, kv_cache_dtype, linear, row_linear
+from .rope import Rotation, apply_rope
 
 # q_a_layernorm and kv_a_layernorm use transformers' default eps whatever rms_norm_eps says.
 LORA_NORM_EPS = 1e-6
@@ -155,7 +156,7 @@ class Experts(nn.Module):
         # GEMMs (prefill). Both without a host sync, so the decode step can be graph-captured. See path().
         self.gather_limit = 64
         self.n_experts = e
-        # name -> a stacked quant.QuantWeight replacing that parameter (int8/int4, quantized per expert)
+        # name -> a stacked quant_formats.QuantWeight replacing that parameter (int8/int4, quantized per expert)
         self.quant = nn.ModuleDict()
 
     def quantize(self, name: str, qweight: nn.Module) -> None:

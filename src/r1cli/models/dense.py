@@ -9,7 +9,9 @@ from torch import nn
 from ..config import ModelArgs
 from .base import Block, CausalLM
 from .cache import Cache
-from .layers import MLP, Linear, apply_rope, column_linear, join_projections, kv_cache_dtype, row_linear, sdpa
+from .attention import sdpa
+from .layers import MLP, Linear, column_linear, join_projections, kv_cache_dtype, row_linear
+from .rope import apply_rope
 
 
 class Attention(nn.Module):

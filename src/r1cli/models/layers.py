@@ -1,15 +1,13 @@
-"""Building blocks shared by every architecture: RMSNorm, RoPE, linear layers with FP8 weights, the SwiGLU MLP,
-and the attention call with its masks."""
+"""Building blocks shared by every architecture: RMSNorm, linear layers (FP8 weights kept or not, int8/int4
+through quant_formats, joined projections, tensor-parallel columns and rows), the vocabulary-parallel embedding and
+head, the SwiGLU MLP. Rotary embeddings are rope.py's; the attention call and its masks, attention.py's."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelArgs, RopeArgs, yarn_mscale
 from ..cpu import BF16_UPCAST_ROWS, kv_cache_dtype  # noqa: F401  (kv_cache_dtype: imported from here by the models)
 
 
@@ -56,7 +54,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 class Linear(nn.Module):
     """y = x W^T (+ b). The weight may be kept in FP8 with its block scales and dequantized per matmul,
     so a 671B FP8 checkpoint needs about one byte per parameter; or quantized to int8/int4 (`qweight`, a
-    quant.QuantWeight, replacing `weight`), multiplied by PyTorch's packed kernels."""
+    quant_formats.QuantWeight, replacing `weight`), multiplied by PyTorch's packed kernels."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -95,7 +93,7 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
     """One Linear computing the parts' outputs side by side (q|k|v, gate|up): one matmul where there were three
     or two, and a batch-1 decode pays per call (a fixed cost each, and small products run below the memory
     bandwidth). None when the parts cannot be joined: FP8 weights kept in blocks, a parallel subclass, a quantized
-    layout without a join (quant.QuantWeight.join)."""
+    layout without a join (quant_formats.QuantWeight.join)."""
     first = parts[0]
     kinds = {(type(p), p.in_features, p.bias is None, type(p.qweight), p.weight_scale_inv is None) for p in parts}
     if len(kinds) != 1 or type(first) is not Linear or first.weight_scale_inv is not None:
@@ -200,143 +198,3 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
-
-
-# --- Rotary position embeddings ---------------------------------------------------------------------------
-
-
-def rope_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
-    """Inverse frequencies for `dim` rotary dims, with llama3 or YaRN scaling."""
-    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    inv_freq = 1.0 / base
-    if rope.freq_factors is not None:
-        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
-    if rope.kind == "linear":
-        return inv_freq / rope.factor
-    if rope.kind == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band in between blended.
-        orig = rope.original_max_position_embeddings
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (orig / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
-        out = torch.where(wavelen > orig / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
-        medium = (wavelen >= orig / rope.high_freq_factor) & (wavelen <= orig / rope.low_freq_factor)
-        return torch.where(medium, blended, out)
-    if rope.kind == "yarn":
-        orig = rope.original_max_position_embeddings
-
-        def corr_dim(rotations: float) -> float:
-            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
-
-        low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
-        if rope.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
-    return inv_freq
-
-
-def rope_attention_factor(rope: RopeArgs) -> float:
-    """YaRN's magnitude on cos/sin (1.0 for the DeepSeek configs, whose mscale equals mscale_all_dim)."""
-    if rope.kind != "yarn":
-        return 1.0
-    if rope.attention_factor is not None:
-        return float(rope.attention_factor)
-    if rope.mscale and rope.mscale_all_dim:
-        return yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
-    return yarn_mscale(rope.factor)
-
-
-def rope_table(args: ModelArgs, max_len: int) -> torch.Tensor:
-    """Rotations [max_len, rope_dim/2, 2] (float32): (a cos(p f), a sin(p f)) for position p and frequency f,
-    the real and imaginary parts of a * exp(i p f). Kept real so torch.compile can fuse the rotation."""
-    inv_freq = rope_inv_freq(args.rope, args.rope_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1) * rope_attention_factor(args.rope)
-
-
-class Rotation:
-    """RoPE for one forward, prepared once and shared by every layer. `freqs` [B, T, D/2, 2] holds (a cos, a sin)
-    per position and frequency. interleaved: pairs are (x0, x1), (x2, x3)... (DeepSeek); else (x_i, x_{i+D/2})
-    (Llama, Qwen). Each pair (u, w) becomes (u cos - w sin, w cos + u sin), computed as x * cos + swap(x) * sin
-    with cos and signed sin laid out per dim: five ops a call instead of fifteen, which a batch-1 decode pays
-    per op (docs/performance.md)."""
-
-    def __init__(self, freqs: torch.Tensor, interleaved: bool):
-        self.interleaved = interleaved
-        cos, sin = freqs[..., 0], freqs[..., 1]
-        if interleaved:  # [c0, c0, c1, c1 ...], [-s0, s0, -s1, s1 ...]
-            self.cos = cos.repeat_interleave(2, dim=-1)
-            self.sin = torch.stack([-sin, sin], dim=-1).flatten(-2)
-        else:  # [c, c], [-s, s]
-            self.cos = torch.cat([cos, cos], dim=-1)
-            self.sin = torch.cat([-sin, sin], dim=-1)
-        self.cos, self.sin = self.cos.unsqueeze(2), self.sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
-
-    def swap(self, x: torch.Tensor) -> torch.Tensor:
-        """Each pair's partner: (w, u) in place of (u, w)."""
-        if self.interleaved:
-            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return x.roll(x.shape[-1] // 2, dims=-1)
-
-
-def apply_rope(x: torch.Tensor, rot: Rotation, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rotate x [B, T, H, D]: a complex multiplication (u + i w)(cos + i sin) per pair, in float32. The result
-    is in `dtype` (default x's: a float32 KV cache takes it unrounded)."""
-    xf = x.float()
-    return torch.addcmul(xf * rot.cos, rot.swap(xf), rot.sin).to(dtype or x.dtype)
-
-
-# --- Attention --------------------------------------------------------------------------------------------
-
-
-def attention_mask(
-    start_pos: int,
-    seqlen: int,
-    key_valid: torch.Tensor | None,
-    device: torch.device,
-    sliding_window: int | None = None,
-) -> torch.Tensor | None:
-    """Boolean mask [B or 1, 1, T, S] (True = attend) for queries at cache slots start_pos..start_pos+T-1 over
-    keys at slots 0..start_pos+T-1. None when no mask is needed: a single query over a full cache, or a prompt
-    from slot 0 (then `sdpa` runs plain causal attention)."""
-    end = start_pos + seqlen
-    if key_valid is None and sliding_window is None and (seqlen == 1 or start_pos == 0):
-        return None
-    q_slot = torch.arange(start_pos, end, device=device)[:, None]
-    k_slot = torch.arange(end, device=device)[None, :]
-    allowed = k_slot <= q_slot
-    if sliding_window is not None:
-        allowed = allowed & (q_slot - k_slot < sliding_window)
-    mask = allowed[None, None]
-    if key_valid is not None:
-        # A query that is itself padding would see nothing; let it see itself so softmax stays finite.
-        mask = (mask & key_valid[:, None, None, :end]) | (k_slot == q_slot)
-    return mask
-
-
-def sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, Dv] with PyTorch's fused kernels (flash on GPU).
-    mask None means causal when T == S (a prompt from slot 0) and full attention when T == 1."""
-    causal = mask is None and q.shape[2] > 1
-    gqa = q.shape[1] != k.shape[1]
-    if gqa and mask is not None and q.device.type == "cuda":
-        return masked_gqa(q, k, v, mask, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
-
-
-def masked_gqa(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Grouped-query attention with a mask, without `enable_gqa`: PyTorch's fused CUDA kernels refuse that pair
-    and it falls back to the math kernel (several launches, and the T x S scores in memory): every static decode
-    step and every prompt after the first turn. One query (decode): the G query heads that share a key/value head
-    become G query rows of it, no copy. More queries: each key/value head repeated for its query heads."""
-    b, h, t, d = q.shape
-    groups = h // k.shape[1]
-    if t == 1:
-        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], groups, d), k, v, attn_mask=mask, scale=scale)
-        return out.reshape(b, h, 1, out.shape[-1])
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
