@@ -7,14 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "r1cli"
-
-# Edges of a cycle still to cut, each with its reason. A test below fails once an edge is gone, so this list only
-# shrinks.
-KNOWN: set[tuple[str, str]] = set()
-
 
 def module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
@@ -102,18 +96,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_module_graph_has_no_cycle():
     graph = import_graph()
     assert {"r1cli.quant", "r1cli.models", "r1cli.parallel", "r1cli.planner"} <= set(graph)
-    for a, b in KNOWN:
-        graph[a].discard(b)
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(
         " <-> ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in found)
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN))
-def test_every_known_cycle_edge_still_exists(edge):
-    """An exception that is fixed comes off the list."""
-    a, b = edge
-    assert b in import_graph()[a], f"{a} no longer imports {b}: remove it from KNOWN"
 
 
 def test_the_checker_sees_a_cycle_inside_a_function(tmp_path):
