@@ -197,3 +197,18 @@ def test_the_key_follows_the_weight_format():
     assert len({plain, packed, compile_cache.step_key(model, "compile")}) == 3
     assert compile_cache.step_key(model, "aot", extra=[["kv_0_0", [1, 2, 65, 16]]]) != \
         compile_cache.step_key(model, "aot", extra=[["kv_0_0", [1, 2, 129, 16]]])
+
+
+def test_an_unfinished_build_is_cleaned_up_once_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = compile_cache.cache_dir()
+    folder.mkdir(parents=True, mode=0o700)
+    old, young = folder / ".k.old.pt2", folder / ".k.young.pt2"
+    for f in (old, young):
+        f.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda ep, package_path, inductor_configs: open(package_path, "wb").write(b"pkg"))
+    path = compile_cache.store_package("k", object())
+    assert path == folder / "k.pt2" and path.read_bytes() == b"pkg" and path.stat().st_mode & 0o777 == 0o600
+    assert not old.exists() and young.exists()  # (another process may still be building that one)

@@ -22,6 +22,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -101,15 +102,36 @@ def _private_folder() -> Path:
     return folder
 
 
+STALE_S = 6 * 3600  # a temporary file this old is a build whose process ended before it finished
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the temporary files of builds that never finished (their process exited first: a short `r1 run`);
+    a younger one may be another process's build in progress."""
+    now = time.time()
+    for tmp in folder.glob(".*.pt2"):
+        try:
+            st = os.lstat(tmp)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_S:
+                os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def store_package(key: str, exported) -> Path:
     """Compile an exported step (torch.export) into the package for `key`, weights left out; returns its path.
     Raises whatever the compile raises (the caller falls back to eager)."""
     folder = _private_folder()
+    _remove_stale(folder)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".pt2")  # created 0600
     os.close(fd)
     try:
+        # cpp.threads 1: the generated kernels of a one-token step work on vectors of a few thousand values, where
+        # an OpenMP team costs more than it saves (and its count would be baked in); the matmuls are PyTorch's own
+        # kernels, which use every thread torch is given.
         torch._inductor.aoti_compile_and_package(
-            exported, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False})
+            exported, package_path=tmp,
+            inductor_configs={"aot_inductor.package_constants_in_so": False, "cpp.threads": 1})
         os.chmod(tmp, 0o600)
         os.replace(tmp, folder / f"{key}.pt2")
     except BaseException:
