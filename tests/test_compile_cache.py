@@ -128,12 +128,18 @@ def test_a_package_that_computes_something_else_is_dropped_at_its_first_token(ti
     want = list(Generator(tiny_model, max_len=64, decode_mode="eager").generate(PROMPT, PARAMS))
     calls = []
 
-    def wrong_runner(token, slot, span):
-        calls.append(int(slot))
-        return torch.randn(1, tiny_model.args.vocab_size)
+    def wrong_load(path, step):
+        def wrong_runner(token, slot, span):
+            calls.append(int(slot))
+            for name, buf in step.named_buffers():  # and garbage in the cache slot it writes
+                if name.startswith("kv_"):
+                    buf.narrow(2, int(slot), 1).fill_(1e3)
+            return torch.randn(1, tiny_model.args.vocab_size)
+
+        return wrong_runner, {}
 
     monkeypatch.setattr(compile_cache, "package", lambda key: fresh_cache / "some.pt2")
-    monkeypatch.setattr(aot_step, "load", lambda path, step: (wrong_runner, {}))
+    monkeypatch.setattr(aot_step, "load", wrong_load)
     gen = Generator(tiny_model, max_len=64, decode_mode="auto")
     assert gen.decode_mode == "aot"
     assert list(gen.generate(PROMPT, PARAMS)) == want

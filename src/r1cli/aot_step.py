@@ -222,10 +222,11 @@ class AotDecoder:
         self.slot.fill_(pos)
         if self.checked:
             return self.runner(token, self.slot, span)
-        # The first compiled token is checked against the eager step's (both write the same slot): a package that
-        # computes something else (a constant fed wrongly) is dropped, never used.
+        # The first compiled token is checked against the eager step's: a package that computes something else (a
+        # constant fed wrongly) is dropped, never used. Eager runs second, so the cache slot both write holds its
+        # keys and values whatever the package wrote.
+        got = self.runner(token, self.slot, span).clone()
         want = self.model(token, start_pos=pos, cache=self.cache, last_only=True)[:, -1]
-        got = self.runner(token, self.slot, span)
         self.checked = True
         error = float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-6))
         if not error < CHECK_TOLERANCE:
