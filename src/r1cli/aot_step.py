@@ -14,9 +14,12 @@ export cannot take, no C++ compiler) is remembered as such for this machine, and
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,7 +32,22 @@ from .models import Cache, CausalLM
 # (bf16 rounding in fused kernels stays far below it; a wrong weight or constant is of order 1).
 CHECK_TOLERANCE = 0.05
 
-_announced: set[str] = set()  # each notice once per process
+# Bumped whenever what goes into a package changes (the step's code, the compile options): older packages are
+# then never loaded.
+PACKAGE_VERSION = 1
+
+_announced: set[str] = set()
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the sources the step is traced from (the models, the quantized weights, this file): a package
+    built from other code is never loaded, so an edit to the model code cannot run stale compiled math."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted([*here.glob("models/*.py"), here / "quant.py", here / "config.py", Path(__file__)]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]  # each notice once per process
 
 
 def announce_once(message: str, notice: Callable[[str], None] | None = None) -> None:
@@ -147,7 +165,7 @@ class AotDecoder:
         self.built: tuple | None = None  # (path or None, error or None) from the build thread
         self.freqs = model.freqs
         self.step = StepModule(model, cache)
-        self.key = compile_cache.step_key(model, "aot", extra=self.step.facts())
+        self.key = compile_cache.step_key(model, "aot", extra=[PACKAGE_VERSION, code_version(), self.step.facts()])
         if compile_cache.failed(self.key):
             return  # this step did not compile on this machine before: eager, as announced then
         path = compile_cache.package(self.key)
