@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The CPU decode step stays eager (no background compile in every test process and `r1` subprocess, which inherit
+# this): the tests of the compiled step (test_compile_cache.py) ask for it.
+os.environ.setdefault("R1_COMPILE", "0")
 
 
 # --- models for run/chat tests -------------------------------------------------------------------------------------

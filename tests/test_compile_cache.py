@@ -1,6 +1,7 @@
-"""The compiled decode step's on-disk cache (compile_cache.py): a second process loads the first one's artifacts and
-compiles nothing (Inductor cache hits only, into an empty Inductor folder), with the same tokens; a cache file that
-is a link, or writable by others, is never loaded."""
+"""The compiled CPU decode step (aot_step.py) and its on-disk cache (compile_cache.py): the compiled step gives the
+eager step's tokens (greedy, float32); a second process loads the first one's package and exports nothing; a step
+that fails to export, to compile or to match the eager step leaves decoding eager, said once, and is not tried
+again; only a private regular file in a private folder is ever loaded; `auto` compiles on a CPU unless R1_COMPILE=0."""
 
 from __future__ import annotations
 
@@ -10,45 +11,150 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import r1_env
 from tiny import llama_config, write_checkpoint
 
-from r1cli import compile_cache
+from r1cli import aot_step, compile_cache
+from r1cli.generate import Decoder, SamplingParams
+
+PROMPT, PARAMS = [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=12, repeat_guard=False)
 
 CHILD = """
 import json, sys
-import torch
-from torch._dynamo.utils import counters
+from r1cli import aot_step
 from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 
 model = load_model(sys.argv[1], dtype="float32")
-tokens = {}
-for mode in ("eager", "compile"):
-    gen = Decoder(model, max_len=64, decode_mode=mode)
-    tokens[mode] = list(gen.generate([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=6)))
-print(json.dumps({"tokens": tokens, "hit": counters["inductor"]["fxgraph_cache_hit"],
-                  "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+params = SamplingParams(temperature=0, max_tokens=12, repeat_guard=False)
+eager = list(Decoder(model, max_len=64, decode_mode="eager").generate([1, 2, 3, 4], params))
+if sys.argv[2] == "later":  # the package from the first process: nothing to export
+    aot_step.export_step = lambda *a: (_ for _ in ()).throw(AssertionError("exported again"))
+gen = Decoder(model, max_len=64, decode_mode="auto")
+first = list(gen.generate([1, 2, 3, 4], params))
+compiled_at_once = gen._step.compiled
+if gen._step.build is not None:
+    gen._step.build.join()  # the background compile
+second = list(gen.generate([1, 2, 3, 4], params))
+print(json.dumps({"eager": eager, "first": first, "second": second, "at_once": compiled_at_once,
+                  "compiled": gen._step.compiled}))
 """
 
 
 @pytest.mark.slow
-def test_a_second_process_reuses_the_compiled_step(tmp_path):
+def test_a_second_process_starts_the_compiled_step_from_the_package(tmp_path):
     folder = tmp_path / "tiny"
     write_checkpoint(llama_config(num_hidden_layers=1), folder)
     runs = []
-    for i in range(2):  # a fresh Inductor folder each time: only r1's file can carry the first compile over
+    for i, which in enumerate(("first", "later")):  # a fresh Inductor folder each time: only r1's file carries over
         env = r1_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / "xdg"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"ind{i}"))
-        p = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env,
+        env.pop("R1_COMPILE", None)  # the default: compile on a CPU
+        p = subprocess.run([sys.executable, "-c", CHILD, str(folder), which], capture_output=True, text=True, env=env,
                            timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
-        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    first, second = runs
-    assert first["miss"] > 0 and first["tokens"]["compile"] == first["tokens"]["eager"]
-    files = list((tmp_path / "xdg" / "r1cli" / "compile").glob("*.bin"))
-    assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
-    assert second["hit"] > 0 and second["miss"] == 0, second
-    assert second["tokens"] == first["tokens"]
+        runs.append((json.loads(p.stdout.strip().splitlines()[-1]), p.stderr))
+    (first, first_err), (later, later_err) = runs
+    # first process: eager while the background compile runs, then the compiled step, same tokens
+    assert first["compiled"] and not first["at_once"]
+    assert first["first"] == first["eager"] and first["second"] == first["eager"]
+    assert first_err.count(aot_step.AotDecoder.BUILDING) == 1
+    files = list((tmp_path / "xdg" / "r1cli" / "compile").iterdir())
+    assert [f.suffix for f in files] == [".pt2"] and files[0].stat().st_mode & 0o777 == 0o600
+    # later process: compiled from its first token, nothing exported or announced, the same tokens
+    assert later["at_once"] and later["first"] == later["eager"] == first["eager"]
+    assert aot_step.AotDecoder.BUILDING not in later_err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from r1cli.loader import load_model
+
+    folder = tmp_path_factory.mktemp("tiny-aot")
+    write_checkpoint(llama_config(num_hidden_layers=1), folder)
+    return load_model(folder, dtype="float32")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("R1_COMPILE", raising=False)  # the default: compile on a CPU
+    monkeypatch.setattr(aot_step, "_announced", set())
+    return tmp_path / "r1cli" / "compile"
+
+
+def test_a_step_that_does_not_export_decodes_eagerly_said_once_and_not_tried_again(tiny_model, fresh_cache,
+                                                                                    monkeypatch, capsys):
+    want = list(Decoder(tiny_model, max_len=64, decode_mode="eager").generate(PROMPT, PARAMS))
+    tries = []
+
+    def no_export(*args):
+        tries.append(1)
+        raise RuntimeError("an op export cannot take")
+
+    monkeypatch.setattr(aot_step, "export_step", no_export)
+    for _ in range(2):
+        gen = Decoder(tiny_model, max_len=64, decode_mode="auto")
+        assert list(gen.generate(PROMPT, PARAMS)) == want and not gen._step.compiled
+        assert list(gen.generate(PROMPT, PARAMS)) == want
+    assert tries == [1]  # the second Decoder read the failure from the cache folder
+    marker = next(fresh_cache.glob("*.failed"))
+    assert "RuntimeError: an op export cannot take" in marker.read_text() and marker.stat().st_mode & 0o777 == 0o600
+    err = capsys.readouterr().err.splitlines()
+    assert err == [aot_step.AotDecoder.BUILDING,
+                   "r1: the decode step did not compile on this machine (RuntimeError); decoding eagerly"]
+
+
+def test_a_failed_background_compile_leaves_the_eager_step(tiny_model, fresh_cache, monkeypatch, capsys):
+    """(The export runs for real here: a second or two on a one-layer model.)"""
+    want = list(Decoder(tiny_model, max_len=64, decode_mode="eager").generate(PROMPT, PARAMS))
+
+    def no_compiler(key, exported):
+        assert isinstance(exported, torch.export.ExportedProgram)
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(compile_cache, "store_package", no_compiler)
+    gen = Decoder(tiny_model, max_len=64, decode_mode="auto")
+    assert list(gen.generate(PROMPT, PARAMS)) == want
+    if gen._step.build is not None:  # (else it failed before the first reply ended, and was noticed)
+        gen._step.build.join()
+    assert list(gen.generate(PROMPT, PARAMS)) == want and not gen._step.compiled
+    assert gen._step.build is None and "OSError: no C++ compiler" in next(fresh_cache.glob("*.failed")).read_text()
+    assert capsys.readouterr().err.count("did not compile on this machine (OSError)") == 1
+
+
+def test_a_package_that_computes_something_else_is_dropped_at_its_first_token(tiny_model, fresh_cache, monkeypatch,
+                                                                              capsys):
+    want = list(Decoder(tiny_model, max_len=64, decode_mode="eager").generate(PROMPT, PARAMS))
+    calls = []
+
+    def wrong_load(path, step):
+        def wrong_runner(token, slot, span):
+            calls.append(int(slot))
+            for name, buf in step.named_buffers():  # and garbage in the cache slot it writes
+                if name.startswith("kv_"):
+                    buf.narrow(2, int(slot), 1).fill_(1e3)
+            return torch.randn(1, tiny_model.args.vocab_size)
+
+        return wrong_runner, {}
+
+    monkeypatch.setattr(compile_cache, "package", lambda key: fresh_cache / "some.pt2")
+    monkeypatch.setattr(aot_step, "load", wrong_load)
+    gen = Decoder(tiny_model, max_len=64, decode_mode="auto")
+    assert gen.decode_mode == "aot"
+    assert list(gen.generate(PROMPT, PARAMS)) == want
+    assert calls == [len(PROMPT)] and not gen._step.compiled  # checked once, then never called again
+    assert "did not compile on this machine (ValueError)" in capsys.readouterr().err
+    assert "differ from the eager step's" in next(fresh_cache.glob("*.failed")).read_text()
+
+
+def test_auto_compiles_on_a_cpu_unless_told_not_to(tiny_model, monkeypatch):
+    monkeypatch.delenv("R1_COMPILE", raising=False)
+    assert Decoder(tiny_model, max_len=64).decode_mode == "aot"
+    assert Decoder(tiny_model, max_len=64, decode_mode="compile").decode_mode == "aot-wait"
+    assert Decoder(tiny_model, max_len=64, decode_mode="eager").decode_mode == "eager"
+    monkeypatch.setenv("R1_COMPILE", "0")
+    assert Decoder(tiny_model, max_len=64).decode_mode == "eager"
 
 
 def test_only_a_private_regular_file_is_loaded(tmp_path, monkeypatch):
@@ -57,26 +163,32 @@ def test_only_a_private_regular_file_is_loaded(tmp_path, monkeypatch):
     folder.mkdir(parents=True, mode=0o700)
     calls = []
     monkeypatch.setattr("torch.compiler.load_cache_artifacts", lambda blob: calls.append(blob) or object())
-    (folder / "k.bin").write_bytes(b"artifacts")
-    os.chmod(folder / "k.bin", 0o600)
-    assert compile_cache.load("k") and calls == [b"artifacts"]
-    os.chmod(folder / "k.bin", 0o620)  # writable by the group: anyone in it could plant code
-    assert not compile_cache.load("k")
-    os.chmod(folder / "k.bin", 0o600)
-    (tmp_path / "elsewhere.bin").write_bytes(b"other")
-    os.chmod(tmp_path / "elsewhere.bin", 0o600)
-    (folder / "link.bin").symlink_to(tmp_path / "elsewhere.bin")
-    assert not compile_cache.load("link")
+    for name in ("k.bin", "k.pt2", "k.failed"):
+        (folder / name).write_bytes(b"artifacts")
+        os.chmod(folder / name, 0o600)
+
+    def found():
+        return compile_cache.load("k"), compile_cache.package("k") == folder / "k.pt2", compile_cache.failed("k")
+
+    assert found() == (True, True, True) and calls == [b"artifacts"]
+    for name in ("k.bin", "k.pt2", "k.failed"):
+        os.chmod(folder / name, 0o620)  # writable by the group: anyone in it could plant code
+    assert found() == (False, False, False)
+    (tmp_path / "elsewhere").write_bytes(b"other")
+    os.chmod(tmp_path / "elsewhere", 0o600)
+    for name in ("link.bin", "link.pt2", "link.failed"):
+        (folder / name).symlink_to(tmp_path / "elsewhere")
+    assert (compile_cache.load("link"), compile_cache.package("link"), compile_cache.failed("link")) == (False, None, False)
+    for name in ("k.bin", "k.pt2", "k.failed"):
+        os.chmod(folder / name, 0o600)
     os.chmod(folder, 0o777)  # a folder anyone may write into
-    assert not compile_cache.load("k")
-    assert calls == [b"artifacts"] and not compile_cache.load("absent")
+    assert found() == (False, False, False)
+    assert calls == [b"artifacts"] and not compile_cache.load("absent") and compile_cache.package("absent") is None
 
 
 def test_the_key_follows_the_weight_format():
-    import torch
-
-    from r1cli.models import build_model
     from r1cli.config import args_from_dict
+    from r1cli.models import build_model
     from r1cli.quant import quantize_model
     from r1cli.quant_formats import use_int8_kernel
 
@@ -90,3 +202,20 @@ def test_the_key_follows_the_weight_format():
     packed = compile_cache.step_key(model, "compile")
     use_int8_kernel(model, "dynamic")
     assert len({plain, packed, compile_cache.step_key(model, "compile")}) == 3
+    assert compile_cache.step_key(model, "aot", extra=[["kv_0_0", [1, 2, 65, 16]]]) != \
+        compile_cache.step_key(model, "aot", extra=[["kv_0_0", [1, 2, 129, 16]]])
+
+
+def test_an_unfinished_build_is_cleaned_up_once_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = compile_cache.cache_dir()
+    folder.mkdir(parents=True, mode=0o700)
+    old, young = folder / ".k.old.pt2", folder / ".k.young.pt2"
+    for f in (old, young):
+        f.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda ep, package_path, inductor_configs: open(package_path, "wb").write(b"pkg"))
+    path = compile_cache.store_package("k", object())
+    assert path == folder / "k.pt2" and path.read_bytes() == b"pkg" and path.stat().st_mode & 0o777 == 0o600
+    assert not old.exists() and young.exists()  # (another process may still be building that one)

@@ -104,7 +104,7 @@ _QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as
 _DRAFT = typer.Option(None, "--draft", help="Speculative decoding with a smaller model of the same tokenizer as the draft, e.g. deepseek-r1:1.5b for :7b (same output, faster decode).")
 _DRAFT_QUANT = typer.Option("none", "--draft-quant", help="none|int8|int4: the --draft model's weights.")
 _MTP = typer.Option(False, "--mtp", help="Speculative decoding with the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1) as the draft.")
-_DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU, eager on a CPU), eager, static, compile (torch.compile: slow first turn, fastest small-model CPU decode) or graph.")
+_DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU; on a CPU the decode step compiled for this machine, built in the background on its first run while eager decodes), eager, static, compile (a CPU's first run waits for that build; torch.compile on a GPU) or graph.")
 
 
 def _distributed(gpus: int | None, device: str, body) -> int | None:

@@ -1,12 +1,17 @@
-"""The compiled decode step's on-disk cache: torch.compile's own artifacts (Inductor's compiled graphs, AOT
-autograd's), saved with `torch.compiler.save_cache_artifacts` after the first compiled steps and loaded with
-`load_cache_artifacts` before the next process compiles, so only the first run on a machine pays the code
-generation and the C++ compiler (later runs still trace the model, then hit the cache).
+"""The compiled decode step's on-disk cache, two kinds of file:
+
+- `KEY.pt2`: the CPU decode step as an AOTInductor package (aot_step.py): compiled code without the weights,
+  loaded in seconds by a later process, with no tracing. `KEY.failed`: that step did not compile on this machine
+  (its error in one line), so later runs decode eagerly without trying again.
+- `KEY.bin`: torch.compile's own artifacts (Inductor's compiled graphs, AOT autograd's) for `--decode-mode compile`
+  on a GPU, saved with `torch.compiler.save_cache_artifacts` after the first compiled steps and loaded with
+  `load_cache_artifacts` before the next process compiles (later runs still trace the model, then hit the cache).
 
 One file per (model shape, dtype, weight formats, device, torch version, CPU features), in the user's own XDG cache
-folder (`$XDG_CACHE_HOME/r1cli/compile/`, never the Hugging Face cache, which may be shared): the artifacts are
-pickles and compiled code, so a file is loaded only when it is a regular file (not a link) owned by this user and
-writable by no one else, in a folder of the same kind. Anything wrong with it just means compiling again.
+folder (`$XDG_CACHE_HOME/r1cli/compile/`, never the Hugging Face cache, which may be shared): the files are pickles
+and compiled code, so a file is loaded only when it is a regular file (not a link) owned by this user and writable
+by no one else, in a folder of the same kind. Anything wrong with it just means compiling again. Deleting the folder
+forgets every compiled step (and every failure).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,9 +44,10 @@ def _onednn_bf16() -> bool:
         return False
 
 
-def step_key(model: torch.nn.Module, mode: str) -> str:
+def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
     """What the compiled step depends on: the model's shape and dtype, each weight's format (scheme, int8 kernel,
-    int4 layout and group), the device, torch's version and the CPU's vector features."""
+    int4 layout and group), the device, torch's version and the CPU's vector features; `extra`: anything else the
+    caller's step depends on (JSON-able)."""
     formats = sorted({f"{type(m).__name__}:{getattr(m, 'kernel', '')}:{getattr(m, 'layout', '')}:"
                       f"{getattr(m, 'group_size', '')}" for m in model.modules() if hasattr(m, "scheme")})
     first = next(model.parameters())
@@ -48,7 +55,7 @@ def step_key(model: torch.nn.Module, mode: str) -> str:
         "args": repr(dataclasses.asdict(model.args)) if dataclasses.is_dataclass(model.args) else repr(model.args),
         "dtype": str(first.dtype), "device": first.device.type, "formats": formats, "mode": mode,
         "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(), "vnni": cpu_has_vnni(),
-        "bf16_math": _onednn_bf16(),
+        "bf16_math": _onednn_bf16(), "extra": extra,
     }
     if first.device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(first.device)
@@ -60,17 +67,114 @@ def _private(st: os.stat_result, directory: bool) -> bool:
     return kind and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
+def _open_private(path: Path):
+    """`path` opened for reading when it and its folder are ours alone (see the module's docstring), else None."""
+    if not _private(os.lstat(path.parent), True):
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(f.fileno())
+    if not _private(st, False) or st.st_size > MAX_BYTES:
+        f.close()
+        return None
+    return f
+
+
+def package(key: str) -> Path | None:
+    """The path of the AOTInductor package for `key`, when there is one that is ours alone (the folder is private
+    too, so the file checked here is the file the loader opens)."""
+    path = cache_dir() / f"{key}.pt2"
+    try:
+        f = _open_private(path)
+    except OSError:
+        return None
+    if f is None:
+        return None
+    f.close()
+    return path
+
+
+def _private_folder() -> Path:
+    folder = cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _private(os.lstat(folder), True):
+        raise PermissionError(f"{folder} is not private to this user")
+    return folder
+
+
+STALE_S = 6 * 3600  # a temporary file this old is a build whose process ended before it finished
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the temporary files of builds that never finished (their process exited first: a short `r1 run`);
+    a younger one may be another process's build in progress."""
+    now = time.time()
+    for tmp in folder.glob(".*.pt2"):
+        try:
+            st = os.lstat(tmp)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_S:
+                os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def store_package(key: str, exported) -> Path:
+    """Compile an exported step (torch.export) into the package for `key`, weights left out; returns its path.
+    Raises whatever the compile raises (the caller falls back to eager)."""
+    folder = _private_folder()
+    _remove_stale(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".pt2")  # created 0600
+    os.close(fd)
+    try:
+        # cpp.threads 1: the generated kernels of a one-token step work on vectors of a few thousand values, where
+        # an OpenMP team costs more than it saves (and its count would be baked in); the matmuls are PyTorch's own
+        # kernels, which use every thread torch is given.
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=tmp,
+            inductor_configs={"aot_inductor.package_constants_in_so": False, "cpp.threads": 1})
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, folder / f"{key}.pt2")
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return folder / f"{key}.pt2"
+
+
+def failed(key: str) -> bool:
+    """Did the step for `key` fail to compile on this machine before?"""
+    try:
+        f = _open_private(cache_dir() / f"{key}.failed")
+    except OSError:
+        return False
+    if f is None:
+        return False
+    f.close()
+    return True
+
+
+def mark_failed(key: str, why: str) -> None:
+    """Remember that the step for `key` does not compile here (never an error itself)."""
+    try:
+        folder = _private_folder()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(" ".join(why.split())[:2000] + "\n")
+        os.replace(tmp, folder / f"{key}.failed")
+    except Exception:
+        pass
+
+
 def load(key: str) -> bool:
     """Put the saved artifacts for `key` into torch.compile's caches; False when there are none (or not ours)."""
     path = cache_dir() / f"{key}.bin"
     try:
-        if not _private(os.lstat(path.parent), True):
+        f = _open_private(path)
+        if f is None:
             return False
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not _private(st, False) or st.st_size > MAX_BYTES:
-                return False
+        with f:
             blob = f.read()
         return torch.compiler.load_cache_artifacts(blob) is not None
     except Exception:  # a missing, foreign, truncated or stale file: compile as if there were none

@@ -180,7 +180,8 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
                                   group_size=group_size, quant_head=opts.quant_head, mtp=opts.mtp)
     if announce and getattr(model, "quant_notice", None):
         announce(f"r1: {model.quant_notice}")
-    if announce and decode_mode == "compile":  # else the first reply stops after a token, for no visible reason
+    if announce and decode_mode == "compile" and torch_device.type == "cuda":  # else the first reply stalls unexplained
+        # (a CPU's compiled step says so itself when it is built: aot_step.py)
         announce("r1: --decode-mode compile: the first reply pauses while torch.compile builds the decode step "
                  "(a minute or more the first time, seconds once its on-disk cache is warm)")
     tokenizer = checkpoint.tokenizer()

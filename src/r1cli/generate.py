@@ -3,6 +3,7 @@ into the stream of events (events.py) that `run`, `chat` and `serve` consume."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -140,6 +141,12 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
+def compiled_cpu_default() -> bool:
+    """Does `--decode-mode auto` compile the CPU decode step? Yes, unless R1_COMPILE=0 (the test suite's setting,
+    or a machine where a background compile is not wanted)."""
+    return os.environ.get("R1_COMPILE", "1").strip() != "0"
+
+
 STOP = -1  # broadcast by rank 0 instead of a token when its reader stopped early (tensor parallel)
 
 
@@ -157,6 +164,7 @@ class Decoder:
         max_len: int | None = None,
         decode_mode: str = "auto",
         prefill_chunk: int = 2048,
+        notice=None,
     ):
         self.model = model
         device = model.model.embed_tokens.weight.device
@@ -166,15 +174,24 @@ class Decoder:
         # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python. Tensor
         # parallel: every step, so that all ranks see an early stop (STOP) at the same step.
         self.sync_every = 1 if device.type == "cpu" or self.shard else 8
+        aot_here = device.type == "cpu" and not self.shard  # (collectives do not export: eager when sharded)
         if decode_mode == "auto":
             # CUDA graphs around NCCL collectives are not tried yet (docs/distributed.md): eager when sharded.
-            decode_mode = "graph" if device.type == "cuda" and not self.shard else "eager"
-        if decode_mode not in ("eager", "static", "compile", "graph"):
+            if device.type == "cuda" and not self.shard:
+                decode_mode = "graph"
+            else:
+                decode_mode = "aot" if aot_here and compiled_cpu_default() else "eager"
+        elif decode_mode == "compile" and aot_here:
+            decode_mode = "aot-wait"
+        if decode_mode not in ("eager", "static", "compile", "graph", "aot", "aot-wait"):
             raise ValueError(f"unknown decode mode {decode_mode}")
-        # eager: attends over the filled slots only (best on CPU); static: fixed shapes over a bucket of the cache;
-        # graph: static, captured as one CUDA graph per bucket and replayed per token; compile: torch.compile'd
-        # static step (captured too on CUDA). See StaticDecoder.
+        # eager: attends over the filled slots only; static: fixed shapes over a bucket of the cache; graph:
+        # static, captured as one CUDA graph per bucket and replayed per token; compile on CUDA: torch.compile'd
+        # static step, captured too (see StaticDecoder); aot (a CPU's default) and compile on a CPU: the static
+        # step compiled ahead of time and cached on disk, eager until it is built (aot) or after waiting for the
+        # build (aot-wait), eager for good where it cannot be built (aot_step.py).
         self.decode_mode = decode_mode
+        self.notice = notice
         self.prefill_chunk = prefill_chunk
         self._step = None  # the static decode step, built on first use
         self.cache: Cache | None = None
@@ -183,7 +200,14 @@ class Decoder:
 
     def _ensure_cache(self) -> Cache:
         if self.cache is None:
-            self.cache = self.model.new_cache(1, self.max_len)
+            if self.decode_mode.startswith("aot"):
+                # One spare slot, never used: the compiled step's attended span is then always a part of a buffer.
+                # Not inference tensors (the export of the step writes to them outside inference mode).
+                with torch.inference_mode(False):
+                    self.cache = self.model.new_cache(1, self.max_len + 1)
+                self.cache.max_len = self.max_len
+            else:
+                self.cache = self.model.new_cache(1, self.max_len)
             self.model.ensure_rope(self.max_len)
         return self.cache
 
@@ -195,7 +219,12 @@ class Decoder:
         if self.decode_mode == "eager":
             return self.model(token, start_pos=pos, cache=self.cache, last_only=True)[:, -1]
         if self._step is None:
-            self._step = StaticDecoder(self.model, self.cache, self.decode_mode)
+            if self.decode_mode.startswith("aot"):
+                from .aot_step import AotDecoder
+
+                self._step = AotDecoder(self.model, self.cache, self.notice, wait=self.decode_mode == "aot-wait")
+            else:
+                self._step = StaticDecoder(self.model, self.cache, self.decode_mode)
         return self._step(token, pos)
 
     def generate(

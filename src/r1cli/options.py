@@ -12,8 +12,9 @@ from .errors import UsageError
 
 QUANT_SCHEMES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-# auto: a CUDA graph per cache bucket on a GPU, eager on a CPU; compile: torch.compile (a slow first turn, then the
-# fastest small-model CPU decode, docs/performance.md).
+# auto: a CUDA graph per cache bucket on a GPU; on a CPU the step compiled ahead of time and cached per machine,
+# eager until it is built (aot_step.py; R1_COMPILE=0: eager). compile: on a CPU the same step, waited for; on a GPU
+# torch.compile.
 DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
 
 
