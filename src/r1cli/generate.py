@@ -150,7 +150,51 @@ def compiled_cpu_default() -> bool:
 STOP = -1  # broadcast by rank 0 instead of a token when its reader stopped early (tensor parallel)
 
 
-class Decoder:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Turns:
+    """What a decoder does with one turn, shared by Decoder and speculative.SpeculativeDecoder: check the prompt,
+    reuse the cached prefix, and under tensor parallelism send rank 0's turn to the other ranks, which `follow()`.
+    A subclass has `max_len`, `shard`, `cached_ids` and `_steps(prompt_ids, params, stop_ids, reuse)`."""
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset = frozenset()
+    ) -> Iterator[int]:
+        """Yield sampled token ids until a stop id (not yielded), max_tokens, or the context is full.
+        `self.stats` describes the run when the iterator ends (finish_reason 'interrupted' if closed early)."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            from .errors import R1Error
+
+            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        # at least one prompt token must run to get logits; rank 0's reuse goes to every rank, since reset()
+        # (/clear, another API key) runs on rank 0 only
+        reuse = common_prefix(self.cached_ids, prompt_ids[:-1])
+        if self.shard is not None:
+            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids), reuse))
+        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids), reuse)
+
+    def follow(self) -> int:
+        """Ranks other than 0: run rank 0's turns until it says exit; return its exit code."""
+        while True:
+            command = self.shard.next_command()
+            if command[0] == "exit":
+                return command[1]
+            _, prompt_ids, params, stop_ids, reuse = command
+            for _ in self._steps(prompt_ids, params, stop_ids, reuse):
+                pass
+
+
+class Decoder(Turns):
     """One model, one cache, reused across turns: a new prompt re-uses the cached prefix it shares with the
     previous prompt and its reply, up to the first differing token.
 
@@ -226,36 +270,6 @@ class Decoder:
             else:
                 self._step = StaticDecoder(self.model, self.cache, self.decode_mode)
         return self._step(token, pos)
-
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset = frozenset()
-    ) -> Iterator[int]:
-        """Yield sampled token ids until a stop id (not yielded), max_tokens, or the context is full.
-        `self.stats` describes the run when the iterator ends (finish_reason 'interrupted' if closed early)."""
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        if len(prompt_ids) >= self.max_len:
-            from .errors import R1Error
-
-            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
-        reuse = 0
-        for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # at least one prompt token must run to get logits
-            if a != b:
-                break
-            reuse += 1
-        if self.shard is not None:
-            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids), reuse))
-        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids), reuse)
-
-    def follow(self) -> int:
-        """Ranks other than 0: run rank 0's generation steps until it says exit; return its exit code."""
-        while True:
-            command = self.shard.next_command()
-            if command[0] == "exit":
-                return command[1]
-            _, prompt_ids, params, stop_ids, reuse = command
-            for _ in self._steps(prompt_ids, params, stop_ids, reuse):
-                pass
 
     @torch.inference_mode()
     def _steps(self, prompt_ids: list[int], params: SamplingParams, stop_ids, reuse: int) -> Iterator[int]:

@@ -23,19 +23,10 @@ from typing import Iterator
 
 import torch
 
-from .generate import STOP, Decoder, GenerationStats, SamplingParams, draw, sampling_probs
+from .generate import STOP, Decoder, GenerationStats, SamplingParams, Turns, common_prefix, draw, sampling_probs
 from .models import CausalLM
 
 MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -90,7 +81,7 @@ class ModelDraft:
         if self.cache is None:
             self.cache = self.model.new_cache(1, self.max_len)
             self.model.ensure_rope(self.max_len)
-        self.n = _common_prefix(self.ids, tokens[:-1])
+        self.n = common_prefix(self.ids, tokens[:-1])
         return reuse
 
     def target_hidden(self, hidden, start: int) -> None:
@@ -244,7 +235,7 @@ def _repeat_masks(seen: torch.Tensor, drafts: list[int]) -> torch.Tensor:
     return masks
 
 
-class SpeculativeDecoder:
+class SpeculativeDecoder(Turns):
     """`Decoder`'s interface (generate, stats, max_len, reset, cached_ids) over a target and a draft."""
 
     def __init__(self, target: Decoder, draft, max_k: int = MAX_DRAFT, adaptive: bool = True):
@@ -264,30 +255,6 @@ class SpeculativeDecoder:
 
     def reset(self) -> None:
         self.target.reset()
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        if len(prompt_ids) >= self.max_len:
-            from .errors import R1Error
-
-            raise R1Error(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
-        # rank 0's reuse for every rank: reset() (/clear, another API key) runs on rank 0 only
-        reuse = _common_prefix(self.target.cached_ids, prompt_ids[:-1])
-        if self.shard is not None:
-            self.shard.command(("generate", list(prompt_ids), params, frozenset(stop_ids), reuse))
-        yield from self._steps(list(prompt_ids), params, frozenset(stop_ids), reuse)
-
-    def follow(self) -> int:
-        """Ranks other than 0: run rank 0's turns until it says exit; return its exit code."""
-        while True:
-            command = self.shard.next_command()
-            if command[0] == "exit":
-                return command[1]
-            _, prompt_ids, params, stop_ids, reuse = command
-            for _ in self._steps(prompt_ids, params, stop_ids, reuse):
-                pass
 
     def _share(self, values: list[int]) -> list[int]:
         """Rank 0's values on every rank (tensor parallel); as they are in one process."""
