@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .files import replacing
 from .quant_formats import cpu_has_vnni
 
 MAX_BYTES = 1 << 30  # a larger file is not ours (artifacts of a decode step are a few MB)
@@ -123,9 +124,8 @@ def store_package(key: str, exported) -> Path:
     Raises whatever the compile raises (the caller falls back to eager)."""
     folder = _private_folder()
     _remove_stale(folder)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".pt2")  # created 0600
-    os.close(fd)
-    try:
+    with replacing(folder / f"{key}.pt2", f".{key}.", ".pt2") as (fd, tmp):
+        os.close(fd)
         # cpp.threads 1: the generated kernels of a one-token step work on vectors of a few thousand values, where
         # an OpenMP team costs more than it saves (and its count would be baked in); the matmuls are PyTorch's own
         # kernels, which use every thread torch is given.
@@ -133,13 +133,6 @@ def store_package(key: str, exported) -> Path:
             exported, package_path=tmp,
             inductor_configs={"aot_inductor.package_constants_in_so": False, "cpp.threads": 1})
         os.chmod(tmp, 0o600)
-        os.replace(tmp, folder / f"{key}.pt2")
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return folder / f"{key}.pt2"
 
 

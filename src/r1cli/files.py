@@ -4,15 +4,18 @@ Every read of a model's JSON files (config, index, tokenizer_config, generation_
 open of its weight files goes through here. A FIFO would block an open or a read forever, a link to /dev/zero
 would read forever, a directory or a device is no file at all: each is refused with one line (CheckpointError, exit
 1), as is a JSON file larger than its bound, nested deeper than the parser's recursion, or of the wrong type.
+Also the one way r1 replaces a file of its own (settings, compiled steps): a temporary beside it, renamed over it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from .errors import CheckpointError
 
@@ -97,3 +100,19 @@ def _json_type(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number"
     )
+
+
+@contextlib.contextmanager
+def replacing(path: Path, prefix: str, suffix: str) -> Iterator[tuple[int, str]]:
+    """(fd, name) of a new private temporary file beside `path`, renamed over `path` when the block ends and
+    removed when it fails: a failed or interrupted write leaves the old file as it was."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)  # created 0600
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from .errors import R1Error
+from .files import replacing
 
 DEFAULTS = {"think": "collapse"}  # the chat's thinking display: show | hide | collapse
 
@@ -44,21 +44,13 @@ def atomic_write(path: str | Path, text: str) -> None:
     if mode is not None and not stat.S_ISREG(mode):
         kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
         raise R1Error(f"{path} is {kind}: r1 writes only to a regular file or a new name, give another")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+    with replacing(path, f".{path.name}.", ".tmp") as (fd, _):
         if mode is not None:
             os.fchmod(fd, stat.S_IMODE(mode))  # the file keeps its permissions (mkstemp makes 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_settings() -> dict:
