@@ -16,6 +16,15 @@ def private_xdg_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_inherited_terminal_size():
+    """A pytest-xdist worker runs with COLUMNS=80 and LINES=24 in its environment (a plain run has neither); rich
+    would take them over the real terminal, so an `r1 chat` in a 120-column pty would wrap at 80. Tests see the
+    same terminal sizes however they are run."""
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def steered_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 checkpoint with the real R1 tokenizer that answers every prompt with steered.REASONING inside
