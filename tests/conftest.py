@@ -6,6 +6,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Under pytest-xdist (`-n 2`) every worker, and every r1 process it starts, gets its share of the cores: two
+# workers of two OpenMP threads each on two cores would make each tiny-model op wait on a descheduled thread.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    if "torch" in sys.modules:  # imported before this file (a plugin): its pool is already sized
+        sys.modules["torch"].set_num_threads(_threads)
+
 
 # --- models for run/chat tests -------------------------------------------------------------------------------------
 
@@ -37,13 +45,15 @@ def steered_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def looping_dir(tmp_path_factory) -> Path:
-    """Like steered_dir, but it thinks steered.LOOP forever (for Ctrl-C, closed pipes and max-tokens tests)."""
+    """Like steered_dir, but it thinks steered.LOOP forever (for Ctrl-C, closed pipes and max-tokens tests).
+    Hidden size 16 (its chain has 4 tokens): the repetition guard's tests decode over a thousand tokens, each one
+    an lm_head over the whole R1 vocabulary."""
     import steered
     from tokenizers import Tokenizer
 
     tokenizer_dir = steered.r1_tokenizer_dir()
     ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(steered.LOOP, add_special_tokens=False).ids
-    return steered.write_steered(tmp_path_factory.mktemp("looping"), tokenizer_dir, ids, loop_to=0)
+    return steered.write_steered(tmp_path_factory.mktemp("looping"), tokenizer_dir, ids, loop_to=0, hidden_size=16)
 
 
 @pytest.fixture(scope="session")
