@@ -127,14 +127,15 @@ def test_show_prints_the_defaults_run_uses(which, request):
 
 
 def loops_by_definition(ids: list[int], max_period: int = 256, min_span: int = 1024) -> int | None:
-    """The guard's rule written out plainly (quadratic): the first index at which the last `min_span` or more
-    tokens repeat exactly with some period p <= max_period."""
-    for n in range(len(ids)):
+    """The guard's rule written out plainly (no incremental state): the first index n at which the last `min_span`
+    tokens repeat exactly with some period p <= max_period, each equal to the one p before it (the window equals
+    itself shifted by p)."""
+    assert max_period < min_span
+    for n in range(min_span - 1, len(ids)):
+        start = n - min_span + 1  # the window: ids[start:n + 1]
         for p in range(1, max_period + 1):
-            span = 0
-            while span + p < min_span and n - span - p >= 0 and ids[n - span] == ids[n - span - p]:
-                span += 1
-            if span + p >= min_span:
+            # its last and first pairs first: a cheap no for most p before the whole comparison
+            if ids[n] == ids[n - p] and ids[start] == ids[start + p] and ids[start + p:n + 1] == ids[start:n + 1 - p]:
                 return n
     return None
 

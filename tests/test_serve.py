@@ -355,23 +355,25 @@ def test_queue_limit_is_429(looping_server):
     url = looping_server.url + "/chat/completions"
     with httpx.Client(timeout=60, headers=headers) as running, httpx.Client(timeout=60, headers=headers) as running2, \
             httpx.Client(timeout=60, headers=headers) as waiting:
-        with running.stream("POST", url, json=body) as a, running2.stream("POST", url, json=body) as a2:
+        # a2 only once a is generating: sent at once, it could find a still waiting for the worker (a full queue).
+        with running.stream("POST", url, json=body) as a:
             lines = a.iter_lines()  # kept: a dropped line iterator would close the connection
             next(x for x in lines if '"reasoning_content": "' in x)  # a is generating
-            lines2 = a2.iter_lines()
-            next(x for x in lines2 if '"reasoning_content": "' in x)  # and a2 beside it (--parallel 2)
-            with waiting.stream("POST", url, json=body) as b:  # queued behind them: its headers come at once
-                assert b.status_code == 200
-                client = OpenAI(api_key=KEY, base_url=looping_server.url, max_retries=0)
-                with pytest.raises(openai.RateLimitError) as e:
-                    client.chat.completions.create(model="deepseek-reasoner",
-                                                   messages=[{"role": "user", "content": "hi"}])
-                assert e.value.status_code == 429 and e.value.code == "rate_limit_exceeded"
-                assert int(e.value.response.headers["Retry-After"]) >= 1
-                # Admitted to the queue (or not) before rendering: a prompt over the context still gets 429.
-                with pytest.raises(openai.RateLimitError):
-                    client.chat.completions.create(model="deepseek-reasoner",
-                                                   messages=[{"role": "user", "content": "apple " * 5000}])
+            with running2.stream("POST", url, json=body) as a2:
+                lines2 = a2.iter_lines()
+                next(x for x in lines2 if '"reasoning_content": "' in x)  # and a2 beside it (--parallel 2)
+                with waiting.stream("POST", url, json=body) as b:  # queued behind them: its headers come at once
+                    assert b.status_code == 200
+                    client = OpenAI(api_key=KEY, base_url=looping_server.url, max_retries=0)
+                    with pytest.raises(openai.RateLimitError) as e:
+                        client.chat.completions.create(model="deepseek-reasoner",
+                                                       messages=[{"role": "user", "content": "hi"}])
+                    assert e.value.status_code == 429 and e.value.code == "rate_limit_exceeded"
+                    assert int(e.value.response.headers["Retry-After"]) >= 1
+                    # Admitted to the queue (or not) before rendering: a prompt over the context still gets 429.
+                    with pytest.raises(openai.RateLimitError):
+                        client.chat.completions.create(model="deepseek-reasoner",
+                                                       messages=[{"role": "user", "content": "apple " * 5000}])
     # Both gone: the queue drains (b may wait a moment until the worker drops it) and a new request is served.
     client = OpenAI(api_key=KEY, base_url=looping_server.url, max_retries=0)
     deadline = time.monotonic() + 20

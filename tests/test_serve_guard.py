@@ -232,7 +232,10 @@ def test_unusable_api_keys_are_usage_errors(steered_dir, tmp_path, args, env, me
 
 @pytest.mark.slow
 def test_request_log_is_private(guarded):
-    assert guarded.records("prompt")  # it holds what users sent
+    r = httpx.post(guarded.url + "/chat/completions", json=chat_body("a secret"), timeout=60,
+                   headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 200
+    assert "a secret" in guarded.records("prompt")[-1]["prompt"]  # it holds what users sent
     assert stat.S_IMODE(guarded.log.stat().st_mode) == 0o600
 
 
