@@ -65,6 +65,8 @@ class RowCache(Cache):
     def __init__(self, cache: Cache, rows: int, attend_len: int):
         super().__init__(cache.layers, cache.max_len, cache.slot_dim)
         self.rows, self.attend_len = rows, attend_len
+        self.row_index = None  # arange(rows), made at the first write and shared by every layer's
+
 
     @property
     def batch_size(self) -> int:
@@ -72,7 +74,9 @@ class RowCache(Cache):
 
     def write(self, layer: int, start_pos, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d = self.slot_dim
-        index = (torch.arange(self.rows, device=start_pos.device),) + (slice(None),) * (d - 1) + (start_pos,)
+        if self.row_index is None:
+            self.row_index = torch.arange(self.rows, device=start_pos.device)
+        index = (self.row_index,) + (slice(None),) * (d - 1) + (start_pos,)
         out = []
         for buf, val in zip(self.layers[layer], values):
             buf[index] = val.select(d, 0).to(buf.dtype)
