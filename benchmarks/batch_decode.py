@@ -50,7 +50,7 @@ def ours_batched(model, ps, new_tokens, device) -> float:
 
 @torch.inference_mode()
 def ours_single(model, p, new_tokens, device) -> float:
-    gen = Decoder(model, max_len=len(p) + new_tokens + 8)
+    gen = Decoder(model, max_len=len(p) + new_tokens + 8, decode_mode="eager")  # eager steps, as the batched engine runs
     it = gen.generate(p, SamplingParams(temperature=0, max_tokens=new_tokens + 1))
     next(it)
     sync(device)
