@@ -166,10 +166,11 @@ def test_interrupt_exits_130(looping_dir):
 
 
 @pytest.mark.slow
-def test_decode_modes_give_the_same_answer(steered_dir):
+def test_decode_modes_give_the_same_answer(steered_dir, tmp_path, monkeypatch):
     """--decode-mode picks the decode step (static: the fixed-shape step torch.compile and CUDA graphs use; compile:
     that step compiled); the steered model's known answer comes out of each. An unknown mode is a one-line usage
     error."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing compiled yet: another test may have built this one
     for mode in ("eager", "static", "compile"):
         result = CliRunner().invoke(app, ["run", str(steered_dir), "--decode-mode", mode, "--verbose", "How many pears?"])
         assert result.exit_code == 0, result.output
