@@ -122,9 +122,12 @@ def test_the_int8_kernel_is_chosen_by_features_and_quality():
     assert qf.fastest_int8_kernel(True) == "dynamic" and qf.fastest_int8_kernel(False) == "pack"
     assert qf.choose_int8_kernel(False) == "pack"
     assert qf.choose_int8_kernel(True) == ("dynamic" if qf.DYNAMIC_INT8_KEEPS_QUALITY else "mixed")
+    assert qf.choose_int8_kernel(True, compiled_decode=True) == "pack"  # the dynamic kernel does not export
     if "R1_INT8_KERNEL" not in os.environ:
+        from r1cli.generate import compiled_cpu_default
+
         # a new weight is packed unless every layer is dynamic ("mixed" places the dynamic kernel by layer name)
-        policy = qf.choose_int8_kernel(qf.cpu_has_vnni())
+        policy = qf.choose_int8_kernel(qf.cpu_has_vnni(), compiled_cpu_default())
         assert qf.int8_kernel() == policy
         assert qf.Int8Weight.from_float(torch.randn(64, 128)).kernel == ("dynamic" if policy == "dynamic" else "pack")
     # "mixed": gate|up dynamic; down dynamic over column groups only where wide enough to pay; the rest packed

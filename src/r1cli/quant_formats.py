@@ -158,9 +158,14 @@ def cpu_has_vnni() -> bool:
 DYNAMIC_INT8_KEEPS_QUALITY = False
 
 
-def choose_int8_kernel(has_vnni: bool) -> str:
-    """The policy a process uses: the fastest one that keeps the quality bar."""
+def choose_int8_kernel(has_vnni: bool, compiled_decode: bool = False) -> str:
+    """The policy a process uses: the fastest one that keeps the quality bar. Where the CPU decode step is compiled
+    (aot_step.py, the default) it is "pack": the dynamic kernel does not export (fbgemm's packed weights are an
+    opaque object), so that step would stay eager, and the compiled packed step decoded SmolLM2 faster than the
+    eager mixed one (docs/quantization.md)."""
     fastest = fastest_int8_kernel(has_vnni)
+    if fastest == "dynamic" and compiled_decode:
+        return "pack"
     if fastest == "dynamic" and not DYNAMIC_INT8_KEEPS_QUALITY:
         return "mixed"
     return fastest
@@ -175,6 +180,9 @@ def int8_kernel_reason(kernel: str) -> str:
                 "projections, bf16 activations elsewhere, within the int8 quality bar")
     if kernel == "dynamic":
         return "dynamic: 8-bit activations and integer dot products (VNNI) in every layer"
+    if cpu_has_vnni():
+        return ("pack: bf16 activations, so that the decode step compiles (the dynamic kernel does not export; "
+                "R1_COMPILE=0 decodes eagerly with the mixed kernels)")
     return "pack: bf16 activations (no VNNI, or no fbgemm in this torch)"
 
 
@@ -187,7 +195,12 @@ def int8_kernel() -> str:
     global _int8_kernel
     if _int8_kernel is None:
         forced = os.environ.get("R1_INT8_KERNEL", "")
-        _int8_kernel = forced if forced in INT8_KERNELS else choose_int8_kernel(cpu_has_vnni())
+        if forced in INT8_KERNELS:
+            _int8_kernel = forced
+        else:
+            from .generate import compiled_cpu_default
+
+            _int8_kernel = choose_int8_kernel(cpu_has_vnni(), compiled_cpu_default())
     return _int8_kernel
 
 
