@@ -122,12 +122,9 @@ def test_the_int8_kernel_is_chosen_by_features_and_quality():
     assert qf.fastest_int8_kernel(True) == "dynamic" and qf.fastest_int8_kernel(False) == "pack"
     assert qf.choose_int8_kernel(False) == "pack"
     assert qf.choose_int8_kernel(True) == ("dynamic" if qf.DYNAMIC_INT8_KEEPS_QUALITY else "mixed")
-    assert qf.choose_int8_kernel(True, compiled_decode=True) == "pack"  # the dynamic kernel does not export
     if "R1_INT8_KERNEL" not in os.environ:
-        from r1cli.generate import compiled_cpu_default
-
         # a new weight is packed unless every layer is dynamic ("mixed" places the dynamic kernel by layer name)
-        policy = qf.choose_int8_kernel(qf.cpu_has_vnni(), compiled_cpu_default())
+        policy = qf.choose_int8_kernel(qf.cpu_has_vnni())
         assert qf.int8_kernel() == policy
         assert qf.Int8Weight.from_float(torch.randn(64, 128)).kernel == ("dynamic" if policy == "dynamic" else "pack")
     # "mixed": gate|up dynamic; down dynamic over column groups only where wide enough to pay; the rest packed
@@ -202,6 +199,30 @@ def test_int8_dynamic_kernel_over_column_groups(n, k):
     joined = grouped.join([grouped, grouped])
     assert joined.groups == 4 and torch.equal(joined.q, torch.cat([codes, codes]))
     assert grouped.join([grouped, whole]) is None
+
+
+@pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
+def test_mixed_placement_leaves_small_models_packed_for_the_compiled_step(monkeypatch):
+    from r1cli.config import args_from_dict
+    from r1cli.models import build_model
+
+    cfg = {**llama_config(num_hidden_layers=1, hidden_size=128, intermediate_size=256).to_dict(),
+           "architectures": ["LlamaForCausalLM"]}
+
+    def placed(compile_env: str, min_weights: int) -> set:
+        monkeypatch.setenv("R1_COMPILE", compile_env)
+        monkeypatch.setattr(qf, "MIXED_MIN_WEIGHTS_WHEN_COMPILED", min_weights)
+        model = build_model(args_from_dict(cfg)).float()
+        q.quantize_model(model, "int8")
+        qf.place_int8_kernels(model)
+        return {m.qweight.kernel for m in model.modules() if isinstance(getattr(m, "qweight", None), qf.Int8Weight)}
+
+    monkeypatch.setattr(qf, "_int8_kernel", "mixed")
+    assert placed("1", 10**9) == {"pack"}  # compiled step, small model: packed, so the step compiles
+    assert placed("1", 0) == {"pack", "dynamic"}  # compiled step, a model past the threshold
+    assert placed("0", 10**9) == {"pack", "dynamic"}  # eager decode: mixed whatever the size
+    monkeypatch.setattr(qf, "_int8_kernel", "pack")
+    assert placed("0", 0) == {"pack"}
 
 
 @pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")

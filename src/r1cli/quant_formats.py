@@ -158,14 +158,17 @@ def cpu_has_vnni() -> bool:
 DYNAMIC_INT8_KEEPS_QUALITY = False
 
 
-def choose_int8_kernel(has_vnni: bool, compiled_decode: bool = False) -> str:
-    """The policy a process uses: the fastest one that keeps the quality bar. Where the CPU decode step is compiled
-    (aot_step.py, the default) it is "pack": the dynamic kernel does not export (fbgemm's packed weights are an
-    opaque object), so that step would stay eager, and the compiled packed step decoded SmolLM2 faster than the
-    eager mixed one (docs/quantization.md)."""
+# The dynamic kernel does not export (fbgemm's packed weights are an opaque object): a model with a dynamic layer
+# decodes eagerly even where the CPU step would be compiled (aot_step.py, the default). Measured with the compiled
+# step on: eager "mixed" decoded the R1-Distill-Qwen-1.5B shape faster than the compiled packed step, SmolLM2-135M
+# slower (docs/quantization.md). So with a compiled step, "mixed" places the dynamic kernel only in models with at
+# least this many int8 weights (between the two measured sizes; the crossover itself was not located).
+MIXED_MIN_WEIGHTS_WHEN_COMPILED = 1_000_000_000
+
+
+def choose_int8_kernel(has_vnni: bool) -> str:
+    """The policy a process uses: the fastest one that keeps the quality bar."""
     fastest = fastest_int8_kernel(has_vnni)
-    if fastest == "dynamic" and compiled_decode:
-        return "pack"
     if fastest == "dynamic" and not DYNAMIC_INT8_KEEPS_QUALITY:
         return "mixed"
     return fastest
@@ -177,12 +180,11 @@ def int8_kernel_reason(kernel: str) -> str:
         return f"{kernel}, set by R1_INT8_KERNEL"
     if kernel == "mixed":
         return ("mixed: 8-bit activations and integer dot products (VNNI) for gate|up and the wide down "
-                "projections, bf16 activations elsewhere, within the int8 quality bar")
+                "projections, bf16 activations elsewhere, within the int8 quality bar (with the compiled decode "
+                f"step, in models of {MIXED_MIN_WEIGHTS_WHEN_COMPILED / 1e9:g}B int8 weights or more: it does not "
+                "compile, and smaller ones decode faster packed and compiled)")
     if kernel == "dynamic":
         return "dynamic: 8-bit activations and integer dot products (VNNI) in every layer"
-    if cpu_has_vnni():
-        return ("pack: bf16 activations, so that the decode step compiles (the dynamic kernel does not export; "
-                "R1_COMPILE=0 decodes eagerly with the mixed kernels)")
     return "pack: bf16 activations (no VNNI, or no fbgemm in this torch)"
 
 
@@ -195,12 +197,7 @@ def int8_kernel() -> str:
     global _int8_kernel
     if _int8_kernel is None:
         forced = os.environ.get("R1_INT8_KERNEL", "")
-        if forced in INT8_KERNELS:
-            _int8_kernel = forced
-        else:
-            from .generate import compiled_cpu_default
-
-            _int8_kernel = choose_int8_kernel(cpu_has_vnni(), compiled_cpu_default())
+        _int8_kernel = forced if forced in INT8_KERNELS else choose_int8_kernel(cpu_has_vnni())
     return _int8_kernel
 
 
@@ -457,7 +454,14 @@ def use_int8_kernel(model: nn.Module, kernel: str, grouped_min_k: int | None = N
 
 
 def place_int8_kernels(model: nn.Module) -> nn.Module:
-    """A loaded model's int8 layers under this process's "mixed" policy, when it is that (else as they are)."""
-    if int8_kernel() == "mixed":
+    """A loaded model's int8 layers under this process's "mixed" policy, when it is that (else as they are); with
+    the compiled CPU decode step on, only in a model of MIXED_MIN_WEIGHTS_WHEN_COMPILED int8 weights or more."""
+    if int8_kernel() != "mixed":
+        return model
+    from .generate import compiled_cpu_default
+
+    weights = sum(m.qweight.shape.numel() for m in model.modules()
+                  if isinstance(getattr(m, "qweight", None), Int8Weight) and len(m.qweight.shape) == 2)
+    if not compiled_cpu_default() or weights >= MIXED_MIN_WEIGHTS_WHEN_COMPILED:
         use_int8_kernel(model, "mixed")
     return model
