@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from helpers import r1_env
-from tiny import llama_config, write_checkpoint
+from tiny import llama_config, v3_config, write_checkpoint
 
 from r1cli import aot_step, compile_cache
 from r1cli.generate import Decoder, SamplingParams
@@ -155,6 +155,33 @@ def test_auto_compiles_on_a_cpu_unless_told_not_to(tiny_model, monkeypatch):
     assert Decoder(tiny_model, max_len=64, decode_mode="eager").decode_mode == "eager"
     monkeypatch.setenv("R1_COMPILE", "0")
     assert Decoder(tiny_model, max_len=64).decode_mode == "eager"
+
+
+def test_auto_decodes_eagerly_and_quietly_what_cannot_export(tiny_model, tmp_path, monkeypatch, capsys):
+    """MoE routing and fbgemm's packed int8 weights do not export: the default knows before trying, so nothing is
+    compiled, announced or marked failed; an exportable model still gets the compiled step."""
+    from r1cli.loader import load_model
+    from r1cli.quant import quantize_model
+    from r1cli.quant_formats import use_int8_kernel
+
+    monkeypatch.delenv("R1_COMPILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    write_checkpoint(v3_config(num_hidden_layers=2), tmp_path / "v3")
+    moe = load_model(tmp_path / "v3", dtype="float32")
+    assert aot_step.not_exportable(moe) == "routed experts"
+    assert Decoder(moe, max_len=64).decode_mode == "eager"
+    write_checkpoint(llama_config(num_hidden_layers=1), tmp_path / "llama")
+    int8 = load_model(tmp_path / "llama", dtype="float32")
+    quantize_model(int8, "int8")
+    assert aot_step.not_exportable(int8) is None  # the packed kernel exports
+    use_int8_kernel(int8, "dynamic")
+    assert aot_step.not_exportable(int8) == "int8 weights on the dynamic kernel"
+    capsys.readouterr()  # (the checkpoint writer's progress)
+    gen = Decoder(int8, max_len=64)
+    assert gen.decode_mode == "eager"
+    list(gen.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=3)))
+    assert capsys.readouterr().err == "" and not list(tmp_path.rglob("*.failed"))
+    assert Decoder(tiny_model, max_len=64).decode_mode == "aot"
 
 
 def test_only_a_private_regular_file_is_loaded(tmp_path, monkeypatch):

@@ -60,6 +60,18 @@ def announce_once(message: str, notice: Callable[[str], None] | None = None) -> 
         print(message, file=sys.stderr, flush=True)
 
 
+def not_exportable(model: CausalLM) -> str | None:
+    """Why this model's decode step cannot be exported (None: it can), known before trying, so that the default
+    decodes eagerly without a failed compile: MoE routing gives tensors data-dependent sizes; fbgemm's packed int8
+    weights (the dynamic and mixed int8 kernels) are opaque objects torch.export cannot trace."""
+    if getattr(model.args, "n_routed_experts", 0):
+        return "routed experts"
+    for module in model.modules():
+        if getattr(module, "kernel", "pack") != "pack" and module.__class__.__name__ == "Int8Weight":
+            return f"int8 weights on the {module.kernel} kernel"
+    return None
+
+
 class StepModule(nn.Module):
     """The static decode step as a module whose inputs are tensors only: token [1, 1], slot [1] and `span`, a
     tensor whose length is the number of cache slots to attend over (the bucket: a dynamic size at export). The

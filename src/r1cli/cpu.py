@@ -10,6 +10,7 @@ on Linux (shown to the user; also the fallback when a probe is missing from this
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,3 +166,9 @@ def fastest_format(f: CpuFeatures | None = None) -> dict:
         why += f"; int8 kernels: {int8_kernel_reason(kernel)}"
     return {"cpu_class": f.cpu_class, "flags": f.flags_seen, "fastest": order[0] if order else None,
             "order": list(order), "why": why, "int8_kernel": kernel}
+
+
+def compiled_cpu_default() -> bool:
+    """Does `--decode-mode auto` compile the CPU decode step? Yes, unless R1_COMPILE=0 (the test suite's setting,
+    or a machine where a background compile is not wanted)."""
+    return os.environ.get("R1_COMPILE", "1").strip() != "0"

@@ -3,7 +3,6 @@ into the stream of events (events.py) that `run`, `chat` and `serve` consume."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Iterator
 import torch
 
 from . import compile_cache
+from .cpu import compiled_cpu_default
 from .models import Cache, CausalLM
 from .sampling import SamplingParams
 
@@ -141,12 +141,6 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
-def compiled_cpu_default() -> bool:
-    """Does `--decode-mode auto` compile the CPU decode step? Yes, unless R1_COMPILE=0 (the test suite's setting,
-    or a machine where a background compile is not wanted)."""
-    return os.environ.get("R1_COMPILE", "1").strip() != "0"
-
-
 STOP = -1  # broadcast by rank 0 instead of a token when its reader stopped early (tensor parallel)
 
 
@@ -224,7 +218,9 @@ class Decoder(Turns):
             if device.type == "cuda" and not self.shard:
                 decode_mode = "graph"
             else:
-                decode_mode = "aot" if aot_here and compiled_cpu_default() else "eager"
+                from .aot_step import not_exportable
+
+                decode_mode = "aot" if aot_here and compiled_cpu_default() and not not_exportable(model) else "eager"
         elif decode_mode == "compile" and aot_here:
             decode_mode = "aot-wait"
         if decode_mode not in ("eager", "static", "compile", "graph", "aot", "aot-wait"):

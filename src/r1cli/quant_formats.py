@@ -458,7 +458,7 @@ def place_int8_kernels(model: nn.Module) -> nn.Module:
     the compiled CPU decode step on, only in a model of MIXED_MIN_WEIGHTS_WHEN_COMPILED int8 weights or more."""
     if int8_kernel() != "mixed":
         return model
-    from .generate import compiled_cpu_default
+    from .cpu import compiled_cpu_default
 
     weights = sum(m.qweight.shape.numel() for m in model.modules()
                   if isinstance(getattr(m, "qweight", None), Int8Weight) and len(m.qweight.shape) == 2)
