@@ -135,9 +135,9 @@ def test_the_int8_kernel_is_chosen_by_features_and_quality():
     for name in ("model.layers.3.self_attn.qkv_proj", "model.layers.3.self_attn.o_proj", "lm_head"):
         assert qf.mixed_kernel_for(name, 8960) == ("pack", 1)
     # `r1 show` says which policy this process uses, and why
-    from r1cli.cpu import fastest_format
+    from r1cli.hub import cpu_advice
 
-    shown = fastest_format()
+    shown = cpu_advice()
     assert shown["int8_kernel"] == qf.int8_kernel() and qf.int8_kernel_reason(qf.int8_kernel()) in shown["why"]
 
 

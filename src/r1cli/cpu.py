@@ -147,10 +147,9 @@ MEASURED_ORDER = {
 
 
 def fastest_format(f: CpuFeatures | None = None) -> dict:
-    """{'cpu_class', 'flags', 'fastest', 'order', 'why', 'int8_kernel'}: the weight format that decodes fastest on
-    this CPU class and the measurement behind it, or fastest None where the class was never measured; for this
-    machine (no `f`), also the int8 kernel policy this process uses (quant_formats.int8_kernel), else None."""
-    this_machine, f = f is None, f or features()
+    """{'cpu_class', 'flags', 'fastest', 'order', 'why'}: the weight format that decodes fastest on this CPU class
+    (this machine's without `f`) and the measurement behind it, or fastest None where the class was never measured."""
+    f = f or features()
     order, why = MEASURED_ORDER.get(f.cpu_class, ((), None))
     if not order:
         why = f"not measured on a {f.cpu_class} CPU: bf16 is the checkpoint's format; try --quant int8 and int4"
@@ -158,14 +157,8 @@ def fastest_format(f: CpuFeatures | None = None) -> dict:
         why += " (no bf16 math: bf16 matmuls are slow, int8's kernel reads at memory speed)"
     else:
         why += " (bf16 math in hardware: bf16 beats float32, and fewer bytes per weight win)"
-    kernel = None
-    if this_machine:  # the int8 kernels this process uses (quant_formats decides them from these features)
-        from .quant_formats import int8_kernel, int8_kernel_reason
-
-        kernel = int8_kernel()
-        why += f"; int8 kernels: {int8_kernel_reason(kernel)}"
     return {"cpu_class": f.cpu_class, "flags": f.flags_seen, "fastest": order[0] if order else None,
-            "order": list(order), "why": why, "int8_kernel": kernel}
+            "order": list(order), "why": why}
 
 
 def compiled_cpu_default() -> bool:

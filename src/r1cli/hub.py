@@ -700,16 +700,19 @@ def _show_config(ref: ModelRef, cfg: dict, ctx: int, folder: Path | None = None)
         "chat_template": None,
         "sampling": _sampling(ref, lambda: None),
         "quantized_weights": quantized_weight_bytes(args, 4 if dtype == "float32" else 2),
-        "cpu": _cpu_advice(),
+        "cpu": cpu_advice(),
         "mtp_layers": _mtp_layers(folder, args),
     }
 
 
-def _cpu_advice() -> dict:
-    """Which weight format decodes fastest on this machine's CPU class, and why (cpu.fastest_format)."""
+def cpu_advice() -> dict:
+    """Which weight format decodes fastest on this machine's CPU class, and why (cpu.fastest_format), and the int8
+    kernel policy this process uses (quant_formats decides it from the same features)."""
     from .cpu import fastest_format
+    from .quant_formats import int8_kernel, int8_kernel_reason
 
-    return fastest_format()
+    advice, kernel = fastest_format(), int8_kernel()
+    return {**advice, "why": f"{advice['why']}; int8 kernels: {int8_kernel_reason(kernel)}", "int8_kernel": kernel}
 
 
 def _mtp_layers(folder: Path | None, args) -> int:
@@ -754,7 +757,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "memory": show_memory(args, ctx, "bfloat16", total),  # as loaded: dequantized to bfloat16
         "chat_template": isinstance(template, str),
         "sampling": _sampling(ref, lambda: gguf_tokenizer(f)),
-        "cpu": _cpu_advice(),
+        "cpu": cpu_advice(),
         "quantized_weights": quantized_weight_bytes(args, 2),
         "gguf": {"architecture": f.metadata.get("general.architecture"), "file_type": file_type,
                  "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f),
