@@ -288,3 +288,17 @@ def test_batched_stream_stop_ends_that_sequence_alone(looping_dir):
     stats = m.batch(1).stream(prompt, params).drive(handle)
     assert stats.finish_reason == "interrupted" and stats.completion_tokens == 3
     assert isinstance(calls[-1], Done) and calls[-1].stats is stats
+
+
+def test_kv_bytes_per_token_is_what_the_batch_cache_allocates(steered_dir):
+    """OpenModel.kv_bytes_per_token (serve's default --parallel counts with it) against the bytes the batch's
+    KV cache really takes per row and slot."""
+    from r1cli.engine import open_model
+    from r1cli.options import ModelOptions
+
+    m = open_model(ModelOptions(str(steered_dir), "cpu", max_context=64))
+    engine = m.batch(3)
+    engine.step()  # allocates the cache
+    allocated = sum(buf.numel() * buf.element_size() for layer in engine.cache.layers for buf in layer)
+    assert allocated == 3 * 64 * m.kv_bytes_per_token
+    assert 1 <= m.default_parallel() <= 8

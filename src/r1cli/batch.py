@@ -117,9 +117,7 @@ class BatchEngine:
         loop of a front end driving many streams (serve, `r1 run -n`, `r1 eval`)."""
         if not self.idle:
             self.step()
-        out = [(stream, event) for stream in self._ready for event in stream.take()]
-        self._ready.clear()
-        return out
+        return [(stream, event) for stream in list(self._ready) for event in stream.take()]
 
     def _route(self, events: list[tuple[Sequence, int | None]]) -> None:
         """A step's tokens and ends into their sequences' streams, after a Start for each one admitted."""
@@ -162,6 +160,8 @@ class BatchEngine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         self._finish(seq, "interrupted")
+        if seq in self._streams:  # its stream ends too: the text it held, then Done
+            self._streams[seq].end("interrupted")
 
     def run(self) -> Iterator[tuple[Sequence, int | None]]:
         """Step until idle; yields (sequence, token) per new token and (sequence, None) when one ends."""
@@ -376,7 +376,10 @@ class SequenceStream(EventStream):
     def _pull(self):
         while True:
             if self.buffer:
-                yield self.buffer.popleft()
+                event = self.buffer.popleft()
+                if not self.buffer:
+                    self.engine._ready.pop(self, None)
+                yield event
             elif self.ended:
                 return
             else:
@@ -389,6 +392,7 @@ class SequenceStream(EventStream):
         """The events ready now, without stepping the engine."""
         out = list(self.buffer)
         self.buffer.clear()
+        self.engine._ready.pop(self, None)
         return out
 
     def put(self, events) -> None:
@@ -413,15 +417,15 @@ class SequenceStream(EventStream):
     def stop(self, reason: str = "interrupted") -> None:
         super().stop(reason)
         if not self.ended:
-            self.engine.cancel(self.sequence)
             self.end(self.stop_reason)
+            self.engine.cancel(self.sequence)
 
     def close(self) -> None:
         if not self.ended:
-            self.engine.cancel(self.sequence)
             self.engine._streams.pop(self.sequence, None)
+            self.engine.cancel(self.sequence)
             self.ended = self.started = True  # no Start is owed to a dropped stream
-        self.buffer.clear()
+        self.take()
         super().close()
 
 
