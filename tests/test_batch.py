@@ -183,3 +183,122 @@ def test_default_parallel_from_free_memory_and_kv_size():
     assert default_parallel(gb, 10 * gb, "cpu") == 5  # half of 10 GB holds five 1 GB caches
     assert default_parallel(gb, 100 * gb, "cpu") == 8 and default_parallel(gb, 1000 * gb, "cuda") == 64
     assert default_parallel(gb, gb, "cpu") == 1 and default_parallel(gb, 0, "cuda") == 1
+
+
+# --- the batched streams: the events of the one-sequence path --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_r1_dir(tmp_path_factory):
+    """A tiny random Qwen2 with the real R1 tokenizer: greedy, it writes arbitrary tokens (multi-byte pieces,
+    specials), so the event texts of the two paths are compared on more than one steered chain."""
+    import shutil
+
+    import steered
+
+    folder = tmp_path_factory.mktemp("random-r1")
+    write_checkpoint(qwen2_config(vocab_size=151936, num_hidden_layers=2), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(steered.r1_tokenizer_dir() / name, folder / name)
+    return folder
+
+
+def _comparable(events):
+    """What both paths must agree on: every event but Done as is (types, texts, token counts); Done's numbers
+    but its timings."""
+    from r1cli.events import Done
+
+    timing = ("ttft_ms", "thinking_ms", "total_ms", "decode_tokens_per_s")
+    return [(type(e), e.text, e.tokens) if hasattr(e, "text") else
+            {k: v for k, v in e.stats.to_dict().items() if k not in timing} if isinstance(e, Done) else e
+            for e in events]
+
+
+@pytest.mark.parametrize("which", ["steered", "random"])
+def test_batched_stream_events_equal_the_single_path(which, steered_dir, random_r1_dir):
+    """OpenModel.batch(...).stream gives, for one prompt, the events OpenModel.stream gives (greedy, float32):
+    Start, the reasoning and answer deltas with their texts and token counts, Done's text, counts and
+    finish_reason, while another sequence decodes beside it (its own events waiting in its stream)."""
+    from r1cli.chat_format import build_prompt
+    from r1cli.engine import open_model
+    from r1cli.events import AnswerDelta, Done, ReasoningDelta, Start
+    from r1cli.options import ModelOptions
+
+    folder = steered_dir if which == "steered" else random_r1_dir
+    m = open_model(ModelOptions(str(folder), "cpu", dtype="float32", max_context=256))
+    params = m.sampling({"temperature": 0, "max_tokens": 40})
+    ask = lambda text: build_prompt(m.tokenizer, [{"role": "user", "content": text}], family=m.family)  # noqa: E731
+    prompt, other = ask("How many pears?"), ask("Count the apples in the basket, then the pears, then both.")
+    alone = list(m.stream(prompt, params))
+    m.forget()  # a fresh cache, as a fresh engine's rows
+    alone_other = list(m.stream(other, params))
+
+    engine = m.batch(2)
+    beside = engine.stream(other, params)
+    mine = engine.stream(prompt, params)
+    batched = list(mine)  # iterating steps the engine; the other sequence's events wait in `beside`
+    batched_other = list(beside)
+
+    assert isinstance(batched[0], Start) and isinstance(batched[-1], Done)
+    assert all(isinstance(e, (ReasoningDelta, AnswerDelta)) for e in batched[1:-1])
+    assert _comparable(batched) == _comparable(alone)
+    assert _comparable(batched_other) == _comparable(alone_other)
+    if which == "steered":
+        assert any(isinstance(e, ReasoningDelta) for e in batched) and any(isinstance(e, AnswerDelta) for e in batched)
+        assert batched[-1].stats.finish_reason == "stop"
+
+
+def test_batched_stream_stop_ends_that_sequence_alone(looping_dir):
+    """stop() ends one batched sequence at once, with its finish_reason and the partial text kept; the other
+    sequences go on. Ctrl-C in the consumer's code (EventStream.drive) ends a batched stream as it ends a single
+    one. close() drops a sequence with no Done."""
+    from r1cli.chat_format import build_prompt
+    from r1cli.engine import open_model
+    from r1cli.events import Done, ReasoningDelta
+    from r1cli.options import ModelOptions
+
+    m = open_model(ModelOptions(str(looping_dir), "cpu", dtype="float32", max_context=256))
+    prompt = build_prompt(m.tokenizer, [{"role": "user", "content": "hi"}], family=m.family)
+    params = m.sampling({"max_tokens": 30, "repeat_guard": False})
+    engine = m.batch(3)
+    streams = [engine.stream(prompt, params) for _ in range(3)]
+    seen = {s: [] for s in streams}
+    while not engine.idle or any(s.buffer for s in streams):
+        for stream, event in engine.events():
+            seen[stream].append(event)
+            if stream is streams[0] and isinstance(event, ReasoningDelta) and event.tokens == 5:
+                stream.stop("stop")
+            if stream is streams[2] and isinstance(event, ReasoningDelta) and event.tokens == 3:
+                stream.close()
+    first, second, dropped = (seen[s] for s in streams)
+    assert isinstance(first[-1], Done) and first[-1].stats.finish_reason == "stop"
+    assert first[-1].stats.completion_tokens == 5
+    assert first[-1].stats.reasoning == "".join(e.text for e in first if isinstance(e, ReasoningDelta)).strip()
+    assert isinstance(second[-1], Done) and second[-1].stats.finish_reason == "length"
+    assert second[-1].stats.completion_tokens == 30
+    assert not any(isinstance(e, Done) for e in dropped) and max(e.tokens for e in dropped[1:]) == 3
+
+    calls = []
+
+    def handle(event):  # Ctrl-C in the consumer's own code, on the third delta
+        calls.append(event)
+        if len([e for e in calls if isinstance(e, ReasoningDelta)]) == 3 and not isinstance(event, Done):
+            raise KeyboardInterrupt
+
+    stats = m.batch(1).stream(prompt, params).drive(handle)
+    assert stats.finish_reason == "interrupted" and stats.completion_tokens == 3
+    assert isinstance(calls[-1], Done) and calls[-1].stats is stats
+
+
+def test_kv_bytes_per_token_is_what_the_batch_cache_allocates(steered_dir):
+    """OpenModel.kv_bytes_per_token (serve's default --parallel counts with it) against the bytes the batch's
+    KV cache really takes per row and slot."""
+    from r1cli.engine import open_model
+    from r1cli.options import ModelOptions
+
+    m = open_model(ModelOptions(str(steered_dir), "cpu", max_context=64))
+    engine = m.batch(3)
+    engine.step()  # allocates the cache
+    allocated = sum(buf.numel() * buf.element_size() for layer in engine.cache.layers for buf in layer)
+    assert allocated == 3 * 64 * m.kv_bytes_per_token
+    assert 1 <= m.default_parallel() <= 8

@@ -15,6 +15,9 @@ and sends each cache operation it is about to run (a decode step's tokens and po
 prefill copy) to the other ranks, whose `follow()` runs the same forward with it: the model's collectives pair up
 in order. Only rank 0 samples; the tokens reach the others inside the next decode step's operation.
 
+Front ends read sequences as events (`stream()`: a SequenceStream, the events.EventStream of the one-sequence
+path, made by the same reply.Reply) and drive many at once with `events()`; `submit`/`step` give raw token ids.
+
 The batch-1 `Decoder` is untouched; this engine is built beside it.
 """
 
@@ -28,9 +31,11 @@ from typing import Iterator
 import torch
 
 from .errors import R1Error
+from .events import Done, Event, EventStream
 from .generate import GenerationStats, SamplingParams, sample
 from .models import CausalLM
 from .models.cache import RowCache, row_view
+from .reply import Reply, start_event
 
 
 @dataclass(eq=False)
@@ -85,8 +90,10 @@ class BatchEngine:
     """`submit` sequences, then `step()` (or iterate `run()`) until `idle`. At most `max_batch` decode together;
     more wait in a queue, in order."""
 
-    def __init__(self, model: CausalLM, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256):
+    def __init__(self, model: CausalLM, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256,
+                 tokenizer=None):
         self.model = model
+        self.tokenizer = tokenizer  # for `stream()`: its stop ids, and the text of the events
         self.shard = model.shard  # tensor parallel: rank 0 steps, the others follow() (the module docstring)
         self.device = model.model.embed_tokens.weight.device
         self.max_batch = max_batch
@@ -99,10 +106,51 @@ class BatchEngine:
         self.row_share: list[object] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self._streams: dict[Sequence, SequenceStream] = {}  # the streams of unfinished sequences
+        self._unstarted: deque[SequenceStream] = deque()  # streams not admitted yet (no Start), in submission order
+        self._ready: dict[SequenceStream, None] = {}  # streams holding events not taken yet (an ordered set)
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
+
+    @property
+    def active(self) -> int:
+        """Sequences submitted and not finished: decoding, prefilling or waiting for a row."""
+        return len(self.running) + len(self.waiting)
+
+    def stream(self, prompt, params: SamplingParams, share=None) -> SequenceStream:
+        """Submit a rendered prompt (chat_format.PromptBuild), stopping at the tokenizer's eos; its reply as the
+        events of the one-sequence path (engine.stream_events): Start once it has a row, then ReasoningDelta /
+        AnswerDelta with the tokens so far, then Done. `stop()` ends this sequence alone."""
+        if self.tokenizer is None:
+            raise ValueError("this BatchEngine has no tokenizer: make it with one (OpenModel.batch) for event streams")
+        seq = self.submit(prompt.ids, params, self.tokenizer.eos_ids, share=share)
+        stream = SequenceStream(self, seq, prompt)
+        self._streams[seq] = stream
+        self._unstarted.append(stream)
+        return stream
+
+    def events(self) -> list[tuple[SequenceStream, Event]]:
+        """One step (none when nothing runs), then every stream's events not taken yet, each stream's in order: the
+        loop of a front end driving many streams (serve, `r1 run -n`, `r1 eval`)."""
+        if not self.idle:
+            self.step()
+        return [(stream, event) for stream in list(self._ready) for event in stream.take()]
+
+    def _route(self, events: list[tuple[Sequence, int | None]]) -> None:
+        """A step's tokens and ends into their sequences' streams, after a Start for each one admitted."""
+        while self._unstarted and (self._unstarted[0].started or self._unstarted[0].sequence.row >= 0
+                                   or self._unstarted[0].sequence.done):
+            self._unstarted.popleft().start()
+        for seq, token in events:
+            stream = self._streams.get(seq)
+            if stream is None:
+                continue
+            if token is None:
+                stream.end(seq.finish_reason)
+            else:
+                stream.put(stream.reply.feed(token))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=frozenset(), tag=None,
                share=None) -> Sequence:
@@ -131,6 +179,8 @@ class BatchEngine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         self._finish(seq, "interrupted")
+        if seq in self._streams:  # its stream ends too: the text it held, then Done
+            self._streams[seq].end("interrupted")
 
     def run(self) -> Iterator[tuple[Sequence, int | None]]:
         """Step until idle; yields (sequence, token) per new token and (sequence, None) when one ends."""
@@ -148,6 +198,7 @@ class BatchEngine:
             self._admit(self.waiting.popleft())
         self._decode(events)
         self._prefill(events)
+        self._route(events)
         return events
 
     def _admit(self, seq: Sequence) -> None:
@@ -334,57 +385,90 @@ class BatchEngine:
             seq.row = -1
 
 
-def stream_many(engine: BatchEngine, tokenizer, prompt, params: list[SamplingParams]):
-    """`engine.stream_events` for several samples of one rendered prompt, decoded together: yields
-    (index, ReasoningDelta | AnswerDelta | Done) as the batch steps, each sample split into reasoning and answer on
-    its own. Ctrl-C ends every unfinished sample with finish_reason 'interrupted' (its partial text kept)."""
-    from .events import AnswerDelta, Done, ReasoningDelta, TurnStats
-    from .reasoning import ReasoningSplitter
+class SequenceStream(EventStream):
+    """One sequence of a BatchEngine as an events.EventStream. Iterating it steps the engine when it has no event
+    ready (the other sequences' events wait in their own streams); `stop(reason)` ends this sequence now (the text
+    still held and Done come next); `close()` drops it (no Done). Made by `BatchEngine.stream`."""
 
-    t0 = time.perf_counter()
-    seqs = [engine.submit(prompt.ids, p, tokenizer.eos_ids, tag=i) for i, p in enumerate(params)]
-    state = {}
-    for seq in seqs:
-        splitter = ReasoningSplitter(start_in_thinking=prompt.starts_in_thinking, think_start_id=tokenizer.think_start_id,
-                                     think_end_id=tokenizer.think_end_id)
-        state[seq.tag] = dict(splitter=splitter, decoder=tokenizer.stream_decoder(), first=None, answer=None)
+    def __init__(self, engine: BatchEngine, seq: Sequence, prompt):
+        self.engine, self.sequence, self.prompt = engine, seq, prompt
+        self.reply = Reply(engine.tokenizer, prompt, t0=seq.t_submit)  # times count from submission, queue included
+        self.buffer: deque[Event] = deque()
+        self.started = self.ended = False
+        super().__init__(SequenceStream._pull)
 
-    def deltas(seq, parts):
-        i = seq.tag
-        for delta in parts:
-            if delta.kind == "answer" and state[i]["answer"] is None:
-                state[i]["answer"] = time.perf_counter()
-            yield i, (AnswerDelta if delta.kind == "answer" else ReasoningDelta)(delta.text, seq.stats.generated_tokens)
+    def _pull(self):
+        while True:
+            if self.buffer:
+                event = self.buffer.popleft()
+                if not self.buffer:
+                    self.engine._ready.pop(self, None)
+                yield event
+            elif self.ended:
+                return
+            else:
+                try:
+                    self.engine.step()
+                except KeyboardInterrupt:  # Ctrl-C while the model runs: this reply ends, as engine.stream_events
+                    self.stop("interrupted")
 
-    def done(seq):
-        s = state[seq.tag]
-        yield from deltas(seq, s["splitter"].finish(s["decoder"].flush()))
-        end, sp = time.perf_counter(), s["splitter"]
-        n = seq.stats.generated_tokens
-        decode_s = end - (s["first"] or end)
-        yield seq.tag, Done(TurnStats(
-            reasoning=sp.reasoning_text, content=sp.answer_text, finish_reason=seq.finish_reason,
-            truncated_in_thinking=sp.truncated_in_thinking, prompt_tokens=seq.stats.prompt_tokens,
-            reasoning_tokens=sp.reasoning_tokens, completion_tokens=n,
-            ttft_ms=1000 * ((s["first"] or end) - t0),
-            thinking_ms=1000 * ((s["answer"] or end) - t0) if (prompt.starts_in_thinking or sp.reasoning_tokens) else 0.0,
-            total_ms=1000 * (end - t0), decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0))
+    def take(self) -> list[Event]:
+        """The events ready now, without stepping the engine."""
+        out = list(self.buffer)
+        self.buffer.clear()
+        self.engine._ready.pop(self, None)
+        return out
 
+    def put(self, events) -> None:
+        if events:
+            self.buffer.extend(events)
+            self.engine._ready[self] = None
+
+    def start(self) -> None:
+        """Start, once the sequence has a row (its cached tokens known) or ended without one."""
+        if not self.started:
+            self.started = True
+            self.put([start_event(self.prompt, self.sequence.stats.cached_tokens, self.engine.max_len)])
+
+    def end(self, finish_reason: str) -> None:
+        """The sequence is over: the text still held, then Done."""
+        self.start()
+        self.put(self.reply.finish())
+        self.put([self.reply.done(self.sequence.stats, finish_reason, clock_rate=True)])
+        self.ended = True
+        self.engine._streams.pop(self.sequence, None)
+
+    def stop(self, reason: str = "interrupted") -> None:
+        super().stop(reason)
+        if not self.ended:
+            self.end(self.stop_reason)
+            self.engine.cancel(self.sequence)
+
+    def close(self) -> None:
+        if not self.ended:
+            self.engine._streams.pop(self.sequence, None)
+            self.engine.cancel(self.sequence)
+            self.ended = self.started = True  # no Start is owed to a dropped stream
+        self.take()
+        super().close()
+
+
+def stream_many(engine: BatchEngine, prompt, params: list[SamplingParams]) -> Iterator[tuple[int, Event]]:
+    """Several samples of one rendered prompt, decoded together (one shared prefill): yields (index, event) as the
+    batch steps, each sample's events those of `engine.stream`. Ctrl-C ends every unfinished sample with
+    finish_reason 'interrupted' (its partial text kept)."""
+    streams = {engine.stream(prompt, p): i for i, p in enumerate(params)}
+    left = len(streams)
     try:
-        while not engine.idle:
-            for seq, token in engine.step():
-                if token is None:
-                    yield from done(seq)
-                    continue
-                s = state[seq.tag]
-                if s["first"] is None:
-                    s["first"] = time.perf_counter()
-                yield from deltas(seq, s["splitter"].feed(s["decoder"].add(token), token_id=token))
+        while left:
+            for stream, event in engine.events():
+                left -= isinstance(event, Done)
+                yield streams[stream], event
     except KeyboardInterrupt:
-        for seq in seqs:
-            if not seq.done:
-                engine.cancel(seq)
-                yield from done(seq)
+        for stream in streams:
+            stream.stop("interrupted")
+        for stream, event in engine.events():
+            yield streams[stream], event
 
 
 MAX_DEFAULT_PARALLEL = {"cpu": 8, "cuda": 64}  # a CPU's decode stops gaining well before 16 streams

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,11 +19,11 @@ from .chat_format import (
     family_for,
 )
 from .errors import ModelNotFoundError, R1Error, UsageError
-from .events import AnswerDelta, Done, EventStream, ReasoningDelta, Start, TurnStats
+from .events import EventStream
 from .generate import Decoder
 from .options import ModelOptions
-from .reasoning import ReasoningSplitter
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name
+from .reply import Reply, start_event
 from .sampling import PLAIN_MAX_TOKENS, SamplingParams, default_sampling, generation_defaults  # noqa: F401 (the engine's API)
 
 CPU_CONTEXT = 8192  # default KV cache length on CPU and MPS: memory and speed there are tight
@@ -117,11 +116,35 @@ class OpenModel:
         """Ranks other than 0 of a tensor-parallel run: run rank 0's steps until it exits; its exit code."""
         return self.decoder.follow()
 
-    def batch_engine(self, max_batch: int):
-        """A batch.BatchEngine over this model's weights, at this context length (`r1 run -n`, serve --parallel)."""
+    @property
+    def sharded(self) -> bool:
+        """Tensor parallel: other ranks follow this one's steps (a failed collective means one is gone)."""
+        return getattr(self.decoder, "shard", None) is not None
+
+    def batch(self, max_batch: int):
+        """A batch.BatchEngine over this model's weights and tokenizer, at this context length, decoding up to
+        `max_batch` sequences together (`r1 run -n`, `r1 eval`, serve --parallel): `stream()` gives each its
+        EventStream. Tensor parallel, the other ranks call `follow()` on theirs."""
         from .batch import BatchEngine
 
-        return BatchEngine(self.decoder.model, max_batch=max_batch, max_len=self.context)
+        return BatchEngine(self.decoder.model, max_batch=max_batch, max_len=self.context, tokenizer=self.tokenizer)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one sequence takes on this model's device (sizes.kv_cache_bytes_per_token)."""
+        from .models.layers import kv_cache_dtype
+        from .sizes import kv_cache_bytes_per_token
+
+        weights = self.decoder.model.model.embed_tokens.weight
+        return kv_cache_bytes_per_token(self.decoder.model.args, kv_cache_dtype(weights.dtype, weights.device).itemsize)
+
+    def default_parallel(self) -> int:
+        """`r1 serve --parallel` when not given: as many sequences as half the free memory of this model's device
+        holds a whole context of KV cache for (batch.default_parallel)."""
+        from .batch import default_parallel, free_memory
+
+        device = self.decoder.model.model.embed_tokens.weight.device
+        return default_parallel(self.kv_bytes_per_token * self.context, free_memory(device), device.type)
 
     def stream(self, prompt: PromptBuild, params: SamplingParams) -> EventStream:
         """One reply to a rendered prompt (chat_format.build_prompt)."""
@@ -215,29 +238,14 @@ def stream_events(decoder: Decoder, tokenizer, prompt: PromptBuild, params: Samp
     away) just stops generating. `decoder`: generate.Decoder or speculative.SpeculativeDecoder."""
 
     def produce(stream: EventStream):
-        splitter = ReasoningSplitter(
-            start_in_thinking=prompt.starts_in_thinking,
-            think_start_id=tokenizer.think_start_id,
-            think_end_id=tokenizer.think_end_id,
-        )
-        text = tokenizer.stream_decoder()
-        yield Start(prompt_tokens=len(prompt.ids), cached_tokens=_reused(decoder.cached_ids, prompt.ids),
-                    max_len=decoder.max_len, notices=tuple(prompt.notices), starts_in_thinking=prompt.starts_in_thinking)
-        t0 = time.perf_counter()
-        first_token_at = answer_at = None
-        count = 0
+        yield start_event(prompt, _reused(decoder.cached_ids, prompt.ids), decoder.max_len)
+        reply = Reply(tokenizer, prompt)
         tokens = decoder.generate(prompt.ids, params, stop_ids=tokenizer.eos_ids)
         stopped = None
         try:
             try:
                 for token in tokens:
-                    count += 1
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    for delta in splitter.feed(text.add(token), token_id=token):
-                        if delta.kind == "answer" and answer_at is None:
-                            answer_at = time.perf_counter()
-                        yield (AnswerDelta if delta.kind == "answer" else ReasoningDelta)(delta.text, count)
+                    yield from reply.feed(token)
                     if stream.stop_reason is not None:
                         stopped = stream.stop_reason
                         break
@@ -245,25 +253,7 @@ def stream_events(decoder: Decoder, tokenizer, prompt: PromptBuild, params: Samp
                 stopped = "interrupted"
         finally:
             tokens.close()
-        for delta in splitter.finish(text.flush()):
-            yield (AnswerDelta if delta.kind == "answer" else ReasoningDelta)(delta.text, count)
-        g = decoder.stats
-        end = time.perf_counter()
-        yield Done(TurnStats(
-            reasoning=splitter.reasoning_text,
-            content=splitter.answer_text,
-            finish_reason=stopped or g.finish_reason,
-            truncated_in_thinking=splitter.truncated_in_thinking,
-            prompt_tokens=g.prompt_tokens,
-            cached_tokens=g.cached_tokens,
-            reasoning_tokens=splitter.reasoning_tokens,
-            completion_tokens=g.generated_tokens,
-            ttft_ms=1000 * ((first_token_at or end) - t0),
-            thinking_ms=1000 * ((answer_at or end) - t0) if (prompt.starts_in_thinking or splitter.reasoning_tokens) else 0.0,
-            total_ms=1000 * (end - t0),
-            decode_tokens_per_s=g.decode_tokens_per_s,
-            acceptance_rate=g.acceptance_rate,
-            tokens_per_step=g.tokens_per_step if g.draft_tokens else None,
-        ))
+        yield from reply.finish()
+        yield reply.done(decoder.stats, stopped or decoder.stats.finish_reason)
 
     return EventStream(produce)

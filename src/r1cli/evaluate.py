@@ -206,7 +206,7 @@ def run_eval(m, problems: list[Problem], params, k: int, results_path: Path, suf
              progress: Callable[[int, int], None] | None = None) -> Score:
     """Sample every (problem, sample) pair missing from `results_path`, appending each record as it finishes."""
     from .chat_format import build_prompt
-    from .reasoning import ReasoningSplitter
+    from .events import Done
 
     try:
         regex = re.compile(pattern) if pattern else None
@@ -215,34 +215,31 @@ def run_eval(m, problems: list[Problem], params, k: int, results_path: Path, suf
     records = read_results(results_path)
     _drop_torn_tail(results_path)
     done = {(r["line"], r["sample"]) for r in records}
-    engine = m.batch_engine(parallel)
-    tok = m.tokenizer
+    engine = m.batch(parallel)
     total = len(problems) * k
+    samples = {}  # stream -> (problem, sample index)
     for p in problems:
         text = f"{p.text}\n{suffix}" if suffix else p.text
-        prompt = build_prompt(tok, [{"role": "user", "content": text}], family=m.family)
+        prompt = build_prompt(m.tokenizer, [{"role": "user", "content": text}], family=m.family)
         for j in range(k):
             if (p.line, j) in done:
                 continue
             seed = None if params.seed is None else params.seed + 1000 * p.line + j
-            engine.submit(prompt.ids, replace(params, seed=seed), tok.eos_ids, tag=(p, j, prompt.starts_in_thinking))
+            samples[engine.stream(prompt, replace(params, seed=seed))] = (p, j)
     finished = len(done)
     if progress:
         progress(finished, total)
     with open(results_path, "a", encoding="utf-8") as out:
-        while not engine.idle:
-            for seq, token in engine.step():
-                if token is not None:
+        while samples:
+            for stream, event in engine.events():
+                if not isinstance(event, Done):
                     continue
-                p, j, thinking = seq.tag
-                splitter = ReasoningSplitter(start_in_thinking=thinking, think_start_id=tok.think_start_id,
-                                             think_end_id=tok.think_end_id)
-                splitter.feed(tok.decode(seq.tokens))
-                splitter.finish("")
-                answer = extract_answer(splitter.answer_text, regex)
+                p, j = samples.pop(stream)
+                stats = event.stats
+                answer = extract_answer(stats.content, regex)
                 record = {"line": p.line, "sample": j, "answer": answer, "reference": p.reference,
-                          "correct": same_answer(answer, p.reference), "finish_reason": seq.finish_reason,
-                          "completion_tokens": seq.stats.generated_tokens, "content": splitter.answer_text}
+                          "correct": same_answer(answer, p.reference), "finish_reason": stats.finish_reason,
+                          "completion_tokens": stats.completion_tokens, "content": stats.content}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
                 records.append(record)

@@ -259,7 +259,7 @@ def run_many(m: OpenModel, prompt, params: SamplingParams, opts: RunOptions, out
 
     from .batch import stream_many
 
-    engine = m.batch_engine(min(opts.n, MAX_RUN_BATCH))
+    engine = m.batch(min(opts.n, MAX_RUN_BATCH))
     seeds = [None if params.seed is None else params.seed + i for i in range(opts.n)]
     results: list[dict | None] = [None] * opts.n
 
@@ -271,7 +271,9 @@ def run_many(m: OpenModel, prompt, params: SamplingParams, opts: RunOptions, out
         write(json.dumps({"event": "start", "model": m.name, "repo": m.ref.repo, "revision": m.revision}) + "\n")
     interrupted = cut = 0
     try:
-        for i, event in stream_many(engine, m.tokenizer, prompt, [replace(params, seed=s) for s in seeds]):
+        for i, event in stream_many(engine, prompt, [replace(params, seed=s) for s in seeds]):
+            if isinstance(event, Start):  # its notices were shown once, above
+                continue
             if opts.output == "jsonl":
                 if isinstance(event, (ReasoningDelta, AnswerDelta)):
                     kind = "reasoning" if isinstance(event, ReasoningDelta) else "answer"

@@ -299,7 +299,7 @@ class Server:
     def _check_ranks(self, e: Exception) -> None:
         """Tensor parallel: a failed collective means a rank is gone. The server stops as on SIGTERM, and serve()
         then exits with the distributed exit code (docs/distributed.md)."""
-        if getattr(self.model.decoder, "shard", None) is None or self.lost_rank is not None:
+        if not self.model.sharded or self.lost_rank is not None:
             return
         from .parallel import is_collective_failure
 
@@ -311,21 +311,22 @@ class Server:
 
     def _work_batched(self) -> None:
         """--parallel N > 1: up to N sequences decode together in a BatchEngine (the same KV row prefixes reused,
-        and a request's n choices sharing its prefill, only within one API key). Jobs are taken from the queue only
-        while a row is free, so --max-queue still counts the requests waiting beyond the running ones."""
-        m = self.model
-        engine = m.batch_engine(self.parallel)
-        live: dict = {}  # Sequence -> _Live
+        and a request's n choices sharing its prefill, only within one API key), each read as its own EventStream.
+        Jobs are taken from the queue only while a row is free, so --max-queue still counts the requests waiting
+        beyond the running ones."""
+        engine = self.model.batch(self.parallel)
+        live: dict = {}  # batch.SequenceStream -> _Relay
         while True:
-            while len(engine.running) + len(engine.waiting) < self.parallel:
+            while engine.active < self.parallel:
                 try:
                     job = self.jobs.get(block=engine.idle)
                 except queue.Empty:
                     break
                 if job is None:  # finish(): the server stops
-                    for seq in list(live):
-                        engine.cancel(seq)
-                        self._end_choice(live.pop(seq), seq)
+                    for stream in live:
+                        stream.stop("interrupted")
+                    for stream, event in engine.events():
+                        self._relay(live, stream, event)
                     return
                 self._release()
                 if job.cancelled.is_set():
@@ -335,38 +336,47 @@ class Server:
                 try:
                     for i in range(job.n):
                         params = job.params if job.params.seed is None or i == 0 else replace(job.params, seed=job.params.seed + i)
-                        seq = engine.submit(job.prompt.ids, params, m.tokenizer.eos_ids, tag=(job, i), share=job.tenant)
-                        live[seq] = _Live(job, i, job.prompt, m.tokenizer)
+                        live[engine.stream(job.prompt, params, share=job.tenant)] = _Relay(job, i)
                 except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                     job.put(e)
             try:
-                events = engine.step()
+                events = engine.events()
             except Exception as e:  # noqa: BLE001 - every running request gets the error; the server goes on
-                for seq in list(live):
-                    engine.cancel(seq)
-                    live.pop(seq).job.put(e)
+                for stream in list(live):
+                    stream.close()
+                    live.pop(stream).job.put(e)
                 self._check_ranks(e)
                 continue
-            for seq, token in events:
-                state = live.get(seq)
-                if state is None:
-                    continue
-                if token is None:
-                    self._end_choice(live.pop(seq), seq)
-                elif state.feed(token) and not seq.done:  # a stop string: this choice ends here
-                    engine.cancel(seq)
-                    seq.finish_reason = "stop"
-                    self._end_choice(live.pop(seq), seq)
-            for seq in [s for s, st in live.items() if st.job.cancelled.is_set()]:
-                engine.cancel(seq)
-                self._end_choice(live.pop(seq), seq, gone=True)
+            for stream, event in events:
+                self._relay(live, stream, event)
+            for stream in [s for s, relay in live.items() if relay.job.cancelled.is_set()]:
+                stream.close()  # the client went away: no Done
+                self._end(live.pop(stream))
 
-    def _end_choice(self, state: "_Live", seq, gone: bool = False) -> None:
-        stats = state.finish(seq)
-        self.log({"id": state.job.id, "event": "done", "index": state.index, "finish_reason": stats.finish_reason,
-                  "completion_tokens": stats.completion_tokens, "reasoning_tokens": stats.reasoning_tokens,
-                  "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens})
-        state.put(None if gone else Done(stats))
+    def _relay(self, live: dict, stream, event) -> None:
+        """One event of a batched stream to its request; a stop string stops that stream (its Done comes next)."""
+        relay = live.get(stream)
+        if relay is None:
+            return
+        if relay.handle(event):
+            stream.stop("stop")  # ends the sequence now: the text it still held (not sent) and Done are ready
+            for rest in stream.take():
+                relay.handle(rest)
+        if relay.stats is not None:
+            self._end(live.pop(stream))
+
+    def _end(self, relay: "_Relay") -> None:
+        """Log a reply's end and send its Done (None when it was abandoned)."""
+        stats = relay.stats
+        record = {"id": relay.job.id, "event": "done", "finish_reason": stats.finish_reason if stats else "interrupted",
+                  "completion_tokens": stats.completion_tokens if stats else relay.tokens,
+                  "reasoning_tokens": stats.reasoning_tokens if stats else None,
+                  "prompt_tokens": stats.prompt_tokens if stats else relay.start.prompt_tokens,
+                  "cached_tokens": stats.cached_tokens if stats else relay.start.cached_tokens}
+        if self.parallel > 1:
+            record["index"] = relay.index
+        self.log(record)
+        relay.put(Done(stats) if stats else None)
 
     def begin_shutdown(self) -> None:
         """On the event loop, when SIGTERM or SIGINT came: refuse new requests, end the open ones now."""
@@ -384,47 +394,18 @@ class Server:
 
     def _generate(self, job: Job) -> None:
         stream = self.model.stream(job.prompt, job.params)
-        stop = StopScanner(job.stop)
-        stats = None
-        start, tokens = Start(), 0  # what the stream said of the prompt, and of the tokens so far
+        relay = _Relay(job)
         try:
             for event in stream:
                 if job.cancelled.is_set():
                     break
-                if isinstance(event, Start):
-                    start = event
-                elif isinstance(event, Done):
-                    if stop.held:
-                        job.put(AnswerDelta(stop.flush(), tokens))
-                    stats = event.stats
-                elif isinstance(event, AnswerDelta) and job.stop:
-                    tokens = event.tokens
-                    text, hit = stop.feed(event.text)
-                    if text:
-                        job.put(AnswerDelta(text, tokens))
-                    if hit:
-                        stats = self._end_early(stream)
-                        break
-                else:
-                    tokens = event.tokens
-                    job.put(event)
+                if relay.handle(event):  # a stop string: stop generating (EventStream.stop); its Done comes next
+                    stream.stop("stop")
+                if relay.stats is not None:
+                    break
         finally:
             stream.close()  # a client that went away: stop generating now
-            finish = stats.finish_reason if stats else "interrupted"
-            self.log({"id": job.id, "event": "done", "finish_reason": finish,
-                      "completion_tokens": stats.completion_tokens if stats else tokens,
-                      "reasoning_tokens": stats.reasoning_tokens if stats else None,
-                      "prompt_tokens": stats.prompt_tokens if stats else start.prompt_tokens,
-                      "cached_tokens": stats.cached_tokens if stats else start.cached_tokens})
-        job.put(Done(stats) if stats else None)
-
-    def _end_early(self, stream) -> TurnStats:
-        """A stop string was met: stop generating (EventStream.stop) and take the turn's numbers from its Done; the
-        text after the stop string is not sent."""
-        stream.stop("stop")
-        stats = next(e for e in stream if isinstance(e, Done)).stats
-        stats.finish_reason = "stop"
-        return stats
+            self._end(relay)
 
     # --- HTTP ------------------------------------------------------------------------------------------------------
 
@@ -665,61 +646,43 @@ class Server:
                 return
 
 
-class _Live:
-    """One choice being decoded by the batched worker: its reasoning/answer split, stop strings and timings."""
+class _Relay:
+    """One reply's events on their way to its request (choice `index` of it): the answer is cut at the first stop
+    string (nothing of it or after it sent); it keeps what the request log records of the reply's end."""
 
-    def __init__(self, job: Job, index: int, prompt, tokenizer):
-        from .reasoning import ReasoningSplitter
-
+    def __init__(self, job: Job, index: int = 0):
         self.job, self.index = job, index
-        self.splitter = ReasoningSplitter(start_in_thinking=prompt.starts_in_thinking,
-                                          think_start_id=tokenizer.think_start_id, think_end_id=tokenizer.think_end_id)
-        self.decoder = tokenizer.stream_decoder()
-        self.stop = StopScanner(job.stop)
-        self.starts_in_thinking = prompt.starts_in_thinking
-        self.t0 = time.perf_counter()
-        self.first = self.answer = None
-        self.tokens = 0  # fed so far: each delta carries the count
+        self.scanner = StopScanner(job.stop)
+        self.start, self.tokens = Start(), 0  # what the stream said of the prompt, and of the tokens so far
+        self.stopped = False  # a stop string was met
+        self.stats: TurnStats | None = None  # from Done
 
     def put(self, item) -> None:
         self.job.put(item if self.job.n == 1 or item is None else Choice(self.index, item))
 
-    def _deltas(self, parts) -> bool:
-        """Send the deltas on; True when a stop string ended the answer."""
-        for delta in parts:
-            if delta.kind != "answer":
-                self.put(ReasoningDelta(delta.text, self.tokens))
-                continue
-            if self.answer is None:
-                self.answer = time.perf_counter()
-            text, hit = self.stop.feed(delta.text) if self.job.stop else (delta.text, False)
+    def handle(self, event) -> bool:
+        """Pass one event on (Done is kept for `Server._end`); True when it met a stop string: the caller stops the
+        stream, whose Done then comes."""
+        if isinstance(event, Start):
+            self.start = event
+        elif isinstance(event, Done):
+            if self.scanner.held:
+                self.put(AnswerDelta(self.scanner.flush(), self.tokens))
+            self.stats = event.stats
+            if self.stopped:
+                self.stats.finish_reason = "stop"
+        elif self.stopped:
+            pass  # the text after a stop string is not sent
+        elif isinstance(event, AnswerDelta) and self.job.stop:
+            self.tokens = event.tokens
+            text, self.stopped = self.scanner.feed(event.text)
             if text:
                 self.put(AnswerDelta(text, self.tokens))
-            if hit:
-                return True
+            return self.stopped
+        else:
+            self.tokens = event.tokens
+            self.put(event)
         return False
-
-    def feed(self, token: int) -> bool:
-        if self.first is None:
-            self.first = time.perf_counter()
-        self.tokens += 1
-        return self._deltas(self.splitter.feed(self.decoder.add(token), token_id=token))
-
-    def finish(self, seq) -> TurnStats:
-        more = seq.finish_reason != "stop" or not self.job.stop  # a stop string ended it: nothing more is sent
-        if more and self._deltas(self.splitter.finish(self.decoder.flush())):
-            seq.finish_reason = "stop"
-        if self.stop.held:
-            self.put(AnswerDelta(self.stop.flush(), self.tokens))
-        end, sp, n = time.perf_counter(), self.splitter, seq.stats.generated_tokens
-        decode_s = end - (self.first or end)
-        return TurnStats(
-            reasoning=sp.reasoning_text, content=sp.answer_text, finish_reason=seq.finish_reason,
-            truncated_in_thinking=sp.truncated_in_thinking, prompt_tokens=seq.stats.prompt_tokens,
-            cached_tokens=seq.stats.cached_tokens, reasoning_tokens=sp.reasoning_tokens, completion_tokens=n,
-            ttft_ms=1000 * ((self.first or end) - self.t0),
-            thinking_ms=1000 * ((self.answer or end) - self.t0) if (self.starts_in_thinking or sp.reasoning_tokens) else 0.0,
-            total_ms=1000 * (end - self.t0), decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
 
 
 class _CancelOnExit(StreamingResponse):
@@ -972,13 +935,7 @@ def serve(model: ModelOptions, host: str = "127.0.0.1", port: int = 8000, api_ke
     if model.speculative:
         parallel = 1  # the speculative generator is batch-1 (refused with --parallel N above)
     if parallel is None:
-        from .batch import default_parallel, free_memory
-        from .models.layers import kv_cache_dtype
-        from .sizes import kv_cache_bytes_per_token
-
-        weights = m.decoder.model.model.embed_tokens.weight
-        kv = kv_cache_bytes_per_token(m.decoder.model.args, kv_cache_dtype(weights.dtype, weights.device).itemsize)
-        parallel = default_parallel(kv * m.context, free_memory(weights.device), weights.device.type)
+        parallel = m.default_parallel()
     if parallel > 1:
         note(f"r1 serve: {parallel} requests decode together (--parallel), {max_queue} more may wait (--max-queue)")
     if shard is not None:
@@ -1032,8 +989,4 @@ def follow_server(m: OpenModel, shard) -> int:
     if command[0] == "exit":  # rank 0 failed before serving
         return command[1]
     _, parallel = command
-    if parallel == 1:
-        return m.decoder.follow()
-    from .batch import BatchEngine
-
-    return BatchEngine(m.decoder.model, max_batch=parallel, max_len=m.decoder.max_len).follow()
+    return m.follow() if parallel == 1 else m.batch(parallel).follow()
