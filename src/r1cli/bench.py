@@ -146,6 +146,7 @@ def bench_ours(model: CausalLM, prompt_lengths, new_tokens: int, decode_mode: st
         r.prefill_tokens_per_s[n] = n / _time(lambda: model(tokens, cache=cache, last_only=True), device)
     prompt = torch.randint(0, vocab, (prompt_lengths[0],)).tolist()
     gen = Decoder(model, max_len=len(prompt) + new_tokens + 8, decode_mode=decode_mode)
+    r.engine = f"r1 ({gen.decode_mode})"  # what auto chose: the default that r1 run and chat decode with
     # Random weights often loop: the repetition guard is off, so that every token is timed.
     params = SamplingParams(temperature=0, max_tokens=new_tokens, repeat_guard=False)
     best = _best_decode(gen, prompt, params)
@@ -241,8 +242,6 @@ def run_bench(
     args = args_from_dict(cfg)
     torch_dtype = pick_dtype(dtype, args, dev)
     prompt_lengths = tuple(n for n in prompt_lengths if n + new_tokens < args.max_seq_len)
-    if decode_mode == "auto":
-        decode_mode = "graph" if dev.type == "cuda" else "eager"
 
     t = time.perf_counter()
     hf_model = None
