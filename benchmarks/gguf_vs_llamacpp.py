@@ -45,7 +45,7 @@ def main() -> None:
         t = time.perf_counter()
         model, tok = load(path, dtype="bfloat16")
         load_s = time.perf_counter() - t
-        int4, _ = load(path, dtype="bfloat16", quant="int4")
+        int4, _ = load(path, dtype="bfloat16", quant="int4")  # as `--quant int4` opens it: with an int8 head
         llm = llama_cpp.Llama(path, n_ctx=512, n_threads=a.threads, verbose=False)
         prompt = tok.encode("The capital of France is")
         gens = {k: Decoder(m, max_len=len(prompt) + a.tokens + 8) for k, m in (("bf16", model), ("int4", int4))}

@@ -670,3 +670,22 @@ def test_int4_join_refuses_rows_that_split_a_kernel_block():
             assert joined is None
             continue
         torch.testing.assert_close(joined.matmul(x), torch.cat([p.matmul(x) for p in parts], -1), rtol=0, atol=0)
+
+
+def test_int4_weights_take_an_int8_head_by_default(steered_dir):
+    """With --quant int4 the output head is int8 unless --no-quant-head says otherwise (as llama.cpp's 4-bit mixes
+    keep their output matrix at 6-8 bits); other schemes keep a full-precision head unless --quant-head asks."""
+    from r1cli.engine import open_model
+    from r1cli.options import ModelOptions
+    from r1cli.quant_formats import Int8Weight
+
+    assert ModelOptions(quant="int4").head_int8 and not ModelOptions(quant="int4", quant_head=False).head_int8
+    assert not ModelOptions(quant="int8").head_int8 and ModelOptions(quant="int8", quant_head=True).head_int8
+    assert not ModelOptions().head_int8
+
+    def head(**kw):
+        m = open_model(ModelOptions(str(steered_dir), device="cpu", dtype="float32", **kw))
+        return getattr(m.decoder.model.lm_head, "qweight", None)
+
+    assert isinstance(head(quant="int4"), Int8Weight)
+    assert head(quant="int4", quant_head=False) is None and head() is None

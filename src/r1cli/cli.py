@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Optional
 
 import typer
 from typer.core import TyperGroup
@@ -100,7 +101,7 @@ _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling
 _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (N processes, as torchrun would start; docs/distributed.md).")
 _QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
 _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
-_QUANT_HEAD = typer.Option(False, "--quant-head", help="Also the output head, as int8 (read every token: over a third of the bytes an int4 1.5B reads per token).")
+_QUANT_HEAD = typer.Option(None, "--quant-head/--no-quant-head", help="The output head as int8 too (read every token: a large share of an int4 model's bytes). Default: on with --quant int4, off otherwise.")
 _DRAFT = typer.Option(None, "--draft", help="Speculative decoding with a smaller model of the same tokenizer as the draft, e.g. deepseek-r1:1.5b for :7b (same output, faster decode).")
 _DRAFT_QUANT = typer.Option("none", "--draft-quant", help="none|int8|int4: the --draft model's weights.")
 _MTP = typer.Option(False, "--mtp", help="Speculative decoding with the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1) as the draft.")
@@ -167,7 +168,7 @@ def run(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON event per line while generating."),
     color: str = typer.Option("auto", "--color", help="auto|always|never (auto honours NO_COLOR)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the model and device line even when stderr is not a terminal."),
-    quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    quant: str = _QUANT, group_size: int = _GROUP, quant_head: Optional[bool] = _QUANT_HEAD, decode_mode: str = _DECODE,
     draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
     n: int = typer.Option(1, "-n", "--samples", min=1, max=256, help="Sample the prompt N times, decoded together in one batch (seed+i each with --seed)."),
 ) -> None:
@@ -214,7 +215,7 @@ def chat(
     url: str = typer.Option(None, "--url", help="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (r1 serve)."),
     api_key: str = typer.Option(None, "--api-key", envvar="R1_API_KEY", help="With --url: the server's API key (env R1_API_KEY)."),
     remote_model: str = typer.Option(None, "--model", help="With --url: the model to ask for (default: the first the server lists)."),
-    quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    quant: str = _QUANT, group_size: int = _GROUP, quant_head: Optional[bool] = _QUANT_HEAD, decode_mode: str = _DECODE,
     draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
 ) -> None:
     """Chat in the terminal, with a thinking panel that collapses when the answer starts. /help inside."""
@@ -252,7 +253,7 @@ def serve(
     allow_host: list[str] = typer.Option(None, "--allow-host", help="Also accept this name in the Host header (repeatable; default: localhost and loopback addresses only)."),
     max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", min=1024, help="Largest request body; larger ones get 413."),
     request_timeout: float = typer.Option(10.0, "--request-timeout", min=0.1, help="Seconds a client may take to send a request's headers, and then its body."),
-    quant: str = _QUANT, group_size: int = _GROUP, quant_head: bool = _QUANT_HEAD, decode_mode: str = _DECODE,
+    quant: str = _QUANT, group_size: int = _GROUP, quant_head: Optional[bool] = _QUANT_HEAD, decode_mode: str = _DECODE,
     no_repeat_guard: bool = _NO_REPEAT_GUARD,
     draft: str = _DRAFT, draft_quant: str = _DRAFT_QUANT, mtp: bool = _MTP,
 ) -> None:

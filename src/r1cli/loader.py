@@ -226,9 +226,13 @@ def _notices(*parts) -> str | None:
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",
-         quant: str = "none", group_size: int = 32):
+         quant: str = "none", group_size: int = 32, quant_head: bool | None = None):
     """Load a model and its tokenizer. `name`: a folder, a .gguf file, an alias such as deepseek-r1:7b, a repo id,
-    or `org/name:Q4_K_M` (a GGUF file of a repo). quant: none|int8|int4 (weight-only, see quant.py)."""
+    or `org/name:Q4_K_M` (a GGUF file of a repo). quant: none|int8|int4 (weight-only, see quant.py); quant_head:
+    the output head as int8, None as the command line decides it (options.head_int8: with int4)."""
+    from .options import head_int8
+
     checkpoint = Checkpoint(locate_model(name))
-    model = checkpoint.load_model(device=device, dtype=dtype, fp8=fp8, quant=quant, group_size=group_size)
+    model = checkpoint.load_model(device=device, dtype=dtype, fp8=fp8, quant=quant, group_size=group_size,
+                                  quant_head=head_int8(quant, quant_head))
     return model, checkpoint.tokenizer()

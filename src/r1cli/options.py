@@ -25,6 +25,12 @@ def check_scheme(quant: str, group_size: int, flag: str = "--quant") -> None:
         raise UsageError(f"unknown --group-size {group_size}: use 32, 64 or 128")
 
 
+def head_int8(quant: str, quant_head: bool | None) -> bool:
+    """Is the output head int8? As asked, else with int4 weights: the head is read every token, a large share of an
+    int4 model's bytes, and llama.cpp's 4-bit mixes keep it at 6-8 bits too (its KL bar: tests/test_quant.py)."""
+    return quant_head if quant_head is not None else quant == "int4"
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     name: str | None = None  # alias, org/name[@rev], folder or .gguf; None: registry.DEFAULT_MODEL
@@ -33,7 +39,7 @@ class ModelOptions:
     max_context: int | None = None  # None: engine.default_context
     quant: str = "none"  # weight-only quantization of the linear layers (quant.py)
     group_size: int = 32  # int4 groups
-    quant_head: bool = False  # the output head as int8 too
+    quant_head: bool | None = None  # the output head as int8 too; None: with int4 weights (head_int8)
     decode_mode: str = "auto"  # the Decoder's decode step (generate.py)
     draft: str | None = None  # speculative decoding with this model as the draft (speculative.py)
     draft_quant: str = "none"
@@ -46,6 +52,10 @@ class ModelOptions:
             raise UsageError(f"unknown --decode-mode '{self.decode_mode}': use {', '.join(DECODE_MODES)}")
         if self.draft and self.mtp:
             raise UsageError("--draft and --mtp exclude each other: pick one draft")
+
+    @property
+    def head_int8(self) -> bool:
+        return head_int8(self.quant, self.quant_head)
 
     @property
     def speculative(self) -> bool:
