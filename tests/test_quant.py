@@ -689,3 +689,21 @@ def test_int4_weights_take_an_int8_head_by_default(steered_dir):
 
     assert isinstance(head(quant="int4"), Int8Weight)
     assert head(quant="int4", quant_head=False) is None and head() is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_count_the_default_int8_head(tmp_path, tied):
+    """`r1 show`'s int4 figure is what `--quant int4` loads, int8 head included (sizes.weight_bytes, head_int8)."""
+    from r1cli.config import load_config
+    from r1cli.loader import load_model
+
+    folder = tmp_path / "m"
+    write_checkpoint(qwen2_config(vocab_size=4000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied), folder)
+    model = load_model(folder, dtype="bfloat16", quant="int4", cache=False, quant_head=True)
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    loaded = sum(t.numel() * t.element_size() for t in unique.values())
+    args = load_config(folder)
+    assert abs(sizes.weight_bytes(args, "int4", 32, head_int8=True) - loaded) < 0.01 * loaded
+    assert sizes.quantized_weight_bytes(args, 2)["int4 g32"] == sizes.weight_bytes(args, "int4", 32, head_int8=True)
+    assert sizes.weight_bytes(args, "int4", 32) != sizes.weight_bytes(args, "int4", 32, head_int8=True)

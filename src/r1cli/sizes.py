@@ -52,17 +52,20 @@ def count_parameters(args: ModelArgs) -> tuple[int, int]:
     return total, total - inactive
 
 
-def bytes_per_param(quant: str, group_size: int = 32) -> BytesPerParam:
+def bytes_per_param(quant: str, group_size: int = 32, head_int8: bool = False) -> BytesPerParam:
     """The per-element size of each (sharded, meta) parameter once loaded with `quant`: the weights quant.py
     quantizes (every decoder Linear but quant.FULL_PRECISION_LINEARS, and the stacked routed experts) at 1 byte
     plus a float32 scale per row (int8), or half a byte plus a bf16 scale and zero per group (int4, where the
-    kernel takes the shape); anything else keeps `default`."""
+    kernel takes the shape); the output head at 1 byte plus a float32 scale per row with `head_int8`
+    (options.head_int8); anything else keeps `default`."""
     from .quant import FULL_PRECISION_LINEARS
 
     def per(name: str, p: torch.Tensor, default: float) -> float:
         module_name, _, leaf = name.rpartition(".")
         last = module_name.rsplit(".", 1)[-1]
         stacked = module_name.endswith(".experts")
+        if head_int8 and name == "lm_head.weight":
+            return 1 + 4 / p.shape[-1]
         # the embedding, head and router are no Linear of the decoder: never quantized
         if quant == "none" or p.dim() < 2 or last in FULL_PRECISION_LINEARS or last in ("embed_tokens", "lm_head", "gate"):
             return default
@@ -77,16 +80,17 @@ def bytes_per_param(quant: str, group_size: int = 32) -> BytesPerParam:
 
 
 def weight_bytes(args: ModelArgs, quant: str = "none", group_size: int = 32, dtype_bytes: int = 2, gpus: int = 1,
-                 fp8_kept: bool = False, per_param: BytesPerParam | None = None) -> int:
+                 fp8_kept: bool = False, per_param: BytesPerParam | None = None, head_int8: bool = False) -> int:
     """Bytes of the weights in memory once loaded (on the fullest GPU of `gpus`): parameters at `dtype_bytes`,
     the router at 4 (it stays float32: CausalLM.float32_parameters), FP8 weights at one byte plus a float32 scale
     per block when `fp8_kept` (a distributed run keeps them), quantized ones as `quant` stores them
-    (bytes_per_param). `per_param` replaces the quantized count with another one."""
+    (bytes_per_param); with `head_int8` the head as int8 (a tied embedding keeps its table beside that int8 copy).
+    `per_param` replaces the quantized count with another one."""
     from .models.deepseek import Experts
     from .models.layers import Linear
 
     model = _meta_model(args, gpus)
-    per = per_param or bytes_per_param(quant, group_size)
+    per = per_param or bytes_per_param(quant, group_size, head_int8)
     float32 = model.float32_parameters()
     fp8 = set()
     if fp8_kept and args.fp8_block:
@@ -96,6 +100,9 @@ def weight_bytes(args: ModelArgs, quant: str = "none", group_size: int = 32, dty
     total = 0.0
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
+        if head_int8 and name == "lm_head.weight":  # quant.quantize_head: a separate int8 copy, tied or not
+            total += p.numel() * per(name, p, dtype_bytes)
+            continue
         if args.tie_embeddings and name == "lm_head.weight" or id(p) in seen:
             continue
         seen.add(id(p))
@@ -105,9 +112,13 @@ def weight_bytes(args: ModelArgs, quant: str = "none", group_size: int = 32, dty
 
 
 def quantized_weight_bytes(args: ModelArgs, dtype_bytes: int) -> dict[str, int]:
-    """`r1 show`'s "quantized_weights": the weights' bytes with --quant int8, int4 g32 and int4 g128."""
-    return {"int8": weight_bytes(args, "int8", 32, dtype_bytes),
-            **{f"int4 g{g}": weight_bytes(args, "int4", g, dtype_bytes) for g in (32, 128)}}
+    """`r1 show`'s "quantized_weights": the weights' bytes with --quant int8, int4 g32 and int4 g128, each with the
+    head as that scheme loads it by default (options.head_int8)."""
+    from .options import head_int8
+
+    return {"int8": weight_bytes(args, "int8", 32, dtype_bytes, head_int8=head_int8("int8", None)),
+            **{f"int4 g{g}": weight_bytes(args, "int4", g, dtype_bytes, head_int8=head_int8("int4", None))
+               for g in (32, 128)}}
 
 
 def kv_cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> int:
