@@ -170,7 +170,11 @@ def test_decode_modes_give_the_same_answer(steered_dir, tmp_path, monkeypatch):
     """--decode-mode picks the decode step (static: the fixed-shape step torch.compile and CUDA graphs use; compile:
     that step compiled); the steered model's known answer comes out of each. An unknown mode is a one-line usage
     error."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing compiled yet: another test may have built this one
+    from r1cli import aot_step
+
+    # nothing compiled or announced yet in this process: another test of the worker may have done both
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(aot_step, "_announced", set())
     for mode in ("eager", "static", "compile"):
         result = CliRunner().invoke(app, ["run", str(steered_dir), "--decode-mode", mode, "--verbose", "How many pears?"])
         assert result.exit_code == 0, result.output
