@@ -66,8 +66,10 @@ def not_exportable(model: CausalLM) -> str | None:
     weights (the dynamic and mixed int8 kernels) are opaque objects torch.export cannot trace."""
     if getattr(model.args, "n_routed_experts", 0):
         return "routed experts"
+    from .quant_formats import Int8Weight
+
     for module in model.modules():
-        if getattr(module, "kernel", "pack") != "pack" and module.__class__.__name__ == "Int8Weight":
+        if isinstance(module, Int8Weight) and module.kernel != "pack":
             return f"int8 weights on the {module.kernel} kernel"
     return None
 

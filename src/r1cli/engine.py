@@ -21,7 +21,7 @@ from .chat_format import (
 from .errors import ModelNotFoundError, R1Error, UsageError
 from .events import EventStream
 from .generate import Decoder
-from .options import ModelOptions
+from .options import ModelOptions, head_int8
 from .registry import DEFAULT_MODEL, ModelRef, resolve_name
 from .reply import Reply, start_event
 from .sampling import PLAIN_MAX_TOKENS, SamplingParams, default_sampling, generation_defaults  # noqa: F401 (the engine's API)
@@ -199,10 +199,9 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
         if quant != "none":
             dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
-    # the int8 head that int4 weights take by default stays whole: a sharded run splits the head by vocabulary
-    head_int8 = opts.head_int8 and not (opts.quant_head is None and shard is not None and shard.world > 1)
+    quant_head = head_int8(quant, opts.quant_head, sharded=shard is not None and shard.world > 1)
     model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard, quant=quant,
-                                  group_size=group_size, quant_head=head_int8, mtp=opts.mtp)
+                                  group_size=group_size, quant_head=quant_head, mtp=opts.mtp)
     if announce and getattr(model, "quant_notice", None):
         announce(f"r1: {model.quant_notice}")
     if announce and decode_mode == "compile" and torch_device.type == "cuda":  # else the first reply stalls unexplained

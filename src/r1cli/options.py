@@ -25,10 +25,11 @@ def check_scheme(quant: str, group_size: int, flag: str = "--quant") -> None:
         raise UsageError(f"unknown --group-size {group_size}: use 32, 64 or 128")
 
 
-def head_int8(quant: str, quant_head: bool | None) -> bool:
+def head_int8(quant: str, quant_head: bool | None, sharded: bool = False) -> bool:
     """Is the output head int8? As asked, else with int4 weights: the head is read every token, a large share of an
-    int4 model's bytes, and llama.cpp's 4-bit mixes keep it at 6-8 bits too (its KL bar: tests/test_quant.py)."""
-    return quant_head if quant_head is not None else quant == "int4"
+    int4 model's bytes, and llama.cpp's 4-bit mixes keep it at 6-8 bits too (its KL bar: tests/test_quant.py). Not
+    by default in a sharded run, which splits the head by vocabulary (quant.quantize_head works on a whole one)."""
+    return quant_head if quant_head is not None else quant == "int4" and not sharded
 
 
 @dataclass(frozen=True)
