@@ -92,7 +92,7 @@ def write_gguf(path: Path, hf_model, types: dict[str, object] | None = None, def
     if arch == "llama":
         w.add_rope_dimension_count(cfg.head_dim)
     for key, value in (tokenizer or {}).items():
-        _add(w, key, value)
+        add_metadata(w, key, value)
     state = hf_model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
@@ -115,7 +115,8 @@ def write_gguf(path: Path, hf_model, types: dict[str, object] | None = None, def
     return Path(path)
 
 
-def _add(w: GGUFWriter, key: str, value) -> None:
+def add_metadata(w: GGUFWriter, key: str, value) -> None:
+    """One metadata key, typed as llama.cpp's converter types it (ints as uint32)."""
     if isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
@@ -192,7 +193,7 @@ def header_only_gguf(path: Path, arch: str, **kv) -> Path:
     """A GGUF with metadata and no tensors (for architecture errors)."""
     w = GGUFWriter(path, arch)
     for key, value in kv.items():
-        _add(w, key, value)
+        add_metadata(w, key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -303,7 +304,7 @@ def write_deepseek2_gguf(path: Path, folder: Path, types: dict[str, object] | No
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
     for key, value in (tokenizer or {}).items():
-        _add(w, key, value)
+        add_metadata(w, key, value)
     for name, values in deepseek2_tensors(folder, cfg, split_kv_b).items():
         keep_f32 = values.ndim == 1 or ".ffn_gate_inp." in name
         qtype = T.F32 if keep_f32 else (types or {}).get(name, default)

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from helpers import r1_env
+import steered
+from helpers import r1_env, run_r1
 from tiny import llama_config, v3_config, write_checkpoint
 
 from r1cli import aot_step, compile_cache
@@ -246,3 +247,22 @@ def test_an_unfinished_build_is_cleaned_up_once_stale(tmp_path, monkeypatch):
     path = compile_cache.store_package("k", object())
     assert path == folder / "k.pt2" and path.read_bytes() == b"pkg" and path.stat().st_mode & 0o777 == 0o600
     assert not old.exists() and young.exists()  # (another process may still be building that one)
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_before_the_compile_finishes_it_at_exit(steered_dir, tmp_path):
+    """A one-shot `r1 run` is done long before the first compile is: it finishes the compile at exit (said once on
+    stderr), so the next run starts from the package instead of compiling again."""
+    runs = []
+    for i in range(2):  # a fresh Inductor folder each time: only r1's package carries over
+        env = r1_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / "xdg"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"ind{i}"))
+        env.pop("R1_COMPILE", None)  # the default: compile on a CPU
+        runs.append(run_r1("run", steered_dir, "--verbose", "How many pears?", env=env, timeout=900))
+    first, later = runs
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count(aot_step.AotDecoder.BUILDING) == 1 and first.stderr.count(aot_step.FINISHING) == 1
+    files = list((tmp_path / "xdg" / "r1cli" / "compile").iterdir())
+    assert [f.suffix for f in files] == [".pt2"]
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert aot_step.AotDecoder.BUILDING not in later.stderr and aot_step.FINISHING not in later.stderr
+    assert later.stdout == first.stdout == steered.ANSWER + "\n"

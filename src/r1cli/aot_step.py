@@ -8,12 +8,15 @@ The package holds code only: the weights and the KV cache stay the model's own t
 
 The first run on a machine exports the step (seconds, in the decoding thread: export swaps the module's tensors
 while it traces), then compiles it in a background thread while the eager step decodes, and switches to the
-compiled step at the first token after the package is ready. A step that does not export or compile here (an op
-export cannot take, no C++ compiler) is remembered as such for this machine, and decoding stays eager.
+compiled step at the first token after the package is ready. A process that is done before the build is (a short
+`r1 run`) finishes it at exit, said on stderr and skipped by Ctrl-C, so the first run on a machine is the only one
+that pays. A step that does not export or compile here (an op export cannot take, no C++ compiler) is remembered
+as such for this machine, and decoding stays eager.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import sys
@@ -37,6 +40,25 @@ CHECK_TOLERANCE = 0.05
 PACKAGE_VERSION = 1
 
 _announced: set[str] = set()
+_builds: list[threading.Thread] = []  # background compiles of this process, finished at exit (finish_builds)
+FINISHING = "r1: finishing the decode step's compile for this machine, so that later runs start compiled (Ctrl-C skips)"
+
+
+def finish_builds() -> None:
+    """At exit: wait for a compile still running (its package is what spares the next run the compile). Ctrl-C
+    leaves it unfinished; the next run builds it again."""
+    pending = [t for t in _builds if t.is_alive()]
+    if not pending:
+        return
+    print(FINISHING, file=sys.stderr, flush=True)
+    try:
+        for thread in pending:
+            thread.join()
+    except KeyboardInterrupt:
+        pass
+
+
+atexit.register(finish_builds)
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,6 +230,7 @@ class AotDecoder:
                 self.built = (None, e)
 
         self.build = threading.Thread(target=run, name="r1-compile-decode-step", daemon=True)
+        _builds.append(self.build)
         self.build.start()
         if self.wait:
             self.build.join()
