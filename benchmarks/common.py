@@ -165,7 +165,8 @@ def per_call_us(fn, calls: int, warmup: int = 3) -> float:
 
 def decode_rate(gen, tokens: int, prompt: list[int] | None = None, turns: int = 2) -> float:
     """Best decode tokens/s (prefill excluded: the Decoder's own stats) of `turns` greedy turns on `gen`, a
-    Decoder kept across calls so that a compiled or captured step is reused. The prompt: 32 seeded random ids."""
+    Decoder kept across calls so that a compiled or captured step is reused. The prompt: 32 seeded random ids.
+    No repetition guard: a random-weight model repeats itself, and every turn decodes `tokens` tokens."""
     from r1cli.generate import SamplingParams
 
     if prompt is None:
@@ -173,7 +174,7 @@ def decode_rate(gen, tokens: int, prompt: list[int] | None = None, turns: int = 
     best = 0.0
     for _ in range(turns):
         gen.reset()
-        for _ in gen.generate(prompt, SamplingParams(temperature=0, max_tokens=tokens)):
+        for _ in gen.generate(prompt, SamplingParams(temperature=0, max_tokens=tokens, repeat_guard=False)):
             pass
         best = max(best, gen.stats.decode_tokens_per_s)
     return best

