@@ -30,7 +30,9 @@ from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
 
 torch.set_num_threads(int(sys.argv[4]))
-model = load_model(sys.argv[1], dtype=sys.argv[3], quant=sys.argv[2], cache=False)
+from r1cli.options import head_int8
+model = load_model(sys.argv[1], dtype=sys.argv[3], quant=sys.argv[2], cache=False,
+                   quant_head=head_int8(sys.argv[2], None))  # as the command line opens it
 loaded = time.perf_counter() - t0
 import resource
 peak_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # GB (ru_maxrss is in KB on Linux)
