@@ -84,3 +84,113 @@ def test_rolled_back_verify_is_overwritten_by_the_next(models, name):
     for a, b in zip(slot_view(cache, 15), slot_view(clean, 15)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
+
+# --- speculative decoding through the static verify ------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+
+
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 320, (n,), generator=g).tolist() for n in (5, 17)]
+
+
+@pytest.fixture(scope="module")
+def qwen_target_and_draft(tmp_path_factory):
+    target, draft = tmp_path_factory.mktemp("target"), tmp_path_factory.mktemp("draft")
+    write_checkpoint(qwen2_config(hidden_size=128, intermediate_size=256), target, seed=1)
+    write_checkpoint(qwen2_config(hidden_size=64, num_hidden_layers=1), draft, seed=2)
+    return load_model(target, dtype="float32"), load_model(draft, dtype="float32")
+
+
+def noisy(model, scale, seed=3):
+    """A copy of `model` with noise on every weight: a draft that agrees often but not always."""
+    import copy
+
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return model
+
+
+def plain(model, prompt, params=GREEDY):
+    return list(Decoder(model, 256, decode_mode="eager").generate(prompt, params))
+
+
+@pytest.mark.parametrize("draft_kind", ["noisy", "other"])
+def test_greedy_with_the_static_verify_is_plain_decoding(qwen_target_and_draft, draft_kind):
+    from r1cli.speculative import ModelDraft, SpeculativeDecoder
+
+    target, other = qwen_target_and_draft
+    draft = noisy(target, 0.1) if draft_kind == "noisy" else other
+    spec = SpeculativeDecoder(Decoder(target, 256, decode_mode="static"), ModelDraft(draft, 256), max_k=4,
+                              adaptive=False)
+    assert spec.static
+    p1, p2 = prompts()
+    for prompt in (p1, p2, p1 + p2):  # the last one reuses the first turn's caches
+        want = plain(target, prompt)
+        got = list(spec.generate(prompt, GREEDY))
+        assert got == want
+        s = spec.stats
+        assert s.draft_tokens > 0 and s.generated_tokens == len(want)
+        if draft_kind == "noisy":  # some drafts rejected: the rollback was exercised
+            assert 0 < s.accepted_tokens < s.draft_tokens
+    # the verify ran through the target's fixed-shape step as k+1 = 5 tokens, the draft's steps through its own
+    assert 5 in spec.target._step.inputs and 1 in spec.target._step.inputs
+    assert spec.draft.step is not None and 1 in spec.draft.step.inputs
+
+
+def test_eager_and_aot_modes_keep_the_eager_verify(qwen_target_and_draft):
+    from r1cli.speculative import ModelDraft, SpeculativeDecoder
+
+    target, other = qwen_target_and_draft
+    for mode in ("eager", "aot"):
+        spec = SpeculativeDecoder(Decoder(target, 256, decode_mode=mode), ModelDraft(other, 256))
+        assert not spec.static and spec.draft.mode is None
+
+
+@pytest.fixture(scope="module")
+def v3_with_mtp(tmp_path_factory):
+    from test_speculative import add_mtp
+
+    folder = tmp_path_factory.mktemp("v3mtp")
+    cfg = v3_config(hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
+    write_checkpoint(cfg, folder, seed=4)
+    add_mtp(folder, cfg.num_hidden_layers)
+    return load_model(folder, dtype="float32", mtp=True)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_static_mtp_forward_equals_eager(v3_with_mtp, T):
+    model = v3_with_mtp
+    model.ensure_rope(64)
+    g = torch.Generator().manual_seed(8)
+    tokens, hidden = torch.randint(0, 320, (1, 6 + T), generator=g), torch.randn(1, 6 + T, 128, generator=g)
+    with torch.inference_mode():
+        eager, static = model.new_mtp_cache(64), model.new_mtp_cache(64)
+        static.view_len = 32
+        for pos, n in ((0, 6), (6, T)):  # from slot 0 (no embedding there), then T more
+            want, want_h = model.mtp_forward(tokens[:, pos : pos + n], hidden[:, pos : pos + n], pos, eager)
+            got, got_h = model.mtp_forward(tokens[:, pos : pos + n], hidden[:, pos : pos + n], torch.tensor([pos]),
+                                           static)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
+    for a, b in zip(static.layers[0], eager.layers[0]):
+        torch.testing.assert_close(a[:, : 6 + T], b[:, : 6 + T], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_with_mtp_and_the_static_verify_is_plain_decoding(v3_with_mtp):
+    from r1cli.speculative import MTPDraft, SpeculativeDecoder
+
+    model = v3_with_mtp
+    spec = SpeculativeDecoder(Decoder(model, 256, decode_mode="static"), MTPDraft(model, 256))
+    p1, p2 = prompts()
+    for prompt in (p1, p2, p1 + p2):
+        want = plain(model, prompt)
+        got = list(spec.generate(prompt, GREEDY))
+        assert got == want
+        assert 0 < spec.stats.draft_tokens
+    assert spec.draft.step is not None and 1 in spec.draft.step.inputs
+    assert any(T > 1 for T in spec.target._step.inputs)
