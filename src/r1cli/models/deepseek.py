@@ -152,9 +152,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         for name in ("gate_proj", "up_proj", "down_proj"):  # stacked block scales, when the weights stay FP8
             self.register_buffer(f"{name}_scale_inv", None)
-        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (decode); more take grouped
-        # GEMMs (prefill). Both without a host sync, so the decode step can be graph-captured. See path().
-        self.gather_limit = 64
+        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (decode, and a speculative
+        # verify of up to 9 tokens with R1's 8 experts each: the sorted path's host sync cannot be graph-captured,
+        # and grouped GEMMs do not take float32 or quantized experts); more take grouped GEMMs (prefill). See path().
+        self.gather_limit = 72
         self.n_experts = e
         # name -> a stacked quant_formats.QuantWeight replacing that parameter (int8/int4, quantized per expert)
         self.quant = nn.ModuleDict()
