@@ -152,10 +152,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         for name in ("gate_proj", "up_proj", "down_proj"):  # stacked block scales, when the weights stay FP8
             self.register_buffer(f"{name}_scale_inv", None)
-        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (decode, and a speculative
-        # verify of up to 9 tokens with R1's 8 experts each: the sorted path's host sync cannot be graph-captured,
-        # and grouped GEMMs do not take float32 or quantized experts); more take grouped GEMMs (prefill). See path().
-        self.gather_limit = 72
+        # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (decode); more take grouped
+        # GEMMs (prefill). Both without a host sync, so the decode step can be graph-captured. See path().
+        self.gather_limit = 64
+        # where grouped GEMMs do not apply: gathered up to a speculative verify's pairs (9 tokens x R1's 8 experts),
+        # whose captured step cannot take the sorted path's host sync
+        self.verify_gather_limit = 72
         self.n_experts = e
         # name -> a stacked quant_formats.QuantWeight replacing that parameter (int8/int4, quantized per expert)
         self.quant = nn.ModuleDict()
@@ -191,7 +193,9 @@ class Experts(nn.Module):
             return "_sorted"
         if indices.numel() <= self.gather_limit:
             return "_gathered"
-        return "_grouped" if self.groupable(x) else "_sorted"
+        if self.groupable(x):
+            return "_grouped"
+        return "_gathered" if indices.numel() <= self.verify_gather_limit else "_sorted"
 
     def groupable(self, x: torch.Tensor) -> bool:
         """F.grouped_mm on CUDA takes bf16 on SM80+; quantized and FP8-kept experts use their own kernels."""
