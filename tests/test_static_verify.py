@@ -68,6 +68,24 @@ def test_static_forward_of_t_tokens_equals_eager(models, name, T):
 
 
 @pytest.mark.parametrize("name", ["qwen2-window", "v3"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_static_forward_of_a_left_padded_batch_equals_eager(models, name, T):
+    """Rows of a left-padded batch: rotary positions count each row's real tokens, padding is never attended."""
+    model = models[name]
+    prompt, feed = random_tokens(16, 9).view(2, 8), random_tokens(2 * T, 10).view(2, T)
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[1, :3] = False  # the second row's prompt is 5 tokens long
+    with torch.inference_mode():
+        caches = [model.new_cache(2, 32) for _ in range(2)]
+        for cache in caches:
+            model(prompt, cache=cache, padding_mask=padding)
+        want = model(feed, start_pos=8, cache=caches[0])
+        caches[1].view_len = 16
+        got = model(feed, start_pos=torch.tensor([8]), cache=caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2-window", "v3"])
 def test_rolled_back_verify_is_overwritten_by_the_next(models, name):
     """A verify of 6 tokens of which 2 are kept (pos += 2), then the next verify from there: the logits are those
     of a clean cache holding only the kept tokens."""
