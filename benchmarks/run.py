@@ -136,7 +136,7 @@ GPU = GPU_CHECKS + [
            "1,8,32,64", "--prompt", "128", "--new-tokens", "64", "--rounds", "1", limit=90,
            what="#19 batched engine on a GPU vs transformers' batched generate"),
     script("speculative-shapes", "speculative.py", "shapes", "--device", "cuda", "--decode-mode", "graph", "--layers",
-           "0", "--draft-layers", "0", limit=60,
+           "0", "--draft-layers", "0", limit=90,
            what="#18 7B/1.5B step costs at full depth on a GPU: decode, verify(k) and draft steps as CUDA graphs"),
     bench("bench-r1-4layers-graph", "--config", HUB + R1, "--layers", "4", "--dense-layers", "1", "--prompt-lengths",
           "128", "--new-tokens", "128", "--decode-mode", "graph", device="cuda", limit=90,
