@@ -111,8 +111,9 @@ CPU = [
 ]
 
 GPU_CHECKS = [
-    Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"), 150,
-         "tests/gpu: graph/static decode = eager tokens; int8/int4 CUDA kernels vs the float reference"),
+    Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"), 180,
+         "tests/gpu: graph/static decode = eager tokens; graph-captured speculative verify = eager, speculative "
+         "greedy with graphs = plain; int8/int4 CUDA kernels vs the float reference"),
 ]
 
 # One call on one H200, in priority order, under the device's 10-minute limit per command (--budget 570 s).
@@ -137,12 +138,14 @@ GPU = GPU_CHECKS + [
     script("batch-qwen1.5b", "batch_decode.py", "--config", Q15, "--device", "cuda", "--dtype", "bfloat16", "--streams",
            "1,8,32,64", "--prompt", "128", "--new-tokens", "64", "--rounds", "1", limit=90,
            what="#19 batched engine on a GPU vs transformers' batched generate"),
-    script("speculative-shapes", "speculative.py", "shapes", "--device", "cuda", "--layers", "0", "--draft-layers", "0",
-           limit=60, what="#18 7B/1.5B step costs at full depth on a GPU"),
+    script("speculative-shapes", "speculative.py", "shapes", "--device", "cuda", "--decode-mode", "graph", "--layers",
+           "0", "--draft-layers", "0", limit=90,
+           what="#18 7B/1.5B step costs at full depth on a GPU: decode, verify(k) and draft steps as CUDA graphs"),
     bench("bench-r1-4layers-graph", "--config", HUB + R1, "--layers", "4", "--dense-layers", "1", "--prompt-lengths",
           "128", "--new-tokens", "128", "--decode-mode", "graph", device="cuda", limit=90,
           what="#4 R1/V3 shape, 4 full layers (target 300 tok/s)"),
-    script("speculative-mtp", "speculative.py", "mtp", "--device", "cuda", "--layers", "4", limit=60,
+    script("speculative-mtp", "speculative.py", "mtp", "--device", "cuda", "--decode-mode", "graph", "--layers", "4",
+           limit=60,
            what="#18 R1 shapes with the MTP layer as draft"),
 ]
 

@@ -4,12 +4,15 @@
   python benchmarks/speculative.py shapes --target DeepSeek-R1-Distill-Qwen-7B --draft DeepSeek-R1-Distill-Qwen-1.5B \
       --layers 2,6 --draft-layers 4,12               # per-step costs at the real shapes (random weights)
   python benchmarks/speculative.py shapes ... --device cuda   # the same on a GPU (full depth: --layers 0)
+                                                             # through CUDA graphs (--decode-mode, default graph there)
 
 `smollm2` decodes a real prompt greedily with plain decoding and with the draft, and reports tokens/s, the
 acceptance rate and tokens per target step. `shapes` times one decode step, one verify forward of k+1 tokens
 (k = 1..8) and one draft step at a cache position of --position tokens; with --layers A,B it builds the first A
 and B layers and extrapolates linearly to the real depth (cost = fixed + per layer x layers), which keeps a 7B
-target within a small machine's memory. From those costs it prints the speedup at each acceptance rate a:
+target within a small machine's memory. --decode-mode: 'eager' (the CPU's default: int positions, as a CPU's
+speculative decoding runs) or the fixed-shape step r1 takes on a GPU (`generate.StaticDecoder`: 'static', 'graph',
+the CUDA default, one graph per (tokens, bucket), captured before timing, or 'compile'). From those costs it prints the speedup at each acceptance rate a:
 max over k of E(a, k) x decode / (k x draft + verify(k)), E = (1 - a^(k+1)) / (1 - a) tokens per step."""
 
 from __future__ import annotations
@@ -34,24 +37,43 @@ def timed(fn, device, repeats=5) -> float:
     return min(times)  # a shared CPU only ever slows a run down
 
 
+def decode_mode(opts) -> str:
+    return opts.decode_mode if opts.decode_mode != "auto" else ("graph" if opts.device == "cuda" else "eager")
+
+
 @torch.inference_mode()
-def step_costs(model, device, position: int, max_k: int, repeats: int) -> dict:
+def step_costs(model, device, position: int, max_k: int, repeats: int, mode: str = "eager") -> dict:
     """Seconds for a 1-token decode and for verify forwards of k+1 tokens, at `position` cached tokens."""
     vocab = model.args.vocab_size
     cache = model.new_cache(1, position + max_k + 2)
     model.ensure_rope(position + max_k + 2)
     model(torch.randint(0, vocab, (1, position), device=device), cache=cache, last_only=True)
-    return step_costs_on(model, cache, device, position, max_k, repeats)
+    return step_costs_on(model, cache, device, position, max_k, repeats, mode)
 
 
-def step_costs_on(model, cache, device, position, max_k, repeats) -> dict:
-    """The same on a cache already filled to `position`."""
+def step_runner(model, cache, device, mode: str, forward=None):
+    """run(T, *inputs): one step of T tokens at a fixed position, eager or through StaticDecoder (whose graphs
+    the first call of each T captures: call each T once before timing)."""
     vocab = model.args.vocab_size
-    out = {"decode": timed(lambda: model(torch.randint(0, vocab, (1, 1), device=device), start_pos=position,
-                                         cache=cache, last_only=True), device, repeats)}
+    if mode == "eager":
+        fn = forward or (lambda tokens, start_pos, cache: model(tokens, start_pos=start_pos, cache=cache,
+                                                                 last_only=tokens.shape[1] == 1))
+        return lambda T, pos, *inputs: fn(torch.randint(0, vocab, (1, T), device=device), *inputs, start_pos=pos,
+                                          cache=cache)
+    from r1cli.generate import StaticDecoder
+
+    step = StaticDecoder(model, cache, mode, forward=forward)
+    return lambda T, pos, *inputs: step(torch.randint(0, vocab, (1, T), device=device), pos, *inputs)
+
+
+def step_costs_on(model, cache, device, position, max_k, repeats, mode: str = "eager") -> dict:
+    """The same on a cache already filled to `position`."""
+    run = step_runner(model, cache, device, mode)
+    for T in range(1, max_k + 2):  # warm up: capture (graph) or compile each shape before it is timed
+        run(T, position)
+    out = {"decode": timed(lambda: run(1, position), device, repeats)}
     for k in range(1, max_k + 1):
-        out[f"verify{k}"] = timed(lambda: model(torch.randint(0, vocab, (1, k + 1), device=device),
-                                                start_pos=position, cache=cache), device, repeats)
+        out[f"verify{k}"] = timed(lambda: run(k + 1, position), device, repeats)
     return out
 
 
@@ -84,7 +106,7 @@ def shapes(opts):
         for name, (model, layers, use, args) in models.items():
             for d in use:
                 model.model.layers = layers[:d]
-                c = step_costs(model, device, opts.position, opts.max_k, opts.repeats)
+                c = step_costs(model, device, opts.position, opts.max_k, opts.repeats, decode_mode(opts))
                 for key, v in c.items():
                     per_depth[name].setdefault(d, {}).setdefault(key, []).append(v)
     for name, (model, layers, use, args) in models.items():
@@ -98,6 +120,7 @@ def shapes(opts):
     t, d = results["target"]["at_full_depth"], results["draft"]["at_full_depth"]
     results["speedup_by_acceptance"] = speedups(t, d["decode"], opts.max_k)
     results["device"] = str(device)
+    results["decode_mode"] = decode_mode(opts)
     results["threads"] = torch.get_num_threads()
     print(json.dumps(results, indent=1))
 
@@ -126,17 +149,19 @@ def mtp_shape(opts):
     vocab = args.vocab_size
     model(torch.randint(0, vocab, (1, position), device=device), cache=cache, last_only=True)
     hidden = torch.randn(1, 1, args.dim, device=device, dtype=dtype)
+    mode = decode_mode(opts)
     runs = {}
     for _round in range(opts.rounds):
-        c = step_costs_on(model, cache, device, position, opts.max_k, opts.repeats)
-        c["mtp_step"] = timed(lambda: model.mtp_forward(torch.randint(0, vocab, (1, 1), device=device), hidden,
-                                                        position, mcache), device, opts.repeats)
+        c = step_costs_on(model, cache, device, position, opts.max_k, opts.repeats, mode)
+        mtp = step_runner(model, mcache, device, mode, forward=model.mtp_forward)
+        mtp(1, position, hidden)  # warm up (capture)
+        c["mtp_step"] = timed(lambda: mtp(1, position, hidden), device, opts.repeats)
         for k, v in c.items():
             runs.setdefault(k, []).append(v)
     measured = {k: min(v) for k, v in runs.items()}
     print(json.dumps({"layers_built": opts.layers, "experts": args.n_routed_experts, "measured": measured,
                       "speedup_by_acceptance": speedups(measured, measured["mtp_step"], opts.max_k),
-                      "device": str(device), "threads": torch.get_num_threads()}, indent=1))
+                      "device": str(device), "decode_mode": mode, "threads": torch.get_num_threads()}, indent=1))
 
 
 def smollm2(opts):
@@ -181,6 +206,8 @@ def main():
     steps.add_argument("--position", type=int, default=512, help="cached tokens before the timed steps")
     steps.add_argument("--repeats", type=int, default=5)
     steps.add_argument("--rounds", type=int, default=2)
+    steps.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "static", "graph", "compile"],
+                       help="how each step runs (auto: graph on cuda, eager elsewhere)")
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("shapes", parents=[steps])
     s.add_argument("--target", default="DeepSeek-R1-Distill-Qwen-7B")

@@ -351,27 +351,38 @@ class Decoder(Turns):
 
 
 class StaticDecoder:
-    """Decode steps with fixed shapes: the position is a device tensor and attention covers the first `bucket`
-    cache slots (buckets double from 256), so a short conversation does not read the whole cache. On CUDA
-    ('graph', 'compile') each bucket's step is captured once as a CUDA graph and replayed: one launch per token
-    instead of hundreds. 'compile' compiles with dynamic sizes, so the bucket's length is a symbol and one compile
-    serves every bucket (a static compile recompiled at each doubling: about half a minute each on a 2-core CPU);
-    only the bucket that spans the whole cache compiles once more (its slice is the buffer itself)."""
+    """Steps with fixed shapes: T new tokens (1: a decode step; k+1: speculative decoding's verify), the position a
+    device tensor and attention over the first `bucket` cache slots (buckets double from 256), so a short
+    conversation does not read the whole cache. On CUDA ('graph', 'compile') each (T, bucket) step is captured once
+    as a CUDA graph and replayed: one launch per step instead of hundreds. 'compile' compiles with dynamic sizes,
+    so the bucket's length is a symbol and one compile serves every bucket (a static compile recompiled at each
+    doubling: about half a minute each on a 2-core CPU); only the bucket that spans the whole cache compiles once
+    more (its slice is the buffer itself), and T > 1 once more (a size of 1 is specialised).
 
-    def __init__(self, model: CausalLM, cache: Cache, mode: str):
+    `forward(tokens, *inputs, start_pos=, cache=)` is the model by default; DeepSeek's MTP layer passes
+    `mtp_forward` (inputs: the hidden states it reads). A call returns the logits [T, vocab] and leaves the
+    second output (the model's `hidden` under `keep_hidden`, the MTP layer's hidden states) in `self.hidden`.
+    Both are the graph's own buffers on CUDA: the next replay of that shape overwrites them."""
+
+    def __init__(self, model: CausalLM, cache: Cache, mode: str, forward=None):
         self.model, self.cache = model, cache
         device = model.model.embed_tokens.weight.device
-        self.forward = torch.compile(model, dynamic=True) if mode == "compile" else model
+        step = forward or model
+        self.forward = torch.compile(step, dynamic=True) if mode == "compile" else step
+        self.eager = step
         # compile: torch.compile's artifacts kept on disk (compile_cache.py), so a later process skips the codegen
-        self.compile_key = compile_cache.step_key(model, mode) if mode == "compile" else None
-        self.saved: set[bool] = set()  # which compiles were saved: the whole-cache bucket (True) or the others
+        extra = None if forward is None else getattr(forward, "__name__", "step")
+        self.compile_key = compile_cache.step_key(model, mode, extra) if mode == "compile" else None
+        self.saved: set[tuple[bool, bool]] = set()  # which compiles were saved: (T > 1, whole-cache bucket)
         if self.compile_key:
             compile_cache.load(self.compile_key)
         self.use_graphs = device.type == "cuda" and mode in ("graph", "compile")
+        self.device = device
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple] = {}
+        self.inputs: dict[int, list[torch.Tensor]] = {}  # T -> the static input buffers: tokens [1, T], then inputs
+        self.graphs: dict[tuple, tuple] = {}  # (T, bucket, keep_hidden) -> (graph, its outputs)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.hidden: torch.Tensor | None = None
 
     def bucket(self, pos: int) -> int:
         n = 256
@@ -379,43 +390,58 @@ class StaticDecoder:
             n *= 2
         return min(n, self.cache.max_len)
 
-    def _run(self) -> torch.Tensor:
+    def _call(self, fn, inputs):
+        out = fn(*inputs, start_pos=self.slot, cache=self.cache)
+        if isinstance(out, tuple):
+            return out[0][0], out[1]
+        return out[0], (self.model.hidden if self.model.keep_hidden else None)
+
+    def _run(self, inputs) -> tuple:
         try:
-            logits = self.forward(self.token, start_pos=self.slot, cache=self.cache)[:, -1]
+            outputs = self._call(self.forward, inputs)
         except Exception as e:
-            if self.forward is self.model or self.saved:
+            if self.forward is self.eager or self.saved:
                 raise
             # no working compiler here (e.g. no C++ toolchain): the same step, eager, said once
             import sys
 
             print(f"r1: torch.compile failed ({type(e).__name__}); decoding eagerly instead", file=sys.stderr)
-            self.forward = self.model
-            return self.forward(self.token, start_pos=self.slot, cache=self.cache)[:, -1]
-        whole = self.cache.view_len == self.cache.max_len
-        if self.compile_key and self.forward is not self.model and whole not in self.saved:
-            self.saved.add(whole)  # a new compile just ran (the dynamic one, or the whole-cache bucket's)
+            self.forward = self.eager
+            return self._call(self.forward, inputs)
+        compiled = (inputs[0].shape[1] > 1, self.cache.view_len == self.cache.max_len)
+        if self.compile_key and self.forward is not self.eager and compiled not in self.saved:
+            self.saved.add(compiled)  # a new compile just ran (the dynamic one, T > 1's or the whole-cache bucket's)
             compile_cache.save(self.compile_key)
-        return logits
+        return outputs
 
-    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        self.token.copy_(token)
+    def __call__(self, token: torch.Tensor, pos: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] for tokens [1, T] at slots pos..pos+T-1 (`inputs`: what `forward` reads besides)."""
+        T = token.shape[1]
+        buffers = self.inputs.get(T)
+        if buffers is None:
+            buffers = self.inputs[T] = [torch.zeros(1, T, dtype=torch.long, device=self.device)] + [
+                torch.empty_like(x) for x in inputs]
+        for buf, x in zip(buffers, (token, *inputs)):
+            buf.copy_(x)
         self.slot.fill_(pos)
-        self.cache.view_len = self.bucket(pos)
+        self.cache.view_len = self.bucket(pos + T - 1)
         if not self.use_graphs:
-            return self._run()
-        if self.cache.view_len not in self.graphs:
+            logits, self.hidden = self._run(buffers)
+            return logits
+        key = (T, self.cache.view_len, self.model.keep_hidden)
+        if key not in self.graphs:
             # Warm up (and compile) on a side stream, then record. The warm-up computes this very step, so the
             # cache writes it makes are the real ones; the replay below repeats them.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._run()
+                    self._run(buffers)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._run()
-            self.graphs[self.cache.view_len] = (graph, logits)
-        graph, logits = self.graphs[self.cache.view_len]
+                outputs = self._run(buffers)
+            self.graphs[key] = (graph, outputs)
+        graph, (logits, self.hidden) = self.graphs[key]
         graph.replay()
         return logits

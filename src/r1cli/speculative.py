@@ -10,6 +10,11 @@ Two drafts: `ModelDraft` (another model with the same tokenizer, e.g. deepseek-r
 Rollback needs no copy: the cache is static, a forward at `start_pos` attends over slots before it plus its own,
 so moving the position back is enough and the stale slots are overwritten by the next forward.
 
+Fixed shapes (the target's decode mode 'static', 'graph' or 'compile', unsharded): the verify runs through the
+target Decoder's `StaticDecoder` as a step of k+1 tokens (its own shape per (k+1, bucket), captured as a CUDA graph
+in the same pool as the decode step on a GPU), and the drafts' short steps through their own StaticDecoder. A
+prompt's prefill stays eager. 'eager' and 'aot' (a CPU's default) verify eagerly.
+
 Tensor parallel (the target has a `shard`): every rank runs the same loop; rank 0 decides (each draft token, the
 verify's outcome, whether the next round runs) and broadcasts each decision, which the other ranks take instead of
 their own, so every forward (the target's, the MTP layer's, sharded like the target) is collective in the same
@@ -27,6 +32,7 @@ from .generate import STOP, Decoder, GenerationStats, SamplingParams, Turns, com
 from .models import CausalLM
 
 MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
+STATIC_MODES = ("static", "graph", "compile")  # a target Decoder's modes whose verify takes the fixed-shape step
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -72,6 +78,21 @@ class ModelDraft:
         self.cache = None
         self.ids: list[int] = []  # the tokens whose keys and values the cache holds (between turns)
         self.n = 0
+        self.mode: str | None = None  # a StaticDecoder mode for the short steps (use_static), else eager
+        self.step = None
+
+    def use_static(self, mode: str) -> None:
+        self.mode = mode
+
+    def _forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [1, vocab] after tokens [1, T] at slots pos..: a few tokens through the fixed-shape step when
+        there is one, a prompt (or eager mode) through the plain forward in chunks."""
+        if self.step is not None and tokens.shape[1] <= MAX_DRAFT + 1:
+            return self.step(tokens, pos)[-1:]
+        for i in range(0, tokens.shape[1], self.prefill_chunk):
+            logits = self.model(tokens[:, i : i + self.prefill_chunk], start_pos=pos + i, cache=self.cache,
+                                last_only=True)[:, -1]
+        return logits
 
     def cost(self, target: CausalLM) -> float:
         """A draft step's cost in target decode steps: batch-1 decode reads every weight once."""
@@ -81,6 +102,10 @@ class ModelDraft:
         if self.cache is None:
             self.cache = self.model.new_cache(1, self.max_len)
             self.model.ensure_rope(self.max_len)
+        if self.mode is not None and self.step is None:
+            from .generate import StaticDecoder
+
+            self.step = StaticDecoder(self.model, self.cache, self.mode)
         self.n = common_prefix(self.ids, tokens[:-1])
         return reuse
 
@@ -89,13 +114,10 @@ class ModelDraft:
 
     def propose(self, tokens: list[int], k: int, params: SamplingParams, generator,
                 decide=None) -> tuple[list[int], torch.Tensor | None]:
-        feed = torch.tensor([tokens[self.n:]], device=self.device)
-        for i in range(0, feed.shape[1], self.prefill_chunk):
-            logits = self.model(feed[:, i : i + self.prefill_chunk], start_pos=self.n + i, cache=self.cache,
-                                last_only=True)[:, -1]
+        logits = self._forward(torch.tensor([tokens[self.n:]], device=self.device), self.n)
         self.n = len(tokens)
-        return _draft_tokens(logits, k, params, generator, lambda token, j: self.model(
-            token.view(1, 1), start_pos=self.n + j, cache=self.cache, last_only=True)[:, -1], decide)
+        return _draft_tokens(logits, k, params, generator,
+                             lambda token, j: self._forward(token.view(1, 1), self.n + j), decide)
 
     def accepted(self, base: int, n: int, k: int) -> None:
         """`base` committed tokens before the proposal, `n` of the k drafts accepted: the draft fed the first k-1."""
@@ -119,6 +141,20 @@ class MTPDraft:
         self.cache = None
         self.n = 0  # slots holding exact inputs
         self.pending: torch.Tensor | None = None  # target hidden states for positions self.n.., [1, T, dim]
+        self.mode: str | None = None  # a StaticDecoder mode for the layer's steps (use_static), else eager
+        self.step = None
+
+    def use_static(self, mode: str) -> None:
+        self.mode = mode
+
+    def _forward(self, tokens: torch.Tensor, hidden: torch.Tensor, pos: int):
+        """The layer's logits [T, vocab] and output hidden states [1, T, dim] at slots pos..: through the
+        fixed-shape step for up to MAX_DRAFT + 1 tokens when there is one, else eagerly (a prompt)."""
+        if self.step is not None and tokens.shape[1] <= MAX_DRAFT + 1:
+            logits = self.step(tokens, pos, hidden)
+            return logits, self.step.hidden
+        logits, h = self.model.mtp_forward(tokens, hidden, pos, self.cache)
+        return logits[0], h
 
     def cost(self, target: CausalLM) -> float:
         # one decoder layer of the target's and its head (MoE: the activated experts only, as in the main layers)
@@ -127,6 +163,10 @@ class MTPDraft:
     def start(self, tokens: list[int], reuse: int) -> int:
         if self.cache is None:
             self.cache = self.model.new_mtp_cache(self.max_len)
+        if self.mode is not None and self.step is None:
+            from .generate import StaticDecoder
+
+            self.step = StaticDecoder(self.model, self.cache, self.mode, forward=self.model.mtp_forward)
         self.model.keep_hidden = True
         # Slot i holds token i+1: valid while that token is in the reused prefix. The target recomputes every
         # hidden state the layer has not consumed.
@@ -148,14 +188,14 @@ class MTPDraft:
         start, T = self.n, self.pending.shape[1]
         assert start + T == len(tokens) - 1, (start, T, len(tokens))
         feed = torch.tensor([tokens[start + 1 :]], device=self.device)
-        logits, h = self.model.mtp_forward(feed, self.pending, start, self.cache)
-        logits, h = logits[:, -1], h[:, -1:]
+        logits, h = self._forward(feed, self.pending, start)
+        logits, h = logits[-1:], h[:, -1:]
         self.n, self.pending = len(tokens) - 1, None
         hidden = [h]  # the layer's own output hidden state feeds its next step
 
         def step(token, j):
-            logits, hidden[0] = self.model.mtp_forward(token.view(1, 1), hidden[0], self.n + j, self.cache)
-            return logits[:, -1]
+            logits, hidden[0] = self._forward(token.view(1, 1), hidden[0], self.n + j)
+            return logits[-1:]
 
         return _draft_tokens(logits, k, params, generator, step, decide)
 
@@ -248,6 +288,10 @@ class SpeculativeDecoder(Turns):
         self.shard = target.shard  # tensor parallel: rank 0 decides, the others follow (the module docstring)
         self.stats = GenerationStats()
         self.k = AdaptiveK(draft.cost(self.model), max_k)
+        # the verify (and the drafts' steps) with fixed shapes where the target decodes so; sharded: eager
+        self.static = target.decode_mode in STATIC_MODES and self.shard is None
+        if self.static:
+            draft.use_static(target.decode_mode)
 
     @property
     def cached_ids(self) -> list[int]:
@@ -348,15 +392,20 @@ class SpeculativeDecoder(Turns):
                 decide = self._decide if self.shard is not None else None
                 drafts, q = self.draft.propose(tokens, k, params, generator, decide) if k > 0 else ([], None)
                 feed = torch.tensor([[tokens[-1], *drafts]], device=self.device)
-                logits = model(feed, start_pos=pos, cache=cache)[0]
+                if self.static:  # the target Decoder's StaticDecoder: one more shape, (k+1, bucket)
+                    logits = t._decode(feed, pos)
+                    hidden = t._step.hidden
+                else:
+                    logits = model(feed, start_pos=pos, cache=cache)[0]
+                    hidden = model.hidden if model.keep_hidden else None
                 if seen is not None:
                     from .generate import penalize_repeats
 
                     logits = penalize_repeats(logits, _repeat_masks(seen, drafts), penalty)
                 n, nxt = accept(logits, drafts, q, params, generator)
                 n, nxt = self._share([n, nxt])
-                if model.keep_hidden:
-                    self.draft.target_hidden(model.hidden[:, : n + 1], pos)
+                if hidden is not None:  # a copy: a graph's output buffer is overwritten by its next replay
+                    self.draft.target_hidden(hidden[:, : n + 1].clone(), pos)
                 stats.target_steps += 1
                 if k:
                     self.draft.accepted(len(tokens), n, k)

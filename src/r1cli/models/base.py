@@ -27,6 +27,15 @@ def fuse_when_loaded(model: nn.Module, module_name: str) -> None:
         module.fuse()
 
 
+def static_slots(seqlen: int, pos: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For T = seqlen queries from slot `pos` (a 1-element tensor) over the first `cache.view_len` slots: their
+    slots `at` [T], the attended slots [S], and the causal mask [1, T, S] (query t sees slots <= pos+t)."""
+    # one token keeps the decode step's own graph (the AOT step exports it): `at` is `pos` itself
+    at = pos if seqlen == 1 else pos + torch.arange(seqlen, device=pos.device)
+    slots = torch.arange(cache.view_len or cache.max_len, device=pos.device)
+    return at, slots, (slots[None, :] <= at[:, None])[None]
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
@@ -166,19 +175,21 @@ class CausalLM(nn.Module):
         return self.lm_head(self.model.norm(h)).float()
 
     def _static_decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One token per row at slot `pos` (a 1-element tensor on the device), attending over the whole
-        preallocated cache with a mask: fixed shapes and no host sync, so it compiles and graph-captures.
-        The caller sizes the rotary table first (`ensure_rope`)."""
-        freqs = self.freqs[pos].unsqueeze(0)  # [1, 1, D/2, 2]
-        slots = torch.arange(cache.view_len or cache.max_len, device=tokens.device)
-        valid = (slots <= pos)[None, :]
+        """T tokens per row at slots pos..pos+T-1 (`pos` a 1-element tensor on the device), attending over the
+        first `cache.view_len` slots with a causal mask (query t sees slots <= pos+t): fixed shapes and no host
+        sync, so it compiles and graph-captures. T = 1 is a decode step; T = k+1 the speculative verify. Slots past
+        pos+T-1 may hold stale tokens (a rolled-back verify): the mask hides them. The caller sizes the rotary
+        table first (`ensure_rope`) and picks a `view_len` that covers pos+T-1."""
+        at, slots, valid = static_slots(tokens.shape[1], pos, cache)
+        freqs = self.freqs[at].unsqueeze(0)  # [1, T, D/2, 2]
         if cache.key_valid is not None:
-            cache.key_valid.index_fill_(1, pos, True)
-            valid = valid & cache.key_valid[:, : slots.shape[0]]
+            cache.key_valid.index_fill_(1, at, True)
+            valid = valid & cache.key_valid[:, None, : slots.shape[0]]
             # rotary positions count real tokens only, as in the padded prefill
-            freqs = self.freqs[(valid.long().sum(-1) - 1)].unsqueeze(1)
+            freqs = self.freqs[(valid.long().sum(-1) - 1)]  # [B, T, D/2, 2]
         masks = {}
         for window in {self._window(i) for i in range(self.args.n_layers)}:
-            m = valid if window is None else valid & (pos - slots < window)[None, :]
-            masks[window] = m[:, None, None, :]
-        return self._layers(tokens, pos, freqs, masks, cache, last_only=False)
+            m = valid if window is None else valid & (at[:, None] - slots[None, :] < window)[None]
+            masks[window] = m[:, None]  # [B or 1, 1, T, S]
+        # Cache.write stores the T new keys and values at slots `at` (index_copy_)
+        return self._layers(tokens, at, freqs, masks, cache, last_only=False)

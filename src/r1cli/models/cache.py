@@ -27,8 +27,9 @@ class Cache:
 
     def write(self, layer: int, start_pos, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store values at slots start_pos..start_pos+T-1; return every slot up to there.
-        A tensor start_pos (static decode, one token) writes with index_copy_ and returns the whole buffers, so
-        shapes never change and the step can be compiled or captured as a CUDA graph."""
+        A tensor start_pos (static decode: the [T] slots of the T new tokens, consecutive) writes with index_copy_
+        and returns the first `view_len` slots, so shapes never change and the step can be compiled or captured as
+        a CUDA graph."""
         d = self.slot_dim
         if isinstance(start_pos, torch.Tensor):
             n = self.view_len or self.max_len

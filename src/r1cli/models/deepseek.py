@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
-from .base import Block, CausalLM
+from .base import Block, CausalLM, static_slots
 from .cache import Cache
 from .attention import attention_mask, sdpa
 from .layers import MLP, Linear, RMSNorm, column_linear, dequantize_fp8, kv_cache_dtype, linear, row_linear
@@ -155,6 +155,9 @@ class Experts(nn.Module):
         # (token, expert) pairs up to which a GPU gathers the chosen experts' weights (decode); more take grouped
         # GEMMs (prefill). Both without a host sync, so the decode step can be graph-captured. See path().
         self.gather_limit = 64
+        # where grouped GEMMs do not apply: gathered up to a speculative verify's pairs (9 tokens x R1's 8 experts),
+        # whose captured step cannot take the sorted path's host sync
+        self.verify_gather_limit = 72
         self.n_experts = e
         # name -> a stacked quant_formats.QuantWeight replacing that parameter (int8/int4, quantized per expert)
         self.quant = nn.ModuleDict()
@@ -190,7 +193,9 @@ class Experts(nn.Module):
             return "_sorted"
         if indices.numel() <= self.gather_limit:
             return "_gathered"
-        return "_grouped" if self.groupable(x) else "_sorted"
+        if self.groupable(x):
+            return "_grouped"
+        return "_gathered" if indices.numel() <= self.verify_gather_limit else "_sorted"
 
     def groupable(self, x: torch.Tensor) -> bool:
         """F.grouped_mm on CUDA takes bf16 on SM80+; quantized and FP8-kept experts use their own kernels."""
@@ -333,16 +338,25 @@ class DeepSeekLM(CausalLM):
     def mtp_forward(self, tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int, cache: Cache):
         """The MTP layer at slots start_pos..: `tokens` [1, T] are tokens i+1, `hidden` [1, T, dim] the final
         hidden states at i (`keep_hidden`, or this layer's own output when it drafts further). Returns the
-        logits [1, T, vocab] for tokens i+2 and the layer's output hidden states."""
+        logits [1, T, vocab] for tokens i+2 and the layer's output hidden states.
+        A tensor start_pos (1 element): fixed shapes over the cache's `view_len` slots, as `CausalLM.forward`'s
+        static step (the caller sizes the rotary table)."""
         seqlen = tokens.shape[1]
-        end = start_pos + seqlen
-        self.ensure_rope(end)
-        rot = Rotation(self.freqs[start_pos:end].unsqueeze(0), self.rope_interleaved)
-        mask = attention_mask(start_pos, seqlen, None, tokens.device, None)
         mtp = self.mtp
         emb = self.model.embed_tokens(tokens)
-        if start_pos == 0:  # position 0 sees no embedding, as vLLM and SGLang run it
-            emb[:, 0] = 0
+        if isinstance(start_pos, torch.Tensor):
+            start_pos, _, valid = static_slots(seqlen, start_pos, cache)  # start_pos: the T slots now
+            rot = Rotation(self.freqs[start_pos].unsqueeze(0), self.rope_interleaved)
+            mask = valid[:, None]
+            # position 0 sees no embedding (below), without a host sync
+            emb = emb.masked_fill((start_pos == 0)[None, :, None], 0)
+        else:
+            end = start_pos + seqlen
+            self.ensure_rope(end)
+            rot = Rotation(self.freqs[start_pos:end].unsqueeze(0), self.rope_interleaved)
+            mask = attention_mask(start_pos, seqlen, None, tokens.device, None)
+            if start_pos == 0:  # position 0 sees no embedding, as vLLM and SGLang run it
+                emb[:, 0] = 0
         h = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden.to(emb.dtype))], dim=-1))
         h = mtp(h, start_pos, rot, mask, cache)
         return self.lm_head(mtp.shared_head.norm(h)).float(), h
