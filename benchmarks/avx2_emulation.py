@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 DEFAULT_LIB = Path(tempfile.gettempdir()) / "avx2emu-lib"
@@ -57,12 +58,13 @@ def active() -> bool:
 
 
 def enter(lib: Path = DEFAULT_LIB) -> None:
-    """Re-execute this process (same argv) with the emulation's environment; returns only when already in it."""
+    """Re-execute this process (same argv) with the emulation's environment (building llama.cpp for AVX2 first when
+    `lib` has no build); returns only when already in it."""
     if active():
         return
     if not all((lib / name).exists() for name in LIBS):
-        raise SystemExit(f"no AVX2 build of llama.cpp in {lib}: run `python benchmarks/avx2_emulation.py build "
-                         f"--lib {lib}` first")
+        print(f"building llama.cpp for AVX2 only into {lib} (once)", file=sys.stderr, flush=True)
+        build(lib, Path(tempfile.gettempdir()) / "avx2emu-src")
     env = {**os.environ, **ENV, MARKER: "1", "LLAMA_CPP_LIB_PATH": str(lib)}
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -112,11 +114,13 @@ def isa_line() -> str:
     return line
 
 
-def _zmm_instructions(path: Path) -> int:
-    """How many instructions of a shared library name a 512-bit register (objdump's disassembly)."""
+def _avx512_instructions(path: Path) -> int:
+    """How many instructions of a shared library name a register only AVX512 has (zmm, xmm/ymm16-31, mask k1-k7),
+    from objdump's disassembly."""
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True,
                          check=True).stdout
-    return sum("%zmm" in line for line in out.splitlines())
+    only512 = re.compile(r"%zmm|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|%k[1-7]\b")
+    return sum(bool(only512.search(line)) for line in out.splitlines())
 
 
 def build(lib: Path, workdir: Path) -> None:
@@ -145,8 +149,8 @@ def build(lib: Path, workdir: Path) -> None:
                 dest = lib / f.name
                 dest.unlink(missing_ok=True)
                 shutil.copy2(f, dest, follow_symlinks=False)
-    print(f"llama.cpp {ver} for AVX2 only in {lib}; 512-bit register instructions in libggml-cpu: "
-          f"{_zmm_instructions(lib / 'libggml-cpu.so')}")
+    print(f"llama.cpp {ver} for AVX2 only in {lib}; AVX512 register instructions in libggml-cpu: "
+          f"{_avx512_instructions(lib / 'libggml-cpu.so')}", file=sys.stderr)
 
 
 def check(lib: Path) -> None:
@@ -161,13 +165,21 @@ def check(lib: Path) -> None:
     isa = pick_vec_isa()
     flags = " ".join([isa.build_arch_flags(), *("-" + f for f in cpp_builder._get_cpu_arch_cflags("g++"))])
     print(f"Inductor: {isa} ({isa.bit_width()}-bit Vectorized), compile flags {flags}")
-    x = torch.randn(1, 8, 16, 16)
-    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):  # oneDNN's first line names its ISA
-        torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3))
-    with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):  # MKL's names the instructions it enabled
+    x = torch.randn(1, 8, 16, 16).to_mkldnn()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):  # oneDNN's info lines name its ISA
+        torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3).to_mkldnn())
+    with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):  # MKL's first line (on AMD: no ISA named)
         torch.randn(64, 64) @ torch.randn(64, 64)
     sys.stdout.flush()
-    print(f"llama.cpp libggml-cpu: {_zmm_instructions(lib / 'libggml-cpu.so')} instructions naming a 512-bit register")
+    # fbgemm's AVX2 GEMM sums u8*i8 products in saturating 16-bit pairs (VNNI's does not): all-255 activations
+    # against all-127 weights give about 32.4 there instead of the exact 64
+    with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packed weights still take them
+        warnings.simplefilter("ignore")
+        w = torch.quantize_per_tensor(torch.ones(8, 64), 1 / 127, 0, torch.qint8)
+    y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), torch.ops.quantized.linear_prepack(w, None), False)
+    print(f"fbgemm: ones(64) . ones(64) = {y[0, 0].item():.1f} ({'saturating AVX2 kernel' if y[0, 0] < 60 else 'exact'})")
+    sys.stdout.flush()
+    print(f"llama.cpp libggml-cpu: {_avx512_instructions(lib / 'libggml-cpu.so')} instructions naming an AVX512 register")
 
 
 def main() -> None:

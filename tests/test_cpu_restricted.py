@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from helpers import r1_env
+from paths import ROOT
 
 from r1cli import cpu
 
@@ -49,6 +50,7 @@ def test_aten_capability_caps_the_features_r1_chooses_by(monkeypatch, fresh_feat
 @pytest.mark.slow
 @pytest.mark.skipif(not X86, reason="ATEN_CPU_CAPABILITY's x86 levels")
 def test_the_avx2_emulation_environment_makes_r1_choose_as_on_an_avx2_cpu():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from avx2_emulation import ENV
 
     probe = ("import json, torch; from r1cli import cpu; from r1cli.quant_formats import cpu_has_vnni, "

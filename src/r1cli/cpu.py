@@ -86,6 +86,28 @@ def _onednn_bf16() -> bool:
         return False
 
 
+# --- torch told to use less than the CPU has ------------------------------------------------------------------------
+# ATEN_CPU_CAPABILITY=avx2 (or default) makes torch's own kernels and Inductor's generated code use no more than that
+# on any x86 CPU; the emulation of an AVX2-only CPU on an AVX512 one sets it (with ONEDNN_MAX_CPU_ISA=AVX2 and
+# FBGEMM_ENABLE_INSTRUCTIONS=AVX2: benchmarks/avx2_emulation.py). The cpuinfo probes and /proc/cpuinfo still show
+# the hardware, so r1's choices (int8 kernel, KV cache dtype, the advice) follow torch's restriction instead.
+RESTRICTED_FLAG_PREFIXES = ("avx512", "amx", "avx_vnni")
+
+
+def _aten_restricted_to() -> str:
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+
+
+def _restricted(machine: str, capability: str, flags: frozenset[str]) -> CpuFeatures:
+    """An x86 CPU as torch was told to use it: no AVX512, AMX or VNNI; AVX2 only if ATEN_CPU_CAPABILITY=avx2.
+    bf16 math stays oneDNN's own answer (which ONEDNN_MAX_CPU_ISA restricts, not ATEN_CPU_CAPABILITY)."""
+    avx2 = _aten_restricted_to() == "avx2" and _probe("_is_avx2_supported", "avx2" in flags)
+    return CpuFeatures(machine=machine, capability=capability, avx2=avx2, avx512=False, avx512_bf16=False,
+                       amx=False, vnni=False, neon=False, bf16_math=_onednn_bf16(),
+                       flags=frozenset(f for f in flags if not f.startswith(RESTRICTED_FLAG_PREFIXES)
+                                       and (avx2 or f != "avx2")))
+
+
 @functools.lru_cache(maxsize=1)
 def features() -> CpuFeatures:
     """This machine's CPU features (read once per process)."""
@@ -168,24 +190,3 @@ def compiled_cpu_default() -> bool:
     or a machine where a background compile is not wanted)."""
     return os.environ.get("R1_COMPILE", "1").strip() != "0"
 
-
-# --- torch told to use less than the CPU has ------------------------------------------------------------------------
-# ATEN_CPU_CAPABILITY=avx2 (or default) makes torch's own kernels and Inductor's generated code use no more than that
-# on any x86 CPU; the emulation of an AVX2-only CPU on an AVX512 one sets it (with ONEDNN_MAX_CPU_ISA=AVX2 and
-# FBGEMM_ENABLE_INSTRUCTIONS=AVX2: benchmarks/avx2_emulation.py). The cpuinfo probes and /proc/cpuinfo still show
-# the hardware, so r1's choices (int8 kernel, KV cache dtype, the advice) follow torch's restriction instead.
-RESTRICTED_FLAG_PREFIXES = ("avx512", "amx", "avx_vnni")
-
-
-def _aten_restricted_to() -> str:
-    return os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
-
-
-def _restricted(machine: str, capability: str, flags: frozenset[str]) -> CpuFeatures:
-    """An x86 CPU as torch was told to use it: no AVX512, AMX or VNNI; AVX2 only if ATEN_CPU_CAPABILITY=avx2.
-    bf16 math stays oneDNN's own answer (which ONEDNN_MAX_CPU_ISA restricts, not ATEN_CPU_CAPABILITY)."""
-    avx2 = _aten_restricted_to() == "avx2" and _probe("_is_avx2_supported", "avx2" in flags)
-    return CpuFeatures(machine=machine, capability=capability, avx2=avx2, avx512=False, avx512_bf16=False,
-                       amx=False, vnni=False, neon=False, bf16_math=_onednn_bf16(),
-                       flags=frozenset(f for f in flags if not f.startswith(RESTRICTED_FLAG_PREFIXES)
-                                       and (avx2 or f != "avx2")))
