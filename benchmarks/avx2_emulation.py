@@ -80,7 +80,11 @@ def llama_cpu_info() -> str:
 
 def _loaded(name: str) -> str:
     """The file this process mapped for shared library `name` ('' if none)."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return ""
+    for line in maps.splitlines():
         path = line.split()[-1]
         if Path(path).name.startswith(name + "."):
             return path
@@ -90,10 +94,9 @@ def _loaded(name: str) -> str:
 def isa_line() -> str:
     """Which ISA each engine runs with (the header of a benchmark's output). Under the emulation, exits if either
     engine is not restricted: an unrestricted run must not be labelled emulated."""
+    import llama_cpp  # noqa: F401  (loads libllama, so that libggml-cpu is mapped)
     import torch
     from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    import llama_cpp  # noqa: F401  (loads libllama, so that libggml-cpu is mapped)
 
     from r1cli.cpu import features
 
@@ -139,7 +142,8 @@ def build(lib: Path, workdir: Path) -> None:
         shutil.unpack_archive(sdist, workdir)
     build_dir = workdir / "build"
     nice = ["nice", "-n", "19"]
-    subprocess.run([*nice, "cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build_dir), "-G", "Ninja",
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run([*nice, "cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build_dir), *generator,
                     *CMAKE_OPTIONS], check=True)
     subprocess.run([*nice, "cmake", "--build", str(build_dir), "--target", "llama", "-j", "1"], check=True)
     lib.mkdir(parents=True, exist_ok=True)
@@ -180,6 +184,30 @@ def check(lib: Path) -> None:
     print(f"fbgemm: ones(64) . ones(64) = {y[0, 0].item():.1f} ({'saturating AVX2 kernel' if y[0, 0] < 60 else 'exact'})")
     sys.stdout.flush()
     print(f"llama.cpp libggml-cpu: {_avx512_instructions(lib / 'libggml-cpu.so')} instructions naming an AVX512 register")
+    _check_packages()
+
+
+def _check_packages() -> None:
+    """r1's compiled decode steps built under the emulation (the compile cache's packages whose metadata says
+    AVX2): the AVX512 register instructions in their code (none expected)."""
+    import json
+    import zipfile
+
+    from r1cli.compile_cache import cache_dir
+
+    for pt2 in sorted(cache_dir().glob("*.pt2")):
+        if not zipfile.is_zipfile(pt2):  # one being written
+            continue
+        with zipfile.ZipFile(pt2) as z, tempfile.TemporaryDirectory() as tmp:
+            meta = [n for n in z.namelist() if n.endswith("kernel_metadata.json")]
+            if not meta or json.loads(z.read(meta[0])).get("AOTI_CPU_ISA") != "AVX2":
+                continue
+            n = 0
+            for name in (n for n in z.namelist() if n.endswith(".so")):
+                so = Path(tmp) / "step.so"
+                so.write_bytes(z.read(name))
+                n += _avx512_instructions(so)
+            print(f"r1 compiled step {pt2.name} (AVX2): {n} instructions naming an AVX512 register")
 
 
 def main() -> None:

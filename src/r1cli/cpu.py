@@ -4,7 +4,8 @@ quant_formats chose). The one place that asks.
 
 Sources, all local: torch.cpu's probes (cpuinfo, what PyTorch's kernels dispatch on), the oneDNN bf16 check (what
 its bf16 matmuls use), torch.backends.cpu.get_cpu_capability() (the ATen kernel level), and /proc/cpuinfo's flags
-on Linux (shown to the user; also the fallback when a probe is missing from this torch build).
+on Linux (shown to the user; also the fallback when a probe is missing from this torch build). ATEN_CPU_CAPABILITY=avx2
+or default caps them at that level, as it caps torch's own kernels (the AVX2 emulation sets it).
 """
 
 from __future__ import annotations
