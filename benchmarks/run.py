@@ -80,6 +80,10 @@ CPU = [
     script("gguf-vs-llamacpp", "gguf_vs_llamacpp.py", "smollm2@Q4_K_M", "Qwen2.5-0.5B@Q4_K_M", f"{Q15}@Q4_K_M",
            "--tokens", "64", "--rounds", "3", limit=2400,
            what="#20 r1 bf16 and int4 vs llama.cpp on llama.cpp's own Q4_K_M files: SmolLM2, 0.5B and 1.5B shapes"),
+    script("emulated-avx2", "gguf_vs_llamacpp.py", "smollm2@Q4_K_M", "Qwen2.5-0.5B@Q4_K_M", f"{Q15}@Q4_K_M",
+           "--tokens", "64", "--rounds", "3", "--emulate-avx2", limit=3000,
+           what="#20 the same, EMULATED AVX2: both engines restricted to AVX2 code on this AVX512 CPU (same cores, "
+                "caches, memory); builds llama.cpp for AVX2 once"),
     script("quant-qwen1.5b", "quant_compare.py", "--config", Q15, "--tokens", "24", "--engines", "none,int8,int4",
            limit=2400, what="#7 Qwen-1.5B shape r1 bf16/int8/int4 vs transformers"),
     script("formats", "cpu_formats.py", "--folder", "{smollm2}", "--tokens", "32", "--rounds", "3", limit=900,

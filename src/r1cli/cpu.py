@@ -4,7 +4,8 @@ quant_formats chose). The one place that asks.
 
 Sources, all local: torch.cpu's probes (cpuinfo, what PyTorch's kernels dispatch on), the oneDNN bf16 check (what
 its bf16 matmuls use), torch.backends.cpu.get_cpu_capability() (the ATen kernel level), and /proc/cpuinfo's flags
-on Linux (shown to the user; also the fallback when a probe is missing from this torch build).
+on Linux (shown to the user; also the fallback when a probe is missing from this torch build). ATEN_CPU_CAPABILITY=avx2
+or default caps them at that level, as it caps torch's own kernels (the AVX2 emulation sets it).
 """
 
 from __future__ import annotations
@@ -86,6 +87,28 @@ def _onednn_bf16() -> bool:
         return False
 
 
+# --- torch told to use less than the CPU has ------------------------------------------------------------------------
+# ATEN_CPU_CAPABILITY=avx2 (or default) makes torch's own kernels and Inductor's generated code use no more than that
+# on any x86 CPU; the emulation of an AVX2-only CPU on an AVX512 one sets it (with ONEDNN_MAX_CPU_ISA=AVX2 and
+# FBGEMM_ENABLE_INSTRUCTIONS=AVX2: benchmarks/avx2_emulation.py). The cpuinfo probes and /proc/cpuinfo still show
+# the hardware, so r1's choices (int8 kernel, KV cache dtype, the advice) follow torch's restriction instead.
+RESTRICTED_FLAG_PREFIXES = ("avx512", "amx", "avx_vnni")
+
+
+def _aten_restricted_to() -> str:
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+
+
+def _restricted(machine: str, capability: str, flags: frozenset[str]) -> CpuFeatures:
+    """An x86 CPU as torch was told to use it: no AVX512, AMX or VNNI; AVX2 only if ATEN_CPU_CAPABILITY=avx2.
+    bf16 math stays oneDNN's own answer (which ONEDNN_MAX_CPU_ISA restricts, not ATEN_CPU_CAPABILITY)."""
+    avx2 = _aten_restricted_to() == "avx2" and _probe("_is_avx2_supported", "avx2" in flags)
+    return CpuFeatures(machine=machine, capability=capability, avx2=avx2, avx512=False, avx512_bf16=False,
+                       amx=False, vnni=False, neon=False, bf16_math=_onednn_bf16(),
+                       flags=frozenset(f for f in flags if not f.startswith(RESTRICTED_FLAG_PREFIXES)
+                                       and (avx2 or f != "avx2")))
+
+
 @functools.lru_cache(maxsize=1)
 def features() -> CpuFeatures:
     """This machine's CPU features (read once per process)."""
@@ -99,6 +122,8 @@ def features() -> CpuFeatures:
     except (AttributeError, RuntimeError):
         capability = "DEFAULT"
     neon = machine in ("arm64", "aarch64") and ("asimd" in flags or not flags)  # Apple silicon has no cpuinfo
+    if machine in ("x86_64", "amd64") and _aten_restricted_to() in ("avx2", "default"):
+        return _restricted(machine, capability, flags)
     return CpuFeatures(
         machine=machine,
         capability=capability,
@@ -165,3 +190,4 @@ def compiled_cpu_default() -> bool:
     """Does `--decode-mode auto` compile the CPU decode step? Yes, unless R1_COMPILE=0 (the test suite's setting,
     or a machine where a background compile is not wanted)."""
     return os.environ.get("R1_COMPILE", "1").strip() != "0"
+
