@@ -190,4 +190,3 @@ def compiled_cpu_default() -> bool:
     """Does `--decode-mode auto` compile the CPU decode step? Yes, unless R1_COMPILE=0 (the test suite's setting,
     or a machine where a background compile is not wanted)."""
     return os.environ.get("R1_COMPILE", "1").strip() != "0"
-
