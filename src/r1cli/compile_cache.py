@@ -45,6 +45,27 @@ def _onednn_bf16() -> bool:
         return False
 
 
+def aot_options() -> tuple[dict, dict]:
+    """(Inductor's options for the AOT compile of the CPU decode step, what of them a package depends on).
+    cpp.threads: the OpenMP team of the generated kernels, baked into the package. One thread, unless the one-row
+    matmuls become generated reductions (cpu.one_row_matmul_as_reduction, gemv_pass.py): those stream the weights
+    and want every thread torch has (Inductor runs a loop too small to split on one thread anyway). Otherwise the
+    generated kernels of a one-token step work on vectors of a few thousand values, where an OpenMP team costs more
+    than it saves; the matmuls are then PyTorch's own kernels, which use every thread torch is given."""
+    from .cpu import one_row_matmul_as_reduction
+
+    reduction = one_row_matmul_as_reduction()
+    threads = torch.get_num_threads() if reduction else 1
+    options = {"aot_inductor.package_constants_in_so": False, "cpp.threads": threads}
+    facts = {"threads": threads, "one_row_matmul_pass": None}
+    if reduction:
+        from .gemv_pass import OneRowMatmulPass
+
+        options["post_grad_custom_post_pass"] = OneRowMatmulPass()
+        facts["one_row_matmul_pass"] = options["post_grad_custom_post_pass"].uuid()[:16]  # (its source's hash)
+    return options, facts
+
+
 def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
     """What the compiled step depends on: the model's shape and dtype, each weight's format (scheme, int8 kernel,
     int4 layout and group), the device, torch's version and the CPU's vector features; `extra`: anything else the
@@ -58,6 +79,8 @@ def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
         "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(), "vnni": cpu_has_vnni(),
         "bf16_math": _onednn_bf16(), "extra": extra,
     }
+    if mode == "aot":
+        facts["aot_options"] = aot_options()[1]
     if first.device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(first.device)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
@@ -126,12 +149,7 @@ def store_package(key: str, exported) -> Path:
     _remove_stale(folder)
     with replacing(folder / f"{key}.pt2", f".{key}.", ".pt2") as (fd, tmp):
         os.close(fd)
-        # cpp.threads 1: the generated kernels of a one-token step work on vectors of a few thousand values, where
-        # an OpenMP team costs more than it saves (and its count would be baked in); the matmuls are PyTorch's own
-        # kernels, which use every thread torch is given.
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=tmp,
-            inductor_configs={"aot_inductor.package_constants_in_so": False, "cpp.threads": 1})
+        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=aot_options()[0])
         os.chmod(tmp, 0o600)
     return folder / f"{key}.pt2"
 
