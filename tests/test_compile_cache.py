@@ -313,7 +313,7 @@ def test_the_package_options_and_key_follow_the_cpu_class(monkeypatch):
     keys = []
     for features in (bf16, avx2):
         monkeypatch.setattr(cpu, "features", lambda: features)
-        options, facts = compile_cache.aot_options()
+        options, facts = compile_cache.aot_options(), compile_cache.aot_facts()
         keys.append(compile_cache.step_key(model, "aot"))
         if features is bf16:
             assert options["cpp.threads"] == torch.get_num_threads() == facts["threads"]

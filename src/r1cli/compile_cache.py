@@ -45,25 +45,31 @@ def _onednn_bf16() -> bool:
         return False
 
 
-def aot_options() -> tuple[dict, dict]:
-    """(Inductor's options for the AOT compile of the CPU decode step, what of them a package depends on).
-    cpp.threads: the OpenMP team of the generated kernels, baked into the package. One thread, unless the one-row
-    matmuls become generated reductions (cpu.one_row_matmul_as_reduction, gemv_pass.py): those stream the weights
-    and want every thread torch has (Inductor runs a loop too small to split on one thread anyway). Otherwise the
-    generated kernels of a one-token step work on vectors of a few thousand values, where an OpenMP team costs more
-    than it saves; the matmuls are then PyTorch's own kernels, which use every thread torch is given."""
+def aot_facts() -> dict:
+    """What the AOT compile's options (aot_options) depend on here, for the package key. cpp.threads: the OpenMP
+    team of the generated kernels, baked into the package. One thread, unless the one-row matmuls become generated
+    reductions (cpu.one_row_matmul_as_reduction, gemv_pass.py): those stream the weights and want every thread
+    torch has (Inductor runs a loop too small to split on one thread anyway). Otherwise the generated kernels of a
+    one-token step work on vectors of a few thousand values, where an OpenMP team costs more than it saves; the
+    matmuls are then PyTorch's own kernels, which use every thread torch is given. (No Inductor import here: this
+    runs at every start.)"""
     from .cpu import one_row_matmul_as_reduction
 
-    reduction = one_row_matmul_as_reduction()
-    threads = torch.get_num_threads() if reduction else 1
-    options = {"aot_inductor.package_constants_in_so": False, "cpp.threads": threads}
-    facts = {"threads": threads, "one_row_matmul_pass": None}
-    if reduction:
+    if not one_row_matmul_as_reduction():
+        return {"threads": 1, "one_row_matmul_pass": None}
+    source = (Path(__file__).parent / "gemv_pass.py").read_bytes()  # an edit to the pass builds new packages
+    return {"threads": torch.get_num_threads(), "one_row_matmul_pass": hashlib.sha256(source).hexdigest()[:16]}
+
+
+def aot_options() -> dict:
+    """Inductor's options for the AOT compile of the CPU decode step (aot_facts says why)."""
+    facts = aot_facts()
+    options = {"aot_inductor.package_constants_in_so": False, "cpp.threads": facts["threads"]}
+    if facts["one_row_matmul_pass"]:
         from .gemv_pass import OneRowMatmulPass
 
         options["post_grad_custom_post_pass"] = OneRowMatmulPass()
-        facts["one_row_matmul_pass"] = options["post_grad_custom_post_pass"].uuid()[:16]  # (its source's hash)
-    return options, facts
+    return options
 
 
 def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
@@ -80,7 +86,7 @@ def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
         "bf16_math": _onednn_bf16(), "extra": extra,
     }
     if mode == "aot":
-        facts["aot_options"] = aot_options()[1]
+        facts["aot_options"] = aot_facts()
     if first.device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(first.device)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
@@ -149,7 +155,7 @@ def store_package(key: str, exported) -> Path:
     _remove_stale(folder)
     with replacing(folder / f"{key}.pt2", f".{key}.", ".pt2") as (fd, tmp):
         os.close(fd)
-        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=aot_options()[0])
+        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=aot_options())
         os.chmod(tmp, 0o600)
     return folder / f"{key}.pt2"
 
