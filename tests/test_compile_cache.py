@@ -14,7 +14,7 @@ import pytest
 import torch
 import steered
 from helpers import r1_env, run_r1
-from tiny import llama_config, v3_config, write_checkpoint
+from tiny import llama_config, qwen2_config, v3_config, write_checkpoint
 
 from r1cli import aot_step, compile_cache
 from r1cli.generate import Decoder, SamplingParams
@@ -266,3 +266,78 @@ def test_a_run_that_ends_before_the_compile_finishes_it_at_exit(steered_dir, tmp
     assert later.returncode == 0, later.stderr[-3000:]
     assert aot_step.AotDecoder.BUILDING not in later.stderr and aot_step.FINISHING not in later.stderr
     assert later.stdout == first.stdout == steered.ANSWER + "\n"
+
+
+@pytest.mark.parametrize("make_config", [llama_config, qwen2_config], ids=["llama", "qwen2-biases"])
+def test_one_row_bf16_matmuls_compile_to_reductions_that_give_the_eager_logits(make_config, tmp_path, monkeypatch):
+    """The compiled bf16 step with its one-row matmuls as reductions (gemv_pass.py; forced on, whatever this CPU's
+    class): the package calls no ATen matmul, and at each of several steps its logits are as close to the float32
+    model's (the oracle: the same weights, no rounding to bf16) as the eager bf16 step's are. qwen2's q/k/v biases
+    make addmm; a tied head included."""
+    import zipfile
+
+    from r1cli import cpu
+    from r1cli.loader import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the pass runs, not a cache hit
+    monkeypatch.setattr(cpu, "one_row_matmul_as_reduction", lambda f=None: True)
+    write_checkpoint(make_config(num_hidden_layers=2, tie_word_embeddings=make_config is qwen2_config),
+                     tmp_path / "tiny")
+    model, oracle = (load_model(tmp_path / "tiny", dtype=dt) for dt in ("bfloat16", "float32"))
+    tokens = torch.randint(0, model.args.vocab_size, (1, 14), generator=torch.Generator().manual_seed(5))
+    prompt = 8
+    with torch.no_grad():
+        want = oracle(tokens)[0].float()  # float32 logits at every position, no cache
+        with torch.inference_mode(False):
+            cache = model.new_cache(1, 33)
+        cache.max_len = 32
+        model.ensure_rope(32)
+        model(tokens[:, :prompt], cache=cache)
+        step = aot_step.AotDecoder(model, cache, wait=True)
+        assert step.compiled
+        errors = []
+        for pos in range(prompt, tokens.shape[1]):
+            token = tokens[:, pos : pos + 1]
+            step.slot.fill_(pos)
+            got = step.runner(token, step.slot, torch.empty(step.bucket(pos))).float()
+            eager = model(token, start_pos=pos, cache=cache, last_only=True)[0, -1].float()  # (rewrites the slot)
+            errors.append([float((x - want[pos]).norm() / want[pos].norm()) for x in (got[0], eager)])
+    with zipfile.ZipFile(compile_cache.package(step.key)) as z:
+        wrapper = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    from r1cli.gemv_pass import OneRowMatmulPass
+
+    # every projection and the head (2 layers: q|k|v, o, gate|up, down) rewritten; none left to ATen's kernels
+    assert OneRowMatmulPass.replaced == 9 and "aoti_torch_cpu_mm_out" not in wrapper
+    assert "aoti_torch_cpu_addmm_out" not in wrapper and "cpp_fused" in wrapper
+    for compiled, eager in errors:
+        assert compiled <= 2 * eager + 1e-3, errors  # bf16 rounding, like eager's: a wrong sum is of order 1
+
+
+def test_the_package_options_and_key_follow_the_cpu_class(monkeypatch):
+    """An AVX512-BF16 CPU compiles the one-row matmuls as reductions with torch's thread count; another class keeps
+    ATen's matmuls and one thread; the two never share a package."""
+    from r1cli import cpu
+    from r1cli.config import args_from_dict
+    from r1cli.models import build_model
+
+    base = dict(machine="x86_64", capability="AVX2", avx2=True, avx512=False, avx512_bf16=False, amx=False,
+                vnni=False, neon=False, bf16_math=False)
+    avx2 = cpu.CpuFeatures(**base)
+    bf16 = cpu.CpuFeatures(**{**base, "avx512": True, "avx512_bf16": True, "bf16_math": True})
+    assert cpu.one_row_matmul_as_reduction(bf16) and not cpu.one_row_matmul_as_reduction(avx2)
+    cfg = {**llama_config(num_hidden_layers=1, hidden_size=128, intermediate_size=256).to_dict(),
+           "architectures": ["LlamaForCausalLM"]}
+    model = build_model(args_from_dict(cfg))
+    keys = []
+    for features in (bf16, avx2):
+        monkeypatch.setattr(cpu, "features", lambda: features)
+        options, facts = compile_cache.aot_options(), compile_cache.aot_facts()
+        keys.append(compile_cache.step_key(model, "aot"))
+        if features is bf16:
+            assert options["cpp.threads"] == torch.get_num_threads() == facts["threads"]
+            assert type(options["post_grad_custom_post_pass"]).__name__ == "OneRowMatmulPass"
+        else:
+            assert options["cpp.threads"] == 1 and "post_grad_custom_post_pass" not in options
+        assert options["aot_inductor.package_constants_in_so"] is False
+    assert keys[0] != keys[1]

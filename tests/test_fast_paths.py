@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from r1cli.generate import Decoder, SamplingParams
 from r1cli.loader import load_model
@@ -206,5 +207,26 @@ def test_masked_gqa_without_enable_gqa_equals_sdpa(queries):
     k, v = torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
     key_valid = torch.rand(2, 20, generator=g) > 0.3
     mask = attention_mask(20 - queries, queries, key_valid, q.device)
-    want = sdpa(q, k, v, mask, 0.25)  # on a CPU: enable_gqa
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
     assert (masked_gqa(q, k, v, mask, 0.25) - want).abs().max().item() <= 1e-6
+    assert (sdpa(q, k, v, mask, 0.25) - want).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_gqa_on_cpu_equals_enable_gqa(dtype, masked):
+    """A CPU decode step's attention (one query: sdpa takes the query heads as rows of their key/value head) against
+    SDPA's own enable_gqa, bf16 as a bf16 model's cache is on a CPU with bf16 math, with and without the static
+    step's mask; the shapes of SmolLM2 (9 query heads over 3) and R1-Distill-Qwen-1.5B (12 over 2, 128 wide)."""
+    from r1cli.models.attention import attention_mask, sdpa
+
+    g = torch.Generator().manual_seed(7)
+    for heads, kv_heads, dim in ((9, 3, 64), (12, 2, 128)):
+        q = torch.randn(1, heads, 1, dim, generator=g).to(dtype)
+        k, v = (torch.randn(1, kv_heads, 40, dim, generator=g).to(dtype) for _ in range(2))
+        mask = attention_mask(39, 1, None, q.device, sliding_window=20) if masked else None
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=dim ** -0.5,
+                                              enable_gqa=True)
+        got = sdpa(q, k, v, mask, dim ** -0.5)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)

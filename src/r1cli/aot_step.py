@@ -37,7 +37,7 @@ CHECK_TOLERANCE = 0.05
 
 # Bumped whenever what goes into a package changes (the step's code, the compile options): older packages are
 # then never loaded.
-PACKAGE_VERSION = 1
+PACKAGE_VERSION = 2
 
 _announced: set[str] = set()
 _builds: list[threading.Thread] = []  # background compiles of this process, finished at exit (finish_builds)

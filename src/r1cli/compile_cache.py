@@ -45,6 +45,33 @@ def _onednn_bf16() -> bool:
         return False
 
 
+def aot_facts() -> dict:
+    """What the AOT compile's options (aot_options) depend on here, for the package key. cpp.threads: the OpenMP
+    team of the generated kernels, baked into the package. One thread, unless the one-row matmuls become generated
+    reductions (cpu.one_row_matmul_as_reduction, gemv_pass.py): those stream the weights and want every thread
+    torch has (Inductor runs a loop too small to split on one thread anyway). Otherwise the generated kernels of a
+    one-token step work on vectors of a few thousand values, where an OpenMP team costs more than it saves; the
+    matmuls are then PyTorch's own kernels, which use every thread torch is given. (No Inductor import here: this
+    runs at every start.)"""
+    from .cpu import one_row_matmul_as_reduction
+
+    if not one_row_matmul_as_reduction():
+        return {"threads": 1, "one_row_matmul_pass": None}
+    source = (Path(__file__).parent / "gemv_pass.py").read_bytes()  # an edit to the pass builds new packages
+    return {"threads": torch.get_num_threads(), "one_row_matmul_pass": hashlib.sha256(source).hexdigest()[:16]}
+
+
+def aot_options() -> dict:
+    """Inductor's options for the AOT compile of the CPU decode step (aot_facts says why)."""
+    facts = aot_facts()
+    options = {"aot_inductor.package_constants_in_so": False, "cpp.threads": facts["threads"]}
+    if facts["one_row_matmul_pass"]:
+        from .gemv_pass import OneRowMatmulPass
+
+        options["post_grad_custom_post_pass"] = OneRowMatmulPass()
+    return options
+
+
 def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
     """What the compiled step depends on: the model's shape and dtype, each weight's format (scheme, int8 kernel,
     int4 layout and group), the device, torch's version and the CPU's vector features; `extra`: anything else the
@@ -58,6 +85,8 @@ def step_key(model: torch.nn.Module, mode: str, extra=None) -> str:
         "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(), "vnni": cpu_has_vnni(),
         "bf16_math": _onednn_bf16(), "extra": extra,
     }
+    if mode == "aot":
+        facts["aot_options"] = aot_facts()
     if first.device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(first.device)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
@@ -126,12 +155,7 @@ def store_package(key: str, exported) -> Path:
     _remove_stale(folder)
     with replacing(folder / f"{key}.pt2", f".{key}.", ".pt2") as (fd, tmp):
         os.close(fd)
-        # cpp.threads 1: the generated kernels of a one-token step work on vectors of a few thousand values, where
-        # an OpenMP team costs more than it saves (and its count would be baked in); the matmuls are PyTorch's own
-        # kernels, which use every thread torch is given.
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=tmp,
-            inductor_configs={"aot_inductor.package_constants_in_so": False, "cpp.threads": 1})
+        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=aot_options())
         os.chmod(tmp, 0o600)
     return folder / f"{key}.pt2"
 

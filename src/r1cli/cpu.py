@@ -1,6 +1,6 @@
 """This machine's CPU: its instruction-set features, read once, and every choice that depends on them (the KV cache
-dtype, when prompt matmuls go through float32, which weight format decodes fastest, and saying which int8 kernels
-quant_formats chose). The one place that asks.
+dtype, when prompt matmuls go through float32, which weight format decodes fastest, how the compiled decode step
+computes one-row matmuls, and saying which int8 kernels quant_formats chose). The one place that asks.
 
 Sources, all local: torch.cpu's probes (cpuinfo, what PyTorch's kernels dispatch on), the oneDNN bf16 check (what
 its bf16 matmuls use), torch.backends.cpu.get_cpu_capability() (the ATen kernel level), and /proc/cpuinfo's flags
@@ -184,6 +184,16 @@ def fastest_format(f: CpuFeatures | None = None) -> dict:
         why += " (bf16 math in hardware: bf16 beats float32, and fewer bytes per weight win)"
     return {"cpu_class": f.cpu_class, "flags": f.flags_seen, "fastest": order[0] if order else None,
             "order": list(order), "why": why}
+
+
+# CPU classes where the compiled decode step computes its one-row bf16 matmuls as Inductor reductions
+# (gemv_pass.py) rather than ATen's matmul: measured on an AVX512-BF16 CPU (docs/performance.md). Others were not.
+ONE_ROW_MATMUL_AS_REDUCTION = ("avx512-bf16",)
+
+
+def one_row_matmul_as_reduction(f: CpuFeatures | None = None) -> bool:
+    """Does the compiled CPU decode step rewrite its one-row bf16 matmuls into reductions (gemv_pass.py)?"""
+    return (f or features()).cpu_class in ONE_ROW_MATMUL_AS_REDUCTION
 
 
 def compiled_cpu_default() -> bool:

@@ -37,12 +37,14 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     mask None means causal when T == S (a prompt from slot 0) and full attention when T == 1."""
     causal = mask is None and q.shape[2] > 1
     gqa = q.shape[1] != k.shape[1]
-    if gqa and mask is not None and q.device.type == "cuda":
+    # (one query on a CPU too: its flash kernel with enable_gqa is several times slower than the query heads as
+    # rows of their key/value head, in bf16: docs/performance.md)
+    if gqa and (mask is not None and q.device.type == "cuda" or q.shape[2] == 1 and q.device.type == "cpu"):
         return masked_gqa(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-def masked_gqa(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def masked_gqa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Grouped-query attention with a mask, without `enable_gqa`: PyTorch's fused CUDA kernels refuse that pair
     and it falls back to the math kernel (several launches, and the T x S scores in memory): every static decode
     step and every prompt after the first turn. One query (decode): the G query heads that share a key/value head
