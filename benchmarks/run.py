@@ -61,6 +61,8 @@ Q15, Q7, V2L, R1 = "DeepSeek-R1-Distill-Qwen-1.5B", "DeepSeek-R1-Distill-Qwen-7B
 HUB = "src/r1cli/hub_configs/"
 
 CPU = [
+    bench("bench-smollm2-default", "{smollm2}", "--prompt-lengths", "128", "--new-tokens", "128", "--compare", "hf",
+          limit=900, what="#4/#20 SmolLM2 decode vs transformers with no flags (the compiled CPU default)"),
     bench("bench-smollm2-eager", "{smollm2}", "--prompt-lengths", "128,512", "--new-tokens", "128", "--compare", "hf",
           "--decode-mode", "eager", limit=1200, what="#4 SmolLM2 decode/prefill vs transformers, eager (CPU default)"),
     bench("bench-smollm2-compile", "{smollm2}", "--prompt-lengths", "128", "--new-tokens", "128", "--compare", "hf",
