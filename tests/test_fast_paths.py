@@ -22,6 +22,32 @@ def models(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("cpu_class", ["avx512-bf16", "avx2"])
+def test_one_token_steps_skip_onednn_only_where_that_was_measured_faster(models, monkeypatch, cpu_class):
+    """cpu.one_token_step: on the avx512-bf16 class each decode step (one token) runs with oneDNN off, so ATen's
+    own kernel multiplies its one-row bf16 activations; the prompt (many rows) keeps oneDNN, and the switch is back
+    on after every step. Other classes never touch it."""
+    from dataclasses import replace
+
+    from r1cli import cpu
+
+    wants_avx512 = cpu_class == "avx512-bf16"
+    fake = replace(cpu.features(), avx2=True, avx512=wants_avx512, avx512_bf16=wants_avx512, amx=False)
+    assert fake.cpu_class == cpu_class
+    monkeypatch.setattr(cpu, "features", lambda: fake)
+    model, seen = models["qwen2"], []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[1], torch._C._get_mkldnn_enabled())), with_kwargs=True)
+    try:
+        tokens = list(Decoder(model, max_len=64, decode_mode="eager").generate(
+            [3, 14, 15, 92, 65, 35], SamplingParams(temperature=0, max_tokens=5, repeat_guard=False)))
+    finally:
+        hook.remove()
+    assert len(tokens) == 5 and torch._C._get_mkldnn_enabled()
+    assert seen[0] == (6, True)  # the prompt
+    assert seen[1:] == [(1, not wants_avx512)] * 4  # each fed token
+
+
 @pytest.mark.parametrize("name,mode", [("qwen2", "static"), ("v3", "static"), ("v2", "static")])
 def test_decode_modes_match_eager(models, name, mode):
     model = models[name]

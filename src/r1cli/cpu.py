@@ -10,11 +10,13 @@ or default caps them at that level, as it caps torch's own kernels (the AVX2 emu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -194,6 +196,27 @@ ONE_ROW_MATMUL_AS_REDUCTION = ("avx512-bf16",)
 def one_row_matmul_as_reduction(f: CpuFeatures | None = None) -> bool:
     """Does the compiled CPU decode step rewrite its one-row bf16 matmuls into reductions (gemv_pass.py)?"""
     return (f or features()).cpu_class in ONE_ROW_MATMUL_AS_REDUCTION
+
+
+# CPU classes where an eager one-token step multiplies its one-row bf16 activations faster with ATen's own kernel
+# than with oneDNN's (measured on an AVX512-BF16 CPU: docs/performance.md); prompts, many rows, keep oneDNN, which
+# is far faster there. Others were not measured.
+ONE_ROW_MATMUL_WITHOUT_ONEDNN = ("avx512-bf16",)
+
+
+@contextlib.contextmanager
+def one_token_step(f: CpuFeatures | None = None) -> Iterator[None]:
+    """The context of one decode step on this CPU: oneDNN off for its duration where ONE_ROW_MATMUL_WITHOUT_ONEDNN
+    says so (a process-wide switch, flipped around the step only), else nothing."""
+    if (f or features()).cpu_class not in ONE_ROW_MATMUL_WITHOUT_ONEDNN:
+        yield
+        return
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
 
 
 def compiled_cpu_default() -> bool:

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from . import compile_cache
-from .cpu import compiled_cpu_default
+from .cpu import compiled_cpu_default, one_token_step
 from .models import Cache, CausalLM
 from .sampling import SamplingParams
 
@@ -256,6 +256,12 @@ class Decoder(Turns):
 
     def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [1, vocab] for one token at slot `pos`."""
+        if self.device.type == "cpu":
+            with one_token_step():  # (the CPU's fastest kernels for one row: cpu.py)
+                return self._decode_step(token, pos)
+        return self._decode_step(token, pos)
+
+    def _decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         if self.decode_mode == "eager":
             return self.model(token, start_pos=pos, cache=self.cache, last_only=True)[:, -1]
         if self._step is None:
