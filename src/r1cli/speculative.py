@@ -23,11 +23,13 @@ divide across the ranks (the 1.5B's 12 heads do not over 8), and its k latency-b
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterator
 
 import torch
 
+from .cpu import one_token_step
 from .generate import STOP, Decoder, GenerationStats, SamplingParams, Turns, common_prefix, draw, sampling_probs
 from .models import CausalLM
 
@@ -116,8 +118,9 @@ class ModelDraft:
                 decide=None) -> tuple[list[int], torch.Tensor | None]:
         logits = self._forward(torch.tensor([tokens[self.n:]], device=self.device), self.n)
         self.n = len(tokens)
-        return _draft_tokens(logits, k, params, generator,
-                             lambda token, j: self._forward(token.view(1, 1), self.n + j), decide)
+        with one_token_step() if self.device.type == "cpu" else contextlib.nullcontext():  # one token per step
+            return _draft_tokens(logits, k, params, generator,
+                                 lambda token, j: self._forward(token.view(1, 1), self.n + j), decide)
 
     def accepted(self, base: int, n: int, k: int) -> None:
         """`base` committed tokens before the proposal, `n` of the k drafts accepted: the draft fed the first k-1."""
