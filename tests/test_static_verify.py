@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_speculative import v3_mtp  # noqa: F401 - the fixture: a tiny V3 checkpoint with an MTP layer
 from tiny import llama_config, qwen2_config, v2_config, v3_config, write_checkpoint
 
 from r1cli.generate import Decoder, SamplingParams
@@ -170,14 +171,8 @@ def test_eager_and_aot_modes_keep_the_eager_verify(qwen_target_and_draft):
 
 
 @pytest.fixture(scope="module")
-def v3_with_mtp(tmp_path_factory):
-    from test_speculative import add_mtp
-
-    folder = tmp_path_factory.mktemp("v3mtp")
-    cfg = v3_config(hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
-    write_checkpoint(cfg, folder, seed=4)
-    add_mtp(folder, cfg.num_hidden_layers)
-    return load_model(folder, dtype="float32", mtp=True)
+def v3_with_mtp(v3_mtp):  # noqa: F811 - the imported fixture, by name
+    return load_model(v3_mtp, dtype="float32", mtp=True)
 
 
 @pytest.mark.parametrize("T", [1, 3])
