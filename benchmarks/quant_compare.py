@@ -93,7 +93,7 @@ def main() -> None:
             if s != "none":
                 quantize_model(models[s], scheme_of(s), 32)
             if s.endswith("+head"):
-                quantize_head(models[s])
+                quantize_head(models[s], with_int4=scheme_of(s) == "int4")
             if s in ("int8-pack", "int8-dynamic", "int8-mixed"):
                 use_int8_kernel(models[s], s.split("-")[1])
         if not a.no_hf:

@@ -341,3 +341,21 @@ def test_the_package_options_and_key_follow_the_cpu_class(monkeypatch):
             assert options["cpp.threads"] == 1 and "post_grad_custom_post_pass" not in options
         assert options["aot_inductor.package_constants_in_so"] is False
     assert keys[0] != keys[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the intmm kernel is oneDNN's")
+def test_the_int8_head_on_8_bit_rows_compiles_into_the_step(tmp_path, fresh_cache):
+    """The int8 head's "intmm" kernel (torch._int_mm) exports, unlike fbgemm's: an int4 model with that head gets
+    the compiled step, whose tokens are the eager step's, and each step keeps oneDNN on (the kernel needs it)."""
+    from r1cli.loader import load_model
+    from r1cli.quant_formats import Int8Weight, uses_onednn
+
+    write_checkpoint(llama_config(num_hidden_layers=1), tmp_path / "llama")
+    model = load_model(tmp_path / "llama", dtype="float32", quant="int4", cache=False, quant_head=True)
+    qw = model.lm_head.qweight
+    model.lm_head.qweight = Int8Weight(qw.q, qw.scale, "intmm")  # (whatever this CPU's head_int8_kernel is)
+    assert uses_onednn(model) and aot_step.not_exportable(model) is None
+    want = list(Decoder(model, max_len=64, decode_mode="eager").generate(PROMPT, PARAMS))
+    gen = Decoder(model, max_len=64, decode_mode="compile")
+    assert list(gen.generate(PROMPT, PARAMS)) == want and gen._step.compiled

@@ -46,6 +46,19 @@ def test_one_token_steps_skip_onednn_only_where_that_was_measured_faster(models,
     assert len(tokens) == 5 and torch._C._get_mkldnn_enabled()
     assert seen[0] == (6, True)  # the prompt
     assert seen[1:] == [(1, not wants_avx512)] * 4  # each fed token
+    # a model whose own kernels are oneDNN's (an int8 head on 8-bit rows) keeps it on at every step
+    from r1cli.quant_formats import uses_onednn
+
+    monkeypatch.setattr("r1cli.generate.uses_onednn", lambda m: True)
+    seen.clear()
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(torch._C._get_mkldnn_enabled()), with_kwargs=True)
+    try:
+        list(Decoder(model, max_len=64, decode_mode="eager").generate([3, 14, 15], SamplingParams(
+            temperature=0, max_tokens=3, repeat_guard=False)))
+    finally:
+        hook.remove()
+    assert seen == [True] * 3 and not uses_onednn(model)
 
 
 @pytest.mark.parametrize("name,mode", [("qwen2", "static"), ("v3", "static"), ("v2", "static")])

@@ -144,12 +144,14 @@ def test_the_int8_kernel_is_chosen_by_features_and_quality():
 @pytest.mark.skipif(not qf.cpu_has_vnni(), reason="fbgemm without VNNI saturates 16-bit pair sums: not used there")
 @pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (2048, 1536)])
 @pytest.mark.parametrize("kind", ["normal", "outlier", "positive"])
-def test_int8_dynamic_kernel_within_the_activation_rounding_bound(n, k, kind):
-    """Against the float product of the very same codes: only the activation's 8-bit rounding may differ."""
+@pytest.mark.parametrize("kernel", ["dynamic", "intmm"])
+def test_int8_activation_kernels_within_the_activation_rounding_bound(n, k, kind, kernel):
+    """Against the float product of the very same codes: only the activation's 8-bit rounding may differ (fbgemm's
+    dynamic kernel, and oneDNN's integer matmul that the int8 head takes)."""
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * 0.05
     codes, scale = qf.quantize_int8(w)
-    dyn, pack = qf.Int8Weight(codes, scale, "dynamic"), qf.Int8Weight(codes, scale, "pack")
+    dyn, pack = qf.Int8Weight(codes, scale, kernel), qf.Int8Weight(codes, scale, "pack")
     assert torch.equal(dyn.q, codes) and dyn.shape == codes.shape
     reference_w = codes.float() * scale[:, None]
     x = torch.randn(1, k, generator=g)
@@ -421,6 +423,22 @@ def test_kl_against_bf16_on_smollm2_with_the_mixed_int8_kernels(smollm2_dir, smo
     kl = decoded_kl(smollm2_dir, model, smol_logits)
     print(f"\nSmolLM2-135M int8, decoded token by token, mixed kernels (grouped down): mean KL vs bf16 {kl:.5f}")
     assert 0 < kl < 0.01, kl
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(qf.head_int8_kernel() != "intmm", reason="the int8 head multiplies 8-bit rows on VNNI CPUs only")
+def test_kl_against_bf16_on_smollm2_with_the_head_on_8_bit_rows(smollm2_dir, smol_logits):
+    """--quant int4's default int8 head on a VNNI CPU rounds each decoded row to 8 bits (torch._int_mm): decoded
+    token by token it stays within int4's bar, and the rounding adds less than the int8 bar (what int8 weights may
+    cost) to the same model with the packed head (bf16 rows)."""
+    model = load_model(smollm2_dir, dtype="bfloat16", quant="int4", cache=False, quant_head=True)
+    assert model.lm_head.qweight.kernel == "intmm" and qf.uses_onednn(model)
+    kl = decoded_kl(smollm2_dir, model, smol_logits)
+    assert qf.use_int8_kernel(model, "pack") == 1 and not qf.uses_onednn(model)
+    kl_pack = decoded_kl(smollm2_dir, model, smol_logits)
+    print(f"\nSmolLM2-135M int4 g32, decoded token by token: mean KL vs bf16 with the head on 8-bit rows {kl:.5f}, "
+          f"on bf16 rows {kl_pack:.5f}")
+    assert 0 < kl < 0.05 and 0 < kl - kl_pack < 0.01, (kl, kl_pack)
 
 
 @pytest.mark.slow

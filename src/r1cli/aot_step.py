@@ -67,7 +67,8 @@ def code_version() -> str:
     built from other code is never loaded, so an edit to the model code cannot run stale compiled math."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted([*here.glob("models/*.py"), here / "quant.py", here / "config.py", Path(__file__)]):
+    for path in sorted([*here.glob("models/*.py"), here / "quant.py", here / "quant_formats.py", here / "config.py",
+                        Path(__file__)]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]  # each notice once per process
 
@@ -91,7 +92,7 @@ def not_exportable(model: CausalLM) -> str | None:
     from .quant_formats import Int8Weight
 
     for module in model.modules():
-        if isinstance(module, Int8Weight) and module.kernel != "pack":
+        if isinstance(module, Int8Weight) and module.kernel not in ("pack", "intmm"):
             return f"int8 weights on the {module.kernel} kernel"
     return None
 

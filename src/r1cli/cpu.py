@@ -205,10 +205,11 @@ ONE_ROW_MATMUL_WITHOUT_ONEDNN = ("avx512-bf16",)
 
 
 @contextlib.contextmanager
-def one_token_step(f: CpuFeatures | None = None) -> Iterator[None]:
+def one_token_step(keep_onednn: bool = False, f: CpuFeatures | None = None) -> Iterator[None]:
     """The context of one decode step on this CPU: oneDNN off for its duration where ONE_ROW_MATMUL_WITHOUT_ONEDNN
-    says so (a process-wide switch, flipped around the step only), else nothing."""
-    if (f or features()).cpu_class not in ONE_ROW_MATMUL_WITHOUT_ONEDNN:
+    says so (a process-wide switch, flipped around the step only), else nothing. keep_onednn: the model's own
+    kernels need it (quant_formats.uses_onednn)."""
+    if keep_onednn or (f or features()).cpu_class not in ONE_ROW_MATMUL_WITHOUT_ONEDNN:
         yield
         return
     was = torch._C._get_mkldnn_enabled()

@@ -13,6 +13,7 @@ import torch
 from . import compile_cache
 from .cpu import compiled_cpu_default, one_token_step
 from .models import Cache, CausalLM
+from .quant_formats import uses_onednn
 from .sampling import SamplingParams
 
 
@@ -207,6 +208,7 @@ class Decoder(Turns):
         self.model = model
         device = model.model.embed_tokens.weight.device
         self.device = device
+        self.uses_onednn = uses_onednn(model)
         self.shard = getattr(model, "shard", None)
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         # Copy sampled ids to the host every few steps on accelerators, so the GPU runs ahead of Python. Tensor
@@ -257,7 +259,7 @@ class Decoder(Turns):
     def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [1, vocab] for one token at slot `pos`."""
         if self.device.type == "cpu":
-            with one_token_step():  # (the CPU's fastest kernels for one row: cpu.py)
+            with one_token_step(self.uses_onednn):  # (the CPU's fastest kernels for one row: cpu.py)
                 return self._decode_step(token, pos)
         return self._decode_step(token, pos)
 

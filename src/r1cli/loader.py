@@ -107,7 +107,7 @@ class Checkpoint:
         if quant_head:
             from .quant import quantize_head
 
-            quantize_head(model)
+            quantize_head(model, with_int4=quant == "int4")
         model = model.fuse_projections() if fuse else model
         if quant == "int8" or quant_head:  # which int8 layers take the dynamic kernel, by name (quant_formats)
             from .quant_formats import place_int8_kernels

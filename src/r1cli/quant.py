@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import R1Error
 from .options import GROUP_SIZES, check_scheme  # noqa: F401  (the schemes and their check live with the options)
-from .quant_formats import Int4Weight, Int8Weight, int4_export, quantize_int4, quantize_int8
+from .quant_formats import Int4Weight, Int8Weight, head_int8_kernel, int4_export, quantize_int4, quantize_int8
 
 # Linear layers left in full precision by name (see the module docstring; sizes.bytes_per_param counts by it too).
 FULL_PRECISION_LINEARS = ("kv_b_proj",)
@@ -296,11 +296,12 @@ def read_cache(path: Path, meta: dict, notices: list[str] | None = None) -> dict
         return None
 
 
-def quantize_head(model: nn.Module) -> None:
+def quantize_head(model: nn.Module, with_int4: bool = False) -> None:
     """--quant-head: the output head as int8 (one scale per vocabulary row), multiplied by the int8 kernel. Decode
     reads the head every token, and it is large for the R1 distills (151936 x 1536 in the 1.5B: with int4 layers,
     over a third of the bytes read per token). A tied embedding keeps its own dtype for lookups; the head becomes a
-    separate int8 copy."""
+    separate int8 copy. with_int4 (the model's layers are int4): the head takes head_int8_kernel(), whose 8-bit
+    rows stay within int4's quality bar but not always within int8's, so int8 models keep the packed kernel."""
     from .models.layers import Linear
 
     head = model.lm_head
@@ -311,7 +312,9 @@ def quantize_head(model: nn.Module) -> None:
     weight = head.weight.detach()
     with torch.device("meta"):
         quantized = Linear(weight.shape[1], weight.shape[0])
-    quantized.quantize(Int8Weight.from_float(weight))
+    q, scale = quantize_int8(weight)
+    kernel = head_int8_kernel() if with_int4 and weight.device.type == "cpu" else "pack"
+    quantized.quantize(Int8Weight(q, scale, kernel))
     model.lm_head = quantized
 
 

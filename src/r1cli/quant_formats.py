@@ -166,6 +166,21 @@ DYNAMIC_INT8_KEEPS_QUALITY = False
 MIXED_MIN_WEIGHTS_WHEN_COMPILED = 1_000_000_000
 
 
+def head_int8_kernel() -> str:
+    """The kernel of an int8 output head (--quant int4's default head, quant.quantize_head): "intmm" where the CPU
+    multiplies 8-bit integers (VNNI) and this torch has oneDNN, which reads a one-row head faster than the packed
+    kernel there (docs/performance.md) and, unlike fbgemm's, compiles into the CPU decode step; else "pack"."""
+    from .cpu import features
+
+    return "intmm" if features().vnni and torch.backends.mkldnn.is_available() else "pack"
+
+
+def uses_onednn(model: nn.Module) -> bool:
+    """Does the model multiply with oneDNN at decode (int8 weights on the "intmm" kernel)? Then a decode step must
+    keep oneDNN on (cpu.one_token_step)."""
+    return any(isinstance(m, Int8Weight) and m.kernel == "intmm" for m in model.modules())
+
+
 def choose_int8_kernel(has_vnni: bool) -> str:
     """The policy a process uses: the fastest one that keeps the quality bar."""
     fastest = fastest_int8_kernel(has_vnni)
@@ -238,7 +253,9 @@ class Int8Weight(QuantWeight):
     kernel "dynamic" (2-D weights on a CPU) keeps only fbgemm's packed copies of it, one per column group (`groups`
     slices of K, each row slice of the activation quantized with its own 8-bit scale, the products summed), and `q`
     unpacks on demand. A new weight takes "dynamic" under the all-dynamic policy, else "pack" ("mixed" places the
-    dynamic kernel afterwards, by layer name: place_int8_kernels)."""
+    dynamic kernel afterwards, by layer name: place_int8_kernels). Kernel "intmm" (the int8 output head's, where
+    HEAD_INT8_KERNEL says so) keeps q as "pack" does and multiplies one row as 8-bit integers (`torch._int_mm`, oneDNN:
+    an op torch.export takes, unlike fbgemm's), several rows as "pack"."""
 
     scheme = "int8"
 
@@ -311,6 +328,8 @@ class Int8Weight(QuantWeight):
                 return y if bias is None else y + bias
             # several rows would share one activation scale: the float kernels below
             q, s = self.q, self.scale
+        elif self.kernel == "intmm" and rows == 1 and index is None:
+            return self._int_mm_row(x, bias)
         else:
             q, s = (self._q, self.scale) if index is None else (self._q[index], self.scale[index])
         if x.device.type == "cpu" and q.dim() == 2:
@@ -323,6 +342,14 @@ class Int8Weight(QuantWeight):
                 y = F.linear(x.float(), q.float() * s.unsqueeze(-1)).to(x.dtype)
         else:  # dequant-in-matmul: one fused expression torch.compile turns into one kernel
             y = F.linear(x, q.to(x.dtype)) * s.to(x.dtype)
+        return y if bias is None else y + bias
+
+    def _int_mm_row(self, x, bias):
+        """One activation row rounded to 8 bits with its own scale, times the int8 codes in integer arithmetic."""
+        x1 = x.reshape(1, -1).float()
+        x_scale = x1.abs().amax().clamp(min=1e-12) / 127
+        xq = (x1 / x_scale).round().to(torch.int8)
+        y = (torch._int_mm(xq, self._q.t()).float() * (x_scale * self.scale)).view(*x.shape[:-1], -1).to(x.dtype)
         return y if bias is None else y + bias
 
     def export(self) -> dict[str, torch.Tensor]:
@@ -443,6 +470,8 @@ def use_int8_kernel(model: nn.Module, kernel: str, grouped_min_k: int | None = N
         qw = getattr(module, "qweight", None)
         if not isinstance(qw, Int8Weight) or len(qw.shape) != 2 or qw.scale.device.type != "cpu":
             continue
+        if kernel == "mixed" and qw.kernel == "intmm":
+            continue  # the head's own kernel (head_int8_kernel), placed when it was quantized
         if kernel == "mixed":
             want, groups = mixed_kernel_for(name, qw.shape[1], min_k)
         else:

@@ -32,6 +32,7 @@ import torch
 from .cpu import one_token_step
 from .generate import STOP, Decoder, GenerationStats, SamplingParams, Turns, common_prefix, draw, sampling_probs
 from .models import CausalLM
+from .quant_formats import uses_onednn
 
 MAX_DRAFT = 8  # most tokens proposed per step (MLA's absorbed decode form covers up to 16 new tokens)
 STATIC_MODES = ("static", "graph", "compile")  # a target Decoder's modes whose verify takes the fixed-shape step
@@ -118,7 +119,7 @@ class ModelDraft:
                 decide=None) -> tuple[list[int], torch.Tensor | None]:
         logits = self._forward(torch.tensor([tokens[self.n:]], device=self.device), self.n)
         self.n = len(tokens)
-        with one_token_step() if self.device.type == "cpu" else contextlib.nullcontext():  # one token per step
+        with one_token_step(uses_onednn(self.model)) if self.device.type == "cpu" else contextlib.nullcontext():
             return _draft_tokens(logits, k, params, generator,
                                  lambda token, j: self._forward(token.view(1, 1), self.n + j), decide)
 
