@@ -63,12 +63,13 @@ atexit.register(finish_builds)
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of the sources the step is traced from (the models, the quantized weights, this file): a package
-    built from other code is never loaded, so an edit to the model code cannot run stale compiled math."""
+    """A hash of the sources the step is traced and compiled from (the models, the quantized weights, the one-row
+    matmul pass, this file): a package built from other code is never loaded, so an edit to the model code cannot
+    run stale compiled math."""
     here = Path(__file__).parent
     h = hashlib.sha256()
     for path in sorted([*here.glob("models/*.py"), here / "quant.py", here / "quant_formats.py", here / "config.py",
-                        Path(__file__)]):
+                        here / "gemv_pass.py", Path(__file__)]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]  # each notice once per process
 

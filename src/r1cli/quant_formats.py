@@ -254,7 +254,7 @@ class Int8Weight(QuantWeight):
     slices of K, each row slice of the activation quantized with its own 8-bit scale, the products summed), and `q`
     unpacks on demand. A new weight takes "dynamic" under the all-dynamic policy, else "pack" ("mixed" places the
     dynamic kernel afterwards, by layer name: place_int8_kernels). Kernel "intmm" (the int8 output head's, where
-    HEAD_INT8_KERNEL says so) keeps q as "pack" does and multiplies one row as 8-bit integers (`torch._int_mm`, oneDNN:
+    head_int8_kernel() says so) keeps q as "pack" does and multiplies one row as 8-bit integers (`torch._int_mm`, oneDNN:
     an op torch.export takes, unlike fbgemm's), several rows as "pack"."""
 
     scheme = "int8"

@@ -83,6 +83,7 @@ class ModelDraft:
         self.n = 0
         self.mode: str | None = None  # a StaticDecoder mode for the short steps (use_static), else eager
         self.step = None
+        self.uses_onednn = uses_onednn(model)  # (cpu.one_token_step)
 
     def use_static(self, mode: str) -> None:
         self.mode = mode
@@ -119,7 +120,7 @@ class ModelDraft:
                 decide=None) -> tuple[list[int], torch.Tensor | None]:
         logits = self._forward(torch.tensor([tokens[self.n:]], device=self.device), self.n)
         self.n = len(tokens)
-        with one_token_step(uses_onednn(self.model)) if self.device.type == "cpu" else contextlib.nullcontext():
+        with one_token_step(self.uses_onednn) if self.device.type == "cpu" else contextlib.nullcontext():
             return _draft_tokens(logits, k, params, generator,
                                  lambda token, j: self._forward(token.view(1, 1), self.n + j), decide)
 
