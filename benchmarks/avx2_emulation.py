@@ -57,15 +57,15 @@ def active() -> bool:
     return os.environ.get(MARKER) == "1"
 
 
-def enter(lib: Path = DEFAULT_LIB) -> None:
+def enter(lib: Path | None = DEFAULT_LIB) -> None:
     """Re-execute this process (same argv) with the emulation's environment (building llama.cpp for AVX2 first when
-    `lib` has no build); returns only when already in it."""
+    `lib` has no build; lib None: torch alone, no llama.cpp); returns only when already in it."""
     if active():
         return
-    if not all((lib / name).exists() for name in LIBS):
+    if lib is not None and not all((lib / name).exists() for name in LIBS):
         print(f"building llama.cpp for AVX2 only into {lib} (once)", file=sys.stderr, flush=True)
         build(lib, Path(tempfile.gettempdir()) / "avx2emu-src")
-    env = {**os.environ, **ENV, MARKER: "1", "LLAMA_CPP_LIB_PATH": str(lib)}
+    env = {**os.environ, **ENV, MARKER: "1", **({} if lib is None else {"LLAMA_CPP_LIB_PATH": str(lib)})}
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 

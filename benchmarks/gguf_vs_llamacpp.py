@@ -1,5 +1,6 @@
 """GGUF files side by side with llama.cpp (llama-cpp-python) on the same file: load seconds and decode tokens/s
-of r1 (dequantized to bfloat16, and as `--quant int4` opens it) against llama.cpp's own, for each file given.
+of r1 in each of --formats (bf16: dequantized; int4, int8: as `--quant` opens the file) against llama.cpp's own,
+for each file given.
 Runs alternate r1 and llama.cpp turn by turn in one process, best of --rounds, on --threads threads; r1 decodes
 with its CPU default step, compiled for this machine (waited for on the first run, loaded from the package later).
 
@@ -74,6 +75,8 @@ def main() -> None:
                     help="where NAME@TYPE files are written and kept")
     ap.add_argument("--decode-mode", default="compile",
                     help="r1's decode step (compile: the CPU default's compiled step, its build waited for)")
+    ap.add_argument("--formats", default="bf16,int4",
+                    help="r1's weight formats, comma-separated: bf16 (dequantized), int4 and int8 (as `--quant` opens them)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--emulate-avx2", action="store_true",
@@ -86,27 +89,29 @@ def main() -> None:
         avx2_emulation.enter(a.llama_lib)
     set_threads(a.threads)
     print(avx2_emulation.isa_line())
-    print(f"file | MB on disk | r1 load s | r1 bf16 tok/s | r1 int4 tok/s | llama.cpp tok/s (best of {a.rounds}, "
-          f"{a.tokens} tokens, {a.threads} threads)")
+    formats = a.formats.split(",")
+    print("file | MB on disk | r1 load s | " + " | ".join(f"r1 {f} tok/s" for f in formats) +
+          f" | llama.cpp tok/s (best of {a.rounds}, {a.tokens} tokens, {a.threads} threads)")
     for path in [make_file(spec, a.workdir) for spec in a.files]:
         t = time.perf_counter()
-        model, tok = load(path, dtype="bfloat16")
+        bf16, tok = load(path, dtype="bfloat16")
         load_s = time.perf_counter() - t
-        int4, _ = load(path, dtype="bfloat16", quant="int4")  # as `--quant int4` opens it: with an int8 head
+        # the others as `--quant` opens them (int4 with its int8 head)
+        models = {f: bf16 if f == "bf16" else load(path, dtype="bfloat16", quant=f)[0] for f in formats}
+        del bf16
         llm = llama_cpp.Llama(path, n_ctx=512, n_threads=a.threads, verbose=False)
         prompt = tok.encode("The capital of France is")
-        gens = {k: Decoder(m, max_len=len(prompt) + a.tokens + 8, decode_mode=a.decode_mode)
-                for k, m in (("bf16", model), ("int4", int4))}
+        gens = {f: Decoder(m, max_len=len(prompt) + a.tokens + 8, decode_mode=a.decode_mode) for f, m in models.items()}
         for gen in gens.values():  # the compiled step built (first run on this machine) or loaded, untimed
             decode_rate(gen, 4, prompt, turns=1)
-        best = {"bf16": 0.0, "int4": 0.0, "llama.cpp": 0.0}
+        best = {k: 0.0 for k in [*formats, "llama.cpp"]}
         for _ in range(a.rounds):
-            best["bf16"] = max(best["bf16"], decode_rate(gens["bf16"], a.tokens, prompt, turns=1))
+            for f in formats:
+                best[f] = max(best[f], decode_rate(gens[f], a.tokens, prompt, turns=1))
             best["llama.cpp"] = max(best["llama.cpp"], llama_decode(llm, prompt, a.tokens))
-            best["int4"] = max(best["int4"], decode_rate(gens["int4"], a.tokens, prompt, turns=1))
-        print(f"{Path(path).name} | {Path(path).stat().st_size / 1e6:.0f} | {load_s:.2f} | {best['bf16']:.1f} | "
-              f"{best['int4']:.1f} | {best['llama.cpp']:.1f}", flush=True)
-        del model, int4, llm, gens
+        print(f"{Path(path).name} | {Path(path).stat().st_size / 1e6:.0f} | {load_s:.2f} | "
+              + " | ".join(f"{best[f]:.1f}" for f in formats) + f" | {best['llama.cpp']:.1f}", flush=True)
+        del models, llm, gens
 
 
 if __name__ == "__main__":

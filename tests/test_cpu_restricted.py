@@ -67,3 +67,26 @@ def test_the_avx2_emulation_environment_makes_r1_choose_as_on_an_avx2_cpu():
     assert got["torch"] == got["cap"] == "AVX2" and got["onednn_bf16"] is False
     # and r1 chooses as for an AVX2 CPU: float32 KV cache and prompt upcast (no bf16 math), the packed int8 kernel
     assert got["class"] == "avx2" and got["kv"] == "torch.float32" and got["upcast"] == 32 and got["int8"] == "pack"
+
+
+@pytest.mark.skipif(not X86 or not torch.cpu._is_avx2_supported() or
+                    "fbgemm" not in torch.backends.quantized.supported_engines, reason="fbgemm's AVX2 kernel")
+def test_the_dynamic_int8_kernel_does_not_saturate_without_vnni():
+    """fbgemm without VNNI (its AVX2 kernel, forced here as benchmarks/avx2_emulation.py does) sums pairs of 8-bit
+    products in 16 bits, which saturate: an all-ones row times codes of 127 gives half the product with 8-bit
+    activations. R1_INT8_KERNEL=dynamic (or "mixed") there must round activations to 7 bits and stay exact."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from avx2_emulation import ENV
+
+    probe = ("import json, torch; from r1cli.quant_formats import Int8Weight, dynamic_reduce_range\n"
+             "q, s = torch.full((64, 256), 127, dtype=torch.int8), torch.full((64,), 0.01)\n"
+             "x, w = torch.ones(1, 256), Int8Weight(q, s, 'dynamic')\n"
+             "want = x @ (q.float() * s[:, None]).T\n"
+             "def err(y): return float(((y - want).abs().max() / want.abs().max()))\n"
+             "eight_bit = torch.ops.quantized.linear_dynamic(x, w._packed[0], False)\n"
+             "print(json.dumps({'rr': dynamic_reduce_range(), 'err': err(w.matmul(x)), 'err8': err(eight_bit)}))")
+    out = subprocess.run([sys.executable, "-c", probe], env=r1_env(**ENV), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    got = json.loads(out)
+    assert got["err8"] > 0.3  # the saturation the test guards against (fbgemm's AVX2 path is in use)
+    assert got["rr"] is True and got["err"] < 0.01, got

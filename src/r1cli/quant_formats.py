@@ -25,6 +25,7 @@ dynamic kernel only where its rounding costs little quality and it is faster: pl
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -137,7 +138,8 @@ def fastest_int8_kernel(has_vnni: bool) -> str:
     """The int8 one-row kernel to use on a CPU with (or without) integer dot products for 8-bit activations
     (AVX512-VNNI / AVX-VNNI): fbgemm's dynamic int8 linear with them (faster than the packed kernel at the
     R1-Distill-Qwen-1.5B shapes on an AVX512-VNNI CPU, docs/performance.md); else the packed kernel (fbgemm's
-    AVX2 path saturates 16-bit pair sums)."""
+    AVX2 path saturates 16-bit pair sums unless activations take 7 bits, which miss the int8 bar:
+    docs/quantization.md)."""
     return "dynamic" if has_vnni else "pack"
 
 
@@ -236,6 +238,14 @@ def mixed_kernel_for(name: str, k: int, grouped_min_k: int = DOWN_GROUPED_MIN_K)
     return "pack", 1
 
 
+@functools.lru_cache(maxsize=1)
+def dynamic_reduce_range() -> bool:
+    """Does fbgemm's dynamic kernel round activations to 7 bits here? Without VNNI its kernel multiplies 8-bit pairs
+    into 16-bit sums that saturate (AVX2's vpmaddubsw: 255 x 127 x 2 overflows), which made SmolLM2 decode garbage
+    under AVX2 (docs/quantization.md); 7-bit activations cannot overflow them. VNNI sums into 32 bits: 8 bits."""
+    return not cpu_has_vnni()
+
+
 def _fbgemm_prepack(q: torch.Tensor, scale: torch.Tensor):
     """fbgemm's packed form of int8 codes q [N, K] with per-row scales (zero points 0): its own copy of the codes,
     laid out for its integer kernel. (torch marks the quantized-tensor API deprecated and warns: hence the filter.)"""
@@ -318,12 +328,13 @@ class Int8Weight(QuantWeight):
         if self._packed is not None:
             if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own (or its group's)
                 x1 = x.reshape(1, -1).float()
+                rr = dynamic_reduce_range()
                 if len(self._packed) == 1:
-                    y = torch.ops.quantized.linear_dynamic(x1, self._packed[0], False)
+                    y = torch.ops.quantized.linear_dynamic(x1, self._packed[0], rr)
                 else:
-                    y = torch.ops.quantized.linear_dynamic(x1[:, self._slices[0]].contiguous(), self._packed[0], False)
+                    y = torch.ops.quantized.linear_dynamic(x1[:, self._slices[0]].contiguous(), self._packed[0], rr)
                     for cols, packed in zip(self._slices[1:], self._packed[1:]):
-                        y += torch.ops.quantized.linear_dynamic(x1[:, cols].contiguous(), packed, False)
+                        y += torch.ops.quantized.linear_dynamic(x1[:, cols].contiguous(), packed, rr)
                 y = y.view(*x.shape[:-1], -1).to(x.dtype)
                 return y if bias is None else y + bias
             # several rows would share one activation scale: the float kernels below
