@@ -149,6 +149,46 @@ def test_a_package_that_computes_something_else_is_dropped_at_its_first_token(ti
     assert "differ from the eager step's" in next(fresh_cache.glob("*.failed")).read_text()
 
 
+def noisy_load(errors: list[float], calls: list[int]):
+    """A stand-in package: the eager step's logits off by the next relative L2 error in `errors` (the last one
+    repeated), as bf16 rounding in fused kernels makes them differ."""
+    def load(path, step):
+        cache = aot_step.Cache([tuple(getattr(step, f"kv_{i}_{j}") for j in range(step.width))
+                                for i in range(step.n_layers)], step.max_len, step.slot_dim)
+
+        def runner(token, slot, span):
+            calls.append(int(slot))
+            exact = step.model(token, start_pos=int(slot), cache=cache, last_only=True)[:, -1].float()
+            noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(len(calls)))
+            return exact + noise / noise.norm() * exact.norm() * errors[min(len(calls), len(errors)) - 1]
+
+        return runner, {}
+
+    return load
+
+
+@pytest.mark.parametrize("errors, kept, checked", [
+    ([0.01], True, 1),  # the usual first token: passes at once
+    ([0.08, 0.02, 0.03, 0.02], True, 4),  # a first token in bf16's tail (measured up to 0.15): the mean of 4 passes
+    ([0.12], False, 4),  # every token off a little (two layers' weights swapped gave 0.14-0.25): dropped
+    ([0.2], False, 2),  # dropped as soon as the mean of four can no longer pass
+])
+def test_the_first_tokens_check_tells_rounding_from_a_wrong_package(tiny_model, fresh_cache, monkeypatch, capsys,
+                                                                   errors, kept, checked):
+    want = list(Decoder(tiny_model, max_len=64, decode_mode="eager").generate(PROMPT, PARAMS))
+    calls = []
+    monkeypatch.setattr(compile_cache, "package", lambda key: fresh_cache / "some.pt2")
+    monkeypatch.setattr(aot_step, "load", noisy_load(errors, calls))
+    gen = Decoder(tiny_model, max_len=64, decode_mode="auto")
+    out = list(gen.generate(PROMPT, PARAMS))
+    assert gen._step.compiled == kept and gen._step.check_errors == pytest.approx(
+        (errors + errors[-1:] * checked)[:checked], rel=1e-3)
+    if kept:  # every token after the check from the package
+        assert len(calls) == PARAMS.max_tokens - 1
+    else:
+        assert out == want and len(calls) == checked and "did not compile" in capsys.readouterr().err
+
+
 def test_auto_compiles_on_a_cpu_unless_told_not_to(tiny_model, monkeypatch):
     monkeypatch.delenv("R1_COMPILE", raising=False)
     assert Decoder(tiny_model, max_len=64).decode_mode == "aot"

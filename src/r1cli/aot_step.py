@@ -31,9 +31,14 @@ from torch import nn
 from . import compile_cache
 from .models import Cache, CausalLM
 
-# The compiled step's first logits against the eager step's: a relative L2 difference above this is a wrong step
-# (bf16 rounding in fused kernels stays far below it; a wrong weight or constant is of order 1).
+# The compiled step's logits against the eager step's (relative L2) at its first tokens: a package that computes
+# something else (a constant fed wrongly: of order 1) is dropped. bf16 rounding differs between fused and unfused
+# kernels, mostly by a few hundredths but at some positions by over a tenth (benchmarks/compiled_vs_eager.py,
+# docs/performance.md), so one token over CHECK_TOLERANCE is not proof: then the mean over the first CHECK_TOKENS
+# must stay within CHECK_MEAN_TOLERANCE (rounding averages out; a wrong constant does not).
 CHECK_TOLERANCE = 0.05
+CHECK_TOKENS = 4
+CHECK_MEAN_TOLERANCE = 0.1
 
 # Bumped whenever what goes into a package changes (the step's code, the compile options): older packages are
 # then never loaded.
@@ -196,7 +201,8 @@ class AotDecoder:
         self.runner = None
         self.bound: dict[str, torch.Tensor] = {}  # what the runner reads by reference
         self.load_s: float | None = None  # seconds to load the package (benchmarks)
-        self.checked = False  # the compiled step was compared with the eager one (at its first token)
+        self.checked = False  # the compiled step was compared with the eager one (at its first tokens)
+        self.check_errors: list[float] = []
         self.spans: dict[int, torch.Tensor] = {}
         self.slot = torch.zeros(1, dtype=torch.long)
         self.build: threading.Thread | None = None
@@ -279,14 +285,17 @@ class AotDecoder:
         self.slot.fill_(pos)
         if self.checked:
             return self.runner(token, self.slot, span)
-        # The first compiled token is checked against the eager step's: a package that computes something else (a
-        # constant fed wrongly) is dropped, never used. Eager runs second, so the cache slot both write holds its
-        # keys and values whatever the package wrote.
+        # The first compiled tokens are checked against the eager step's (CHECK_TOLERANCE): a package that computes
+        # something else is dropped, never used. Eager runs second, so the cache slot both write holds its keys and
+        # values whatever the package wrote.
         got = self.runner(token, self.slot, span).clone()
         want = self.model(token, start_pos=pos, cache=self.cache, last_only=True)[:, -1]
-        self.checked = True
-        error = float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-6))
-        if not error < CHECK_TOLERANCE:
+        self.check_errors.append(float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-6)))
+        total, budget = sum(self.check_errors), CHECK_MEAN_TOLERANCE * CHECK_TOKENS
+        if self.check_errors[0] < CHECK_TOLERANCE or len(self.check_errors) == CHECK_TOKENS and total < budget:
+            self.checked = True
+        elif len(self.check_errors) == CHECK_TOKENS or not total < budget:  # (the mean can no longer pass)
             self.runner, self.bound = None, {}
-            self._give_up(ValueError(f"the compiled step's logits differ from the eager step's (relative {error:.3g})"))
+            self._give_up(ValueError("the compiled step's logits differ from the eager step's (relative "
+                                     + ", ".join(f"{e:.3g}" for e in self.check_errors) + ")"))
         return want
