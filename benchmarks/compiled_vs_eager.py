@@ -69,8 +69,8 @@ def main() -> None:
     print("format | relative L2 median | max | KL median | max | relative L2 at each position")
     for quant in a.quant.split(","):
         rel, kl = errors(a.model, quant, a.tokens, a.prompt)
-        print(f"{quant} | {statistics.median(rel):.4f} | {max(rel):.4f} | {statistics.median(kl):.5f} | {max(kl):.5f} | "
-              + " ".join(f"{e:.3f}" for e in rel), flush=True)
+        print(f"{quant} | {statistics.median(rel):.4f} | {max(rel):.4f} | {statistics.median(kl):.5f} | "
+              f"{max(kl):.5f} | " + " ".join(f"{e:.3f}" for e in rel), flush=True)
 
 
 if __name__ == "__main__":

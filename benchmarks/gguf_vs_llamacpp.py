@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--decode-mode", default="compile",
                     help="r1's decode step (compile: the CPU default's compiled step, its build waited for)")
     ap.add_argument("--formats", default="bf16,int4",
-                    help="r1's weight formats, comma-separated: bf16 (dequantized), int4 and int8 (as `--quant` opens them)")
+                    help="r1's weight formats, comma-separated: bf16 (dequantized), int4 and int8 (as `--quant` "
+                         "opens them)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--emulate-avx2", action="store_true",

@@ -328,13 +328,14 @@ class Int8Weight(QuantWeight):
         if self._packed is not None:
             if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own (or its group's)
                 x1 = x.reshape(1, -1).float()
-                rr = dynamic_reduce_range()
+                seven_bit = dynamic_reduce_range()
                 if len(self._packed) == 1:
-                    y = torch.ops.quantized.linear_dynamic(x1, self._packed[0], rr)
+                    y = torch.ops.quantized.linear_dynamic(x1, self._packed[0], seven_bit)
                 else:
-                    y = torch.ops.quantized.linear_dynamic(x1[:, self._slices[0]].contiguous(), self._packed[0], rr)
+                    first = x1[:, self._slices[0]].contiguous()
+                    y = torch.ops.quantized.linear_dynamic(first, self._packed[0], seven_bit)
                     for cols, packed in zip(self._slices[1:], self._packed[1:]):
-                        y += torch.ops.quantized.linear_dynamic(x1[:, cols].contiguous(), packed, rr)
+                        y += torch.ops.quantized.linear_dynamic(x1[:, cols].contiguous(), packed, seven_bit)
                 y = y.view(*x.shape[:-1], -1).to(x.dtype)
                 return y if bias is None else y + bias
             # several rows would share one activation scale: the float kernels below
