@@ -18,6 +18,17 @@ from r1cli import cpu
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
+def under_avx2_emulation(probe: str) -> dict:
+    """What a Python snippet prints (one JSON line), run in a process with the AVX2 emulation's environment
+    (benchmarks/avx2_emulation.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from avx2_emulation import ENV
+
+    out = subprocess.run([sys.executable, "-c", probe], env=r1_env(**ENV), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out)
+
+
 @pytest.fixture
 def fresh_features():
     cpu.features.cache_clear()
@@ -50,17 +61,12 @@ def test_aten_capability_caps_the_features_r1_chooses_by(monkeypatch, fresh_feat
 @pytest.mark.slow
 @pytest.mark.skipif(not X86, reason="ATEN_CPU_CAPABILITY's x86 levels")
 def test_the_avx2_emulation_environment_makes_r1_choose_as_on_an_avx2_cpu():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from avx2_emulation import ENV
-
     probe = ("import json, torch; from r1cli import cpu; from r1cli.quant_formats import cpu_has_vnni, "
              "choose_int8_kernel; f = cpu.features(); print(json.dumps({'torch': torch.backends.cpu.get_cpu_capability(),"
              " 'onednn_bf16': torch.ops.mkldnn._is_mkldnn_bf16_supported(), 'class': f.cpu_class, 'cap': f.capability,"
              " 'kv': str(cpu.kv_cache_dtype(torch.bfloat16, 'cpu')), 'int8': choose_int8_kernel(cpu_has_vnni()),"
              " 'upcast': cpu.BF16_UPCAST_ROWS}))")
-    out = subprocess.run([sys.executable, "-c", probe], env=r1_env(**ENV), capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    got = json.loads(out)
+    got = under_avx2_emulation(probe)
     if not torch.cpu._is_avx2_supported():
         pytest.skip("no AVX2 here")
     # torch itself obeys the environment: ATen's kernels at AVX2, oneDNN without bf16 math
@@ -75,9 +81,6 @@ def test_the_dynamic_int8_kernel_does_not_saturate_without_vnni():
     """fbgemm without VNNI (its AVX2 kernel, forced here as benchmarks/avx2_emulation.py does) sums pairs of 8-bit
     products in 16 bits, which saturate: an all-ones row times codes of 127 gives half the product with 8-bit
     activations. R1_INT8_KERNEL=dynamic (or "mixed") there must round activations to 7 bits and stay exact."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from avx2_emulation import ENV
-
     probe = ("import json, torch; from r1cli.quant_formats import Int8Weight, dynamic_reduce_range\n"
              "q, s = torch.full((64, 256), 127, dtype=torch.int8), torch.full((64,), 0.01)\n"
              "x, w = torch.ones(1, 256), Int8Weight(q, s, 'dynamic')\n"
@@ -85,8 +88,6 @@ def test_the_dynamic_int8_kernel_does_not_saturate_without_vnni():
              "def err(y): return float(((y - want).abs().max() / want.abs().max()))\n"
              "eight_bit = torch.ops.quantized.linear_dynamic(x, w._packed[0], False)\n"
              "print(json.dumps({'rr': dynamic_reduce_range(), 'err': err(w.matmul(x)), 'err8': err(eight_bit)}))")
-    out = subprocess.run([sys.executable, "-c", probe], env=r1_env(**ENV), capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    got = json.loads(out)
+    got = under_avx2_emulation(probe)
     assert got["err8"] > 0.3  # the saturation the test guards against (fbgemm's AVX2 path is in use)
     assert got["rr"] is True and got["err"] < 0.01, got
