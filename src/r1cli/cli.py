@@ -99,10 +99,11 @@ _TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = 
 _MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min_p times the top probability.")
 _SEED = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
 _GPUS = typer.Option(None, "--gpus", min=1, help="Split the model over N GPUs of this machine (N processes, as torchrun would start; docs/distributed.md).")
-_QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers (cached beside the model).")
+_QUANT = typer.Option("auto", "--quant", help="auto|none|int8|int4: weight-only quantization of the linear layers (cached beside the model). auto: a quantized GGUF on a CPU stays quantized (the fastest format measured on this CPU that keeps its bits), anything else none.")
 _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128.")
 _QUANT_HEAD = typer.Option(None, "--quant-head/--no-quant-head", help="The output head as int8 too (read every token: a large share of an int4 model's bytes). Default: on with --quant int4, off otherwise.")
 _DRAFT = typer.Option(None, "--draft", help="Speculative decoding with a smaller model of the same tokenizer as the draft, e.g. deepseek-r1:1.5b for :7b (same output, faster decode).")
+_BENCH_QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers.")
 _DRAFT_QUANT = typer.Option("none", "--draft-quant", help="none|int8|int4: the --draft model's weights.")
 _MTP = typer.Option(False, "--mtp", help="Speculative decoding with the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1) as the draft.")
 _DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU; on a CPU the decode step compiled for this machine, built in the background on its first run while eager decodes), eager, static, compile (a CPU's first run waits for that build; torch.compile on a GPU) or graph.")
@@ -504,7 +505,7 @@ def bench(
     compare: str = typer.Option(None, "--compare", help="'hf': race transformers on the same weights."),
     decode_mode: str = typer.Option("auto", "--decode-mode", help="auto|eager|static|compile|graph"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    quant: str = _QUANT, group_size: int = _GROUP, draft: str = _DRAFT, mtp: bool = _MTP,
+    quant: str = _BENCH_QUANT, group_size: int = _GROUP, draft: str = _DRAFT, mtp: bool = _MTP,
 ) -> None:
     """Measure load time, memory, prefill, time to first token, decode speed and bandwidth."""
     from .bench import format_report, run_bench

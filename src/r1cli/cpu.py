@@ -189,6 +189,23 @@ def fastest_format(f: CpuFeatures | None = None) -> dict:
             "order": list(order), "why": why}
 
 
+# The weight formats MEASURED_ORDER names, as --quant schemes, and the bits per weight each keeps.
+FORMAT_SCHEMES = {"int4 g32": ("int4", 4), "int8": ("int8", 8), "bf16": ("none", 16), "float32": ("none", 32)}
+
+
+def auto_scheme(file_bits: int, f: CpuFeatures | None = None) -> tuple[str, str]:
+    """--quant auto for a file whose weights have `file_bits` bits (a GGUF's main type): (scheme, why). The fastest
+    format measured on this CPU class among those that keep at least the file's bits (a 4-bit file: int4 or int8,
+    never below what the file holds); on a class never measured, the smallest such format (closest to the file)."""
+    f = f or features()
+    order = [FORMAT_SCHEMES[name] for name in MEASURED_ORDER.get(f.cpu_class, ((), None))[0]]
+    fits = [(scheme, bits) for scheme, bits in order if bits >= file_bits]
+    if fits:
+        return fits[0][0], f"the fastest format measured on this {f.cpu_class} CPU that keeps the file's {file_bits}-bit weights"
+    fits = sorted((bits, scheme) for scheme, bits in FORMAT_SCHEMES.values() if bits >= file_bits)
+    return fits[0][1], f"the smallest format that keeps the file's {file_bits}-bit weights (no speed measured on this {f.cpu_class} CPU)"
+
+
 # CPU classes where the compiled decode step computes its one-row bf16 matmuls as Inductor reductions
 # (gemv_pass.py) rather than ATen's matmul: measured on an AVX512-BF16 CPU (docs/performance.md). Others were not.
 ONE_ROW_MATMUL_AS_REDUCTION = ("avx512-bf16",)

@@ -156,6 +156,23 @@ class OpenModel:
         return self.stream(prompt, self.sampling(sampling))
 
 
+def resolve_quant(opts: ModelOptions, checkpoint, device: torch.device, shard=None) -> tuple[str, str | None]:
+    """The weight format `opts.quant` means for this checkpoint on this device: (scheme, why, when r1 chose it).
+    auto keeps a quantized GGUF file quantized on a CPU when the dtype is left to r1, in the fastest format measured
+    on this CPU class that holds the file's bits (cpu.auto_scheme; a Q4_K_M file decodes several times faster than
+    dequantized to bf16, in a quarter of the memory); anything else (checkpoints, GPUs, an explicit --dtype, a
+    sharded run) loads as the file holds it, dequantized."""
+    if opts.quant != "auto":
+        return opts.quant, None
+    if checkpoint.gguf is None or device.type != "cpu" or opts.dtype != "auto" or (shard is not None and shard.world > 1):
+        return "none", None
+    from .cpu import auto_scheme
+    from .gguf import nominal_bits
+
+    bits = nominal_bits(checkpoint.gguf)
+    return ("none", None) if bits >= 16 else auto_scheme(bits)
+
+
 def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Callable[[str], None] | None = None,
                shard=None, torch_device: torch.device | None = None) -> OpenModel:
     """The model `opts` names, loaded as it says (ModelOptions, checked when built). `interactive`: offer to
@@ -174,6 +191,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
     args = checkpoint.args
     torch_dtype = pick_dtype(dtype, args, torch_device)
+    quant, quant_why = resolve_quant(opts, checkpoint, torch_device, shard)
     context = min(max_context or default_context(args.max_seq_len, torch_device), args.max_seq_len)
     fp8 = "dequant"
     where = torch_device.type
@@ -199,6 +217,9 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
         if quant != "none":
             dtype_name += f" · {quant}" + (f" g{group_size}" if quant == "int4" else "")
         announce(f"{ref.identity} · {where} {dtype_name} · context {context} tokens")
+        if quant_why:
+            announce(f"r1: weights dequantized: {quant_why}" if quant == "none" else
+                     f"r1: --quant {quant}: {quant_why} (--quant none dequantizes it)")
     quant_head = head_int8(quant, opts.quant_head, sharded=shard is not None and shard.world > 1)
     model = checkpoint.load_model(device=torch_device, dtype=torch_dtype, fp8=fp8, shard=shard, quant=quant,
                                   group_size=group_size, quant_head=quant_head, mtp=opts.mtp)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from gguf import GGMLQuantizationType, TokenType
+from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
 from .config import ModelArgs, RopeArgs, check_args
 from .errors import CheckpointError, UnsupportedArchitectureError
@@ -297,6 +297,19 @@ def tensor_types(f: GGUFFile | GGUFSplit) -> dict[str, dict[str, int]]:
         row["tensors"] += 1
         row["bytes"] += info.nbytes or 0
     return dict(sorted(mix.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+def nominal_bits(f: GGUFFile | GGUFSplit) -> int:
+    """Bits per weight the file was made to keep: its preset (`general.file_type`, as llama.cpp's quantizer writes
+    it: MOSTLY_Q4_K_M 4, MOSTLY_IQ2_XS 2, MOSTLY_Q8_0 8, MOSTLY_F16 16), else the type holding most of its bytes.
+    The preset, not the bytes: a Q4_K_M file of 896-wide rows is mostly Q5_0, still a 4-bit choice (engine's
+    --quant auto)."""
+    try:
+        name = LlamaFileType(int(f.metadata.get("general.file_type"))).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        name = next(iter(tensor_types(f)), "F32")
+    digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
+    return int(digits) if digits else 32
 
 
 # --- blocks -> codes and values ------------------------------------------------------------------------------------

@@ -752,9 +752,9 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
         "architecture": args.architecture,
         "parameters": {"total": total, "activated": activated},
         "context_length": args.max_seq_len,
-        "dtype": f"GGUF {file_type} (dequantized to bfloat16 when loaded)",
+        "dtype": f"GGUF {file_type} ({_gguf_loaded_as(f)})",
         "size_on_disk": f.size,
-        "memory": show_memory(args, ctx, "bfloat16", total),  # as loaded: dequantized to bfloat16
+        "memory": show_memory(args, ctx, "bfloat16", total),  # dequantized to bfloat16 ("quantized": the others)
         "chat_template": isinstance(template, str),
         "sampling": _sampling(ref, lambda: gguf_tokenizer(f)),
         "cpu": cpu_advice(),
@@ -763,6 +763,19 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
                  "parts": len(getattr(f, "parts", [f])), "tensor_types": tensor_types(f),
                  "tokenizer": tokenizer_summary(f)},
     }
+
+
+def _gguf_loaded_as(f) -> str:
+    """How `r1 run` loads the file by default on this CPU (engine.resolve_quant's auto: cpu.auto_scheme)."""
+    from .cpu import auto_scheme
+    from .gguf import nominal_bits
+
+    bits = nominal_bits(f)
+    if bits >= 16:
+        return "dequantized to bfloat16 when loaded"
+    scheme, why = auto_scheme(bits)
+    here = "dequantized to bfloat16" if scheme == "none" else f"kept as --quant {scheme}"
+    return f"r1 run on this CPU: {here}, {why}; dequantized to bfloat16 on a GPU, with --dtype or --quant none"
 
 
 def _sampling(ref: ModelRef, read_tokenizer) -> dict:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 QUANT_SCHEMES = ("none", "int8", "int4")
+# auto (the command line's default): a quantized GGUF file on a CPU, with the dtype left to r1, keeps a quantized
+# format (the fastest measured here that holds the file's bits: cpu.auto_scheme); anything else: none.
+QUANT_CHOICES = ("auto", *QUANT_SCHEMES)
 GROUP_SIZES = (32, 64, 128)
 # auto: a CUDA graph per cache bucket on a GPU; on a CPU the step compiled ahead of time and cached per machine,
 # eager until it is built (aot_step.py; R1_COMPILE=0: eager). compile: on a CPU the same step, waited for; on a GPU
@@ -18,9 +21,9 @@ GROUP_SIZES = (32, 64, 128)
 DECODE_MODES = ("auto", "eager", "static", "compile", "graph")
 
 
-def check_scheme(quant: str, group_size: int, flag: str = "--quant") -> None:
-    if quant not in QUANT_SCHEMES:
-        raise UsageError(f"unknown {flag} '{quant}': use none, int8 or int4")
+def check_scheme(quant: str, group_size: int, flag: str = "--quant", auto: bool = False) -> None:
+    if quant not in (QUANT_CHOICES if auto else QUANT_SCHEMES):
+        raise UsageError(f"unknown {flag} '{quant}': use {'auto, ' if auto else ''}none, int8 or int4")
     if group_size not in GROUP_SIZES:
         raise UsageError(f"unknown --group-size {group_size}: use 32, 64 or 128")
 
@@ -38,7 +41,7 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_context: int | None = None  # None: engine.default_context
-    quant: str = "none"  # weight-only quantization of the linear layers (quant.py)
+    quant: str = "auto"  # weight-only quantization of the linear layers (quant.py); auto: QUANT_CHOICES
     group_size: int = 32  # int4 groups
     quant_head: bool | None = None  # the output head as int8 too; None: with int4 weights (head_int8)
     decode_mode: str = "auto"  # the Decoder's decode step (generate.py)
@@ -47,7 +50,7 @@ class ModelOptions:
     mtp: bool = False  # speculative decoding with the checkpoint's multi-token-prediction layer
 
     def __post_init__(self) -> None:
-        check_scheme(self.quant, self.group_size)
+        check_scheme(self.quant, self.group_size, auto=True)
         check_scheme(self.draft_quant, self.group_size, "--draft-quant")
         if self.decode_mode not in DECODE_MODES:
             raise UsageError(f"unknown --decode-mode '{self.decode_mode}': use {', '.join(DECODE_MODES)}")
