@@ -16,7 +16,6 @@ from r1cli import cpu
 from r1cli.engine import resolve_quant
 from r1cli.gguf import nominal_bits, open_gguf
 from r1cli.loader import Checkpoint
-from r1cli.options import ModelOptions
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamacpp"
 FILES = sorted(p.name for p in FIXTURES.glob("*.gguf"))
@@ -61,11 +60,11 @@ def test_auto_picks_the_fastest_measured_format_that_keeps_the_files_bits(cpu_cl
 def test_auto_leaves_checkpoints_gpus_and_an_explicit_dtype_alone(steered_dir):
     gguf = Checkpoint(FIXTURES / "llama-Q4_K_M.gguf")
     cpu_ = torch.device("cpu")
-    assert resolve_quant(ModelOptions("x"), gguf, cpu_) == cpu.auto_scheme(4)
-    assert resolve_quant(ModelOptions("x", dtype="float32"), gguf, cpu_) == ("none", None)
-    assert resolve_quant(ModelOptions("x", quant="int8"), gguf, cpu_) == ("int8", None)
-    assert resolve_quant(ModelOptions("x"), gguf, torch.device("cuda")) == ("none", None)
-    assert resolve_quant(ModelOptions("x"), Checkpoint(steered_dir), cpu_) == ("none", None)
+    assert resolve_quant("auto", "auto", gguf, cpu_) == cpu.auto_scheme(4)
+    assert resolve_quant("auto", "float32", gguf, cpu_) == ("none", None)
+    assert resolve_quant("int8", "auto", gguf, cpu_) == ("int8", None)
+    assert resolve_quant("auto", "auto", gguf, torch.device("cuda")) == ("none", None)
+    assert resolve_quant("auto", "auto", Checkpoint(steered_dir), cpu_) == ("none", None)
 
 
 def test_r1_run_keeps_a_4_bit_gguf_quantized_by_default(tmp_path):
@@ -88,3 +87,17 @@ def test_r1_show_says_how_run_loads_the_file_here(tmp_path):
     out = run_r1("show", FIXTURES / "llama-Q4_K_M.gguf", env=r1_env(tmp_path)).stdout
     line = next(x for x in out.splitlines() if x.startswith("dtype"))
     assert ("dequantized to bfloat16," if scheme == "none" else f"kept as --quant {scheme},") in line
+
+
+def test_a_gguf_draft_takes_the_same_rule(tmp_path):
+    """--draft-quant auto: a 4-bit GGUF draft stays quantized as the model would; the output is plain decoding's."""
+    env = r1_env(tmp_path, R1_COMPILE="0")
+    scheme = cpu.auto_scheme(4)[0]
+    common = ("--temperature", "0", "--max-tokens", "6", "Hi")
+    target = FIXTURES / "llama-Q5_K_M.gguf"
+    drafted = run_r1("run", target, "--verbose", "--draft", FIXTURES / "llama-Q4_K_M.gguf", *common, env=env)
+    plain = run_r1("run", target, *common, env=env)
+    assert drafted.returncode == plain.returncode == 0, drafted.stderr
+    draft_line = next(x for x in drafted.stderr.splitlines() if x.startswith("draft "))
+    assert (" · " not in draft_line) if scheme == "none" else draft_line.endswith(f" · {scheme}")
+    assert drafted.stdout == plain.stdout

@@ -104,7 +104,7 @@ _GROUP = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128."
 _QUANT_HEAD = typer.Option(None, "--quant-head/--no-quant-head", help="The output head as int8 too (read every token: a large share of an int4 model's bytes). Default: on with --quant int4, off otherwise.")
 _DRAFT = typer.Option(None, "--draft", help="Speculative decoding with a smaller model of the same tokenizer as the draft, e.g. deepseek-r1:1.5b for :7b (same output, faster decode).")
 _BENCH_QUANT = typer.Option("none", "--quant", help="none|int8|int4: weight-only quantization of the linear layers.")
-_DRAFT_QUANT = typer.Option("none", "--draft-quant", help="none|int8|int4: the --draft model's weights.")
+_DRAFT_QUANT = typer.Option("auto", "--draft-quant", help="auto|none|int8|int4: the --draft model's weights (auto as --quant).")
 _MTP = typer.Option(False, "--mtp", help="Speculative decoding with the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1) as the draft.")
 _DECODE = typer.Option("auto", "--decode-mode", help="auto (CUDA graphs on a GPU; on a CPU the decode step compiled for this machine, built in the background on its first run while eager decodes), eager, static, compile (a CPU's first run waits for that build; torch.compile on a GPU) or graph.")
 

@@ -156,15 +156,16 @@ class OpenModel:
         return self.stream(prompt, self.sampling(sampling))
 
 
-def resolve_quant(opts: ModelOptions, checkpoint, device: torch.device, shard=None) -> tuple[str, str | None]:
-    """The weight format `opts.quant` means for this checkpoint on this device: (scheme, why, when r1 chose it).
+def resolve_quant(quant: str, dtype: str, checkpoint, device: torch.device, shard=None) -> tuple[str, str | None]:
+    """The weight format `quant` (--quant or --draft-quant) means for this checkpoint on this device, with `dtype`
+    as given (--dtype): (scheme, why, when r1 chose it).
     auto keeps a quantized GGUF file quantized on a CPU when the dtype is left to r1, in the fastest format measured
     on this CPU class that holds the file's bits (cpu.auto_scheme; a Q4_K_M file decodes several times faster than
     dequantized to bf16, in a quarter of the memory); anything else (checkpoints, GPUs, an explicit --dtype, a
     sharded run) loads as the file holds it, dequantized."""
-    if opts.quant != "auto":
-        return opts.quant, None
-    if checkpoint.gguf is None or device.type != "cpu" or opts.dtype != "auto" or (shard is not None and shard.world > 1):
+    if quant != "auto":
+        return quant, None
+    if checkpoint.gguf is None or device.type != "cpu" or dtype != "auto" or (shard is not None and shard.world > 1):
         return "none", None
     from .cpu import auto_scheme
     from .gguf import nominal_bits
@@ -191,7 +192,7 @@ def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Calla
     checkpoint = Checkpoint(folder)  # a safetensors folder or a GGUF file
     args = checkpoint.args
     torch_dtype = pick_dtype(dtype, args, torch_device)
-    quant, quant_why = resolve_quant(opts, checkpoint, torch_device, shard)
+    quant, quant_why = resolve_quant(opts.quant, dtype, checkpoint, torch_device, shard)
     context = min(max_context or default_context(args.max_seq_len, torch_device), args.max_seq_len)
     fp8 = "dequant"
     where = torch_device.type

@@ -46,12 +46,12 @@ class ModelOptions:
     quant_head: bool | None = None  # the output head as int8 too; None: with int4 weights (head_int8)
     decode_mode: str = "auto"  # the Decoder's decode step (generate.py)
     draft: str | None = None  # speculative decoding with this model as the draft (speculative.py)
-    draft_quant: str = "none"
+    draft_quant: str = "auto"
     mtp: bool = False  # speculative decoding with the checkpoint's multi-token-prediction layer
 
     def __post_init__(self) -> None:
         check_scheme(self.quant, self.group_size, auto=True)
-        check_scheme(self.draft_quant, self.group_size, "--draft-quant")
+        check_scheme(self.draft_quant, self.group_size, "--draft-quant", auto=True)
         if self.decode_mode not in DECODE_MODES:
             raise UsageError(f"unknown --decode-mode '{self.decode_mode}': use {', '.join(DECODE_MODES)}")
         if self.draft and self.mtp:
