@@ -161,7 +161,7 @@ def resolve_quant(quant: str, dtype: str, checkpoint, device: torch.device, shar
     as given (--dtype): (scheme, why, when r1 chose it).
     auto keeps a quantized GGUF file quantized on a CPU when the dtype is left to r1, in the fastest format measured
     on this CPU class that holds the file's bits (cpu.auto_scheme; a Q4_K_M file decodes several times faster than
-    dequantized to bf16, in a quarter of the memory); anything else (checkpoints, GPUs, an explicit --dtype, a
+    dequantized to bf16, in less memory: docs/gguf.md); anything else (checkpoints, GPUs, an explicit --dtype, a
     sharded run) loads as the file holds it, dequantized."""
     if quant != "auto":
         return quant, None
