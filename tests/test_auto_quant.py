@@ -13,9 +13,8 @@ from helpers import r1_env, run_r1
 from paths import ROOT
 
 from r1cli import cpu
-from r1cli.engine import resolve_quant
 from r1cli.gguf import nominal_bits, open_gguf
-from r1cli.loader import Checkpoint
+from r1cli.loader import Checkpoint, resolve_quant
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamacpp"
 FILES = sorted(p.name for p in FIXTURES.glob("*.gguf"))

@@ -200,10 +200,11 @@ def auto_scheme(file_bits: int, f: CpuFeatures | None = None) -> tuple[str, str]
     f = f or features()
     order = [FORMAT_SCHEMES[name] for name in MEASURED_ORDER.get(f.cpu_class, ((), None))[0]]
     fits = [(scheme, bits) for scheme, bits in order if bits >= file_bits]
+    keeps = f"keeps the file's {file_bits}-bit weights"
     if fits:
-        return fits[0][0], f"the fastest format measured on this {f.cpu_class} CPU that keeps the file's {file_bits}-bit weights"
+        return fits[0][0], f"the fastest format measured on this {f.cpu_class} CPU that {keeps}"
     fits = sorted((bits, scheme) for scheme, bits in FORMAT_SCHEMES.values() if bits >= file_bits)
-    return fits[0][1], f"the smallest format that keeps the file's {file_bits}-bit weights (no speed measured on this {f.cpu_class} CPU)"
+    return fits[0][1], f"the smallest format that {keeps} (no speed measured on this {f.cpu_class} CPU)"
 
 
 # CPU classes where the compiled decode step computes its one-row bf16 matmuls as Inductor reductions

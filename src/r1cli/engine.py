@@ -156,30 +156,12 @@ class OpenModel:
         return self.stream(prompt, self.sampling(sampling))
 
 
-def resolve_quant(quant: str, dtype: str, checkpoint, device: torch.device, shard=None) -> tuple[str, str | None]:
-    """The weight format `quant` (--quant or --draft-quant) means for this checkpoint on this device, with `dtype`
-    as given (--dtype): (scheme, why, when r1 chose it).
-    auto keeps a quantized GGUF file quantized on a CPU when the dtype is left to r1, in the fastest format measured
-    on this CPU class that holds the file's bits (cpu.auto_scheme; a Q4_K_M file decodes several times faster than
-    dequantized to bf16, in less memory: docs/gguf.md); anything else (checkpoints, GPUs, an explicit --dtype, a
-    sharded run) loads as the file holds it, dequantized."""
-    if quant != "auto":
-        return quant, None
-    if checkpoint.gguf is None or device.type != "cpu" or dtype != "auto" or (shard is not None and shard.world > 1):
-        return "none", None
-    from .cpu import auto_scheme
-    from .gguf import nominal_bits
-
-    bits = nominal_bits(checkpoint.gguf)
-    return ("none", None) if bits >= 16 else auto_scheme(bits)
-
-
 def open_model(opts: ModelOptions, *, interactive: bool = False, announce: Callable[[str], None] | None = None,
                shard=None, torch_device: torch.device | None = None) -> OpenModel:
     """The model `opts` names, loaded as it says (ModelOptions, checked when built). `interactive`: offer to
     download a model that is not in the cache. `announce`: where the one-line header and notices go. `shard`,
     `torch_device`: this rank's part of a tensor-parallel run (parallel.run_ranks gives both)."""
-    from .loader import Checkpoint, pick_device, pick_dtype
+    from .loader import Checkpoint, pick_device, pick_dtype, resolve_quant
 
     device, dtype, max_context = opts.device, opts.dtype, opts.max_context
     quant, group_size, decode_mode = opts.quant, opts.group_size, opts.decode_mode

@@ -302,8 +302,8 @@ def tensor_types(f: GGUFFile | GGUFSplit) -> dict[str, dict[str, int]]:
 def nominal_bits(f: GGUFFile | GGUFSplit) -> int:
     """Bits per weight the file was made to keep: its preset (`general.file_type`, as llama.cpp's quantizer writes
     it: MOSTLY_Q4_K_M 4, MOSTLY_IQ2_XS 2, MOSTLY_Q8_0 8, MOSTLY_F16 16), else the type holding most of its bytes.
-    The preset, not the bytes: a Q4_K_M file of 896-wide rows is mostly Q5_0, still a 4-bit choice (engine's
-    --quant auto)."""
+    The preset, not the bytes: a Q4_K_M file of 896-wide rows is mostly Q5_0, still a 4-bit choice
+    (loader.resolve_quant's --quant auto)."""
     try:
         name = LlamaFileType(int(f.metadata.get("general.file_type"))).name.removeprefix("MOSTLY_")
     except (TypeError, ValueError):

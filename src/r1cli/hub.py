@@ -766,7 +766,7 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
 
 
 def _gguf_loaded_as(f) -> str:
-    """How `r1 run` loads the file by default on this CPU (engine.resolve_quant's auto: cpu.auto_scheme)."""
+    """How `r1 run` loads the file by default on this CPU (loader.resolve_quant's auto: cpu.auto_scheme)."""
     from .cpu import auto_scheme
     from .gguf import nominal_bits
 

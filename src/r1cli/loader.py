@@ -1,6 +1,7 @@
 """`load(name)`: a model name, repo id, folder or .gguf file -> (model, tokenizer) ready on a device. Owns finding a
 model locally (`locate_model`), what it is stored as (`Checkpoint`: safetensors or GGUF, its sizes checked once
-per world size), the device and dtype choice, and the quantized load (through quant.py's cache)."""
+per world size), the device and dtype choice, what `--quant auto` means for a checkpoint (`resolve_quant`), and the
+quantized load (through quant.py's cache)."""
 
 from __future__ import annotations
 
@@ -223,6 +224,24 @@ def _notices(*parts) -> str | None:
     """The quantized load's notices as one text, each line of it an `r1: ` notice once announced."""
     lines = [p for part in parts for p in ([part] if isinstance(part, str) else part or [])]
     return "\nr1: ".join(lines) or None
+
+
+def resolve_quant(quant: str, dtype: str, checkpoint, device: torch.device, shard=None) -> tuple[str, str | None]:
+    """The weight format `quant` (--quant or --draft-quant) means for this checkpoint on this device, with `dtype`
+    as given (--dtype): (scheme, why, when r1 chose it).
+    auto keeps a quantized GGUF file quantized on a CPU when the dtype is left to r1, in the fastest format measured
+    on this CPU class that holds the file's bits (cpu.auto_scheme; a Q4_K_M file decodes several times faster than
+    dequantized to bf16, in less memory: docs/gguf.md); anything else (checkpoints, GPUs, an explicit --dtype, a
+    sharded run) loads as the file holds it, dequantized."""
+    if quant != "auto":
+        return quant, None
+    if checkpoint.gguf is None or device.type != "cpu" or dtype != "auto" or (shard is not None and shard.world > 1):
+        return "none", None
+    from .cpu import auto_scheme
+    from .gguf import nominal_bits
+
+    bits = nominal_bits(checkpoint.gguf)
+    return ("none", None) if bits >= 16 else auto_scheme(bits)
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",

@@ -453,7 +453,7 @@ def open_speculative(decoder: Decoder, tokenizer, draft: str | None, mtp: bool, 
 
     if mtp:
         return SpeculativeDecoder(decoder, MTPDraft(decoder.model, decoder.max_len))
-    from .loader import Checkpoint, pick_dtype
+    from .loader import Checkpoint, pick_dtype, resolve_quant
     from .registry import resolve_name
 
     ref = resolve_name(draft)
@@ -462,8 +462,6 @@ def open_speculative(decoder: Decoder, tokenizer, draft: str | None, mtp: bool, 
     if diff is not None:
         raise UsageError(f"--draft {draft} has another tokenizer than the model ({diff}): a draft must share the "
                          "model's vocabulary, e.g. deepseek-r1:1.5b for the R1-Distill-Qwen models")
-    from .engine import resolve_quant
-
     torch_dtype = pick_dtype(dtype, checkpoint.args, device)
     draft_quant, _why = resolve_quant(draft_quant, dtype, checkpoint, torch.device(device))
     model = checkpoint.load_model(device=device, dtype=torch_dtype, quant=draft_quant, group_size=group_size)
