@@ -224,11 +224,13 @@ ONE_ROW_MATMUL_WITHOUT_ONEDNN = ("avx512-bf16",)
 
 
 @contextlib.contextmanager
-def one_token_step(keep_onednn: bool = False, f: CpuFeatures | None = None) -> Iterator[None]:
-    """The context of one decode step on this CPU: oneDNN off for its duration where ONE_ROW_MATMUL_WITHOUT_ONEDNN
-    says so (a process-wide switch, flipped around the step only), else nothing. keep_onednn: the model's own
-    kernels need it (quant_formats.uses_onednn)."""
-    if keep_onednn or (f or features()).cpu_class not in ONE_ROW_MATMUL_WITHOUT_ONEDNN:
+def one_token_step(keep_onednn: bool = False, device: torch.device | str = "cpu",
+                   f: CpuFeatures | None = None) -> Iterator[None]:
+    """The context of one decode step on `device`: on this CPU, oneDNN off for its duration where
+    ONE_ROW_MATMUL_WITHOUT_ONEDNN says so (a process-wide switch, flipped around the step only); elsewhere nothing.
+    keep_onednn: the model's own kernels need it (quant_formats.uses_onednn)."""
+    if (keep_onednn or torch.device(device).type != "cpu"
+            or (f or features()).cpu_class not in ONE_ROW_MATMUL_WITHOUT_ONEDNN):
         yield
         return
     was = torch._C._get_mkldnn_enabled()

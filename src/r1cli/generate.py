@@ -258,10 +258,8 @@ class Decoder(Turns):
 
     def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [1, vocab] for one token at slot `pos`."""
-        if self.device.type == "cpu":
-            with one_token_step(self.uses_onednn):  # (the CPU's fastest kernels for one row: cpu.py)
-                return self._decode_step(token, pos)
-        return self._decode_step(token, pos)
+        with one_token_step(self.uses_onednn, self.device):  # (the CPU's fastest kernels for one row: cpu.py)
+            return self._decode_step(token, pos)
 
     def _decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         if self.decode_mode == "eager":

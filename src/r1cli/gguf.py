@@ -312,6 +312,15 @@ def nominal_bits(f: GGUFFile | GGUFSplit) -> int:
     return int(digits) if digits else 32
 
 
+def auto_quant(f: GGUFFile | GGUFSplit) -> tuple[str, str | None]:
+    """--quant auto for this file on this CPU (loader.resolve_quant, r1 show): (scheme, why: cpu.auto_scheme);
+    ("none", None) for an F16/BF16/F32 file."""
+    from .cpu import auto_scheme
+
+    bits = nominal_bits(f)
+    return ("none", None) if bits >= 16 else auto_scheme(bits)
+
+
 # --- blocks -> codes and values ------------------------------------------------------------------------------------
 # Each takes raw uint8 [N, bytes per row] and follows ggml's dequantize_row_* (and gguf.quants) operation for
 # operation, so the dequantized values are bit-identical to llama.cpp's reference and to transformers' loader.

@@ -766,14 +766,12 @@ def _show_gguf(ref: ModelRef, path: Path, ctx: int) -> dict:
 
 
 def _gguf_loaded_as(f) -> str:
-    """How `r1 run` loads the file by default on this CPU (loader.resolve_quant's auto: cpu.auto_scheme)."""
-    from .cpu import auto_scheme
-    from .gguf import nominal_bits
+    """How `r1 run` loads the file by default on this CPU (loader.resolve_quant's auto)."""
+    from .gguf import auto_quant
 
-    bits = nominal_bits(f)
-    if bits >= 16:
+    scheme, why = auto_quant(f)
+    if why is None:
         return "dequantized to bfloat16 when loaded"
-    scheme, why = auto_scheme(bits)
     here = "dequantized to bfloat16" if scheme == "none" else f"kept as --quant {scheme}"
     return f"r1 run on this CPU: {here}, {why}; dequantized to bfloat16 on a GPU, with --dtype or --quant none"
 

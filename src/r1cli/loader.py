@@ -237,11 +237,9 @@ def resolve_quant(quant: str, dtype: str, checkpoint, device: torch.device, shar
         return quant, None
     if checkpoint.gguf is None or device.type != "cpu" or dtype != "auto" or (shard is not None and shard.world > 1):
         return "none", None
-    from .cpu import auto_scheme
-    from .gguf import nominal_bits
+    from .gguf import auto_quant
 
-    bits = nominal_bits(checkpoint.gguf)
-    return ("none", None) if bits >= 16 else auto_scheme(bits)
+    return auto_quant(checkpoint.gguf)
 
 
 def load(name: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto", fp8: str = "dequant",

@@ -280,6 +280,7 @@ class Int8Weight(QuantWeight):
             step = -(-k // self.groups)
             self._slices = [slice(i, min(k, i + step)) for i in range(0, k, step)]
             self._packed = [_fbgemm_prepack(q[:, cols].contiguous(), scale.float()) for cols in self._slices]
+            self._seven_bit = dynamic_reduce_range()  # (this CPU's, decided once)
             self._shape = q.shape
             self.register_buffer("_q", None)
         else:
@@ -328,7 +329,7 @@ class Int8Weight(QuantWeight):
         if self._packed is not None:
             if rows == 1:  # decode: one row, so the activation's 8-bit scale is that row's own (or its group's)
                 x1 = x.reshape(1, -1).float()
-                seven_bit = dynamic_reduce_range()
+                seven_bit = self._seven_bit
                 if len(self._packed) == 1:
                     y = torch.ops.quantized.linear_dynamic(x1, self._packed[0], seven_bit)
                 else:

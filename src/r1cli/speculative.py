@@ -23,7 +23,6 @@ divide across the ranks (the 1.5B's 12 heads do not over 8), and its k latency-b
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Iterator
 
@@ -120,7 +119,7 @@ class ModelDraft:
                 decide=None) -> tuple[list[int], torch.Tensor | None]:
         logits = self._forward(torch.tensor([tokens[self.n:]], device=self.device), self.n)
         self.n = len(tokens)
-        with one_token_step(self.uses_onednn) if self.device.type == "cpu" else contextlib.nullcontext():
+        with one_token_step(self.uses_onednn, self.device):
             return _draft_tokens(logits, k, params, generator,
                                  lambda token, j: self._forward(token.view(1, 1), self.n + j), decide)
 
